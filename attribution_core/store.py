@@ -1,0 +1,261 @@
+"""The workspace: a directory holding runs, checkpoints and every computed artifact.
+
+Layout (see shared/design/architecture.md):
+  runs/<run-id>/run.json, runs/<run-id>/checkpoints/ckpt_XXXX.safetensors,
+  runs/<run-id>/<kind>/<key>/ (features, scores, groundtruth, ...) with manifest.json,
+  annotations.sqlite.
+Every write goes to a temporary file in the same directory, is fsynced, then renamed over the
+target, so a crash leaves the old version or the new one, never half of one. Nothing is
+unpickled: tensors are safetensors, arrays .npy without pickle, metadata JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import CheckpointError, UnknownRunError, WorkspaceError
+
+FORMAT_VERSION = 1
+"""Bump when the layout of a stored artifact changes: old artifacts then get new keys."""
+
+MANIFEST = "manifest.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A run id or file name that stays inside its directory (no '/', '..', absolute paths)."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise WorkspaceError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' only (no paths, no '..')"
+        )
+    return name
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _workspace_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise _workspace_error(path, exc) from exc
+    _fsync_dir(path.parent)
+
+
+def _workspace_error(path: Path, exc: OSError) -> WorkspaceError:
+    if exc.errno == errno.ENOSPC:
+        return WorkspaceError(f"disk full while writing {path}: free space and run again (nothing was changed)")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return WorkspaceError(f"cannot write {path}: the workspace is read-only; pass a writable --workspace")
+    return WorkspaceError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (sorted keys, so equal content gives equal bytes)."""
+    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file with an error that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise WorkspaceError(f"missing file {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WorkspaceError(f"{path} is not valid JSON ({exc}); delete it to recompute") from exc
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save an array as .npy atomically (never with pickled objects)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """Load a .npy file without pickle, memory-mapped if asked."""
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"cannot read array {path} ({exc}); delete it to recompute") from exc
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors atomically."""
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    atomic_write_bytes(path, save_safetensors_bytes(contiguous, metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; anything else (a pickle .pt, a truncated file) is refused."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{path}: only .safetensors files are loaded (pickle-based files like .pt can run code); "
+            "convert it with safetensors.torch.save_file"
+        )
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"missing checkpoint {path}") from exc
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}): it may be truncated or corrupt") from exc
+
+
+def content_key(payload: Any) -> str:
+    """A short hash of everything an artifact depends on (with the format version)."""
+    canonical = json.dumps({"format": FORMAT_VERSION, "inputs": payload}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock: a second process computing the same artifact waits here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class Artifact:
+    """A directory of files under a content-hash key, complete once its manifest is written.
+
+    The manifest records the inputs, the format version and each file's size and SHA-256;
+    an artifact whose manifest is missing or does not verify is treated as absent (or as a
+    resumable partial by jobs that know how to continue it).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    def is_complete(self) -> bool:
+        """True when the manifest exists and every listed file has its recorded size."""
+        if not self.manifest_path.exists():
+            return False
+        try:
+            manifest = read_json(self.manifest_path)
+        except WorkspaceError:
+            return False
+        if manifest.get("format") != FORMAT_VERSION:
+            return False
+        return all(
+            (self.directory / name).is_file() and (self.directory / name).stat().st_size == entry["size"]
+            for name, entry in manifest.get("files", {}).items()
+        )
+
+    def verify(self) -> bool:
+        """True when complete and every file's checksum matches the manifest."""
+        if not self.is_complete():
+            return False
+        manifest = read_json(self.manifest_path)
+        return all(file_sha256(self.directory / name) == entry["sha256"] for name, entry in manifest["files"].items())
+
+    def path(self, name: str) -> Path:
+        return self.directory / check_name(name, "file name")
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest_path)
+
+    def commit(self, inputs: Any, extra: dict[str, Any] | None = None) -> None:
+        """Record the manifest (last), which marks the artifact complete."""
+        files = {
+            entry.name: {"size": entry.stat().st_size, "sha256": file_sha256(entry)}
+            for entry in sorted(self.directory.iterdir())
+            if entry.is_file() and not entry.name.startswith(".") and entry.name != MANIFEST
+        }
+        atomic_write_json(self.manifest_path, {"format": FORMAT_VERSION, "inputs": inputs, "files": files, **(extra or {})})
+
+    def lock(self):
+        """Lock for computing this artifact (see file_lock)."""
+        return file_lock(self.directory.parent / f".{self.directory.name}.lock")
+
+
+class Workspace:
+    """The workspace directory: runs, their checkpoints and artifacts, and annotations."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def annotations_path(self) -> Path:
+        return self.root / "annotations.sqlite"
+
+    def run_ids(self) -> list[str]:
+        """Ids of the runs whose run.json exists, sorted."""
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(entry.parent.name for entry in self.runs_dir.glob("*/run.json"))
+
+    def run_dir(self, run_id: str, must_exist: bool = True) -> Path:
+        """The folder of a run; an unknown id raises an error listing the runs that exist."""
+        directory = self.runs_dir / check_name(run_id, "run id")
+        if must_exist and not (directory / "run.json").is_file():
+            existing = ", ".join(self.run_ids()) or "none yet (try `tdx demo`)"
+            raise UnknownRunError(f"no run {run_id!r} in workspace {self.root}; runs: {existing}")
+        return directory
+
+    def artifact(self, run_id: str, kind: str, key: str) -> Artifact:
+        """The artifact folder runs/<id>/<kind>/<key>."""
+        return Artifact(self.run_dir(run_id) / check_name(kind, "artifact kind") / check_name(key, "artifact key"))
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run and everything computed for it."""
+        shutil.rmtree(self.run_dir(run_id))

@@ -1,0 +1,158 @@
+"""The workspace store: atomic writes, safe loading, content keys, run lookup."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from attribution_core.errors import CheckpointError, UnknownRunError, WorkspaceError
+from attribution_core.store import (
+    Artifact,
+    Workspace,
+    atomic_save_npy,
+    atomic_write_bytes,
+    check_name,
+    content_key,
+    load_npy,
+    load_tensors,
+    save_tensors,
+)
+
+
+def test_atomic_write_replaces_content_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "a.bin"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_killed_writer_leaves_the_old_version_intact(tmp_path):
+    target = tmp_path / "big.bin"
+    atomic_write_bytes(target, b"old version")
+    writer = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from attribution_core import store
+        real_write = store.os.fdopen
+        def slow_fdopen(*args, **kwargs):
+            handle = real_write(*args, **kwargs)
+            original = handle.write
+            def write(data):
+                for start in range(0, len(data), 1 << 16):
+                    original(data[start:start + (1 << 16)])
+                    if start == 1 << 20:
+                        print("writing", flush=True)
+                        import time; time.sleep(30)
+                return len(data)
+            handle.write = write
+            return handle
+        store.os.fdopen = slow_fdopen
+        store.atomic_write_bytes(Path({str(target)!r}), b"x" * (8 << 20))
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert target.read_bytes() == b"old version"
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
+    save_tensors(tmp_path / "t.safetensors", tensors)
+    loaded = load_tensors(tmp_path / "t.safetensors")
+    assert torch.equal(loaded["w"], tensors["w"]) and torch.equal(loaded["b"], tensors["b"])
+
+
+@pytest.mark.badinput
+def test_pickle_checkpoint_is_refused_without_loading(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(CheckpointError, match="only .safetensors"):
+        load_tensors(path)
+
+
+@pytest.mark.badinput
+def test_truncated_safetensors_names_the_file(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_tensors(path, {"w": torch.ones(100, 100)})
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="ckpt.safetensors"):
+        load_tensors(path)
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "a/b", "..", "", ".hidden"])
+def test_names_that_leave_the_workspace_are_rejected(name):
+    with pytest.raises(WorkspaceError, match="invalid"):
+        check_name(name)
+
+
+@pytest.mark.badinput
+def test_unknown_run_lists_existing_runs(tmp_path):
+    workspace = Workspace(tmp_path)
+    (tmp_path / "runs" / "real-run").mkdir(parents=True)
+    (tmp_path / "runs" / "real-run" / "run.json").write_text("{}")
+    with pytest.raises(UnknownRunError, match="runs: real-run"):
+        workspace.run_dir("missing")
+
+
+def test_npy_round_trip_refuses_object_arrays(tmp_path):
+    atomic_save_npy(tmp_path / "a.npy", np.arange(5))
+    assert load_npy(tmp_path / "a.npy").tolist() == [0, 1, 2, 3, 4]
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(WorkspaceError, match="obj.npy"):
+        load_npy(tmp_path / "obj.npy")
+
+
+def test_content_key_depends_on_every_input():
+    base = {"method": "trak", "k": 1024}
+    assert content_key(base) == content_key(dict(reversed(base.items())))
+    assert content_key(base) != content_key({**base, "k": 512})
+
+
+def test_artifact_is_complete_only_after_commit_and_detects_tampering(tmp_path):
+    artifact = Artifact(tmp_path / "scores" / "abc")
+    atomic_save_npy(artifact.path("scores.npy"), np.ones(3))
+    assert not artifact.is_complete()
+    artifact.commit({"method": "x"})
+    assert artifact.is_complete() and artifact.verify()
+    data = bytearray(artifact.path("scores.npy").read_bytes())
+    data[-1] ^= 0xFF
+    artifact.path("scores.npy").write_bytes(bytes(data))
+    assert artifact.is_complete() and not artifact.verify()
+
+
+@pytest.mark.badinput
+def test_disk_full_is_reported_and_old_file_kept(tmp_path, monkeypatch):
+    target = tmp_path / "a.json"
+    atomic_write_bytes(target, b"old")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WorkspaceError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.badinput
+def test_read_only_workspace_is_reported(tmp_path, monkeypatch):
+    # Simulated: CI runs as root, which ignores directory permissions.
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    with pytest.raises(WorkspaceError, match="read-only"):
+        atomic_write_bytes(tmp_path / "x", b"1")
