@@ -1,0 +1,76 @@
+"""Flags in annotations.sqlite: saved at once, kept across restarts, safe to export."""
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from attribution_core.annotations import Annotations
+from attribution_core.errors import SettingsError
+
+
+def test_flags_survive_a_new_connection(tmp_path):
+    Annotations(tmp_path / "annotations.sqlite").set_flag("run-a", 7, "mislabeled", suggested_label=3, note="looks like a 3")
+    reopened = Annotations(tmp_path / "annotations.sqlite")
+    flag = reopened.flags("run-a")[7]
+    assert (flag.kind, flag.suggested_label, flag.note) == ("mislabeled", 3, "looks like a 3")
+    assert reopened.flags("run-b") == {}
+
+
+def test_database_uses_write_ahead_logging(tmp_path):
+    Annotations(tmp_path / "a.sqlite")
+    with sqlite3.connect(tmp_path / "a.sqlite") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reflagging_replaces_and_counts_follow(tmp_path):
+    annotations = Annotations(tmp_path / "a.sqlite")
+    annotations.set_flag("r", 1, "mislabeled")
+    annotations.set_flag("r", 2, "fine")
+    annotations.set_flag("r", 1, "ambiguous")
+    assert annotations.flags("r")[1].kind == "ambiguous"
+    assert annotations.counts("r") == (1, 2)
+    annotations.remove_flag("r", 1)
+    assert annotations.counts("r") == (0, 1)
+
+
+@pytest.mark.badinput
+def test_unknown_flag_kind_is_rejected(tmp_path):
+    with pytest.raises(SettingsError, match="mislabeled, ambiguous, outlier, fine"):
+        Annotations(tmp_path / "a.sqlite").set_flag("r", 1, "wrong")
+
+
+@pytest.mark.badinput
+def test_sql_looking_notes_are_stored_verbatim(tmp_path):
+    annotations = Annotations(tmp_path / "a.sqlite")
+    note = "'); DROP TABLE flags; -- \"quoted\""
+    annotations.set_flag("r'; --", 1, "outlier", note=note)
+    assert annotations.flags("r'; --")[1].note == note
+    assert annotations.integrity_ok()
+
+
+@pytest.mark.badinput
+def test_csv_export_escapes_formula_cells(tmp_path):
+    annotations = Annotations(tmp_path / "a.sqlite")
+    annotations.set_flag("r", 4, "mislabeled", suggested_label=1, note="=HYPERLINK(\"http://x\")")
+    annotations.set_flag("r", 5, "fine", note="@SUM(A1)")
+    rows = list(csv.DictReader(io.StringIO(annotations.export_csv("r", class_names=("zero", "one")))))
+    assert [row["example_id"] for row in rows] == ["4", "5"]
+    assert rows[0]["note"] == "'=HYPERLINK(\"http://x\")"
+    assert rows[0]["suggested_class"] == "one"
+    assert rows[1]["note"] == "'@SUM(A1)"
+
+
+def test_concurrent_writers_lose_no_flag(tmp_path):
+    path = tmp_path / "a.sqlite"
+    Annotations(path)
+
+    def write(example_id: int) -> None:
+        Annotations(path).set_flag("r", example_id, "mislabeled")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, range(200)))
+    assert sorted(Annotations(path).flags("r")) == list(range(200))
