@@ -8,9 +8,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .errors import SettingsError, TdxError
@@ -141,7 +141,95 @@ def cmd_app(args: argparse.Namespace) -> None:
     ]
     env = os.environ | {"TDX_WORKSPACE": str(workspace.root)}
     print(f"tda-explorer on http://{args.address}:{args.port}  (workspace {workspace.root})", flush=True)
-    raise SystemExit(subprocess.call(command, env=env, cwd=entry.parent.parent))
+    raise SystemExit(subprocess.call(command, env=env, cwd=entry.parent.parent))  # noqa: S603 (fixed argv, no shell)
+
+
+def _load_run(args: argparse.Namespace):
+    from .training import load_run
+
+    return load_run(Workspace(args.workspace), args.run_id)
+
+
+def _settings_overrides(pairs: list[str]) -> dict:
+    """'k=512' 'projection=dense' -> {'k': 512, 'projection': 'dense'} (values parsed as JSON when possible)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SettingsError(f"--set {pair!r}: expected name=value")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _checkpoint_list(text: str | None) -> list[int] | None:
+    return None if text is None else list(_parse_classes(text))
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from .api import attribute
+
+    run = _load_run(args)
+    queries = list(_parse_classes(args.queries)) if args.queries else None
+    with tqdm_progress(f"{args.method} on {args.run_id}") as progress:
+        scores = attribute(run, args.method, queries=queries, checkpoints=_checkpoint_list(args.checkpoints),
+                           settings=_settings_overrides(args.set), progress=progress, device=args.device)
+    train_set, _ = run.datasets()
+    for note in scores.notes:
+        print(f"note: {note}")
+    print(f"{scores.method}: {scores.n_queries} queries x {scores.values.shape[1]} training examples "
+          f"in {scores.seconds:.2f} s (checkpoints {scores.checkpoints}); stored under key {scores.key}")
+    for query in range(min(scores.n_queries, args.show)):
+        for kind, (indices, values) in (("proponents", scores.top_proponents(query, args.top)),
+                                        ("opponents", scores.top_opponents(query, args.top))):
+            listed = ", ".join(f"#{train_set.ids[i]} {train_set.class_names[int(train_set.y[i])]} ({v:+.3g})"
+                               for i, v in zip(indices, values))
+            print(f"{scores.query_names[query]} {kind}: {listed}")
+
+
+def cmd_lds(args: argparse.Namespace) -> None:
+    from .api import attribute
+    from .evaluation.lds import LdsSettings, groundtruth, lds
+
+    run = _load_run(args)
+    settings = LdsSettings(n_subsets=args.subsets, alpha=args.alpha, seed=args.seed, seeds_per_subset=args.seeds_per_subset)
+    with tqdm_progress(f"ground truth {args.run_id}") as progress:
+        truth = groundtruth(run, settings, progress=progress, workers=args.workers)
+    for method in args.methods.split(","):
+        with tqdm_progress(method) as progress:
+            result = lds(attribute(run, method, progress=progress, checkpoints=_checkpoint_list(args.checkpoints)), truth)
+        print(f"{method:10s} LDS {result.mean:.3f} ± {result.stderr:.3f}")
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> None:
+    from .evaluation.counterfactual import CounterfactualSettings, counterfactual
+
+    run = _load_run(args)
+    settings = CounterfactualSettings(k=args.k, n_random=args.random, seeds=tuple(range(args.seeds)))
+    with tqdm_progress(f"counterfactual {args.run_id} query {args.query}") as progress:
+        result = counterfactual(run, args.query, args.method, settings=settings, progress=progress,
+                                checkpoints=_checkpoint_list(args.checkpoints))
+    print(f"query test {args.query}: margin {np.mean(result.base_margins):+.3f} with all training data")
+    for kind in result.margins:
+        print(f"  without {result.k} {kind:12s}: margin {np.mean(result.margins[kind]):+.3f} "
+              f"(change {result.margin_change(kind):+.3f}), predicted {result.predictions[kind]}")
+
+
+def cmd_mislabels(args: argparse.Namespace) -> None:
+    from .evaluation.mislabel import mislabel_metrics, rank_mislabels
+
+    run = _load_run(args)
+    train_set, _ = run.datasets()
+    with tqdm_progress(f"{args.ranking} on {args.run_id}") as progress:
+        ranking = rank_mislabels(run, args.ranking, checkpoints=_checkpoint_list(args.checkpoints), progress=progress)
+    for index in ranking.order()[: args.top]:
+        suggested = "" if ranking.suggested_labels is None else f" → {train_set.class_names[int(ranking.suggested_labels[index])]}"
+        print(f"#{train_set.ids[index]:6d} {train_set.class_names[int(train_set.y[index])]}{suggested} ({ranking.scores[index]:.3g})")
+    if train_set.flipped.any():
+        metrics = mislabel_metrics(ranking.scores, train_set.flipped)
+        print(f"injected noise found: top 10 % {metrics['top10']:.2f}, top 20 % {metrics['top20']:.2f}, ROC-AUC {metrics['auc']:.3f}")
 
 
 def _add_workspace(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +286,49 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--headless", action="store_true", help="do not open a browser window")
     app.add_argument("--no-demo", action="store_true", help="do not build the demo workspace when empty")
     app.set_defaults(handler=cmd_app)
+
+    attribute = commands.add_parser("attribute", help="score test examples against the training set")
+    _add_workspace(attribute)
+    attribute.add_argument("run_id")
+    attribute.add_argument("--method", default="trak", help="trak, source, ekfac, kfac, tracin, graddot, gradcos, repsim, exact_if")
+    attribute.add_argument("--queries", default=None, help="test indices, e.g. 0-9 or 3,7 (default: all)")
+    attribute.add_argument("--checkpoints", default=None, help="checkpoint indices, e.g. 2-5 (default: the method's)")
+    attribute.add_argument("--set", action="append", default=[], help="a method setting, e.g. --set k=512")
+    attribute.add_argument("--top", type=int, default=5, help="proponents/opponents to print per query")
+    attribute.add_argument("--show", type=int, default=3, help="queries to print")
+    attribute.add_argument("--device", default="auto")
+    attribute.set_defaults(handler=cmd_attribute)
+
+    lds_parser = commands.add_parser("lds", help="LDS ground truth by retraining on random subsets, then each method's LDS")
+    _add_workspace(lds_parser)
+    lds_parser.add_argument("run_id")
+    lds_parser.add_argument("--methods", default="trak,ekfac,tracin")
+    lds_parser.add_argument("--subsets", type=int, default=100)
+    lds_parser.add_argument("--alpha", type=float, default=0.5)
+    lds_parser.add_argument("--seed", type=int, default=0)
+    lds_parser.add_argument("--seeds-per-subset", type=int, default=1)
+    lds_parser.add_argument("--workers", type=int, default=1, help="retraining processes")
+    lds_parser.add_argument("--checkpoints", default=None)
+    lds_parser.set_defaults(handler=cmd_lds)
+
+    counterfactual = commands.add_parser("counterfactual", help="remove a query's top proponents, retrain, compare")
+    _add_workspace(counterfactual)
+    counterfactual.add_argument("run_id")
+    counterfactual.add_argument("query", type=int, help="test-set index")
+    counterfactual.add_argument("--method", default="trak")
+    counterfactual.add_argument("--k", type=float, default=0.05, help="fraction (<1) or count of examples to remove")
+    counterfactual.add_argument("--random", type=int, default=3, help="random-removal draws")
+    counterfactual.add_argument("--seeds", type=int, default=1, help="retraining seeds per removal")
+    counterfactual.add_argument("--checkpoints", default=None)
+    counterfactual.set_defaults(handler=cmd_counterfactual)
+
+    mislabels = commands.add_parser("mislabels", help="rank training examples by how likely their label is wrong")
+    _add_workspace(mislabels)
+    mislabels.add_argument("run_id")
+    mislabels.add_argument("--ranking", default="self_influence:trak")
+    mislabels.add_argument("--checkpoints", default=None)
+    mislabels.add_argument("--top", type=int, default=20)
+    mislabels.set_defaults(handler=cmd_mislabels)
 
     return parser
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import DataSpec, Dataset, load_dataset
+from .data import Dataset, DataSpec, load_dataset
 from .errors import CheckpointError, SettingsError, TdxError
 from .methods.base import ProgressFn, no_progress
 from .models import ModelSpec, build_model
@@ -194,8 +194,9 @@ def _checkpoint_steps(recipe: Recipe, steps_per_epoch: list[int]) -> set[int]:
         steps |= {max(1, round(total * (i + 1) / recipe.checkpoints.count)) for i in range(recipe.checkpoints.count)}
     else:
         start = 0
-        for stage, spe, end in zip(recipe.stages, steps_per_epoch, stage_ends):
-            steps |= set(range(start + recipe.checkpoints.every_epochs * spe, int(end) + 1, recipe.checkpoints.every_epochs * spe))
+        for spe, end in zip(steps_per_epoch, stage_ends):
+            interval = recipe.checkpoints.every_epochs * spe
+            steps |= set(range(start + interval, int(end) + 1, interval))
             start = int(end)
     return steps
 

@@ -1,0 +1,54 @@
+"""Project-level promises: the README's commands, CI running exactly them, and a safe code base."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE_DIRS = ("attribution_core", "app", "benchmarks", "sample_data")
+
+
+def _readme_commands() -> list[str]:
+    return re.findall(r"```bash\n(python3 -m venv .*?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_readme_quick_start_has_exactly_two_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    assert commands[0].endswith("tdx app") and commands[1].endswith("pytest")
+    assert all("pip install torch==2.13.0" in command for command in commands)
+
+
+def test_ci_runs_the_readme_test_command_and_nothing_else_of_its_own():
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci_lines[-1] == _readme_commands()[1]
+
+
+def _python_sources():
+    for directory in SOURCE_DIRS:
+        yield from (ROOT / directory).rglob("*.py")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"\bimport pickle\b", r"\bpickle\.load", r"allow_pickle\s*=\s*True", r"torch\.load\((?![^)]*weights_only\s*=\s*True)"],
+)
+def test_no_code_path_can_unpickle(pattern):
+    offenders = [str(path.relative_to(ROOT)) for path in _python_sources() if re.search(pattern, path.read_text())]
+    assert offenders == []
+
+
+def test_core_imports_no_streamlit():
+    imports = re.compile(r"^\s*(import|from) streamlit\b", re.MULTILINE)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "attribution_core").rglob("*.py") if imports.search(p.read_text())]
+    assert offenders == []
+
+
+def test_security_lint_finds_nothing():
+    ruff = shutil.which("ruff") or str(Path(__import__("sys").executable).parent / "ruff")
+    result = subprocess.run([ruff, "check", "--select", "S", *SOURCE_DIRS], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,173 @@
+"""Training records what the optimizer did, is reproducible, and retrain drops masked examples."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from attribution_core.data import DataSpec, load_dataset
+
+from attribution_core.cli import main as tdx
+from attribution_core.errors import CheckpointError, SettingsError
+from attribution_core.models import ModelSpec, build_model
+from attribution_core.store import Workspace, save_tensors
+from attribution_core.training import CheckpointPolicy, Recipe, Stage, fit_model, load_run, retrain, train
+
+DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300)
+SMALL_MLP = ModelSpec("mlp", {"hidden": [16]})
+TWO_STAGES = Recipe(
+    (
+        Stage(name="pretrain", epochs=2, lr=0.1, batch_size=50, schedule="cosine", warmup_steps=3),
+        Stage(name="finetune", epochs=2, lr=0.02, batch_size=40, schedule="step", step_epochs=1, step_gamma=0.5, classes=(0, 1, 2)),
+    ),
+    seed=3,
+    checkpoints=CheckpointPolicy(every_epochs=1),
+)
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return load_dataset(DIGITS)[0]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    return train(DIGITS, SMALL_MLP, TWO_STAGES, Workspace(tmp_path_factory.mktemp("ws")), "two-stage")
+
+
+def test_same_seed_and_recipe_give_bit_identical_weights(digits_train):
+    first = fit_model(digits_train, SMALL_MLP, TWO_STAGES).model.state_dict()
+    second = fit_model(digits_train, SMALL_MLP, TWO_STAGES).model.state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other_seed = fit_model(digits_train, SMALL_MLP, TWO_STAGES, seed=4).model.state_dict()
+    assert not torch.equal(first["1.weight"], other_seed["1.weight"])
+
+
+def _expected_learning_rates(n_first: int, n_second: int) -> list[float]:
+    """The schedule written out by hand: cosine with 3 warm-up steps, then a halving step schedule."""
+    steps_first, steps_second = math.ceil(n_first / 50), math.ceil(n_second / 40)
+    rates = []
+    for step in range(2 * steps_first):
+        rate = 0.1 * 0.5 * (1 + math.cos(math.pi * step / (2 * steps_first)))
+        rates.append(rate * (step + 1) / 3 if step < 3 else rate)
+    rates += [0.02 * 0.5 ** (step // steps_second) for step in range(2 * steps_second)]
+    return rates
+
+
+def test_trajectory_holds_the_learning_rate_the_optimizer_used_at_every_step(two_stage_run, digits_train, monkeypatch):
+    used = []
+    original_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    fit_model(digits_train, SMALL_MLP, TWO_STAGES)
+    n_second = int(np.isin(digits_train.y.numpy(), [0, 1, 2]).sum())
+    expected = _expected_learning_rates(len(digits_train), n_second)
+    assert np.allclose(two_stage_run.trajectory.lr, expected)
+    assert np.allclose(used, expected)
+    assert two_stage_run.trajectory.stage == [0] * (len(expected) - 2 * math.ceil(n_second / 40)) + [1] * (2 * math.ceil(n_second / 40))
+    assert set(two_stage_run.trajectory.momentum) == {0.9}
+
+
+def test_run_json_and_safetensors_checkpoints_are_written(two_stage_run):
+    directory = two_stage_run.directory
+    payload = json.loads((directory / "run.json").read_text())
+    assert len(payload["trajectory"]["lr"]) == two_stage_run.trajectory.n_steps
+    assert [info["epoch"] for info in payload["checkpoints"]] == [1, 2, 1, 2]
+    assert [info["stage"] for info in payload["checkpoints"]] == [0, 0, 1, 1]
+    assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == [f"ckpt_{i:04d}.safetensors" for i in range(4)]
+    reloaded = load_run(two_stage_run.workspace, "two-stage")
+    assert reloaded.trajectory == two_stage_run.trajectory and reloaded.recipe == TWO_STAGES
+
+
+def test_evenly_spaced_checkpoints_include_every_stage_end(digits_train):
+    recipe = Recipe(TWO_STAGES.stages, seed=0, checkpoints=CheckpointPolicy(every_epochs=None, count=3))
+    result = fit_model(digits_train, SMALL_MLP, recipe)
+    steps = [info.step for info, _ in result.checkpoints]
+    stage_end = sum(1 for stage in result.trajectory.stage if stage == 0)
+    assert stage_end in steps and result.trajectory.n_steps in steps and len(steps) >= 3
+
+
+def test_retrain_drops_masked_examples_from_every_stage(digits_train):
+    keep = np.ones(len(digits_train), dtype=bool)
+    keep[::3] = False
+    seen = {0: set(), 1: set()}
+    fit_model(digits_train, SMALL_MLP, TWO_STAGES, keep_mask=keep, on_batch=lambda stage, idx: seen[stage].update(idx.tolist()))
+    dropped = set(np.flatnonzero(~keep).tolist())
+    assert seen[0] and seen[1]
+    assert not (seen[0] | seen[1]) & dropped
+    assert seen[0] == set(np.flatnonzero(keep).tolist())
+
+
+def test_retrain_with_everything_kept_reproduces_the_run(two_stage_run):
+    model = retrain(two_stage_run, np.ones(len(two_stage_run.datasets()[0]), dtype=bool))
+    final = two_stage_run.load_model(-1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))
+
+
+@pytest.mark.badinput
+def test_checkpoint_with_wrong_shapes_is_refused(two_stage_run, tmp_path):
+    wrong = build_model(ModelSpec("mlp", {"hidden": [8]}), (1, 8, 8), 10).state_dict()
+    path = two_stage_run.directory / "checkpoints" / two_stage_run.checkpoints[0].file
+    original = path.read_bytes()
+    try:
+        save_tensors(path, wrong)
+        with pytest.raises(CheckpointError, match="does not fit model"):
+            two_stage_run.load_model(0)
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.badinput
+def test_checkpoint_with_nan_weights_is_refused(two_stage_run):
+    path = two_stage_run.directory / "checkpoints" / two_stage_run.checkpoints[1].file
+    original = path.read_bytes()
+    state = two_stage_run.load_model(1).state_dict()
+    state["1.weight"][0, 0] = float("nan")
+    try:
+        save_tensors(path, state)
+        with pytest.raises(CheckpointError, match="NaN"):
+            two_stage_run.load_model(1)
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.badinput
+def test_bad_recipe_values_name_the_field():
+    with pytest.raises(SettingsError, match="lr=-1"):
+        Stage(lr=-1)
+    with pytest.raises(SettingsError, match="exactly one"):
+        CheckpointPolicy(every_epochs=1, count=3)
+
+
+@pytest.mark.badinput
+def test_stage_with_no_examples_left_is_reported(digits_train):
+    recipe = Recipe((Stage(epochs=1, classes=(42,)),))
+    with pytest.raises(SettingsError, match="no training examples"):
+        fit_model(digits_train, SMALL_MLP, recipe)
+
+
+def test_cli_demo_then_runs_json_lists_four_runs_with_trajectories(tmp_path, capsys):
+    tdx(["demo", "--workspace", str(tmp_path), "--tiny"])
+    capsys.readouterr()
+    tdx(["runs", "--workspace", str(tmp_path), "--json"])
+    runs = json.loads(capsys.readouterr().out)
+    assert len(runs) == 4
+    for run in runs:
+        assert len(run["trajectory"]["lr"]) == run["n_steps"] > 0
+        assert all(info["file"].endswith(".safetensors") for info in run["checkpoints"])
+    assert [s["name"] for s in next(r for r in runs if r["id"] == "fmnist-two-stage")["recipe"]["stages"]] == ["pretrain", "finetune"]
+
+
+@pytest.mark.badinput
+def test_cli_unknown_run_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        tdx(["train", "../escape", "--workspace", str(tmp_path), "--data", "digits", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    assert "invalid run id" in capsys.readouterr().err
