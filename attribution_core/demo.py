@@ -5,7 +5,7 @@
 - fmnist-two-stage: pretrain on all classes with noisy pixels, then fine-tune on clean
   images of five classes (a multi-stage pipeline, SOURCE's case);
 - fmnist-noisy: 10 % of training labels flipped, for mislabel detection.
-Each run has six checkpoints (SOURCE's default of three segments takes two each).
+Each run keeps six evenly spaced checkpoints (plus the end of each stage).
 """
 from __future__ import annotations
 

@@ -165,13 +165,16 @@ def _make_optimizer(stage: Stage, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
 
 
-def stage_transform(stage: Stage, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The stage's input transform; pixel noise is seeded by example id, so it is reproducible."""
+def stage_transform(stage: Stage, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The stage's input transform of the whole training set x (N, ...).
+
+    Pixel noise is drawn once for all N examples from the seed, so an example gets the same
+    noise whichever others are masked out by `retrain`.
+    """
     if stage.transform == "rotate":
         return torch.rot90(x, 1, dims=(-2, -1))
     if stage.transform == "noise":
-        noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in ids])
-        return x + stage.noise_std * noise
+        return x + stage.noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     return x
 
 
@@ -228,7 +231,6 @@ def fit_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(model_spec, train_set.input_shape, train_set.n_classes).to(device)
-    ids = torch.as_tensor(train_set.ids)
     per_stage = [stage_indices(stage, train_set.y, keep_mask) for stage in recipe.stages]
     for stage, indices in zip(recipe.stages, per_stage):
         if len(indices) == 0:
@@ -239,7 +241,7 @@ def fit_model(
     trajectory, checkpoints = Trajectory(), []
     order_generator = torch.Generator().manual_seed(seed)
     for stage_index, (stage, indices, spe) in enumerate(zip(recipe.stages, per_stage, steps_per_epoch)):
-        stage_x = stage_transform(stage, train_set.x[indices], ids[indices]).to(device)
+        stage_x = stage_transform(stage, train_set.x, seed + stage_index)[indices].to(device)
         stage_y = train_set.y[indices].to(device)
         optimizer = _make_optimizer(stage, model)
         model.train()
