@@ -37,16 +37,16 @@ class MethodEntry:
 
 
 METHODS: dict[str, MethodEntry] = {
-    "trak": MethodEntry("trak", "TrakMethod", "TrakSettings", "last5", label="TRAK"),
-    "source": MethodEntry("source", "SourceMethod", "SourceSettings", "all", label="SOURCE"),
-    "ekfac": MethodEntry("influence", "InfluenceMethod", "InfluenceSettings", "last", (("curvature", "ekfac"),), "EK-FAC influence"),
-    "kfac": MethodEntry("influence", "InfluenceMethod", "InfluenceSettings", "last", (("curvature", "kfac"),), "K-FAC influence"),
-    "tracin": MethodEntry("tracin", "TracInMethod", "TracInSettings", "all", label="TracIn"),
-    "graddot": MethodEntry("baselines", "GradDotMethod", "GradDotSettings", "last", label="gradient dot"),
-    "gradcos": MethodEntry("baselines", "GradCosineMethod", "GradCosineSettings", "last", label="gradient cosine"),
-    "repsim": MethodEntry("baselines", "RepresentationSimilarityMethod", "RepresentationSimilaritySettings", "last",
+    "trak": MethodEntry("trak", "Trak", "TrakSettings", "last5", label="TRAK"),
+    "source": MethodEntry("source", "Source", "SourceSettings", "all", label="SOURCE"),
+    "ekfac": MethodEntry("influence", "Influence", "InfluenceSettings", "last", (("curvature", "ekfac"),), "EK-FAC influence"),
+    "kfac": MethodEntry("influence", "Influence", "InfluenceSettings", "last", (("curvature", "kfac"),), "K-FAC influence"),
+    "tracin": MethodEntry("tracin", "TracIn", "TracInSettings", "all", label="TracIn"),
+    "graddot": MethodEntry("baselines", "GradientDot", "GradientSimilaritySettings", "last", label="gradient dot"),
+    "gradcos": MethodEntry("baselines", "GradientCosine", "GradientSimilaritySettings", "last", label="gradient cosine"),
+    "repsim": MethodEntry("baselines", "RepresentationSimilarity", "RepresentationSettings", "last",
                           label="representation similarity"),
-    "exact_if": MethodEntry("exact", "ExactInfluenceMethod", "ExactSettings", "last", label="exact influence (small models)"),
+    "exact_if": MethodEntry("exact", "ExactInfluence", "ExactSettings", "last", label="exact influence (small models)"),
 }
 """Every method the front door knows, by the name the CLI, the app and the benchmarks use."""
 
@@ -108,20 +108,20 @@ def checkpoint_learning_rates(run: Run, checkpoints: list[int]) -> list[float]:
 
 def build_segments(run: Run, checkpoints: list[int], settings: Any, models: dict[int, torch.nn.Module]) -> tuple[list[Segment], list[str]]:
     """SOURCE's segments over the chosen checkpoints, with eta*K read from the trajectory."""
+    from .methods.source import build_segments as segments_from_plans
     from .segments import plan_segments
 
     infos = [run.checkpoints[index] for index in checkpoints]
-    plans, notes = plan_segments(
-        checkpoint_steps=[info.step for info in infos],
-        checkpoint_stages=[info.stage for info in infos],
-        step_lrs=np.asarray(run.trajectory.lr),
-        step_momentum=np.asarray(run.trajectory.momentum),
-        step_optimizers=list(run.trajectory.optimizer),
+    split = plan_segments(
+        [info.step for info in infos],
+        [info.stage for info in infos],
+        np.asarray(run.trajectory.lr),
+        np.asarray(run.trajectory.momentum),
+        list(run.trajectory.optimizer),
         n_segments=settings.n_segments,
-        explicit=settings.segments,
+        ranges=None if settings.segments is None else [tuple(pair) for pair in settings.segments],
     )
-    segments = [Segment([models[checkpoints[i]] for i in plan.checkpoint_indices], plan.lr_sum) for plan in plans]
-    return segments, list(notes)
+    return segments_from_plans(split.segments, [models[index] for index in checkpoints]), list(split.notes)
 
 
 def _inputs(run: Run, method: str, settings: Any, checkpoints: list[int], device: torch.device,
@@ -154,6 +154,49 @@ def train_state_key(run: Run, method: str, settings: Any, checkpoints: list[int]
                         "settings": dataclasses.asdict(settings), "checkpoints": checkpoints})
 
 
+@dataclass
+class Prepared:
+    """A method ready to score: its object, inputs, fitted train-side state and where it is stored."""
+
+    method: str
+    settings: Any
+    checkpoints: list[int]
+    method_object: Any
+    inputs: AttributionInputs
+    state: dict[str, torch.Tensor]
+    state_key: str
+    notes: list[str]
+
+
+def prepare(
+    run: Run,
+    method: str = "trak",
+    *,
+    checkpoints: list[int] | None = None,
+    settings: Any = None,
+    progress: ProgressFn = no_progress,
+    device: str | torch.device = "auto",
+    task: Task | None = None,
+    batch_size: int = 512,
+) -> Prepared:
+    """Load the method's stored train-side state for the run, or fit and store it (once)."""
+    settings = make_settings(method, settings)
+    checkpoints = _validate_checkpoints(run, checkpoints, method)
+    device = resolve_device(device)
+    entry = _entry(method)
+    method_object = _load(entry, entry.method_class)(settings)
+    inputs, notes = _inputs(run, method, settings, checkpoints, device, progress, task or Task(), batch_size)
+    state_key = train_state_key(run, method, settings, checkpoints)
+    artifact = run.workspace.artifact(run.run_id, "features", state_key)
+    with artifact.lock():  # a second process computing the same state waits, then reuses it
+        if not artifact.is_complete():
+            save_tensors(artifact.path("state.safetensors"), method_object.fit(inputs))
+            artifact.commit({"key": state_key, "method": method, "settings": dataclasses.asdict(settings),
+                             "checkpoints": checkpoints})
+    state = {name: tensor.to(device) for name, tensor in load_tensors(artifact.path("state.safetensors")).items()}
+    return Prepared(method, settings, checkpoints, method_object, inputs, state, state_key, notes)
+
+
 def attribute(
     run: Run,
     method: str = "trak",
@@ -168,63 +211,74 @@ def attribute(
 ) -> Scores:
     """Scores of queries (test-set indices, a QueryBatch, or None = the whole test set) against the training set."""
     started = time.perf_counter()
-    settings = make_settings(method, settings)
-    checkpoints = _validate_checkpoints(run, checkpoints, method)
-    device = resolve_device(device)
-    entry = _entry(method)
-    method_object = _load(entry, entry.method_class)(settings)
-    inputs, notes = _inputs(run, method, settings, checkpoints, device, progress, task or Task(), batch_size)
-    state_key = train_state_key(run, method, settings, checkpoints)
-    state_artifact = run.workspace.artifact(run.run_id, "features", state_key)
-    state, self_influence = _train_state(state_artifact, method_object, inputs, state_key, method, settings, checkpoints)
-
+    prepared = prepare(run, method, checkpoints=checkpoints, settings=settings, progress=progress, device=device,
+                       task=task, batch_size=batch_size)
     train_set, test_set = run.datasets()
     if isinstance(queries, QueryBatch):
         query_x, query_y, names = queries.x, queries.y, list(queries.names)
-        values, segment_values = _score(method_object, state, inputs, query_x, query_y)
+        values, segment_values = _score(prepared, query_x, query_y)
         key, query_indices = "", None
     else:
         indices = query_indices = np.arange(len(test_set)) if queries is None else np.asarray(queries, dtype=int)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(test_set)):
             raise SettingsError(f"query indices must lie in 0..{len(test_set) - 1} (the test set of {run.run_id!r})")
         query_x, query_y, names = test_set.x[indices], test_set.y[indices], [f"test {i}" for i in indices]
-        key = content_key({"state": state_key, "queries": indices.tolist()})
-        values, segment_values = _stored_scores(run.workspace.artifact(run.run_id, "scores", key), method_object,
-                                                state, inputs, query_x, query_y, key)
+        key = content_key({"state": prepared.state_key, "queries": indices.tolist()})
+        values, segment_values = _stored_scores(run.workspace.artifact(run.run_id, "scores", key), prepared, query_x, query_y, key)
     return Scores(
-        values=values, method=method, settings=dataclasses.asdict(settings), checkpoints=checkpoints,
-        train_ids=train_set.ids, query_labels=query_y.numpy(), query_names=names, query_indices=query_indices, self_influence=self_influence,
-        segment_values=segment_values, notes=notes, key=key, seconds=time.perf_counter() - started,
+        values=values, method=method, settings=dataclasses.asdict(prepared.settings), checkpoints=prepared.checkpoints,
+        train_ids=train_set.ids, query_labels=query_y.numpy(), query_names=names, query_indices=query_indices,
+        self_influence=_stored_self_influence(run, prepared.state_key), segment_values=segment_values,
+        notes=prepared.notes, key=key, seconds=time.perf_counter() - started,
     )
 
 
-def _train_state(artifact: Artifact, method_object, inputs: AttributionInputs, key: str, method: str, settings: Any,
-                 checkpoints: list[int]) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
-    """Load the stored train-side state, or fit and store it (one process computes, others wait)."""
+def self_influence(
+    run: Run,
+    method: str = "trak",
+    *,
+    checkpoints: list[int] | None = None,
+    settings: Any = None,
+    progress: ProgressFn = no_progress,
+    device: str | torch.device = "auto",
+    task: Task | None = None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Self-influence (n_train,) of every training example under a method (stored and reused)."""
+    prepared = prepare(run, method, checkpoints=checkpoints, settings=settings, progress=progress, device=device,
+                       task=task, batch_size=batch_size)
+    stored = _stored_self_influence(run, prepared.state_key)
+    if stored is not None:
+        return stored
+    artifact = run.workspace.artifact(run.run_id, "self_influence", prepared.state_key)
     with artifact.lock():
         if not artifact.is_complete():
-            state = method_object.fit(inputs)
-            save_tensors(artifact.path("state.safetensors"), state)
-            self_influence = method_object.self_influence(state, inputs)
-            if self_influence is not None:
-                atomic_save_npy(artifact.path("self_influence.npy"), self_influence.float().cpu().numpy())
-            artifact.commit({"key": key, "method": method, "settings": dataclasses.asdict(settings), "checkpoints": checkpoints})
-    state = {name: tensor.to(inputs.device) for name, tensor in load_tensors(artifact.path("state.safetensors")).items()}
-    influence_path = artifact.path("self_influence.npy")
-    return state, (load_npy(influence_path) if influence_path.exists() else None)
+            values = prepared.method_object.self_influence(prepared.state, prepared.inputs)
+            if values is None:
+                raise SettingsError(f"method {method!r} defines no self-influence")
+            atomic_save_npy(artifact.path("self_influence.npy"), values.float().cpu().numpy())
+            artifact.commit({"state": prepared.state_key})
+    return load_npy(artifact.path("self_influence.npy"))
 
 
-def _score(method_object, state, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor):
+def _stored_self_influence(run: Run, state_key: str) -> np.ndarray | None:
+    artifact = run.workspace.artifact(run.run_id, "self_influence", state_key)
+    return load_npy(artifact.path("self_influence.npy")) if artifact.is_complete() else None
+
+
+def _score(prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values (Q, N), per-segment values (L, Q, N) or None)."""
+    method_object, state, inputs = prepared.method_object, prepared.state, prepared.inputs
     if hasattr(method_object, "score_segments"):
         segment_values = method_object.score_segments(state, inputs, query_x, query_y).float().cpu().numpy()
         return segment_values.sum(axis=0), segment_values
     return method_object.score(state, inputs, query_x, query_y).float().cpu().numpy(), None
 
 
-def _stored_scores(artifact: Artifact, method_object, state, inputs, query_x, query_y, key: str):
+def _stored_scores(artifact: Artifact, prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor, key: str):
     with artifact.lock():
         if not artifact.is_complete():
-            values, segment_values = _score(method_object, state, inputs, query_x, query_y)
+            values, segment_values = _score(prepared, query_x, query_y)
             atomic_save_npy(artifact.path("scores.npy"), values.astype(np.float32))
             if segment_values is not None:
                 atomic_save_npy(artifact.path("segments.npy"), segment_values.astype(np.float32))

@@ -1,0 +1,246 @@
+"""SOURCE (Bae, Lin, Lorraine, Grosse 2024): approximate unrolled differentiation over segments.
+
+Training is cut into segments ℓ = 1..L (inputs.segments, planned by segments.py); within one the
+curvature H̄_ℓ and z_m's loss gradient ḡ_ℓ(z_m) are replaced by averages over its checkpoints.
+With x_ℓ = η̄_ℓK_ℓ (the segment's lr_sum), S̄_ℓ = exp(−x_ℓH̄_ℓ) and
+r̄_ℓ(z_m) = (1/N)(I − exp(−x_ℓH̄_ℓ))H̄_ℓ⁻¹ḡ_ℓ(z_m):
+    dθ_T/dε ≈ −Σ_ℓ (S̄_L ⋯ S̄_ℓ₊₁) r̄_ℓ(z_m),     τ(z_q, z_m) = ∇f(z_q; θ_T)ᵀ dθ_T/dε,
+already proponent-positive (ε up-weights z_m's loss term). Computed query-side:
+v_L = ∇f(z_q; θ_T), contribution_ℓ = −(1/N) v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m) with r(σ) = (1 − e^{−xσ})/σ
+(= x at σ = 0: no damping needed), then v_ℓ₋₁ = S̄_ℓ v_ℓ. θ_T is the last checkpoint of the
+last segment.
+
+H̄_ℓ is EK-FAC (curvature.py): factors A, S averaged over the segment's checkpoints give one
+eigenbasis per layer and segment; the corrected eigenvalues are fitted at every checkpoint in
+that basis, averaged, and negatives clipped to 0. Both r and exp act on eigenvalues in the same
+per-layer basis, so each layer is handled on its own (H̄ is block-diagonal). Because the score is
+linear in ḡ_ℓ, per-checkpoint scores are averaged instead of storing gradients: scoring streams
+the training set once per checkpoint.
+
+Scale: the 1/N of r̄ is kept, so a short segment gives TracIn's −(x/N)∇fᵀ∇L and a long one
+approaches (1/N)× influence with damping 1/x (N = len(train_y)).
+
+Self-influence is the score of z_m for the query "z_m's own loss falls": the same recursion with
+f = −L(z_m), so v_L = ∇L(z_m; θ_T) and the sign flips: +(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m). It is a
+ranking signal for mislabels; it needs each chunk's per-example gradients (batch_size × tracked
+parameters), one layer at a time.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..curvature import (
+    FISHERS,
+    LayerBasis,
+    LayerMatrices,
+    basis_state,
+    eigenbasis,
+    example_gradients,
+    fit_corrected_eigenvalues,
+    fit_covariances,
+    load_basis,
+    precondition,
+    stream_inner_products,
+)
+from ..errors import SettingsError
+from ..gradients import capture_layer_batches
+from ..projection import Progress, check_settings, n_chunks
+from ..segments import SegmentPlan
+from .base import AttributionInputs, Segment, TrainState
+from .exact import flat_gradients, gauss_newton_matrix
+
+EigenFunction = Callable[[torch.Tensor], torch.Tensor]
+SegmentCurvature = tuple[dict[str, LayerBasis], LayerMatrices, float]
+"""A fitted segment: per-layer bases, averaged eigenvalues (d_out, d_in), and its lr_sum x."""
+
+
+@dataclass
+class SourceSettings:
+    """Every knob of SOURCE."""
+
+    n_segments: int = field(default=3, metadata={"help": "segments L the checkpoints are split into, evenly within each training stage (ignored when segments is given)"})
+    segments: list[tuple[int, int]] | None = field(default=None, metadata={"help": "explicit half-open checkpoint index ranges [(lo, hi), ...] tiling all checkpoints in order, none crossing a stage; None: the even split"})
+    fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher"})
+    query_batch_size: int = field(default=64, metadata={"help": "queries propagated per pass over the training set (memory: this × tracked parameters)"})
+
+    def __post_init__(self) -> None:
+        check_settings(
+            self,
+            n_segments=self.n_segments >= 1,
+            segments=self.segments is None or (len(self.segments) >= 1 and all(len(pair) == 2 for pair in self.segments)),
+            fisher=self.fisher in FISHERS,
+            query_batch_size=self.query_batch_size >= 1,
+        )
+
+    @property
+    def expected_segments(self) -> int:
+        """How many segments these settings ask for."""
+        return len(self.segments) if self.segments is not None else self.n_segments
+
+
+def r_factor(lr_sum: float) -> EigenFunction:
+    """r(σ) = (1 − e^{−xσ})/σ, computed as −expm1(−xσ)/σ, with its limit x at σ = 0."""
+
+    def function(eigenvalues: torch.Tensor) -> torch.Tensor:
+        positive = eigenvalues > 0
+        safe = torch.where(positive, eigenvalues, torch.ones_like(eigenvalues))
+        return torch.where(positive, -torch.expm1(-lr_sum * safe) / safe, torch.full_like(eigenvalues, lr_sum))
+
+    return function
+
+
+def decay_factor(lr_sum: float) -> EigenFunction:
+    """S(σ) = e^{−xσ}: how a segment's steps shrink an earlier perturbation along eigenvalue σ."""
+    return lambda eigenvalues: torch.exp(-lr_sum * eigenvalues)
+
+
+def build_segments(plans: Sequence[SegmentPlan], checkpoints: Sequence[nn.Module]) -> list[Segment]:
+    """AttributionInputs.segments from planned segments and the run's checkpoints (in plan index order)."""
+    return [Segment([checkpoints[index] for index in plan.checkpoint_indices], plan.lr_sum) for plan in plans]
+
+
+def _propagate(vectors: LayerMatrices, bases: dict[str, LayerBasis], eigenvalues: LayerMatrices, function: EigenFunction) -> LayerMatrices:
+    """f(H̄) V per layer, V (n, d_out, d_in)."""
+    return {name: precondition(values, bases[name], eigenvalues[name], function) for name, values in vectors.items()}
+
+
+def _segment_weights(vectors: LayerMatrices, loaded: list[SegmentCurvature]) -> Iterator[tuple[int, LayerMatrices]]:
+    """For ℓ = L..1, (ℓ, r(H̄_ℓ) v_ℓ) with v_L = vectors and v_ℓ₋₁ = S̄_ℓ v_ℓ: the query-side recursion."""
+    for index in reversed(range(len(loaded))):
+        bases, eigenvalues, lr_sum = loaded[index]
+        yield index, _propagate(vectors, bases, eigenvalues, r_factor(lr_sum))
+        vectors = _propagate(vectors, bases, eigenvalues, decay_factor(lr_sum))
+
+
+class Source:
+    """SOURCE scores and their per-segment contributions (see the module docstring)."""
+
+    name: ClassVar[str] = "source"
+
+    def __init__(self, settings: SourceSettings | None = None):
+        self.settings = settings or SourceSettings()
+
+    def _segments(self, inputs: AttributionInputs) -> list[Segment]:
+        segments = inputs.segments
+        if not segments:
+            raise SettingsError("SOURCE needs inputs.segments (plan them with segments.plan_segments and build_segments)")
+        if len(segments) != self.settings.expected_segments:
+            raise SettingsError(
+                f"inputs hold {len(segments)} segments but the settings ask for {self.settings.expected_segments}: "
+                "plan the segments with these settings"
+            )
+        if any(not segment.checkpoints or segment.lr_sum < 0 for segment in segments):
+            raise SettingsError("every segment needs at least one checkpoint and lr_sum >= 0")
+        return segments
+
+    def fit(self, inputs: AttributionInputs) -> TrainState:
+        """Per segment ℓ: 'segment{ℓ}/{layer}/…' bases and averaged eigenvalues, 'segment{ℓ}/lr_sum' (1,)."""
+        s, segments = self.settings, self._segments(inputs)
+        n_passes = 2 * sum(len(segment.checkpoints) for segment in segments)
+        progress = Progress(inputs.progress, n_passes * n_chunks(len(inputs.train_y), inputs.batch_size))
+        state: TrainState = {}
+        for index, segment in enumerate(segments):
+            covariances = fit_covariances(segment.checkpoints, inputs, fisher=s.fisher, key=(s.seed, index), on_chunk=progress.step)
+            bases = eigenbasis(covariances)
+            eigenvalues: LayerMatrices = {}
+            for c, model in enumerate(segment.checkpoints):  # key (seed, ℓ, c): the covariance pass's labels
+                fitted = fit_corrected_eigenvalues(model, bases, inputs, fisher=s.fisher, key=(s.seed, index, c), on_chunk=progress.step)
+                eigenvalues = {name: values + eigenvalues.get(name, 0) for name, values in fitted.items()}
+            averaged = {name: (total / len(segment.checkpoints)).clamp_min(0) for name, total in eigenvalues.items()}
+            state.update(basis_state(bases, averaged, prefix=f"segment{index}/"))
+            state[f"segment{index}/lr_sum"] = torch.tensor([segment.lr_sum], dtype=torch.float64)
+        return state
+
+    def _load(self, state: TrainState, inputs: AttributionInputs) -> list[SegmentCurvature]:
+        """Per segment: bases, averaged eigenvalues and the lr_sum the state was fitted with."""
+        segments = self._segments(inputs)
+        names = list(inputs.task.tracked_modules(segments[-1].checkpoints[-1]))
+        loaded = []
+        for index, segment in enumerate(segments):
+            bases, eigenvalues = load_basis(state, names, inputs.device, prefix=f"segment{index}/")
+            lr_sum = state[f"segment{index}/lr_sum"].item()
+            if not math.isclose(lr_sum, segment.lr_sum, rel_tol=1e-9):
+                raise SettingsError(f"segment {index}: state fitted with lr_sum {lr_sum}, inputs give {segment.lr_sum}: fit again")
+            loaded.append((bases, eigenvalues, lr_sum))
+        return loaded
+
+    def score_segments(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Per-segment contributions (n_segments, n_queries, n_train), oldest segment first; they sum to `score`."""
+        segments, loaded = self._segments(inputs), self._load(state, inputs)
+        final_model, block_size, n_train = segments[-1].checkpoints[-1], self.settings.query_batch_size, len(inputs.train_y)
+        n_checkpoints = sum(len(segment.checkpoints) for segment in segments)
+        passes_per_block = 1 + n_checkpoints * n_chunks(n_train, inputs.batch_size)
+        progress = Progress(inputs.progress, n_chunks(len(query_y), block_size) * passes_per_block)
+        contributions = torch.zeros(len(segments), len(query_y), n_train)
+        for start in range(0, len(query_y), block_size):
+            vectors = example_gradients(
+                final_model, inputs.task, query_x[start : start + block_size], query_y[start : start + block_size],
+                objective="measurement", batch_size=inputs.batch_size, device=inputs.device,
+            )
+            progress.step()
+            for index, weighted in _segment_weights(vectors, loaded):
+                checkpoints = segments[index].checkpoints
+                for model in checkpoints:  # ḡ_ℓ is a mean over checkpoints, so average the scores
+                    products = stream_inner_products(model, inputs, weighted, progress.step)
+                    contributions[index, start : start + block_size] -= products.cpu() / (n_train * len(checkpoints))
+        return contributions
+
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_queries, n_train), positive = proponent: the sum of the segments' contributions."""
+        return self.score_segments(state, inputs, query_x, query_y).sum(dim=0)
+
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
+        """+(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m) with v_L = ∇L(z_m; θ_T) (n_train,): the score for 'z_m's loss falls'."""
+        segments, loaded = self._segments(inputs), self._load(state, inputs)
+        final_model, n_train = segments[-1].checkpoints[-1], len(inputs.train_y)
+        models = {id(model): model for segment in segments for model in segment.checkpoints}
+        progress = Progress(inputs.progress, n_chunks(n_train, inputs.batch_size))
+        result = torch.zeros(n_train)
+        for start, x, y in inputs.train_batches():
+            layers_at = {
+                key: {layer.name: layer for layer in capture_layer_batches(model, inputs.task.tracked_modules(model), inputs.task.train_loss, x, y)}
+                for key, model in models.items()
+            }
+            block = torch.zeros(len(y), device=inputs.device)
+            for name, layer in layers_at[id(final_model)].items():  # one layer's (B, d_out, d_in) at a time
+                for index, weighted in _segment_weights({name: layer.per_example_gradients()}, loaded):
+                    checkpoints = segments[index].checkpoints
+                    for model in checkpoints:
+                        gradients = layers_at[id(model)][name].per_example_gradients()
+                        block += (weighted[name] * gradients).sum(dim=(1, 2)) / (n_train * len(checkpoints))
+            result[start : start + len(y)] = block.cpu()
+            progress.step()
+        return result
+
+
+def exact_source_scores(
+    inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor
+) -> torch.Tensor:
+    """Reference SOURCE contributions (n_segments, n_queries, n_train) float64 with explicit matrices: small models only.
+
+    H̄_ℓ is the mean over the segment's checkpoints of the Gauss–Newton matrix of the mean loss
+    (P, P), eigendecomposed with negative eigenvalues clipped; gradients are explicit per example.
+    """
+    segments, task = inputs.segments, inputs.task
+    if not segments:
+        raise SettingsError("exact SOURCE needs inputs.segments")
+    n_train = len(inputs.train_y)
+    vectors = flat_gradients(segments[-1].checkpoints[-1], task, query_x, query_y, "measurement").double()
+    contributions = []
+    for segment in reversed(segments):
+        curvature = sum(gauss_newton_matrix(m, task, inputs.train_x, inputs.train_y, batch_size=inputs.batch_size) for m in segment.checkpoints)
+        eigenvalues, eigenvectors = torch.linalg.eigh(curvature / len(segment.checkpoints))
+        eigenvalues = eigenvalues.clamp_min(0)
+        gradients = sum(flat_gradients(m, task, inputs.train_x, inputs.train_y, "loss").double() for m in segment.checkpoints)
+        mean_gradients = gradients / len(segment.checkpoints)
+        rotated = vectors @ eigenvectors
+        contributions.append(-((rotated * r_factor(segment.lr_sum)(eigenvalues)) @ eigenvectors.T) @ mean_gradients.T / n_train)
+        vectors = (rotated * decay_factor(segment.lr_sum)(eigenvalues)) @ eigenvectors.T
+    return torch.stack(contributions[::-1]).cpu()

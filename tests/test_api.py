@@ -1,0 +1,119 @@
+"""The front door: every method through attribute(), stored and reused, recomputed when inputs change."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution_core import api
+from attribution_core.api import METHODS, QueryBatch, attribute, self_influence
+from attribution_core.cli import main as tdx
+from attribution_core.data import DataSpec
+from attribution_core.errors import SettingsError
+from attribution_core.methods.trak import Trak
+from attribution_core.models import ModelSpec
+from attribution_core.store import Workspace
+from attribution_core.training import CheckpointPolicy, Recipe, Stage, train
+
+SMALL_TRAK = {"k": 64}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small two-stage digits run with four checkpoints."""
+    recipe = Recipe(
+        (Stage(name="pretrain", epochs=2, lr=0.05), Stage(name="finetune", epochs=2, lr=0.02, classes=(0, 1, 2, 3, 4))),
+        checkpoints=CheckpointPolicy(every_epochs=1),
+    )
+    data = DataSpec(source="digits", test_size=100, max_train=200)
+    return train(data, ModelSpec("mlp", {"hidden": [16]}), recipe, Workspace(tmp_path_factory.mktemp("ws")), "digits-two-stage")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_scores_queries_against_the_whole_training_set(run, method):
+    settings = {"n_segments": 2} if method == "source" else SMALL_TRAK if method == "trak" else None
+    scores = attribute(run, method, queries=[0, 5, 7], settings=settings, device="cpu")
+    assert scores.values.shape == (3, 200)
+    assert np.isfinite(scores.values).all()
+    assert scores.query_names == ["test 0", "test 5", "test 7"]
+    assert scores.checkpoints == api.default_checkpoints(run, method)
+
+
+def test_stored_state_and_scores_are_reused(run, monkeypatch):
+    first = attribute(run, "trak", queries=[1, 2], settings=SMALL_TRAK, device="cpu")
+
+    def refit(*args, **kwargs):
+        raise AssertionError("train-side state was recomputed")
+
+    monkeypatch.setattr(Trak, "fit", refit)
+    monkeypatch.setattr(Trak, "score", refit)
+    again = attribute(run, "trak", queries=[1, 2], settings=SMALL_TRAK, device="cpu")
+    np.testing.assert_array_equal(first.values, again.values)
+    with pytest.raises(AssertionError, match="recomputed"):
+        attribute(run, "trak", queries=[1, 2], settings={"k": 32}, device="cpu")
+
+
+def test_other_checkpoints_give_another_key(run):
+    last = attribute(run, "trak", queries=[1], settings=SMALL_TRAK, checkpoints=[3], device="cpu")
+    first = attribute(run, "trak", queries=[1], settings=SMALL_TRAK, checkpoints=[0], device="cpu")
+    assert last.key != first.key and not np.allclose(last.values, first.values)
+
+
+def test_a_query_outside_the_data_set_scores_like_the_same_test_example(run):
+    _, test_set = run.datasets()
+    by_index = attribute(run, "trak", queries=[4], settings=SMALL_TRAK, device="cpu")
+    uploaded = attribute(run, "trak", queries=QueryBatch(test_set.x[4:5], test_set.y[4:5], ["upload"]), settings=SMALL_TRAK, device="cpu")
+    np.testing.assert_allclose(uploaded.values, by_index.values, rtol=1e-5, atol=1e-6)
+    assert uploaded.query_indices is None and uploaded.key == ""
+
+
+def test_self_influence_is_the_diagonal_of_scores_of_training_examples(run):
+    train_set, _ = run.datasets()
+    values = self_influence(run, "trak", settings=SMALL_TRAK, device="cpu")
+    as_queries = attribute(run, "trak", queries=QueryBatch(train_set.x[:10], train_set.y[:10], [str(i) for i in range(10)]),
+                           settings=SMALL_TRAK, device="cpu")
+    np.testing.assert_allclose(values[:10], np.diag(as_queries.values[:, :10]), rtol=1e-4, atol=1e-6)
+    assert attribute(run, "trak", queries=[0], settings=SMALL_TRAK, device="cpu").self_influence is not None
+
+
+def test_source_segments_follow_the_stages_and_sum_to_the_scores(run):
+    scores = attribute(run, "source", queries=[0, 1], settings={"n_segments": 2}, device="cpu")
+    assert scores.segment_values.shape == (2, 2, 200)
+    np.testing.assert_allclose(scores.segment_values.sum(axis=0), scores.values, rtol=1e-5, atol=1e-7)
+    late = scores.restricted_to_segments([1])
+    np.testing.assert_allclose(late.values, scores.segment_values[1])
+
+
+@pytest.mark.badinput
+def test_unknown_method_lists_the_known_ones(run):
+    with pytest.raises(SettingsError, match="trak, source"):
+        attribute(run, "magic")
+
+
+@pytest.mark.badinput
+def test_checkpoints_out_of_range_are_reported(run):
+    with pytest.raises(SettingsError, match="checkpoints 0..3"):
+        attribute(run, "trak", checkpoints=[7])
+
+
+@pytest.mark.badinput
+def test_query_index_out_of_range_is_reported(run):
+    with pytest.raises(SettingsError, match="0..99"):
+        attribute(run, "trak", queries=[100], settings=SMALL_TRAK)
+
+
+@pytest.mark.badinput
+def test_unknown_setting_is_named(run):
+    with pytest.raises(SettingsError, match="unknown settings \\['kk'\\]"):
+        attribute(run, "trak", settings={"kk": 3})
+
+
+def test_cli_attribute_prints_proponents_and_opponents(run, capsys):
+    tdx(["attribute", run.run_id, "--workspace", str(run.workspace.root), "--method", "graddot", "--queries", "0-2", "--top", "2"])
+    out = capsys.readouterr().out
+    assert "graddot: 3 queries x 200 training examples" in out
+    assert out.count("proponents:") == 3 and out.count("opponents:") == 3
+
+
+def test_auto_device_is_cpu_without_cuda():
+    assert api.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

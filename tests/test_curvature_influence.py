@@ -1,0 +1,239 @@
+"""K-FAC / EK-FAC curvature and influence: exact where the factorisation is exact, close elsewhere.
+
+The exact case: one Linear layer whose training examples all share one input x0 (balanced labels,
+bias set so the logits at x0 are equal). Then A = a aᵀ is rank one, so the curvature block is
+exactly S ⊗ A and diagonal in the Kronecker eigenbasis (EK-FAC and K-FAC are exact), and the
+empirical label frequencies equal the model's predictions, so the empirical Fisher S = E[g gᵀ]
+equals the Gauss–Newton output Hessian diag(p) − ppᵀ: fisher="empirical" gives the exact
+Gauss–Newton influence, deterministically.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from attribution_core.curvature import (
+    eigenbasis,
+    fit_corrected_eigenvalues,
+    fit_covariances,
+    label_uniforms,
+    sample_labels,
+)
+from attribution_core.errors import SettingsError
+from attribution_core.methods.base import AttributionInputs
+from attribution_core.methods.exact import damped_inverse, flat_gradients, gauss_newton_matrix
+from attribution_core.methods.influence import Influence, InfluenceSettings
+from attribution_core.task import Task
+
+N_CLASSES = 3
+
+
+class LossFallsTask(Task):
+    """Measurement f = −L: the score of z_m for the query z_m then equals its self-influence."""
+
+    def measurement(self, model, x, y):
+        return -self.train_loss(model, x, y)
+
+
+def make_inputs(models, train_x, train_y, *, task=None, batch_size=256, segments=None) -> AttributionInputs:
+    """AttributionInputs over the given checkpoints (oldest first) on the CPU."""
+    return AttributionInputs(
+        checkpoints=list(models),
+        checkpoint_lrs=[1.0] * len(models),
+        train_x=train_x,
+        train_y=train_y,
+        task=task or Task(),
+        batch_size=batch_size,
+        segments=segments,
+    )
+
+
+def shared_input_case(n_checkpoints: int = 1, n_per_class: int = 2, d: int = 4, seed: int = 0):
+    """Float64 Linear(d, 3) checkpoints, train set of one shared input with balanced labels, 4 queries."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(d, generator=generator, dtype=torch.float64)
+    models = []
+    for _ in range(n_checkpoints):
+        model = nn.Sequential(nn.Linear(d, N_CLASSES)).double().eval()
+        with torch.no_grad():
+            model[0].weight.copy_(torch.randn(N_CLASSES, d, generator=generator, dtype=torch.float64))
+            model[0].bias.copy_(0.3 - model[0].weight @ x0)  # equal logits at x0: uniform predictions
+        models.append(model)
+    train_x = x0.expand(n_per_class * N_CLASSES, d).clone()
+    train_y = torch.arange(N_CLASSES).repeat(n_per_class)
+    query_x = torch.randn(4, d, generator=generator, dtype=torch.float64)
+    return models, train_x, train_y, query_x, torch.tensor([0, 1, 2, 1])
+
+
+def shared_input_eigenvalue(train_x: torch.Tensor) -> float:
+    """The one nonzero Gauss–Newton eigenvalue of the shared-input case: |a|²/K (a = [x0, 1])."""
+    return (train_x[0].square().sum().item() + 1) / N_CLASSES
+
+
+def mlp_trajectory(n_checkpoints: int = 4, steps_between: int = 5, n_train: int = 96, seed: int = 0):
+    """Checkpoints (every steps_between full-batch SGD steps) of a 5-8-3 tanh MLP, train and query data."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = torch.randn(n_train + 6, 5, generator=generator)
+    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()) % N_CLASSES
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, N_CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    checkpoints = []
+    for _ in range(n_checkpoints):
+        for _ in range(steps_between):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[:n_train]), y[:n_train]).backward()
+            optimizer.step()
+        checkpoints.append(copy.deepcopy(model).eval())
+    return checkpoints, x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two score arrays, flattened."""
+    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+
+
+def fit_and_score(settings, inputs, query_x, query_y, method=Influence):
+    """Fitted scores (n_queries, n_train) as float64, to compare with the exact references."""
+    method = method(settings)
+    return method.score(method.fit(inputs), inputs, query_x, query_y).double()
+
+
+def exact_scores(inputs, query_x, query_y, damping: float) -> torch.Tensor:
+    """−∇f(q)ᵀ(G + λI)⁻¹∇L(m) (n_queries, n_train) float64 with the explicit Gauss–Newton G at the last checkpoint."""
+    model, task = inputs.checkpoints[-1], inputs.task
+    inverse = damped_inverse(gauss_newton_matrix(model, task, inputs.train_x, inputs.train_y), damping)
+    query_grads = flat_gradients(model, task, query_x, query_y, "measurement").double()
+    return -query_grads @ inverse @ flat_gradients(model, task, inputs.train_x, inputs.train_y, "loss").double().T
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
+def test_equals_exact_gauss_newton_influence_where_the_kronecker_factorisation_is_exact(curvature):
+    models, train_x, train_y, query_x, query_y = shared_input_case()
+    inputs = make_inputs(models, train_x, train_y)
+    settings = InfluenceSettings(curvature=curvature, fisher="empirical", damping=0.05)
+    expected = exact_scores(inputs, query_x, query_y, damping=0.05)
+    assert torch.allclose(fit_and_score(settings, inputs, query_x, query_y), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_ekfac_is_close_to_exact_gauss_newton_influence_on_a_tiny_mlp():
+    checkpoints, train_x, train_y, query_x, query_y = mlp_trajectory()
+    inputs = make_inputs(checkpoints[-1:], train_x, train_y)
+    # λ = 0.1 is an eighth of G's top eigenvalue here; with less damping the block-diagonal
+    # approximation alone (ignoring cross-layer curvature) drops below 0.95 correlation
+    expected = exact_scores(inputs, query_x, query_y, damping=0.1)
+    for curvature in ("ekfac", "kfac"):
+        scores = fit_and_score(InfluenceSettings(curvature=curvature, damping=0.1), inputs, query_x, query_y)
+        assert correlation(scores, expected) > 0.9, curvature
+
+
+def test_corrected_eigenvalues_are_the_fisher_diagonal_in_the_kronecker_eigenbasis_for_convolutions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, N_CLASSES)).double().eval()
+    train_x, train_y = torch.randn(10, 2, 4, 4, dtype=torch.float64), torch.arange(10) % N_CLASSES
+    inputs = make_inputs([model], train_x, train_y, batch_size=4)
+    bases = eigenbasis(fit_covariances([model], inputs, fisher="empirical"))
+    eigenvalues = fit_corrected_eigenvalues(model, bases, inputs, fisher="empirical")
+    gradients = flat_gradients(model, inputs.task, train_x, train_y, "loss")
+    offset = 0
+    for name, basis in bases.items():
+        d_out, d_in = len(basis.q_out), len(basis.q_in)
+        layer_grads = gradients[:, offset : offset + d_out * d_in].reshape(-1, d_out, d_in)
+        expected = (basis.q_out.T @ layer_grads @ basis.q_in).square().mean(dim=0)
+        assert torch.allclose(eigenvalues[name], expected, rtol=1e-6, atol=1e-12), name
+        offset += d_out * d_in
+
+
+def test_scores_of_a_cnn_equal_the_explicit_ekfac_matrix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, N_CLASSES)).double().eval()
+    train_x, train_y = torch.randn(12, 1, 4, 4, dtype=torch.float64), torch.arange(12) % N_CLASSES
+    query_x, query_y = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    inputs = make_inputs([model], train_x, train_y, batch_size=5)
+    method = Influence(InfluenceSettings())
+    state = method.fit(inputs)
+    blocks = []
+    for name in ("0", "3"):
+        rotation = torch.kron(state[f"{name}/q_out"], state[f"{name}/q_in"]).double()
+        damped = state[f"{name}/eigenvalues"].flatten().double() + state[f"{name}/damping"].double()
+        blocks.append(rotation @ torch.diag(1 / damped) @ rotation.T)
+    inverse = torch.block_diag(*blocks)
+    query_grads = flat_gradients(model, inputs.task, query_x, query_y, "measurement")
+    train_grads = flat_gradients(model, inputs.task, train_x, train_y, "loss")
+    expected = -query_grads @ inverse @ train_grads.T
+    assert torch.allclose(method.score(state, inputs, query_x, query_y).double(), expected, rtol=1e-4, atol=1e-6)
+    expected_self = ((train_grads @ inverse) * train_grads).sum(dim=1)
+    assert torch.allclose(method.self_influence(state, inputs).double(), expected_self, rtol=1e-4)
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
+def test_self_influence_is_the_diagonal_of_pairwise_scores_for_the_loss_falling(curvature):
+    checkpoints, train_x, train_y, _, _ = mlp_trajectory(n_train=20)
+    inputs = make_inputs(checkpoints[-1:], train_x, train_y, task=LossFallsTask(), batch_size=7)
+    method = Influence(InfluenceSettings(curvature=curvature))
+    state = method.fit(inputs)
+    pairwise = method.score(state, inputs, train_x, train_y)
+    self_influence = method.self_influence(state, inputs)
+    assert torch.allclose(self_influence, pairwise.diagonal(), rtol=1e-4, atol=1e-6)
+    assert (self_influence > 0).all()
+
+
+def test_scores_do_not_depend_on_batch_or_query_block_size():
+    checkpoints, train_x, train_y, query_x, query_y = mlp_trajectory(n_train=40)
+    scores = [
+        fit_and_score(InfluenceSettings(query_batch_size=query_block), make_inputs(checkpoints[-1:], train_x, train_y, batch_size=batch), query_x, query_y)
+        for batch, query_block in [(64, 64), (7, 4), (1, 1)]
+    ]
+    for other in scores[1:]:  # float32 sums in another order: equal to rounding
+        assert torch.allclose(other, scores[0], rtol=1e-4, atol=1e-6 * scores[0].abs().max().item())
+
+
+def test_true_fisher_labels_follow_the_model_predictions_and_the_seed():
+    logits = torch.tensor([[2.0, 0.0, -1.0]]).expand(20000, 3)
+    labels = sample_labels(logits, label_uniforms(20000, (7,)))
+    frequencies = torch.bincount(labels, minlength=3).double() / 20000
+    assert torch.allclose(frequencies, torch.softmax(logits[0].double(), 0), atol=0.01)
+    assert torch.equal(labels, sample_labels(logits, label_uniforms(20000, (7,))))
+    assert not torch.equal(labels, sample_labels(logits, label_uniforms(20000, (8,))))
+
+
+def test_true_fisher_approaches_gauss_newton_influence_with_many_samples():
+    models, train_x, train_y, query_x, query_y = shared_input_case(n_per_class=2000)
+    inputs = make_inputs(models, train_x, train_y, batch_size=4096)
+    expected = exact_scores(inputs, query_x, query_y, damping=0.05)
+    scores = fit_and_score(InfluenceSettings(fisher="true_fisher", damping=0.05), inputs, query_x, query_y)
+    assert torch.allclose(scores, expected, rtol=0.05, atol=0.01 * expected.abs().max().item())
+
+
+def test_default_damping_is_a_tenth_of_each_layers_mean_eigenvalue():
+    checkpoints, train_x, train_y, _, _ = mlp_trajectory(n_train=20)
+    state = Influence().fit(make_inputs(checkpoints[-1:], train_x, train_y))
+    for name in ("0", "2"):
+        assert state[f"{name}/damping"].item() == pytest.approx(0.1 * state[f"{name}/eigenvalues"].mean().item())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("curvature", "diagonal"), ("damping", 0.0), ("damping_ratio", -1.0), ("fisher", "sampled"), ("query_batch_size", 0)],
+)
+def test_invalid_settings_are_rejected_naming_the_field(field, value):
+    with pytest.raises(SettingsError, match=field):
+        InfluenceSettings(**{field: value})
+
+
+def test_progress_reaches_its_total_in_every_phase():
+    checkpoints, train_x, train_y, query_x, query_y = mlp_trajectory(n_train=20)
+    reports = []
+    inputs = make_inputs(checkpoints[-1:], train_x, train_y, batch_size=6)
+    inputs.progress = lambda done, total: reports.append((done, total))
+    method = Influence(InfluenceSettings(query_batch_size=4))
+    phases = [lambda: method.fit(inputs)]
+    state = method.fit(inputs)
+    phases += [lambda: method.score(state, inputs, query_x, query_y), lambda: method.self_influence(state, inputs)]
+    for phase in phases:
+        reports.clear()
+        phase()
+        assert reports[-1][0] == reports[-1][1] and [done for done, _ in reports] == list(range(1, len(reports) + 1))
