@@ -25,7 +25,7 @@ from .data import Dataset, DataSpec, load_dataset
 from .errors import CheckpointError, SettingsError, TdxError
 from .methods.base import ProgressFn, no_progress
 from .models import ModelSpec, build_model
-from .store import Workspace, atomic_write_json, check_name, load_tensors, read_json, save_tensors
+from .store import Workspace, atomic_write_json, check_name, file_sha256, load_tensors, read_json, save_tensors
 
 RUN_FORMAT = 1
 
@@ -141,6 +141,8 @@ class CheckpointInfo:
     epoch: int
     file: str
     test_accuracy: float | None = None
+    sha256: str = ""
+    size: int = 0
 
 
 def learning_rate(stage: Stage, step_in_stage: int, steps_per_epoch: int) -> float:
@@ -322,6 +324,17 @@ class Run:
             raise CheckpointError(f"{path} holds NaN or Inf weights: the run diverged; retrain with a lower learning rate")
         return model.to(device).eval()
 
+    def verify(self) -> list[str]:
+        """Problems found with the run's checkpoints (missing, or bytes that differ from run.json); [] if none."""
+        problems = []
+        for info in self.checkpoints:
+            path = self.directory / "checkpoints" / check_name(info.file, "checkpoint file")
+            if not path.is_file():
+                problems.append(f"missing checkpoint {path}")
+            elif info.sha256 and (path.stat().st_size != info.size or file_sha256(path) != info.sha256):
+                problems.append(f"checkpoint {path} does not match the checksum recorded in run.json")
+        return problems
+
     def to_json(self) -> dict[str, Any]:
         """The run.json payload."""
         return {
@@ -386,10 +399,12 @@ def train(
     seconds = time.perf_counter() - started
     infos = []
     for info, state in result.checkpoints:
-        save_tensors(directory / "checkpoints" / info.file, state, metadata={"step": str(info.step)})
+        path = directory / "checkpoints" / info.file
+        save_tensors(path, state, metadata={"step": str(info.step)})
         model = build_model(model_spec, train_set.input_shape, train_set.n_classes)
         model.load_state_dict(state)
-        infos.append(CheckpointInfo(**{**asdict(info), "test_accuracy": evaluate(model, test_set)["accuracy"]}))
+        infos.append(CheckpointInfo(**{**asdict(info), "test_accuracy": evaluate(model, test_set)["accuracy"],
+                                       "sha256": file_sha256(path), "size": path.stat().st_size}))
     train_metrics, test_metrics = evaluate(result.model, train_set), evaluate(result.model, test_set)
     metrics = {
         "train_accuracy": train_metrics["accuracy"],

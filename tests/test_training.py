@@ -171,3 +171,19 @@ def test_cli_unknown_run_is_a_clear_error(tmp_path, capsys):
         tdx(["train", "../escape", "--workspace", str(tmp_path), "--data", "digits", "--epochs", "1"])
     assert exit_info.value.code == 2
     assert "invalid run id" in capsys.readouterr().err
+
+
+def test_run_json_records_checkpoint_checksums_that_verify(two_stage_run):
+    assert all(len(info.sha256) == 64 and info.size > 0 for info in two_stage_run.checkpoints)
+    assert two_stage_run.verify() == []
+
+
+@pytest.mark.badinput
+def test_a_modified_checkpoint_fails_verification(two_stage_run):
+    path = two_stage_run.directory / "checkpoints" / two_stage_run.checkpoints[2].file
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-4] + b"\0\0\0\0")
+        assert "does not match" in two_stage_run.verify()[0]
+    finally:
+        path.write_bytes(original)
