@@ -1,0 +1,1 @@
+"""Widgets and cached core calls shared by the pages."""

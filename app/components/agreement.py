@@ -1,0 +1,29 @@
+"""How far two methods agree on one query, in numbers and in words."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import spearmanr
+
+
+def top_k_overlap(first: np.ndarray, second: np.ndarray, k: int) -> int:
+    """How many training examples two score rows (N,) share among their k highest."""
+    top_first = np.argsort(-first, kind="stable")[:k]
+    top_second = np.argsort(-second, kind="stable")[:k]
+    return len(np.intersect1d(top_first, top_second))
+
+
+def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman correlation of two score rows (N,) over every training example (nan if one is constant)."""
+    if np.ptp(first) == 0 or np.ptp(second) == 0:
+        return float("nan")
+    return float(spearmanr(first, second).statistic)
+
+
+def agreement_sentence(first_label: str, second_label: str, first: np.ndarray, second: np.ndarray, k: int) -> str:
+    """'TRAK and SOURCE agree on 7 of the top 10 proponents; rank correlation 0.62 over all 600 examples.'"""
+    overlap = top_k_overlap(first, second, k)
+    correlation = rank_correlation(first, second)
+    strength = "strongly" if correlation >= 0.7 else "moderately" if correlation >= 0.4 else "weakly" if correlation >= 0.1 else "hardly"
+    correlation_text = "undefined (constant scores)" if np.isnan(correlation) else f"{correlation:.2f} ({strength} alike)"
+    return (f"**{first_label}** and **{second_label}** agree on **{overlap} of the top {k}** proponents; "
+            f"rank correlation {correlation_text} over all {len(first)} training examples.")

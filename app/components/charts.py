@@ -1,0 +1,147 @@
+"""Plotly figures of the pages: training timeline, segment contributions, counterfactual, LDS, recall, map."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+
+from attribution_core.training import Run
+
+QUALITATIVE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC", "#EECA3B")
+"""One colour per method / class, in order."""
+
+STAGE_SHADES = ("rgba(76,120,168,0.08)", "rgba(245,133,24,0.08)", "rgba(84,162,75,0.08)", "rgba(178,121,162,0.08)")
+
+
+def _compact(figure: go.Figure, height: int) -> go.Figure:
+    figure.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=-0.2))
+    return figure
+
+
+def training_timeline(run: Run) -> go.Figure:
+    """Learning rate per optimizer step, stages shaded, checkpoints marked with their test accuracy."""
+    steps = np.arange(1, run.trajectory.n_steps + 1)
+    figure = go.Figure()
+    stage_of_step = np.asarray(run.trajectory.stage)
+    for number, stage in enumerate(run.recipe.stages):
+        in_stage = steps[stage_of_step == number]
+        if len(in_stage):
+            figure.add_vrect(x0=in_stage[0] - 0.5, x1=in_stage[-1] + 0.5, fillcolor=STAGE_SHADES[number % len(STAGE_SHADES)],
+                             line_width=0, annotation_text=stage.name, annotation_position="top left")
+    figure.add_trace(go.Scatter(x=steps, y=run.trajectory.lr, name="learning rate", mode="lines",
+                                line=dict(color=QUALITATIVE[0], width=2)))
+    checkpoints = run.checkpoints
+    figure.add_trace(go.Scatter(
+        x=[info.step for info in checkpoints], y=[info.test_accuracy for info in checkpoints], yaxis="y2",
+        name="checkpoint (test accuracy)", mode="markers+lines", marker=dict(size=11, symbol="diamond", color=QUALITATIVE[1]),
+        line=dict(dash="dot", color=QUALITATIVE[1]),
+        text=[f"ckpt {info.index} · step {info.step} · epoch {info.epoch}" for info in checkpoints],
+        hovertemplate="%{text}<br>test accuracy %{y:.1%}<extra></extra>",
+    ))
+    figure.update_layout(xaxis_title="optimizer step", yaxis=dict(title="learning rate", rangemode="tozero"),
+                         yaxis2=dict(title="test accuracy", overlaying="y", side="right", tickformat=".0%", rangemode="tozero"))
+    return _compact(figure, 320)
+
+
+def segment_contributions(labels: list[str], example_names: list[str], contributions: np.ndarray) -> go.Figure:
+    """Stacked bars: each segment's part of each shown example's score; contributions: (L, n_examples)."""
+    figure = go.Figure()
+    for number, label in enumerate(labels):
+        figure.add_trace(go.Bar(x=example_names, y=contributions[number], name=label, marker_color=QUALITATIVE[number % len(QUALITATIVE)]))
+    figure.update_layout(barmode="relative", yaxis_title="contribution to the score",
+                         xaxis=dict(title="training example", type="category"))
+    return _compact(figure, 300)
+
+
+def counterfactual_margins(base: float, after: dict[str, float], flipped: dict[str, bool]) -> go.Figure:
+    """The query's margin with everything, and after each removal (random removals in grey)."""
+    names = ["nothing removed", *after]
+    values = [base, *after.values()]
+    colours = [QUALITATIVE[0]] + [QUALITATIVE[3] if name == "top proponents removed" else QUALITATIVE[2]
+                                  if name == "top opponents removed" else "#BAB0AC" for name in after]
+    texts = [f"{base:+.2f}"] + [f"{value:+.2f}" + (" (flips)" if flipped[name] else "") for name, value in after.items()]
+    figure = go.Figure(go.Bar(x=names, y=values, marker_color=colours, text=texts, textposition="outside"))
+    figure.add_hline(y=0, line_dash="dot", annotation_text="decision boundary", annotation_position="bottom right")
+    figure.update_layout(yaxis_title="correct-class margin after retraining", showlegend=False)
+    return _compact(figure, 320)
+
+
+def lds_bars(labels: list[str], means: list[float], stderrs: list[float]) -> go.Figure:
+    """Each method's LDS with its standard error."""
+    figure = go.Figure(go.Bar(
+        x=labels, y=means, error_y=dict(type="data", array=stderrs, visible=True),
+        marker_color=[QUALITATIVE[i % len(QUALITATIVE)] for i in range(len(labels))],
+        text=[f"{mean:.3f}" for mean in means], textposition="outside",
+    ))
+    figure.update_layout(yaxis_title="LDS (mean Spearman ± s.e.)", showlegend=False)
+    return _compact(figure, 300)
+
+
+def lds_scatter(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> go.Figure:
+    """Predicted effect (standardised per method) against the actual retrained margin, one colour per method."""
+    figure = go.Figure()
+    for number, (label, (predicted, actual)) in enumerate(series.items()):
+        spread = predicted.std()
+        standardised = (predicted - predicted.mean()) / spread if spread > 0 else predicted * 0
+        figure.add_trace(go.Scatter(x=standardised, y=actual, mode="markers", name=label,
+                                    marker=dict(size=8, opacity=0.75, color=QUALITATIVE[number % len(QUALITATIVE)])))
+    figure.update_layout(xaxis_title="predicted effect of the subset (standardised within each method)",
+                         yaxis_title="actual margin after retraining on the subset")
+    return _compact(figure, 380)
+
+
+def recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> go.Figure:
+    """Fraction of the flipped labels found against the fraction of the training set inspected."""
+    figure = go.Figure()
+    for number, (label, (inspected, found)) in enumerate(curves.items()):
+        figure.add_trace(go.Scatter(x=inspected, y=found, mode="lines", name=label,
+                                    line=dict(width=2, color=QUALITATIVE[number % len(QUALITATIVE)])))
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="random order", line=dict(dash="dot", color="#BAB0AC")))
+    figure.update_layout(xaxis=dict(title="fraction of training set inspected", tickformat=".0%"),
+                         yaxis=dict(title="flipped labels found", tickformat=".0%"))
+    return _compact(figure, 340)
+
+
+@dataclass(frozen=True)
+class PointGroup:
+    """Map points drawn as one trace.
+
+    split: "train" or "test"; indices: (n,) example indices in that split; positions: (n, 2);
+    colour: one colour for all, or values: (n,) numbers drawn on a diverging scale centred on 0.
+    """
+
+    name: str
+    split: str
+    indices: np.ndarray
+    positions: np.ndarray
+    hover: list[str]
+    colour: str | None = None
+    values: np.ndarray | None = None
+    symbol: str = "circle"
+    size: int = 6
+    legend_group: str | None = None
+    show_legend: bool = True
+
+
+def embedding_map(groups: list[PointGroup], *, colour_title: str = "") -> go.Figure:
+    """Scatter of the map; each point's customdata is (split, index), so a selection names its examples."""
+    figure = go.Figure()
+    for group in groups:
+        marker = dict(size=group.size, symbol=group.symbol, line=dict(width=0.5, color="white"), opacity=0.85)
+        if group.values is not None:
+            bound = float(np.abs(group.values).max()) or 1.0
+            marker |= dict(color=group.values, colorscale="RdBu", cmin=-bound, cmax=bound,
+                           colorbar=dict(title=colour_title, thickness=12))
+        else:
+            marker["color"] = group.colour
+        figure.add_trace(go.Scatter(
+            x=group.positions[:, 0], y=group.positions[:, 1], mode="markers", name=group.name, marker=marker,
+            legendgroup=group.legend_group, showlegend=group.show_legend,
+            text=group.hover, hovertemplate="%{text}<extra></extra>",
+            customdata=[[group.split, int(index)] for index in group.indices],
+        ))
+    _compact(figure, 520)
+    figure.update_layout(dragmode="lasso", xaxis=dict(visible=False), yaxis=dict(visible=False),
+                         legend=dict(orientation="v", x=1.0, y=1.0))
+    return figure

@@ -1,0 +1,91 @@
+"""Where the app reads from (the workspace) and which run every page shows (kept in the URL)."""
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+WORKSPACE_ENV = "TDX_WORKSPACE"
+"""Environment variable naming the workspace folder (set by `tdx app`); default ./workspace."""
+
+RUN_KEY = "run"
+"""Session-state key and URL query parameter of the current run."""
+
+
+def workspace_root() -> Path:
+    """The workspace folder the app shows."""
+    return Path(os.environ.get(WORKSPACE_ENV, "workspace")).expanduser().resolve()
+
+
+def core_problem() -> str | None:
+    """Why the attribution core cannot be used yet (a module still missing), or None when it can."""
+    try:
+        importlib.import_module("attribution_core.training")
+    except ImportError as exc:
+        return f"{exc}"
+    return None
+
+
+def optional_core_module(name: str):
+    """attribution_core.<name>, or None while that part of the core is not there yet."""
+    try:
+        return importlib.import_module(f"attribution_core.{name}")
+    except ImportError:
+        return None
+
+
+def run_picker() -> str | None:
+    """The sidebar's run selector, kept in ?run= so that a link reopens the same run."""
+    from attribution_core.store import Workspace
+
+    run_ids = Workspace(workspace_root()).run_ids()
+    if not run_ids:
+        st.sidebar.info(f"No runs in {workspace_root()} yet: train one on the Runs page, or run `tdx demo`.")
+        return None
+    seed_from_url(RUN_KEY, default=run_ids[0], parse=str, valid=run_ids.__contains__)
+    run_id = st.sidebar.selectbox(
+        "Run", run_ids, key=RUN_KEY,
+        help="The trained model every page shows. It is kept in the page address, so a link reopens this view.",
+    )
+    publish_to_url(RUN_KEY, run_id)
+    return run_id
+
+
+def select_run(run_id: str) -> None:
+    """Make run_id the current run (use as an on_click / on_change callback, before the picker draws)."""
+    st.session_state[RUN_KEY] = run_id
+
+
+def current_run_id() -> str | None:
+    """The id of the run chosen in the sidebar, or None when the workspace has none."""
+    return st.session_state.get(RUN_KEY)
+
+
+def seed_from_url(key: str, *, default: Any, parse: Callable[[str], Any], valid: Callable[[Any], bool]) -> None:
+    """Give the widget `key` its value before it draws: kept if still valid, else from ?key=, else `default`.
+
+    The value lives in session state, which takes precedence over the widget's own default (a
+    range slider still passes one, to be drawn as a range). Widgets not drawn on every page also
+    pass persist_state="session", so they keep their value across pages.
+    """
+    if key in st.session_state and valid(st.session_state[key]):
+        return
+    value = default
+    if key in st.query_params:
+        try:
+            candidate = parse(st.query_params[key])
+        except ValueError:
+            candidate = None
+        if candidate is not None and valid(candidate):
+            value = candidate
+    st.session_state[key] = value
+
+
+def publish_to_url(key: str, text: str) -> None:
+    """Write ?key=text into the page address, so that a link reopens this view."""
+    if st.query_params.get(key) != text:
+        st.query_params[key] = text

@@ -1,0 +1,52 @@
+"""How training and test examples are described: class names, flag and mislabel marks, captions."""
+from __future__ import annotations
+
+import numpy as np
+
+from attribution_core.annotations import Flag
+
+from .images import GridItem
+
+FLAG_COLOURS = {"mislabeled": "red", "ambiguous": "orange", "outlier": "violet", "fine": "green"}
+"""Badge colour of each flag kind."""
+
+
+def class_name(dataset, label: int) -> str:
+    """The dataset's name of a class index."""
+    names = getattr(dataset, "class_names", None)
+    return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+
+
+def flipped_from(train_set, index: int) -> int | None:
+    """The original label of a training example whose label was flipped on purpose, else None."""
+    flipped = getattr(train_set, "flipped", None)
+    if flipped is None or not bool(np.asarray(flipped)[index]):
+        return None
+    return int(np.asarray(train_set.original_y)[index])
+
+
+def marks(train_set, index: int, flag: Flag | None) -> str:
+    """Markdown badges of a training example: its flag, and a known flipped label."""
+    badges = []
+    if flag is not None:
+        badges.append(f":{FLAG_COLOURS[flag.kind]}-badge[:material/flag: {flag.kind}]")
+    original = flipped_from(train_set, index)
+    if original is not None:
+        badges.append(f":orange-badge[:material/swap_horiz: flipped, was {class_name(train_set, original)}]")
+    return " ".join(badges)
+
+
+def train_item(train_set, index: int, score: float | None, flag: Flag | None) -> GridItem:
+    """A grid cell for a training example with its score (when there is one), given label and marks."""
+    label = class_name(train_set, int(train_set.y[index]))
+    score_text = "" if score is None else f"**{score:+.3g}** · "
+    caption = f"{score_text}{label}  \n#{index} {marks(train_set, index, flag)}"
+    return GridItem(int(index), train_set.images[index], caption)
+
+
+def train_items(train_set, indices: np.ndarray, values: np.ndarray | None, flags: dict) -> list[GridItem]:
+    """Grid cells for training examples (indices, and their scores or None) with their flags by example id."""
+    return [
+        train_item(train_set, int(index), None if values is None else float(values[position]), flags.get(int(train_set.ids[index])))
+        for position, index in enumerate(indices)
+    ]

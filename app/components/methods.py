@@ -1,0 +1,100 @@
+"""Choosing a method and the part of training it looks at (checkpoints, or SOURCE's segments)."""
+from __future__ import annotations
+
+import streamlit as st
+
+from attribution_core.training import Run
+
+from .context import publish_to_url, seed_from_url
+from .core_calls import default_checkpoint_range, method_choices, method_label, methods_not_yet_available
+
+METHOD_KEY = "method"
+"""Session-state key and URL query parameter of the chosen method."""
+
+SEGMENTED_METHOD = "source"
+"""The method whose scores come per training segment."""
+
+SEGMENTS_KEY = "segments"
+"""Session-state key and URL query parameter of SOURCE's chosen segments."""
+
+
+def checkpoint_label(run: Run, index: int) -> str:
+    """'ckpt 3 · step 120 · finetune' for a checkpoint index."""
+    info = run.checkpoints[index]
+    stage = run.recipe.stages[info.stage].name if info.stage < len(run.recipe.stages) else str(info.stage)
+    return f"ckpt {index} · step {info.step} · {stage}"
+
+
+def method_selectbox(run: Run, container=None, *, default: str = "trak") -> str | None:
+    """The method selector, kept in ?method=; None (with a warning) when no method is available."""
+    container = container or st
+    choices = method_choices(run)
+    missing = methods_not_yet_available()
+    if not choices:
+        container.warning("No attribution method is available yet: the core's method code is still missing.")
+        return None
+    seed_from_url(METHOD_KEY, default=default if default in choices else choices[0], parse=str, valid=choices.__contains__)
+    method = container.selectbox(
+        "Method", choices, key=METHOD_KEY, persist_state="session", format_func=method_label,
+        help="Not available yet: " + ", ".join(missing) if missing else "Every method of the core is available.",
+    )
+    publish_to_url(METHOD_KEY, method)
+    return method
+
+
+def checkpoint_range(run: Run, method: str, container=None) -> tuple[int, ...]:
+    """The checkpoints a method uses: a range over the run's recorded checkpoints, preset to the method's default.
+
+    SOURCE always uses every checkpoint (its segments are chosen after scoring, see segment_range).
+    """
+    n = len(run.checkpoints)
+    if method == SEGMENTED_METHOD or n == 1:
+        return tuple(range(n))
+    key, default = f"checkpoints_{method}", default_checkpoint_range(run, method)
+    seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
+    first, last = (container or st).select_slider(
+        "Checkpoints", options=list(range(n)), value=default, key=key, persist_state="session",
+        format_func=lambda index: checkpoint_label(run, index),
+        help="The stretch of training the method averages over (recorded checkpoints, oldest left).",
+    )
+    publish_to_url(key, f"{first}-{last}")
+    return tuple(range(first, last + 1))
+
+
+def is_range(pair, n: int) -> bool:
+    """Whether pair is a (first, last) range within 0..n-1 (the value of a range slider)."""
+    return isinstance(pair, (tuple, list)) and len(pair) == 2 and 0 <= pair[0] <= pair[1] < n
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'1-5' -> (1, 5)."""
+    first, _, last = text.partition("-")
+    return int(first), int(last or first)
+
+
+def segment_labels(run: Run, n_segments: int) -> list[str]:
+    """'segment 1 · ckpt 0–1 · pretrain' per SOURCE segment (the core's default even split)."""
+    from attribution_core.segments import even_ranges
+
+    ranges = even_ranges([info.stage for info in run.checkpoints], n_segments)
+    if len(ranges) != n_segments:
+        return [f"segment {number + 1}" for number in range(n_segments)]
+    return [
+        f"segment {number + 1} · ckpt {lo}–{hi - 1} · {run.recipe.stages[run.checkpoints[lo].stage].name}"
+        for number, (lo, hi) in enumerate(ranges)
+    ]
+
+
+def segment_range(labels: list[str], container=None) -> list[int]:
+    """SOURCE's segments whose contributions are summed: a range over the segments, all by default."""
+    if len(labels) == 1:
+        return [0]
+    everything = (0, len(labels) - 1)
+    seed_from_url(SEGMENTS_KEY, default=everything, parse=parse_range, valid=lambda pair: is_range(pair, len(labels)))
+    first, last = (container or st).select_slider(
+        "Segments", options=list(range(len(labels))), value=everything, key=SEGMENTS_KEY, persist_state="session",
+        format_func=lambda number: labels[number],
+        help="SOURCE splits training into segments; keep only some to see what that stretch of training contributed.",
+    )
+    publish_to_url(SEGMENTS_KEY, f"{first}-{last}")
+    return list(range(first, last + 1))

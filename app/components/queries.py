@@ -1,0 +1,72 @@
+"""The test sample being explained: its order (mispredictions first), selector and card."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from .context import publish_to_url, seed_from_url
+from .examples import class_name
+from .images import GridItem, enlarged
+
+QUERY_KEY = "query"
+"""Session-state key and URL query parameter of the chosen test sample."""
+
+
+def query_order(predictions: pd.DataFrame) -> list[int]:
+    """Test indices with mispredictions first (most confident first), then correct ones (least confident first)."""
+    wrong = predictions[~predictions["correct"]].sort_values("confidence", ascending=False, kind="stable")
+    right = predictions[predictions["correct"]].sort_values("confidence", ascending=True, kind="stable")
+    return [int(index) for index in pd.concat([wrong, right])["index"]]
+
+
+def query_label(test_set, predictions: pd.DataFrame, index: int) -> str:
+    """'test 12 · shirt → coat (62 %)' for a misprediction, 'test 3 · bag (99 %)' otherwise."""
+    row = predictions.iloc[index]
+    true = class_name(test_set, int(row["true"]))
+    if row["correct"]:
+        return f"test {index} · {true} ({row['confidence']:.0%})"
+    return f"test {index} · {true} → {class_name(test_set, int(row['predicted']))} ({row['confidence']:.0%})"
+
+
+def select_query(index: int) -> None:
+    """Make a test index the chosen sample (a button callback)."""
+    st.session_state[QUERY_KEY] = index
+
+
+def query_selectbox(test_set, predictions: pd.DataFrame, container=None) -> int:
+    """The test-sample selector, kept in ?query= so a link reopens the same sample (default: the top misprediction)."""
+    order = query_order(predictions)
+    seed_from_url(QUERY_KEY, default=order[0], parse=int, valid=lambda index: index in range(len(order)))
+    query = (container or st).selectbox(
+        "Test sample", order, key=QUERY_KEY, persist_state="session",
+        format_func=lambda index: query_label(test_set, predictions, index),
+        help="Mispredictions come first, the most confident ones at the top.",
+    )
+    publish_to_url(QUERY_KEY, str(query))
+    return query
+
+
+def query_grid_item(test_set, predictions: pd.DataFrame, index: int) -> GridItem:
+    """A grid cell for a test sample: true label, and the prediction when it is wrong."""
+    row = predictions.iloc[index]
+    true = class_name(test_set, int(row["true"]))
+    if row["correct"]:
+        caption = f"#{index} · {true}  \n:green[{row['confidence']:.0%}]"
+    else:
+        caption = f"#{index} · {true}  \n:red[→ {class_name(test_set, int(row['predicted']))} {row['confidence']:.0%}]"
+    return GridItem(index, test_set.images[index], caption)
+
+
+def query_card(test_set, predictions: pd.DataFrame, index: int, *, size: int = 168) -> None:
+    """The chosen test sample, large, with its true and predicted label."""
+    row = predictions.iloc[index]
+    true, predicted = class_name(test_set, int(row["true"])), class_name(test_set, int(row["predicted"]))
+    image_column, text_column = st.columns([1, 1.4], vertical_alignment="center")
+    image_column.image(enlarged(test_set.images[index], size), caption=f"test {index}")
+    with text_column:
+        st.markdown(f"**True label** {true}")
+        st.markdown(f"**Predicted** {predicted} ({row['confidence']:.0%})")
+        if row["correct"]:
+            st.badge("correct", icon=":material/check:", color="green")
+        else:
+            st.badge("misprediction", icon=":material/close:", color="red")

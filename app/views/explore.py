@@ -1,0 +1,294 @@
+"""Explore: pick a test sample and see which training examples pushed its prediction up (proponents) or down (opponents)."""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from app.components import charts
+from app.components.context import optional_core_module
+from app.components.core_calls import (
+    annotations,
+    call_or_report,
+    method_label,
+    predict,
+    remembered,
+    require_run,
+    run_key,
+    scores,
+    test_predictions,
+)
+from app.components.examples import class_name, flipped_from, train_items
+from app.components.flagging import flag_controls
+from app.components.images import current_page, enlarged, image_grid
+from app.components.methods import checkpoint_range, method_selectbox, segment_labels, segment_range
+from app.components.progress import progress_bar
+from app.components.queries import query_card, query_grid_item, query_order, query_selectbox, select_query
+from attribution_core.api import QueryBatch, attribute
+from attribution_core.scores import Scores
+from attribution_core.training import Run
+
+PICKER_COLUMNS, PICKER_ROWS = 12, 1
+RESULT_COLUMNS = 10
+INSPECT_KEY = "inspect"
+MAX_UPLOAD_MB = 5  # also enforced by server.maxUploadSize in .streamlit/config.toml
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
+REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
+
+
+def filtered_queries(test_set, predictions: pd.DataFrame) -> list[int]:
+    """Test indices that pass the picker's filters, mispredictions first."""
+    classes = list(range(len(test_set.class_names)))
+    columns = st.columns([1.3, 2, 2, 2], vertical_alignment="bottom")
+    wrong_only = columns[0].toggle("Mispredictions only", key="filter_wrong")
+    true_classes = columns[1].multiselect("True class", classes, format_func=lambda c: class_name(test_set, c),
+                                          key="filter_true", placeholder="any")
+    predicted_classes = columns[2].multiselect("Predicted class", classes, format_func=lambda c: class_name(test_set, c),
+                                               key="filter_predicted", placeholder="any")
+    low, high = columns[3].slider("Confidence of the prediction", 0.0, 1.0, (0.0, 1.0), 0.05, key="filter_confidence")
+    keep = predictions["confidence"].between(low, high)
+    if wrong_only:
+        keep &= ~predictions["correct"]
+    if true_classes:
+        keep &= predictions["true"].isin(true_classes)
+    if predicted_classes:
+        keep &= predictions["predicted"].isin(predicted_classes)
+    return [index for index in query_order(predictions) if keep.iloc[index]]
+
+
+def render_picker(test_set, predictions: pd.DataFrame, selected: int) -> None:
+    """A filterable, paged grid of test samples; a sample's button makes it the query."""
+    n_wrong = int((~predictions["correct"]).sum())
+    with st.expander(f"Test samples: {len(predictions)}, of which {n_wrong} mispredictions (listed first)", expanded=True,
+                     icon=":material/grid_view:"):
+        candidates = filtered_queries(test_set, predictions)
+        if not candidates:
+            st.info("No test sample matches these filters.")
+            return
+        shown = current_page(len(candidates), PICKER_COLUMNS * PICKER_ROWS, key="picker_page", max_visible_pages=9)
+        image_grid([query_grid_item(test_set, predictions, candidates[position]) for position in shown],
+                   columns=PICKER_COLUMNS, key="pick",
+                   button_label="Explain", on_click=select_query, selected=selected, image_size=84, bordered=False)
+
+
+def close_inspector() -> None:
+    """Forget which training example is open in the dialog."""
+    st.session_state.pop(INSPECT_KEY, None)
+
+
+def open_inspector(grid: str, index: int) -> None:
+    """Open the dialog of training example `index` shown in results grid `grid` (a button callback)."""
+    st.session_state[INSPECT_KEY] = (grid, index)
+
+
+@st.dialog("Training example", width="large", on_dismiss=close_inspector)
+def inspector(run: Run, scores_: Scores, query: int, index: int) -> None:
+    """A training example large, with its label, score and rank for the query, and the verdict buttons."""
+    train_set, _ = run.datasets()
+    values = scores_.values[query]
+    rank = int((values > values[index]).sum()) + 1
+    left, right = st.columns([1, 1.6], gap="large")
+    left.image(enlarged(train_set.images[index], 260))
+    with right:
+        st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])})")
+        st.markdown(f"**Label** {class_name(train_set, int(train_set.y[index]))}")
+        original = flipped_from(train_set, index)
+        if original is not None:
+            st.warning(f"This label was flipped on purpose; the true class is {class_name(train_set, original)}.")
+        st.markdown(f"**Score for {scores_.query_names[query]}** {values[index]:+.4g} "
+                    f"(rank {rank} of {len(values)}; positive = proponent)")
+        if scores_.self_influence is not None:
+            st.markdown(f"**Self-influence** {scores_.self_influence[index]:.4g}")
+    if flag_controls(run.run_id, train_set, index, key=f"inspect_{index}") is not None:
+        close_inspector()
+        st.rerun()
+
+
+def render_results(run: Run, query_scores: Scores, query: int, k: int, *, key: str) -> None:
+    """Top proponents and opponents of one query row as image grids with score, label and marks.
+
+    A cell's Open button shows that training example in a dialog, where it can be flagged.
+    """
+    train_set, _ = run.datasets()
+    flags = annotations().flags(run.run_id)
+    label = class_name(train_set, int(query_scores.query_labels[query]))
+    for side, title, (indices, values) in (
+        ("proponents", f"Proponents: training examples that raised the margin of *{label}*", query_scores.top_proponents(query, k)),
+        ("opponents", "Opponents: training examples that lowered it", query_scores.top_opponents(query, k)),
+    ):
+        st.markdown(f"#### {title}")
+        image_grid(train_items(train_set, indices, values, flags), columns=RESULT_COLUMNS, key=f"{key}_{side}",
+                   button_label="Open", on_click=lambda index: open_inspector(key, index), bordered=False)
+    grid, index = st.session_state.get(INSPECT_KEY, (None, None))
+    if grid == key:
+        inspector(run, query_scores, query, index)
+
+
+def render_segments(run: Run, query_scores: Scores, query: int, labels: list[str], k: int) -> None:
+    """SOURCE: how each training segment contributed to the shown proponents' and opponents' scores."""
+    if query_scores.segment_values is None:
+        st.info("Only SOURCE splits its scores by training segment: choose SOURCE as the method to see them.")
+        return
+    indices = np.concatenate([query_scores.top_proponents(query, k)[0], query_scores.top_opponents(query, k)[0]])
+    contributions = query_scores.segment_values[:, query, indices]
+    st.plotly_chart(charts.segment_contributions(labels, [f"#{i}" for i in indices], contributions), key="segments_chart")
+    totals = query_scores.segment_values[:, query, :].sum(axis=1)
+    st.caption("Sum over all training examples, per segment: " + " · ".join(
+        f"{label.split(' · ')[0]} {total:+.3g}" for label, total in zip(labels, totals)))
+
+
+def counterfactual_summary(result, test_set) -> str:
+    """The counterfactual result in one sentence."""
+    base = float(np.mean(result.base_margins))
+    proponents = base + result.margin_change("proponents")
+    randoms = [kind for kind in result.margins if kind.startswith("random_")]
+    flip = any(result.flipped("proponents"))
+    after_class = class_name(test_set, result.predictions["proponents"][0])
+    text = (f"Removing the top {result.k} proponents and retraining moved the margin from **{base:+.2f}** to "
+            f"**{proponents:+.2f}**" + (f", and the prediction flipped to **{after_class}**." if flip else "."))
+    if randoms:
+        random_change = float(np.mean([result.margin_change(kind) for kind in randoms]))
+        text += f" Removing {result.k} random examples moved it by **{random_change:+.2f}** on average ({len(randoms)} draws)."
+    return text
+
+
+def render_counterfactual(run: Run, query: int, method: str, checkpoints: tuple[int, ...]) -> None:
+    """Remove the query's top proponents, retrain, and compare the margin with random removals."""
+    module = optional_core_module("evaluation.counterfactual")
+    if module is None:
+        st.info("The counterfactual check is not available yet (attribution_core.evaluation.counterfactual is missing).")
+        return
+    st.markdown("Remove this sample's top proponents from the training set, retrain the whole pipeline with the same "
+                "recipe and seed, and see what happens to its margin, against removing as many random examples.")
+    left, right = st.columns([2, 1], vertical_alignment="bottom")
+    fraction = left.segmented_control("Examples removed (share of the training set)", list(REMOVAL_FRACTIONS), default="5 %",
+                                      key="counterfactual_k", required=True)
+    key = (run.run_id, run.created, query, method, checkpoints, fraction)
+    results = st.session_state.setdefault("counterfactual_results", {})
+    if right.button("Remove and retrain", icon=":material/replay:", key="counterfactual_run", type="primary"):
+        settings = module.CounterfactualSettings(k=REMOVAL_FRACTIONS[fraction])
+        with progress_bar(f"Retraining without the removed examples ({method_label(method)})") as progress:
+            result = call_or_report(module.counterfactual, run, query, method, settings=settings,
+                                    checkpoints=list(checkpoints), progress=progress)
+        if result is not None:
+            results[key] = result
+    result = results.get(key)
+    if result is None:
+        return
+    _, test_set = run.datasets()
+    st.markdown(counterfactual_summary(result, test_set))
+    base = float(np.mean(result.base_margins))
+    after = {removal_name(kind): base + result.margin_change(kind) for kind in result.margins}
+    flipped = {removal_name(kind): any(result.flipped(kind)) for kind in result.margins}
+    st.plotly_chart(charts.counterfactual_margins(base, after, flipped), key="counterfactual_chart")
+
+
+def removal_name(kind: str) -> str:
+    """'top proponents removed', 'top opponents removed' or 'random draw 2' for a counterfactual removal kind."""
+    return f"top {kind} removed" if kind in ("proponents", "opponents") else f"random draw {kind.removeprefix('random_')}"
+
+
+def read_upload(uploaded) -> Image.Image | None:
+    """The uploaded file as an image, or None after a clear error (too large, not an image)."""
+    if uploaded.size > MAX_UPLOAD_MB * 1024 * 1024:
+        st.error(f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB; images up to {MAX_UPLOAD_MB} MB are accepted.")
+        return None
+    try:
+        image = Image.open(io.BytesIO(uploaded.getvalue()))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        st.error(f"{uploaded.name} is not a readable image ({type(exc).__name__}); upload a PNG or JPEG file.")
+        return None
+    return image
+
+
+def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x: torch.Tensor, label: int, uploaded) -> Scores:
+    """Scores of an uploaded image for one class, computed once per (run, method, checkpoints, file content, class)."""
+
+    def compute() -> Scores:
+        with progress_bar(f"{method_label(method)}: scoring the uploaded image") as progress:
+            return attribute(run, method, queries=QueryBatch(x, torch.tensor([label]), [f"upload {uploaded.name}"]),
+                             checkpoints=list(checkpoints), progress=progress)
+
+    digest = hashlib.sha256(uploaded.getvalue()).hexdigest()
+    return remembered(("upload", *run_key(run), method, checkpoints, digest, label), compute)
+
+
+def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -> None:
+    """Query an uploaded image against the run: its prediction, proponents and opponents."""
+    data_module = optional_core_module("data")
+    if data_module is None or not hasattr(data_module, "image_to_input"):
+        st.info("Querying an uploaded image is not available yet (attribution_core.data.image_to_input is missing).")
+        return
+    uploaded = st.file_uploader(f"An image to explain (PNG, JPEG, … up to {MAX_UPLOAD_MB} MB)", type=UPLOAD_TYPES,
+                                max_upload_size=MAX_UPLOAD_MB, key="upload")
+    if uploaded is None:
+        return
+    image = read_upload(uploaded)
+    if image is None:
+        return
+    train_set, _ = run.datasets()
+    x = call_or_report(data_module.image_to_input, image, like=train_set)
+    if x is None:
+        return
+    predicted, confidence = predict(run, x)
+    left, right = st.columns([1, 2.4], vertical_alignment="center")
+    left.image(enlarged(np.asarray(image.convert("L" if train_set.images.ndim == 3 else "RGB")), 140), caption=uploaded.name)
+    with right:
+        st.markdown(f"**Predicted** {class_name(train_set, predicted)} ({confidence:.0%})")
+        label = st.selectbox("Explain the margin of class", range(len(train_set.class_names)), index=predicted,
+                             format_func=lambda c: class_name(train_set, c), key="upload_label")
+    upload_scores = call_or_report(upload_scores_cached, run, method, checkpoints, x, label, uploaded)
+    if upload_scores is not None:
+        render_results(run, upload_scores, 0, k, key="upload_results")
+
+
+def render() -> None:
+    """The Explore page."""
+    run = require_run()
+    _, test_set = run.datasets()
+    predictions = call_or_report(test_predictions, run)
+    if predictions is None:
+        return
+    st.title("Explore")
+    query_column, method_column, settings_column = st.columns([1.1, 1, 1], gap="large", vertical_alignment="bottom")
+    query = query_selectbox(test_set, predictions, query_column)
+    method = method_selectbox(run, method_column)
+    k = settings_column.slider("Examples shown", 5, 20, 10, 5, key="shown")
+    render_picker(test_set, predictions, query)
+    card_column, range_column = st.columns([1.1, 2], gap="large", vertical_alignment="center")
+    with card_column:
+        query_card(test_set, predictions, query)
+    if method is None:
+        return
+    with range_column:
+        checkpoints = checkpoint_range(run, method)
+    all_scores = call_or_report(scores, run, method, checkpoints)
+    if all_scores is None:
+        return
+    labels: list[str] = []
+    if all_scores.segment_values is not None:
+        labels = segment_labels(run, all_scores.segment_values.shape[0])
+        with range_column:
+            chosen = segment_range(labels)
+        if len(chosen) < len(labels):
+            all_scores = all_scores.restricted_to_segments(chosen)
+            labels = [labels[number] for number in chosen]
+    for note in all_scores.notes:
+        st.caption(f":material/info: {note}")
+    render_results(run, all_scores, query, k, key="results")
+    counterfactual_tab, segments_tab, upload_tab = st.tabs(["Counterfactual check", "Segments (SOURCE)", "Query your own image"])
+    with counterfactual_tab:
+        render_counterfactual(run, query, method, checkpoints)
+    with segments_tab:
+        render_segments(run, all_scores, query, labels, k)
+    with upload_tab:
+        render_upload(run, method, checkpoints, k)
+
+
+render()

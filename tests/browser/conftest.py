@@ -1,0 +1,122 @@
+"""The real app in a real browser: `tdx app` on a free port, driven by Playwright with Debian's Chromium.
+
+Screenshots go to test-artifacts/screenshots/ (git-ignored); a failing test saves one there too.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from attribution_core.evaluation.lds import LdsSettings, groundtruth
+from attribution_core.store import Workspace
+from attribution_core.training import load_run
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+GROUND_TRUTH = LdsSettings(n_subsets=10)
+SERVER_START_SECONDS = 60
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
+    """Poll Streamlit's health endpoint until it answers, or fail with the server's log."""
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the app exited with code {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:  # noqa: S310 (a local http URL)
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"the app did not answer on {url} within {SERVER_START_SECONDS} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def browser_workspace(demo_workspace, tmp_path_factory) -> Workspace:
+    """A private copy of the demo workspace, with a small LDS ground truth for fmnist-mlp (the Compare page's scatter)."""
+    root = tmp_path_factory.mktemp("browser") / "workspace"
+    shutil.copytree(demo_workspace.root, root)
+    workspace = Workspace(root)
+    groundtruth(load_run(workspace, "fmnist-mlp"), GROUND_TRUTH)
+    return workspace
+
+
+@pytest.fixture(scope="session")
+def app_url(browser_workspace, tmp_path_factory):
+    """`tdx app --headless --no-demo` on a free port of 127.0.0.1; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "app.log"
+    tdx = Path(sys.executable).parent / "tdx"
+    command = [str(tdx), "app", "--headless", "--no-demo", "--port", str(port), "--workspace", str(browser_workspace.root)]
+    with open(log, "w") as output:
+        # A session of its own: `tdx app` starts streamlit as a child, and both must stop at the end.
+        server = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, server, log)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, launched the way this machine allows (no playwright install)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    """The folder the browser tests save screenshots to (printed once)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {SCREENSHOTS}")
+    return SCREENSHOTS
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember each phase's outcome on the test item, so the page fixture can tell a failure."""
+    outcome = yield
+    setattr(item, f"report_{call.when}", outcome.get_result())
+
+
+@pytest.fixture
+def page(browser, screenshots, request):
+    """A fresh browser tab; on failure, a screenshot named after the test."""
+    context = browser.new_context(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    tab = context.new_page()
+    yield tab
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        tab.screenshot(path=str(screenshots / f"FAILED-{request.node.name}.png"), full_page=True)
+    context.close()

@@ -1,0 +1,148 @@
+"""The app as a user drives it in Chromium: explore a misprediction, flag a proponent, reload, review, compare, map."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from attribution_core.training import load_run
+
+pytestmark = pytest.mark.browser
+
+TIMEOUT_MS = 120_000
+MAX_SCREENSHOT_HEIGHT = 4000
+SCRIPT_FINISHED = """() => {
+    const app = document.querySelector('[data-testid=stApp]');
+    const state = app && app.getAttribute('data-test-script-state');
+    return state !== null && state !== 'running' && state !== 'initial';
+}"""
+IMAGES_LOADED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
+    && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete && image.naturalWidth > 0)"""
+
+
+def settle(page) -> None:
+    """Wait until the script run has finished and every image on the page has loaded."""
+    page.wait_for_function(SCRIPT_FINISHED, timeout=TIMEOUT_MS)
+    page.wait_for_function(IMAGES_LOADED, timeout=TIMEOUT_MS)
+
+
+def screenshot(page, path: Path) -> None:
+    """The whole page as a PNG: Streamlit scrolls inside its main block, so the window grows to fit it first."""
+    size = page.viewport_size
+    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]), MAX_SCREENSHOT_HEIGHT)})
+    settle(page)
+    page.screenshot(path=str(path))
+    page.set_viewport_size(size)
+
+
+def keys(page, prefix: str) -> list[str]:
+    """Widget keys on the page starting with prefix, in page order (Streamlit marks each keyed element st-key-<key>)."""
+    return page.evaluate(
+        """prefix => [...document.querySelectorAll(`[class*="st-key-${prefix}"]`)]
+            .map(element => [...element.classList].find(name => name.startsWith(`st-key-${prefix}`)).slice(7))""",
+        prefix,
+    )
+
+
+def selected(page, key: str) -> str:
+    """The text a selectbox shows."""
+    return page.locator(f".st-key-{key} input").input_value()
+
+
+def cell_of(page, key: str):
+    """The grid cell (image, caption, button) holding the button with this key."""
+    return page.locator(f".st-key-{key}").locator("xpath=..")
+
+
+def open_page(page, title: str) -> None:
+    """Go to another page through the sidebar navigation."""
+    page.locator("[data-testid=stSidebarNavLink]", has_text=title).click()
+    page.get_by_role("heading", name=title).wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+
+
+def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace, screenshots: Path):
+    started = time.monotonic()
+    page.goto(app_url)
+    page.get_by_text("Proponents: training examples").wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    print(f"\nExplore opened on a fresh server, scores computed, in {time.monotonic() - started:.1f} s")
+
+    misprediction = keys(page, "pick_")[1]  # mispredictions come first in the picker
+    page.locator(f".st-key-{misprediction} button").click()
+    query = misprediction.removeprefix("pick_")
+    page.wait_for_url(f"**query={query}**", timeout=TIMEOUT_MS)
+    settle(page)
+    assert "→" in selected(page, "query"), "the chosen sample is a misprediction"
+    proponents = keys(page, "results_proponents_")
+    assert len(proponents) == 10
+    assert page.locator("[data-testid=stImage] img").count() >= 12 + 20, "picker, proponents and opponents images"
+
+    flagged = proponents[0]
+    page.locator(f".st-key-{flagged} button").click()
+    dialog = page.get_by_role("dialog")
+    index = int(flagged.removeprefix("results_proponents_"))
+    dialog.get_by_text(f"Training example #{index}").wait_for(timeout=TIMEOUT_MS)
+    dialog.get_by_role("button", name="Mislabeled").click()
+    dialog.wait_for(state="hidden", timeout=TIMEOUT_MS)
+    settle(page)
+    assert "mislabeled" in cell_of(page, flagged).inner_text()
+
+    started = time.monotonic()
+    page.reload()
+    page.get_by_text("Proponents: training examples").wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    print(f"Explore reopened (scores cached) in {time.monotonic() - started:.1f} s")
+    assert selected(page, "query").startswith(f"test {query} "), "the URL reopens the same sample"
+    assert "mislabeled" in cell_of(page, flagged).inner_text(), "the flag survives a reload"
+    screenshot(page, screenshots / "explore.png")
+
+    open_page(page, "Mislabels")
+    page.get_by_text("1 flagged of 1 reviewed").wait_for(timeout=TIMEOUT_MS)
+    with page.expect_download() as download:
+        page.locator(".st-key-export_csv button").click()
+    exported = Path(download.value.path()).read_text()
+    example_id = int(load_run(browser_workspace, "fmnist-mlp").datasets()[0].ids[index])
+    assert f"fmnist-mlp,{example_id},mislabeled" in exported
+    page.get_by_text("Suspect 1 of").wait_for()
+    page.keyboard.press("n")
+    page.get_by_text("Suspect 2 of").wait_for(timeout=TIMEOUT_MS)
+    page.keyboard.press("f")
+    page.get_by_text("1 flagged of 2 reviewed").wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    screenshot(page, screenshots / "mislabels.png")
+
+    open_page(page, "Compare")
+    page.get_by_text("agree on").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator(".st-key-lds_scatter .scatterlayer .point").first.wait_for(timeout=TIMEOUT_MS)
+    assert page.locator(".st-key-lds_scatter .scatterlayer .point").count() == 2 * 10, "ten subsets, two methods"
+    screenshot(page, screenshots / "compare.png")
+
+
+def test_runs_page_shows_the_training_timeline(page, app_url, screenshots: Path):
+    page.goto(f"{app_url}/runs?run=fmnist-two-stage")
+    page.get_by_text("Run fmnist-two-stage").wait_for(timeout=TIMEOUT_MS)
+    page.locator(".st-key-timeline .scatterlayer .point").first.wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    assert page.locator(".st-key-timeline .scatterlayer .point").count() >= 6, "one marker per checkpoint"
+    screenshot(page, screenshots / "runs.png")
+
+
+def test_map_selection_shows_the_selected_examples(page, app_url, screenshots: Path):
+    page.goto(f"{app_url}/map?run=fmnist-noisy")
+    chart = page.locator(".st-key-map_chart")
+    chart.locator(".scatterlayer .point").first.wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    box = chart.locator(".nsewdrag").first.bounding_box()
+    left, top, width, height = box["x"], box["y"], box["width"], box["height"]
+    page.mouse.move(left + 0.05 * width, top + 0.05 * height)
+    page.mouse.down()
+    for x, y in ((0.45, 0.05), (0.45, 0.95), (0.05, 0.95), (0.05, 0.06)):
+        page.mouse.move(left + x * width, top + y * height, steps=8)
+    page.mouse.up()
+    page.get_by_text("Selection:").wait_for(timeout=TIMEOUT_MS)
+    page.locator("[data-testid=stImage] img").first.wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    screenshot(page, screenshots / "map.png")
