@@ -19,6 +19,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from attribution_core import inspection
 from attribution_core.annotations import Annotations
 from attribution_core.api import METHODS, attribute, default_checkpoints
 from attribution_core.errors import TdxError
@@ -127,9 +128,7 @@ def test_predictions(run: Run) -> pd.DataFrame:
 
     def compute() -> pd.DataFrame:
         _, test_set = run.datasets()
-        model = run.load_model(-1)
-        with torch.no_grad():
-            probabilities = torch.softmax(model(test_set.x), dim=1).numpy()
+        probabilities = inspection.predict(run, split="test")
         predicted = probabilities.argmax(axis=1)
         true = test_set.y.numpy()
         return pd.DataFrame({
@@ -145,9 +144,7 @@ def test_predictions(run: Run) -> pd.DataFrame:
 
 def predict(run: Run, x: torch.Tensor) -> tuple[int, float]:
     """(predicted class, its probability) of the final model for one input x: (1, ...)."""
-    model = run.load_model(-1)
-    with torch.no_grad():
-        probabilities = torch.softmax(model(x), dim=1)[0]
+    probabilities = inspection.predict(run, x)[0]
     return int(probabilities.argmax()), float(probabilities.max())
 
 

@@ -1,0 +1,48 @@
+"""What a run's model says about examples: predicted probabilities, penultimate features, a 2-D map."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SettingsError
+from .methods.baselines import representations
+from .projection import batches
+from .task import Task
+from .training import Run
+
+
+def _split(run: Run, split: str):
+    train_set, test_set = run.datasets()
+    if split not in ("train", "test"):
+        raise SettingsError(f"split {split!r}: choose train or test")
+    return train_set if split == "train" else test_set
+
+
+@torch.no_grad()
+def predict(run: Run, x: torch.Tensor | None = None, *, split: str = "test", checkpoint: int = -1,
+            batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities (n, n_classes) of a checkpoint's model on x, or on the run's train/test split."""
+    model = run.load_model(checkpoint)
+    inputs = _split(run, split).x if x is None else x
+    return torch.cat([torch.softmax(model(inputs[start : start + batch_size]), dim=1)
+                      for start in range(0, len(inputs), batch_size)]).numpy()
+
+
+def penultimate_features(run: Run, *, split: str = "train", checkpoint: int = -1, task: Task | None = None) -> np.ndarray:
+    """Inputs of the model's last tracked nn.Linear (n, d): what the classifier head sees."""
+    task = task or Task()
+    model = run.load_model(checkpoint)
+    linears = [module for module in task.tracked_modules(model).values() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise SettingsError(f"run {run.run_id!r}: the model has no tracked nn.Linear layer to read features from")
+    dataset = _split(run, split)
+    return representations(model, task, linears[-1], batches(dataset.x, dataset.y, 512, torch.device("cpu"))).numpy()
+
+
+def umap_layout(features: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """2-D UMAP positions (n, 2) of feature rows (n, d), seeded so the same features give the same map."""
+    import umap  # imported on use: numba compiles it, which takes seconds
+
+    n_neighbors = int(min(15, len(features) - 1))
+    return umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(features)
