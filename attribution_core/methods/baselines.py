@@ -1,0 +1,152 @@
+"""Cheap baselines, a floor for every other method (all at the final checkpoint, positive = proponent).
+
+- Gradient dot: −∇f(z_q)ᵀ∇L(z_m), TracIn with the last checkpoint only and η = 1.
+- Gradient cosine: the same, divided by ‖∇f(z_q)‖ ‖∇L(z_m)‖ (norms always exact).
+- Representation similarity: cosine of penultimate-layer features, taken as the inputs of the
+  last tracked nn.Linear layer (or a named tracked layer) and captured by a forward hook.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import SettingsError
+from ..projection import Progress, batches, check_settings, layer_batches, n_chunks, state_tensor
+from ..task import Task
+from .base import AttributionInputs, TrainState
+from .tracin import TracIn, TracInSettings, squared_norms
+
+
+def final_checkpoint(inputs: AttributionInputs) -> AttributionInputs:
+    """The inputs reduced to the last checkpoint, with η = 1."""
+    return replace(inputs, checkpoints=inputs.checkpoints[-1:], checkpoint_lrs=[1.0])
+
+
+def _divide_safely(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator (a product of norms) is 0."""
+    return numerator / denominator.clamp_min(torch.finfo(numerator.dtype).tiny)
+
+
+@dataclass
+class GradientSimilaritySettings(TracInSettings):
+    """Knobs of gradient dot and cosine: TracIn's (projection or exact), at the final checkpoint."""
+
+
+class GradientDot:
+    """−∇f(z_q)ᵀ∇L(z_m) at the final checkpoint; self-influence ‖∇L(z_m)‖²."""
+
+    name: ClassVar[str] = "graddot"
+
+    def __init__(self, settings: GradientSimilaritySettings | None = None):
+        self.settings = settings or GradientSimilaritySettings()
+        self._tracin = TracIn(self.settings)
+
+    def fit(self, inputs: AttributionInputs) -> TrainState:
+        """'self_influence' = ‖∇L(z_m)‖² (N,), plus projected train gradients in projected mode."""
+        return self._tracin.fit(final_checkpoint(inputs))
+
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_queries, n_train), positive = proponent."""
+        return self._tracin.score(state, final_checkpoint(inputs), query_x, query_y)
+
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor | None:
+        """‖∇L(z_m)‖² at the final checkpoint (n_train,)."""
+        return state["self_influence"]
+
+
+class GradientCosine(GradientDot):
+    """−cos(∇f(z_q), ∇L(z_m)) at the final checkpoint."""
+
+    name: ClassVar[str] = "gradcos"
+
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_queries, n_train) in [-1, 1], positive = proponent."""
+        dots = super().score(state, inputs, query_x, query_y)
+        query_norms = self._query_norms(inputs, query_x, query_y)
+        train_norms = state_tensor(state, "self_influence", torch.device("cpu")).sqrt()
+        return _divide_safely(dots, query_norms[:, None] * train_norms[None, :])
+
+    def _query_norms(self, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """‖∇f(z_q)‖ at the final checkpoint (n_queries,) on the CPU."""
+        chunks = batches(query_x, query_y, inputs.batch_size, inputs.device)
+        norms = [squared_norms(layers) for _, layers in layer_batches(inputs.checkpoints[-1], inputs.task, "measurement", chunks)]
+        return torch.cat(norms).sqrt().cpu()
+
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> None:
+        """Not defined: the cosine of an example's gradients with themselves carries no ranking."""
+        return None
+
+
+@dataclass
+class RepresentationSettings:
+    """Knobs of representation similarity."""
+
+    layer: str | None = field(default=None, metadata={"help": "tracked layer whose inputs are the representation; None: the last tracked nn.Linear"})
+
+    def __post_init__(self) -> None:
+        check_settings(self, layer=self.layer is None or bool(self.layer))
+
+
+def representations(
+    model: nn.Module,
+    task: Task,
+    module: nn.Module,
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    on_chunk: Callable[[], None] = lambda: None,
+) -> torch.Tensor:
+    """Inputs of `module` flattened per example, (n_examples, d), from a forward pass of the task's loss."""
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, args, _output: captured.append(args[0].detach().flatten(1)))
+    try:
+        with torch.no_grad():
+            for _, x, y in chunks:
+                task.train_loss(model, x, y)
+                on_chunk()
+    finally:
+        handle.remove()
+    return torch.cat(captured).float()
+
+
+class RepresentationSimilarity:
+    """Cosine similarity of penultimate-layer features at the final checkpoint."""
+
+    name: ClassVar[str] = "repsim"
+
+    def __init__(self, settings: RepresentationSettings | None = None):
+        self.settings = settings or RepresentationSettings()
+
+    def _module(self, model: nn.Module, task: Task) -> nn.Module:
+        modules = task.tracked_modules(model)
+        if self.settings.layer is not None:
+            if self.settings.layer not in modules:
+                raise SettingsError(f"layer={self.settings.layer!r} is not a tracked layer; tracked: {list(modules)}")
+            return modules[self.settings.layer]
+        linear = [module for module in modules.values() if isinstance(module, nn.Linear)]
+        if not linear:
+            raise SettingsError(f"no tracked nn.Linear layer to read features from (tracked: {list(modules)}); set layer")
+        return linear[-1]
+
+    def _features(self, inputs: AttributionInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Unit-norm representations (n, d) at the final checkpoint, on the device."""
+        model = inputs.checkpoints[-1]
+        progress = Progress(inputs.progress, n_chunks(len(y), inputs.batch_size))
+        chunks = batches(x, y, inputs.batch_size, inputs.device)
+        features = representations(model, inputs.task, self._module(model, inputs.task), chunks, progress.step)
+        return _divide_safely(features, features.norm(dim=1, keepdim=True))
+
+    def fit(self, inputs: AttributionInputs) -> TrainState:
+        """'train_features': unit-norm train representations (N, d)."""
+        return {"train_features": self._features(inputs, inputs.train_x, inputs.train_y).cpu()}
+
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities (n_queries, n_train): similar examples count as proponents."""
+        train_features = state_tensor(state, "train_features", inputs.device)
+        return (self._features(inputs, query_x, query_y) @ train_features.T).cpu()
+
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> None:
+        """Not defined: every example is its own nearest neighbour."""
+        return None

@@ -1,0 +1,225 @@
+"""Exact influence functions for small models: the reference that other methods are tested against.
+
+    τ_IF(z_q, z_m) = −∇θ f(z_q)ᵀ (G + λI)⁻¹ ∇θ L(z_m)      (positive = proponent)
+at the final checkpoint, over the tracked layers' parameters in the core's layout, with G the
+curvature of the MEAN training loss (1/N) Σ_i L(z_i): the Gauss–Newton matrix
+(1/N) Σ_i J_iᵀ H_i J_i (J_i: Jacobian of the model outputs, H_i: Hessian of the loss w.r.t. the
+outputs, diag(p_i) − p_i p_iᵀ for cross-entropy) or the true Hessian. Scale: no extra 1/N, the
+convention EK-FAC shares; removing z_m changes f(z_q) by about −τ_IF / N, and rank-based
+evaluations (LDS) are unaffected. Self-influence is ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m), a positive
+magnitude with the loss gradient on both sides (as TracIn's).
+
+Gradients here come from torch.func, independently of the layer capture in gradients.py, so
+tests comparing the two check something real. Everything holds (n, P) or (P, P) matrices: keep
+P to about 20k parameters.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from ..errors import SettingsError
+from ..projection import Progress, batches, check_settings, n_chunks, objective_function, state_tensor
+from ..task import Task
+from .base import AttributionInputs, TrainState
+
+CURVATURES = ("gauss_newton", "hessian")
+
+
+@dataclass
+class ExactSettings:
+    """Every knob of exact influence."""
+
+    curvature: str = field(default="gauss_newton", metadata={"help": "gauss_newton (PSD, the curvature EK-FAC approximates) or hessian (true Hessian of the mean loss)"})
+    damping: float = field(default=0.01, metadata={"help": "λ added to every eigenvalue of the curvature (>= 0)"})
+    absolute_eigenvalues: bool = field(default=True, metadata={"help": "hessian: replace eigenvalues by their absolute values (negative curvature would make G + λI indefinite)"})
+
+    def __post_init__(self) -> None:
+        check_settings(self, curvature=self.curvature in CURVATURES, damping=self.damping >= 0)
+
+
+def _parameter_names(modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Per tracked module, the model-level names of its weight (and bias) in layout order."""
+    return {
+        name: [f"{name}.{kind}" if name else kind for kind in ("weight", "bias") if getattr(module, kind) is not None]
+        for name, module in modules.items()
+    }
+
+
+def tracked_parameters(model: nn.Module, task: Task) -> dict[str, torch.Tensor]:
+    """Detached tracked parameters by model-level name, in the core's layout order."""
+    modules = task.tracked_modules(model)
+    return {
+        parameter: getattr(modules[name], parameter.rsplit(".", 1)[-1]).detach()
+        for name, parameters in _parameter_names(modules).items()
+        for parameter in parameters
+    }
+
+
+def to_layout(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], leading: int) -> torch.Tensor:
+    """Per-parameter tensors (*lead, *param_shape) as (*lead, P) in the core's layout."""
+    columns = []
+    for parameters in _parameter_names(modules).values():
+        weight = tensors[parameters[0]]
+        lead, d_out = weight.shape[:leading], weight.shape[leading]
+        matrix = [weight.reshape(*lead, d_out, -1)] + [tensors[bias][..., None] for bias in parameters[1:]]
+        columns.append(torch.cat(matrix, dim=-1).flatten(leading))
+    return torch.cat(columns, dim=-1)
+
+
+def from_layout(modules: dict[str, nn.Module], flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inverse of to_layout for one parameter vector (P,): model-level names to tensors."""
+    tensors, offset = {}, 0
+    for parameters, module in zip(_parameter_names(modules).values(), modules.values()):
+        d_out = module.weight.shape[0]
+        d_weight = module.weight[0].numel()
+        d_in = d_weight + len(parameters) - 1
+        matrix = flat[offset : offset + d_out * d_in].reshape(d_out, d_in)
+        tensors[parameters[0]] = matrix[:, :d_weight].reshape(module.weight.shape)
+        if len(parameters) == 2:
+            tensors[parameters[1]] = matrix[:, d_weight]
+        offset += d_out * d_in
+    return tensors
+
+
+def _bound(model: nn.Module, parameters: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a function of its inputs with the given tracked parameters swapped in."""
+    return lambda inputs: functional_call(model, parameters, (inputs,))
+
+
+def _hessian(function: Callable) -> Callable:
+    """Hessian w.r.t. the first argument, reverse over reverse (forward mode would load TorchScript decompositions)."""
+    return jacrev(jacrev(function))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def flat_gradients(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, objective: str = "loss") -> torch.Tensor:
+    """Per-example gradients (B, P) of the task's loss or measurement, in the core's layout."""
+    modules = task.tracked_modules(model)
+    function = objective_function(task, objective)
+
+    def example_objective(parameters, x_i, y_i):
+        return function(_bound(model, parameters), x_i[None], y_i[None])[0]
+
+    device = _device(model)
+    grads = vmap(grad(example_objective), in_dims=(None, 0, 0))(tracked_parameters(model, task), x.to(device), y.to(device))
+    return to_layout(modules, grads, leading=1)
+
+
+def _mean_over_chunks(
+    chunk_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    on_chunk: Callable[[], None],
+) -> torch.Tensor:
+    """(1/n) Σ over chunks of chunk_sum(x_chunk, y_chunk), the chunks on the model's device."""
+    total = 0
+    for _, x_chunk, y_chunk in batches(x, y, batch_size, _device(model)):
+        total = total + chunk_sum(x_chunk, y_chunk)
+        on_chunk()
+    return total / len(y)
+
+
+def gauss_newton_matrix(
+    model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256, on_chunk: Callable[[], None] = lambda: None
+) -> torch.Tensor:
+    """Gauss–Newton matrix (P, P) float64 of the mean training loss; model outputs (B, K)."""
+    modules = task.tracked_modules(model)
+    parameters = tracked_parameters(model, task)
+
+    def example_outputs(parameters, x_i):
+        return functional_call(model, parameters, (x_i[None],))[0]
+
+    def loss_of_outputs(outputs_i, x_i, y_i):  # the task's loss with the model's outputs held fixed
+        return task.train_loss(lambda _: outputs_i[None], x_i[None], y_i[None])[0]
+
+    jacobians = vmap(jacrev(example_outputs), in_dims=(None, 0))
+    output_hessians = vmap(_hessian(loss_of_outputs))
+
+    def chunk_sum(x_chunk, y_chunk):
+        jacobian = to_layout(modules, jacobians(parameters, x_chunk), leading=2).double()  # (B, K, P)
+        with torch.no_grad():
+            h = output_hessians(model(x_chunk), x_chunk, y_chunk).double()  # (B, K, K)
+        return jacobian.flatten(0, 1).T @ (h @ jacobian).flatten(0, 1)
+
+    return _mean_over_chunks(chunk_sum, model, x, y, batch_size, on_chunk)
+
+
+def hessian_matrix(
+    model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64, on_chunk: Callable[[], None] = lambda: None
+) -> torch.Tensor:
+    """Hessian (P, P) float64 of the mean training loss w.r.t. the tracked parameters."""
+    modules = task.tracked_modules(model)
+    flat = to_layout(modules, tracked_parameters(model, task), leading=0)
+
+    def summed_loss(flat_parameters, x_chunk, y_chunk):
+        return task.train_loss(_bound(model, from_layout(modules, flat_parameters)), x_chunk, y_chunk).sum()
+
+    return _mean_over_chunks(lambda x_chunk, y_chunk: _hessian(summed_loss)(flat, x_chunk, y_chunk).double(), model, x, y, batch_size, on_chunk)
+
+
+def damped_inverse(curvature: torch.Tensor, damping: float, absolute_eigenvalues: bool = False) -> torch.Tensor:
+    """(G + λI)⁻¹ (P, P) of a symmetric G; absolute_eigenvalues uses |eigenvalues| of G instead."""
+    not_definite = SettingsError(f"G + λI with λ={damping:.3g} is not positive definite: raise the damping")
+    if absolute_eigenvalues:
+        eigenvalues, eigenvectors = torch.linalg.eigh(curvature)
+        damped = eigenvalues.abs() + damping
+        if damped.min() <= 0:
+            raise not_definite
+        return (eigenvectors / damped) @ eigenvectors.T
+    identity = torch.eye(len(curvature), dtype=curvature.dtype, device=curvature.device)
+    factor, info = torch.linalg.cholesky_ex(curvature + damping * identity)  # cheaper than eigh
+    if info.item() != 0:
+        raise not_definite
+    return torch.cholesky_inverse(factor)
+
+
+class ExactInfluence:
+    """Influence functions with the explicit curvature matrix: small models only."""
+
+    name: ClassVar[str] = "exact_if"
+
+    def __init__(self, settings: ExactSettings | None = None):
+        self.settings = settings or ExactSettings()
+
+    def fit(self, inputs: AttributionInputs) -> TrainState:
+        """'preconditioned_train' = (G + λI)⁻¹∇L(z_m) (N, P) and 'self_influence' (N,)."""
+        model, s = inputs.checkpoints[-1], self.settings
+        n_batches = n_chunks(len(inputs.train_y), inputs.batch_size)
+        progress = Progress(inputs.progress, 2 * n_batches)
+        build = gauss_newton_matrix if s.curvature == "gauss_newton" else hessian_matrix
+        curvature = build(model, inputs.task, inputs.train_x, inputs.train_y, batch_size=inputs.batch_size, on_chunk=progress.step)
+        inverse = damped_inverse(curvature, s.damping, absolute_eigenvalues=s.absolute_eigenvalues and s.curvature == "hessian")
+        preconditioned, self_influence = [], []
+        for _, x, y in inputs.train_batches():
+            gradients = flat_gradients(model, inputs.task, x, y, "loss").double()
+            chunk = gradients @ inverse
+            preconditioned.append(chunk.float())
+            self_influence.append((gradients * chunk).sum(dim=1).float())
+            progress.step()
+        return {"preconditioned_train": torch.cat(preconditioned).cpu(), "self_influence": torch.cat(self_influence).cpu()}
+
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_queries, n_train), positive = proponent."""
+        model = inputs.checkpoints[-1]
+        preconditioned = state_tensor(state, "preconditioned_train", inputs.device)
+        progress = Progress(inputs.progress, n_chunks(len(query_y), inputs.batch_size))
+        scores = []
+        for _, x, y in batches(query_x, query_y, inputs.batch_size, inputs.device):
+            scores.append(-(flat_gradients(model, inputs.task, x, y, "measurement").float() @ preconditioned.T).cpu())
+            progress.step()
+        return torch.cat(scores)
+
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
+        """∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,), a positive magnitude."""
+        return state["self_influence"]

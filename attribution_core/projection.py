@@ -1,0 +1,324 @@
+"""Seeded random projections of per-example gradients, and featurizing a data set with them.
+
+A projector maps the captured layers of a batch (list[LayerBatch], see gradients.py) to features
+(B, k) ≈ Pᵀ ∇θ for a random P (n_params x k) with E[‖Pᵀv‖²] = ‖v‖². No projector stores P:
+- `KroneckerProjector`: per layer, blocks P_out ⊗ P_in (small seeded factors) applied to the
+  layer gradient Σ_t g_t a_tᵀ as Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ: no per-example gradient is formed
+  (the idea behind LoGra, Choe et al. 2024). Block size 1 (the default of the methods) makes
+  every feature an independent rank-one projection u_jᵀ G v_j, as accurate as a dense P.
+- `DenseProjector`: a dense Rademacher/Gaussian P over the flattened gradient in the core's
+  parameter layout, its rows regenerated from the seed chunk by chunk (the slow baseline, O(P k)).
+- `IdentityProjector`: no projection (k = n_params), for exact checks on small models.
+
+Random matrices are drawn on the CPU from generators seeded by (seed, layer, part) and then moved
+to the inputs' device and dtype, so the same seed gives the same features on every device: a
+state fitted on a GPU can be scored on a CPU.
+
+The streaming pieces every method shares live here too: `batches` and `layer_batches` (chunks
+of a data set and their captured layers), `project_gradients`, `Progress`, `check_settings`
+(settings validation naming the field) and `state_tensor` (reading a fitted state).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SettingsError
+from .gradients import LayerBatch, capture_layer_batches, layer_shape, per_example_gradients
+from .methods.base import ProgressFn
+from .task import Task
+
+PROJECTIONS = ("kronecker", "dense", "identity")
+DISTRIBUTIONS = ("rademacher", "gaussian")
+OBJECTIVES = ("loss", "measurement")
+
+LayerShapes = dict[str, tuple[int, int]]
+"""Tracked layers in tracking order: name -> (d_out, d_in) in the core's layout (bias as a column)."""
+
+
+def check_settings(settings: object, **valid: bool) -> None:
+    """Raise SettingsError naming every field whose condition is False, with the field's help."""
+    helps = {f.name: f.metadata.get("help", "") for f in fields(settings)}  # type: ignore[arg-type]
+    bad = [name for name, ok in valid.items() if not ok]
+    if bad:
+        details = "; ".join(f"{name}={getattr(settings, name)!r} ({helps[name]})" for name in bad)
+        raise SettingsError(f"{type(settings).__name__}: invalid {details}")
+
+
+def tracked_layer_shapes(model: nn.Module, task: Task) -> LayerShapes:
+    """(d_out, d_in) of every layer the task tracks, in tracking order."""
+    return {name: layer_shape(module) for name, module in task.tracked_modules(model).items()}
+
+
+def random_matrix(key: tuple[int, ...], rows: int, cols: int, kind: str, like: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) matrix of i.i.d. ±1 (rademacher) or N(0, 1) (gaussian) entries, fixed by key.
+
+    Drawn on the CPU (device-independent) and returned on like's device and dtype.
+    """
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        matrix = torch.randn(rows, cols, generator=generator)
+    else:
+        matrix = torch.empty(rows, cols).bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    return matrix.to(device=like.device, dtype=like.dtype)
+
+
+def _checked_kind(kind: str) -> str:
+    if kind not in DISTRIBUTIONS:
+        raise SettingsError(f"projection kind {kind!r}: choose one of {DISTRIBUTIONS}")
+    return kind
+
+
+class Projector(ABC):
+    """Maps a batch's captured layers to (B, k) gradient features, the same for the same seed."""
+
+    def __init__(self, layer_shapes: LayerShapes, k: int):
+        if not layer_shapes:
+            raise SettingsError("no tracked layers: Task.tracked_modules returned none")
+        self.layer_shapes = dict(layer_shapes)
+        self.n_params = sum(d_out * d_in for d_out, d_in in self.layer_shapes.values())
+        self.k = k
+
+    @abstractmethod
+    def project(self, layers: list[LayerBatch]) -> torch.Tensor:
+        """Features (B, k) of the per-example gradients the layers describe."""
+
+    def _check_layers(self, layers: list[LayerBatch]) -> None:
+        names = [layer.name for layer in layers]
+        if names != list(self.layer_shapes):
+            raise SettingsError(f"projector built for layers {list(self.layer_shapes)} got layers {names}")
+
+
+class IdentityProjector(Projector):
+    """No projection: the flattened per-example gradient itself (k = n_params; small models only)."""
+
+    def __init__(self, layer_shapes: LayerShapes):
+        super().__init__(layer_shapes, k=0)
+        self.k = self.n_params
+
+    def project(self, layers: list[LayerBatch]) -> torch.Tensor:
+        """Per-example gradients (B, n_params) in the core's parameter layout."""
+        self._check_layers(layers)
+        return per_example_gradients(layers)
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """How one layer's k_layer features are drawn: `blocks` Kronecker blocks of k_out x k_in each."""
+
+    k_out: int
+    k_in: int
+    blocks: int
+    k_layer: int
+
+
+def kronecker_split(layer_shapes: LayerShapes, k: int, block: int = 1) -> dict[str, LayerSplit]:
+    """Per layer, its share k_layer of the k features and the shape of its Kronecker blocks.
+
+    k is split over layers in proportion to their parameter counts (largest remainders, at least
+    one feature per layer), so the k_layer sum to exactly k. A layer's features come in blocks
+    of at most `block` features (0: one block of k_layer), each block the k_out x k_in products
+    of its own P_out (d_out, k_out) and P_in (d_in, k_in), with k_out / k_in near d_out / d_in
+    (both dimensions compressed alike), k_out <= d_out and k_in <= d_in; the first k_layer
+    products, block by block, are kept.
+    """
+    sizes = {name: d_out * d_in for name, (d_out, d_in) in layer_shapes.items()}
+    n_params = sum(sizes.values())
+    if not len(sizes) <= k <= n_params:
+        raise SettingsError(
+            f"k={k}: a Kronecker projection needs between {len(sizes)} (one per tracked layer) and "
+            f"{n_params} (the tracked parameters) features; use projection='identity' for all of them"
+        )
+    if block < 0:
+        raise SettingsError(f"block={block}: give features per Kronecker block (>= 1), or 0 for one block per layer")
+    shares = {name: k * size / n_params for name, size in sizes.items()}
+    counts = {name: math.floor(share) for name, share in shares.items()}
+    by_remainder = sorted(sizes, key=lambda name: shares[name] - counts[name], reverse=True)
+    for name in by_remainder[: k - sum(counts.values())]:
+        counts[name] += 1
+    for name in [name for name, count in counts.items() if count == 0]:  # every layer gets a feature
+        counts[max(counts, key=counts.get)] -= 1
+        counts[name] = 1
+    return {name: _layer_split(layer_shapes[name], counts[name], block) for name in sizes}
+
+
+def _layer_split(shape: tuple[int, int], k_layer: int, block: int) -> LayerSplit:
+    d_out, d_in = shape
+    per_block = k_layer if block == 0 else min(block, k_layer)
+    k_out = min(d_out, max(1, math.ceil(math.sqrt(per_block * d_out / d_in))))
+    k_in = min(d_in, math.ceil(per_block / k_out))
+    k_out = math.ceil(per_block / k_in)  # grows back where k_in hit d_in
+    return LayerSplit(k_out, k_in, math.ceil(k_layer / (k_out * k_in)), k_layer)
+
+
+class KroneckerProjector(Projector):
+    """Kronecker-structured projection applied to a and g: no per-example gradient is formed.
+
+    Layer l's gradient G = Σ_t g_t a_tᵀ (d_out, d_in) is projected by blocks j = 1..r as
+    vec(P_out,jᵀ G P_in,j) = (P_out,j ⊗ P_in,j)ᵀ vec(G), P_out,j (d_out, k_out) and P_in,j
+    (d_in, k_in) i.i.d. ±1 or N(0, 1); the first k_l block features, divided by √k_l, are kept.
+    Each feature has E[feature²] = ‖G‖², so E[‖features‖²] = ‖∇θ‖².
+
+    block trades speed for accuracy: features of one block share their factors, so a dot product
+    of projected gradients has a variance growing like k_out + k_in. block=1 (independent
+    rank-one features u_jᵀ G v_j) is as accurate as a dense projection at a per-position cost of
+    k_l (d_out + d_in); block=0 (one P_out ⊗ P_in per layer, LoGra) costs only
+    d_out k_out + d_in k_in + k_l but needs a larger k for the same accuracy.
+    """
+
+    def __init__(self, layer_shapes: LayerShapes, k: int, seed: int = 0, kind: str = "rademacher", block: int = 1):
+        super().__init__(layer_shapes, k)
+        self.seed, self.kind = seed, _checked_kind(kind)
+        self.split = kronecker_split(self.layer_shapes, k, block)
+        self._factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def factors(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_out (d_out, r k_out), P_in (d_in, r k_in)): a layer's r blocks side by side, unscaled."""
+        cache_key = (name, like.device, like.dtype)
+        if cache_key not in self._factors:  # small (d x r k_factor), so kept per device and dtype
+            index = list(self.layer_shapes).index(name)
+            (d_out, d_in), split = self.layer_shapes[name], self.split[name]
+            self._factors[cache_key] = (
+                random_matrix((self.seed, index, 0), d_out, split.blocks * split.k_out, self.kind, like),
+                random_matrix((self.seed, index, 1), d_in, split.blocks * split.k_in, self.kind, like),
+            )
+        return self._factors[cache_key]
+
+    def project(self, layers: list[LayerBatch]) -> torch.Tensor:
+        """Features (B, k), layers concatenated in tracking order."""
+        self._check_layers(layers)
+        return torch.cat([self._project_layer(layer) for layer in layers], dim=1)
+
+    def _project_layer(self, layer: LayerBatch) -> torch.Tensor:
+        p_out, p_in = self.factors(layer.name, layer.inputs)
+        split = self.split[layer.name]
+        n, positions = layer.inputs.shape[:2]
+        projected_grads = (layer.output_grads @ p_out).view(n, positions, split.blocks, split.k_out)
+        projected_inputs = (layer.inputs @ p_in).view(n, positions, split.blocks, split.k_in)
+        products = torch.einsum("ntro,ntri->nroi", projected_grads, projected_inputs)
+        return products.flatten(1)[:, : split.k_layer] / math.sqrt(split.k_layer)
+
+
+class DenseProjector(Projector):
+    """Dense Pᵀ∇θ / √k over the flattened gradient, P regenerated row block by row block.
+
+    Row r of P (parameter r in the core's layout) is fixed by (seed, layer, weight-matrix row),
+    so features do not depend on `chunk`: the number of parameters whose per-example gradients
+    (B, chunk) and random rows (chunk, k) are held at a time.
+    """
+
+    def __init__(self, layer_shapes: LayerShapes, k: int, seed: int = 0, kind: str = "rademacher", chunk: int = 65536):
+        super().__init__(layer_shapes, k)
+        if k < 1 or chunk < 1:
+            raise SettingsError(f"dense projection: k={k} and chunk={chunk} must be at least 1")
+        self.seed, self.kind, self.chunk = seed, _checked_kind(kind), chunk
+
+    def project(self, layers: list[LayerBatch]) -> torch.Tensor:
+        """Features (B, k)."""
+        self._check_layers(layers)
+        like = layers[0].inputs
+        features = like.new_zeros(like.shape[0], self.k)
+        for index, layer in enumerate(layers):
+            d_out, d_in = self.layer_shapes[layer.name]
+            rows_per_step = max(1, self.chunk // d_in)
+            for start in range(0, d_out, rows_per_step):
+                stop = min(start + rows_per_step, d_out)
+                gradients = torch.einsum("bto,bti->boi", layer.output_grads[:, :, start:stop], layer.inputs)
+                features += gradients.flatten(1) @ self._rows(index, start, stop, d_in, like)
+        return features / math.sqrt(self.k)
+
+    def _rows(self, index: int, start: int, stop: int, d_in: int, like: torch.Tensor) -> torch.Tensor:
+        """P's rows for weight-matrix rows start..stop of layer `index`: ((stop - start) d_in, k)."""
+        return torch.cat([random_matrix((self.seed, index, row), d_in, self.k, self.kind, like) for row in range(start, stop)])
+
+
+def make_projector(
+    projection: str,
+    layer_shapes: LayerShapes,
+    k: int,
+    *,
+    seed: int = 0,
+    kind: str = "rademacher",
+    block: int = 1,
+    chunk: int = 65536,
+) -> Projector:
+    """The projector named by `projection` (kronecker, dense or identity; identity ignores k)."""
+    if projection == "kronecker":
+        return KroneckerProjector(layer_shapes, k, seed, kind, block)
+    if projection == "dense":
+        return DenseProjector(layer_shapes, k, seed, kind, chunk)
+    if projection == "identity":
+        return IdentityProjector(layer_shapes)
+    raise SettingsError(f"projection {projection!r}: choose one of {PROJECTIONS}")
+
+
+def objective_function(task: Task, objective: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task's per-example training loss or measurement, by name."""
+    if objective not in OBJECTIVES:
+        raise SettingsError(f"objective {objective!r}: choose one of {OBJECTIVES}")
+    return task.train_loss if objective == "loss" else task.measurement
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, x, y) chunks of a data set on the device, batch_size at a time."""
+    for start in range(0, len(y), batch_size):
+        yield start, x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+
+
+def layer_batches(
+    model: nn.Module, task: Task, objective: str, chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]]
+) -> Iterator[tuple[int, list[LayerBatch]]]:
+    """(start, captured layers) per chunk: a and g of the tracked layers for the objective's gradient."""
+    modules = task.tracked_modules(model)
+    function = objective_function(task, objective)
+    for start, x, y in chunks:
+        yield start, capture_layer_batches(model, modules, function, x, y)
+
+
+def n_chunks(n_examples: int, batch_size: int) -> int:
+    """How many chunks of batch_size cover n_examples."""
+    return -(-n_examples // batch_size)
+
+
+class Progress:
+    """Counts finished steps of a job and reports them to a progress callback."""
+
+    def __init__(self, callback: ProgressFn, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def step(self) -> None:
+        """One more step done."""
+        self.done += 1
+        self.callback(self.done, self.total)
+
+
+def state_tensor(state: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
+    """state[key] on the device; a missing key means the state was fitted with other settings."""
+    if key not in state:
+        raise SettingsError(f"the fitted state has no {key!r} (fitted with other settings or checkpoints?): fit again")
+    return state[key].to(device)
+
+
+def project_gradients(
+    model: nn.Module,
+    task: Task,
+    projector: Projector,
+    objective: str,
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    on_chunk: Callable[[], None] = lambda: None,
+) -> torch.Tensor:
+    """Projected per-example gradients of the objective, (n_examples, k) float32 on the chunks' device."""
+    features = []
+    for _, layers in layer_batches(model, task, objective, chunks):
+        features.append(projector.project(layers).float())
+        on_chunk()
+    return torch.cat(features)
