@@ -8,6 +8,7 @@ from helpers_methods import attribution_inputs, cnn, data, loop_gradients, mlp
 from torch import nn
 
 from attribution_core.errors import SettingsError
+from attribution_core.methods.base import AttributionInputs
 from attribution_core.methods.exact import (
     ExactInfluence,
     ExactSettings,
@@ -189,3 +190,11 @@ def test_indefinite_curvature_without_absolute_eigenvalues_is_refused():
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(SettingsError, match=f"{field}="):
         ExactSettings(**{field: value})
+
+
+@pytest.mark.badinput
+def test_exact_influence_refuses_models_too_large_for_an_explicit_curvature():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    inputs = AttributionInputs([model], [0.1], torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(SettingsError, match="650 x 650.*use ekfac"):
+        ExactInfluence(ExactSettings(max_parameters=100)).fit(inputs)

@@ -38,9 +38,10 @@ class ExactSettings:
     curvature: str = field(default="gauss_newton", metadata={"help": "gauss_newton (PSD, the curvature EK-FAC approximates) or hessian (true Hessian of the mean loss)"})
     damping: float = field(default=0.01, metadata={"help": "λ added to every eigenvalue of the curvature (>= 0)"})
     absolute_eigenvalues: bool = field(default=True, metadata={"help": "hessian: replace eigenvalues by their absolute values (negative curvature would make G + λI indefinite)"})
+    max_parameters: int = field(default=20_000, metadata={"help": "refuse models with more tracked parameters: the method holds P x P and N x P matrices"})
 
     def __post_init__(self) -> None:
-        check_settings(self, curvature=self.curvature in CURVATURES, damping=self.damping >= 0)
+        check_settings(self, curvature=self.curvature in CURVATURES, damping=self.damping >= 0, max_parameters=self.max_parameters >= 1)
 
 
 def _parameter_names(modules: dict[str, nn.Module]) -> dict[str, list[str]]:
@@ -195,6 +196,12 @@ class ExactInfluence:
     def fit(self, inputs: AttributionInputs) -> TrainState:
         """'preconditioned_train' = (G + λI)⁻¹∇L(z_m) (N, P) and 'self_influence' (N,)."""
         model, s = inputs.checkpoints[-1], self.settings
+        n_parameters = sum(p.numel() for p in tracked_parameters(model, inputs.task).values())
+        if n_parameters > s.max_parameters:
+            raise SettingsError(
+                f"exact influence builds a {n_parameters} x {n_parameters} curvature matrix: this model is too large "
+                f"(max_parameters={s.max_parameters}); use ekfac, which approximates the same quantity"
+            )
         n_batches = n_chunks(len(inputs.train_y), inputs.batch_size)
         progress = Progress(inputs.progress, 2 * n_batches)
         build = gauss_newton_matrix if s.curvature == "gauss_newton" else hessian_matrix
