@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -206,6 +207,24 @@ def _checkpoint_steps(recipe: Recipe, steps_per_epoch: list[int]) -> set[int]:
     return steps
 
 
+SMALL_MODEL_PARAMETERS = 1_000_000
+"""Below this size a training step is too small to share between threads: one thread is faster
+(several times so on a busy machine), and pinning it makes weights independent of the caller's
+thread settings."""
+
+
+@contextmanager
+def training_threads(model: nn.Module) -> Iterator[None]:
+    """Train small models on one CPU thread, restoring the caller's setting afterwards."""
+    previous = torch.get_num_threads()
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @dataclass
 class TrainingResult:
     """A trained model with its trajectory and the states at the checkpoint steps."""
@@ -242,30 +261,31 @@ def fit_model(
     total_steps = sum(stage.epochs * spe for stage, spe in zip(recipe.stages, steps_per_epoch))
     trajectory, checkpoints = Trajectory(), []
     order_generator = torch.Generator().manual_seed(seed)
-    for stage_index, (stage, indices, spe) in enumerate(zip(recipe.stages, per_stage, steps_per_epoch)):
-        stage_x = stage_transform(stage, train_set.x, seed + stage_index)[indices].to(device)
-        stage_y = train_set.y[indices].to(device)
-        optimizer = _make_optimizer(stage, model)
-        model.train()
-        for epoch in range(stage.epochs):
-            permutation = torch.randperm(len(indices), generator=order_generator)
-            for batch_number in range(spe):
-                batch = permutation[batch_number * stage.batch_size : (batch_number + 1) * stage.batch_size]
-                lr = learning_rate(stage, epoch * spe + batch_number, spe)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if on_batch is not None:
-                    on_batch(stage_index, indices[batch])
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(stage_x[batch.to(device)]), stage_y[batch.to(device)]).backward()
-                optimizer.step()
-                trajectory.record(stage_index, stage, optimizer.param_groups[0]["lr"], len(batch))
-                step = trajectory.n_steps
-                progress(step, total_steps)
-                if keep_checkpoints and step in save_steps:
-                    info = CheckpointInfo(len(checkpoints), step, stage_index, epoch + 1, f"ckpt_{len(checkpoints):04d}.safetensors")
-                    checkpoints.append((info, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
-                model.train()
+    with training_threads(model):
+        for stage_index, (stage, indices, spe) in enumerate(zip(recipe.stages, per_stage, steps_per_epoch)):
+            stage_x = stage_transform(stage, train_set.x, seed + stage_index)[indices].to(device)
+            stage_y = train_set.y[indices].to(device)
+            optimizer = _make_optimizer(stage, model)
+            model.train()
+            for epoch in range(stage.epochs):
+                permutation = torch.randperm(len(indices), generator=order_generator)
+                for batch_number in range(spe):
+                    batch = permutation[batch_number * stage.batch_size : (batch_number + 1) * stage.batch_size]
+                    lr = learning_rate(stage, epoch * spe + batch_number, spe)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    if on_batch is not None:
+                        on_batch(stage_index, indices[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(stage_x[batch.to(device)]), stage_y[batch.to(device)]).backward()
+                    optimizer.step()
+                    trajectory.record(stage_index, stage, optimizer.param_groups[0]["lr"], len(batch))
+                    step = trajectory.n_steps
+                    progress(step, total_steps)
+                    if keep_checkpoints and step in save_steps:
+                        info = CheckpointInfo(len(checkpoints), step, stage_index, epoch + 1, f"ckpt_{len(checkpoints):04d}.safetensors")
+                        checkpoints.append((info, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+                    model.train()
     model.eval()
     return TrainingResult(model, trajectory, checkpoints)
 
