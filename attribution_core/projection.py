@@ -15,7 +15,7 @@ to the inputs' device and dtype, so the same seed gives the same features on eve
 state fitted on a GPU can be scored on a CPU.
 
 The streaming pieces every method shares live here too: `batches` and `layer_batches` (chunks
-of a data set and their captured layers), `project_gradients`, `Progress`, `check_settings`
+of a data set and their captured layers, optionally with a mixed-precision forward/backward), `project_gradients`, `Progress`, `check_settings`
 (settings validation naming the field) and `state_tensor` (reading a fitted state).
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .task import Task
 PROJECTIONS = ("kronecker", "dense", "identity")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 OBJECTIVES = ("loss", "measurement")
+AMP_DTYPES = ("bfloat16", "float16")
 
 LayerShapes = dict[str, tuple[int, int]]
 """Tracked layers in tracking order: name -> (d_out, d_in) in the core's layout (bias as a column)."""
@@ -274,14 +275,41 @@ def batches(
         yield start, x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
 
 
+def autocast_dtype(amp_dtype: str | None) -> torch.dtype | None:
+    """The torch dtype of a mixed-precision setting (None: full precision)."""
+    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
+        raise SettingsError(f"amp_dtype {amp_dtype!r}: choose None or one of {AMP_DTYPES}")
+    return None if amp_dtype is None else getattr(torch, amp_dtype)
+
+
+def capture_mixed_precision(
+    model: nn.Module, modules: dict[str, nn.Module], function: Callable, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> list[LayerBatch]:
+    """a and g from a forward and backward under autocast to dtype, returned in float32 for fp32 accumulation."""
+    with torch.autocast(x.device.type, dtype=dtype):
+        layers = capture_layer_batches(model, modules, function, x, y)
+    return [LayerBatch(layer.name, layer.inputs.float(), layer.output_grads.float()) for layer in layers]
+
+
 def layer_batches(
-    model: nn.Module, task: Task, objective: str, chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    task: Task,
+    objective: str,
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    amp_dtype: str | None = None,
 ) -> Iterator[tuple[int, list[LayerBatch]]]:
-    """(start, captured layers) per chunk: a and g of the tracked layers for the objective's gradient."""
+    """(start, captured layers) per chunk: a and g of the tracked layers for the objective's gradient.
+
+    amp_dtype ("bfloat16", "float16") runs the forward and backward in mixed precision.
+    """
     modules = task.tracked_modules(model)
     function = objective_function(task, objective)
+    dtype = autocast_dtype(amp_dtype)
     for start, x, y in chunks:
-        yield start, capture_layer_batches(model, modules, function, x, y)
+        if dtype is None:
+            yield start, capture_layer_batches(model, modules, function, x, y)
+        else:
+            yield start, capture_mixed_precision(model, modules, function, x, y, dtype)
 
 
 def n_chunks(n_examples: int, batch_size: int) -> int:
@@ -315,10 +343,11 @@ def project_gradients(
     objective: str,
     chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
     on_chunk: Callable[[], None] = lambda: None,
+    amp_dtype: str | None = None,
 ) -> torch.Tensor:
     """Projected per-example gradients of the objective, (n_examples, k) float32 on the chunks' device."""
     features = []
-    for _, layers in layer_batches(model, task, objective, chunks):
+    for _, layers in layer_batches(model, task, objective, chunks, amp_dtype):
         features.append(projector.project(layers).float())
         on_chunk()
     return torch.cat(features)

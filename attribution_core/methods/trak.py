@@ -7,6 +7,7 @@ already proponent-positive. λ = damping_ratio × mean diagonal of ΦᵀΦ, so o
 gradient scale. `fit` stores the preconditioned train features ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i / S per
 checkpoint, so scoring costs the queries' projected gradients and a (queries x k)(k x N) product.
 Self-influence is the diagonal of the pairwise scores: mean_s φ_iᵀ ψ_i.
+Under torch.distributed, Φ is computed by index ranges, one per rank, and all-gathered.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..distributed import local_rows, sharded_rows
 from ..errors import SettingsError
 from ..projection import (
+    AMP_DTYPES,
     DISTRIBUTIONS,
     PROJECTIONS,
     Progress,
@@ -47,6 +50,7 @@ class TrakSettings:
     damping_ratio: float = field(default=1.0, metadata={"help": "ridge λ as a fraction of the mean diagonal of ΦᵀΦ (>= 0); the best ratio grows with k (digits MLP: 0.25 at k=256, 1 at k=1024, 2-4 at k=2048-4096)"})
     use_q: bool = field(default=True, metadata={"help": "weight train examples by Q_ii = 1 − p_i (TRAK's default)"})
     dense_chunk: int = field(default=65536, metadata={"help": "dense projection: parameters projected at a time (memory: batch x chunk)"})
+    amp_dtype: str | None = field(default=None, metadata={"help": "mixed-precision forward/backward: None (full precision), bfloat16 or float16; projections accumulate in float32"})
 
     def __post_init__(self) -> None:
         check_settings(
@@ -57,6 +61,7 @@ class TrakSettings:
             kronecker_block=self.kronecker_block >= 0,
             damping_ratio=self.damping_ratio >= 0,
             dense_chunk=self.dense_chunk >= 1,
+            amp_dtype=self.amp_dtype is None or self.amp_dtype in AMP_DTYPES,
         )
 
 
@@ -74,7 +79,8 @@ class Trak:
     def __init__(self, settings: TrakSettings | None = None):
         self.settings = settings or TrakSettings()
 
-    def _projector(self, inputs: AttributionInputs) -> Projector:
+    def projector(self, inputs: AttributionInputs) -> Projector:
+        """The random projection the settings name, for the checkpoints' tracked layers."""
         shapes = tracked_layer_shapes(inputs.checkpoints[-1], inputs.task)
         s = self.settings
         return make_projector(
@@ -82,18 +88,34 @@ class Trak:
         )
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
-        """Preconditioned train features per checkpoint, 'preconditioned_{s}': (N, k), and 'self_influence': (N,)."""
-        projector = self._projector(inputs)
-        progress = Progress(inputs.progress, len(inputs.checkpoints) * n_chunks(len(inputs.train_y), inputs.batch_size))
+        """Preconditioned train features per checkpoint, 'preconditioned_{s}': (N, k), and 'self_influence': (N,).
+
+        Under torch.distributed each rank featurizes its index range (see distributed.py).
+        """
+        projector = self.projector(inputs)
+        rows = local_rows(len(inputs.train_y))
+        progress = Progress(inputs.progress, len(inputs.checkpoints) * n_chunks(rows.stop - rows.start, inputs.batch_size))
         state: TrainState = {}
         self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
         for s, model in enumerate(inputs.checkpoints):
-            phi = project_gradients(model, inputs.task, projector, "measurement", inputs.train_batches(), progress.step)
+            phi = self.train_features(model, inputs, projector, progress.step)
             preconditioned = self._precondition(model, inputs, phi) / len(inputs.checkpoints)
             self_influence += (phi * preconditioned).sum(dim=1)
             state[f"preconditioned_{s}"] = preconditioned.cpu()
         state["self_influence"] = self_influence.cpu()
         return state
+
+    def train_features(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, on_chunk=lambda: None) -> torch.Tensor:
+        """Φ: projected measurement gradients of the whole training set (N, k), sharded over ranks."""
+        def shard(rows: slice) -> torch.Tensor:
+            chunks = batches(inputs.train_x[rows], inputs.train_y[rows], inputs.batch_size, inputs.device)
+            return self._project(model, inputs, projector, chunks, on_chunk)
+
+        return sharded_rows(len(inputs.train_y), shard)
+
+    def _project(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, chunks, on_chunk) -> torch.Tensor:
+        """Projected measurement gradients of the chunks, (n, k), with the settings' precision."""
+        return project_gradients(model, inputs.task, projector, "measurement", chunks, on_chunk, self.settings.amp_dtype)
 
     def _precondition(self, model: nn.Module, inputs: AttributionInputs, phi: torch.Tensor) -> torch.Tensor:
         """ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i: phi (N, k) -> (N, k)."""
@@ -107,7 +129,7 @@ class Trak:
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_queries, n_train), positive = proponent."""
-        projector = self._projector(inputs)
+        projector = self.projector(inputs)
         progress = Progress(inputs.progress, len(inputs.checkpoints) * n_chunks(len(query_y), inputs.batch_size))
         scores = torch.zeros(len(query_y), len(inputs.train_y), device=inputs.device)
         for s, model in enumerate(inputs.checkpoints):
@@ -115,7 +137,7 @@ class Trak:
             if preconditioned.shape[1] != projector.k:
                 raise SettingsError(f"state has {preconditioned.shape[1]} features per example, settings give k={projector.k}: refit")
             chunks = batches(query_x, query_y, inputs.batch_size, inputs.device)
-            scores += project_gradients(model, inputs.task, projector, "measurement", chunks, progress.step) @ preconditioned.T
+            scores += self._project(model, inputs, projector, chunks, progress.step) @ preconditioned.T
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:

@@ -1,0 +1,348 @@
+"""B3: speed and memory of our featurization against a plain training step and the anchor libraries.
+
+On one device, in one run, per model (digits MLP 64-128-10; Fashion-MNIST MLP 784-512-512-10 and
+CNN conv32-pool-conv64-pool-fc128-fc10 on the 60,000 training images): throughput (examples/s)
+of a plain batched forward+backward, of our TRAK featurization (Kronecker and dense projection),
+EK-FAC factor fit and SOURCE passes, of traker and kronfluence doing the same jobs, the time to
+score 1,000 queries, and the peak memory of each job. Models are randomly initialised (seeded):
+throughput does not depend on the weights. Every job uses the same batch size. Then a scaling
+series of Kronecker featurization in N, and the LDS of Kronecker against dense projection at
+equal k on B1's digits run.
+
+    python benchmarks/b3_speed.py [--quick] [--json PATH] [--workspace DIR]
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psutil
+import torch
+from b1_digits_lds import the_run
+from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from attribution_core.api import attribute, resolve_device
+from attribution_core.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
+from attribution_core.data import FASHION_MNIST_DIR, DataSpec, Dataset, load_dataset
+from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
+from attribution_core.methods.base import AttributionInputs, Segment
+from attribution_core.methods.source import Source, SourceSettings
+from attribution_core.methods.trak import Trak, TrakSettings
+from attribution_core.models import cnn, mlp
+from attribution_core.store import Workspace
+
+BATCH = 512
+N_QUERIES = 1000
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of each job a run times."""
+
+    k: int  # projection dimension of every featurization
+    max_train: int | None  # Fashion-MNIST training images (None: all 60,000)
+    slow_examples: int  # examples given to the slow dense projections (ours and traker's CPU projector)
+    kronfluence_examples: int  # examples given to kronfluence's factor fit
+    curvature_examples: int | None  # examples given to our EK-FAC fit and SOURCE passes (None: all)
+    scaling: tuple[int, ...]  # N of the scaling series
+    lds_subsets: int  # retrained subsets of the LDS ground truth
+    repeats: int  # best-of repetitions of the fast jobs
+
+
+FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_000, curvature_examples=None,
+             scaling=(5_000, 10_000, 20_000, 60_000), lds_subsets=100, repeats=2)
+QUICK = Scale(k=512, max_train=2_000, slow_examples=256, kronfluence_examples=1_000, curvature_examples=1_000,
+              scaling=(1_000, 2_000, 4_000), lds_subsets=20, repeats=1)
+
+
+@dataclass
+class Row:
+    """One timed job."""
+
+    model: str
+    job: str
+    library: str
+    n_examples: int
+    seconds: float
+    peak_mb: float
+    subsampled: bool
+    ratio_to_train_step: float | None = None
+
+    @property
+    def examples_per_s(self) -> float:
+        """Examples (queries for scoring, examples × checkpoints for SOURCE) per second."""
+        return self.n_examples / self.seconds
+
+    def as_json(self) -> dict:
+        """The JSON row of the --json output."""
+        return {"model": self.model, "job": self.job, "library": self.library, "examples_per_s": self.examples_per_s,
+                "ratio_to_train_step": self.ratio_to_train_step, "peak_mb": self.peak_mb,
+                "n_examples": self.n_examples, "seconds": self.seconds}
+
+
+class PeakMemory:
+    """Peak memory inside a block: torch.cuda.max_memory_allocated on a GPU, else the process RSS (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:  # RSS at least every 20 ms, and once more at the end
+            self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+            if self._stop.wait(0.02):
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def measure(job: Callable[[], object], device: torch.device, repeats: int = 1) -> tuple[float, float]:
+    """(best seconds, peak MB) of job() over the repetitions."""
+    best, peak = float("inf"), 0.0
+    for _ in range(repeats):
+        with PeakMemory(device) as memory, timed() as clock:
+            job()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        best, peak = min(best, clock.seconds), max(peak, memory.peak_mb)
+    return best, peak
+
+
+def seeded(build: Callable[[], nn.Module], seed: int, device: torch.device) -> nn.Module:
+    """A randomly initialised model, fixed by the seed, in eval mode on the device."""
+    torch.manual_seed(seed)
+    return build().to(device).eval()
+
+
+def inputs_for(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, device: torch.device) -> AttributionInputs:
+    """AttributionInputs over the given checkpoints at the benchmark's batch size."""
+    return AttributionInputs(models, [0.1] * len(models), x, y, device=device, batch_size=BATCH)
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    """One pass of plain batched forward + backward of the mean cross-entropy."""
+    for start in range(0, len(y), BATCH):
+        loss = F.cross_entropy(model(x[start : start + BATCH].to(device)), y[start : start + BATCH].to(device))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+
+def trak_features(inputs: AttributionInputs, k: int, projection: str) -> torch.Tensor:
+    """Our TRAK train features Φ (N, k) at the first checkpoint."""
+    method = Trak(TrakSettings(k=k, projection=projection))
+    return method.train_features(inputs.checkpoints[0], inputs, method.projector(inputs))
+
+
+def ekfac_fit(inputs: AttributionInputs) -> None:
+    """Our EK-FAC factors at the first checkpoint: covariances, eigenbases, corrected eigenvalues."""
+    model = inputs.checkpoints[0]
+    bases = eigenbasis(fit_covariances([model], inputs))
+    fit_corrected_eigenvalues(model, bases, inputs)
+
+
+def source_fit(inputs: AttributionInputs) -> None:
+    """SOURCE's passes for one segment over all of the inputs' checkpoints."""
+    Source(SourceSettings(n_segments=1)).fit(replace(inputs, segments=[Segment(inputs.checkpoints, lr_sum=1.0)]))
+
+
+def score_queries(inputs: AttributionInputs, k: int, query_x: torch.Tensor, query_y: torch.Tensor) -> None:
+    """TRAK scores of the queries against preconditioned features of the whole training set (values do not matter)."""
+    state = {"preconditioned_0": torch.randn(len(inputs.train_y), k)}
+    Trak(TrakSettings(k=k)).score(state, inputs, query_x, query_y)
+
+
+def traker_featurize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, device: torch.device) -> None:
+    """traker's featurization of (x, y) at one checkpoint (its CPU projector on a CPU)."""
+    from trak import TRAKer
+
+    with tempfile.TemporaryDirectory(prefix="traker-") as directory:
+        traker = TRAKer(model=model, task="image_classification", train_set_size=len(y), save_dir=directory,
+                        device=str(device), proj_dim=k, use_half_precision=False, logging_level=logging.ERROR)
+        traker.load_checkpoint(model.state_dict(), model_id=0)
+        for start in range(0, len(y), BATCH):
+            batch = [x[start : start + BATCH].to(device), y[start : start + BATCH].to(device)]
+            traker.featurize(batch=batch, num_samples=len(batch[1]))
+
+
+def kronfluence_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    """kronfluence's EK-FAC factors (covariances, eigendecomposition, corrected eigenvalues) on (x, y)."""
+    from anchors import _kronfluence_task
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+
+    task = _kronfluence_task()
+    with tempfile.TemporaryDirectory(prefix="kronfluence-") as directory:
+        analyzer = Analyzer(analysis_name="b3", model=prepare_model(copy.deepcopy(model), task), task=task,
+                            cpu=device.type == "cpu", disable_tqdm=True, output_dir=directory)
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=TensorDataset(x, y), per_device_batch_size=BATCH,
+                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+
+
+@dataclass
+class Setting:
+    """A model and its data: the builder, the training set and the queries."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    train: Dataset
+    test: Dataset
+
+
+def settings(scale: Scale) -> tuple[list[Setting], str]:
+    """The benchmark's models and data, and a note saying which Fashion-MNIST data was used."""
+    digits_train, digits_test = load_dataset(DataSpec(source="digits", test_size=360, split_seed=0))
+    if Path(FASHION_MNIST_DIR).exists():
+        fashion_train, fashion_test = load_dataset(DataSpec(source="fashion_mnist", max_train=scale.max_train))
+        note = f"Fashion-MNIST: the Debian package's files, {len(fashion_train)} training images."
+    else:
+        fashion_train, fashion_test = load_dataset(DataSpec(source="sample"))
+        note = f"Fashion-MNIST files absent ({FASHION_MNIST_DIR}): the shipped sample, {len(fashion_train)} images."
+    shape = fashion_train.input_shape
+    return [
+        Setting("digits mlp", lambda: mlp(digits_train.input_shape, 10, hidden=(128,)), digits_train, digits_test),
+        Setting("fmnist mlp", lambda: mlp(shape, 10, hidden=(512, 512)), fashion_train, fashion_test),
+        Setting("fmnist cnn", lambda: cnn(shape, 10, channels=(32, 64), hidden=128), fashion_train, fashion_test),
+    ], note
+
+
+def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bool) -> list[Row]:
+    """Every job's row for one model; ratios to the plain training step filled in."""
+    model, second = seeded(setting.build, 0, device), seeded(setting.build, 1, device)
+    x, y = setting.train.x, setting.train.y
+    n, n_slow, n_kf = len(y), min(scale.slow_examples, len(y)), min(scale.kronfluence_examples, len(y))
+    n_curv = min(scale.curvature_examples or n, n)
+    curvature = inputs_for([model], x[:n_curv], y[:n_curv], device)
+    queries = torch.arange(N_QUERIES) % len(setting.test)  # repeats the test set where it holds fewer
+    inputs, slow = inputs_for([model], x, y, device), inputs_for([model], x[:n_slow], y[:n_slow], device)
+    jobs: list[tuple[str, str, int, Callable[[], object], int]] = [
+        ("train_step", "torch", n, lambda: train_steps(model, x, y, device), scale.repeats),
+        ("trak_featurize_kron", "tda-explorer", n, lambda: trak_features(inputs, scale.k, "kronecker"), scale.repeats),
+        ("trak_featurize_dense", "tda-explorer", n_slow, lambda: trak_features(slow, scale.k, "dense"), 1),
+        ("ekfac_fit", "tda-explorer", n_curv, lambda: ekfac_fit(curvature), 1),
+        ("source_passes", "tda-explorer", 2 * n_curv, lambda: source_fit(replace(curvature, checkpoints=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
+        ("score_1000_queries", "tda-explorer", N_QUERIES,
+         lambda: score_queries(inputs, scale.k, setting.test.x[queries], setting.test.y[queries]), 1),
+    ]
+    if anchors:
+        jobs += [
+            ("trak_featurize", "traker", n_slow, lambda: traker_featurize(model, x[:n_slow], y[:n_slow], scale.k, device), 1),
+            ("ekfac_fit", "kronfluence", n_kf, lambda: kronfluence_fit(model, x[:n_kf], y[:n_kf], device), 1),
+        ]
+    rows = []
+    for job, library, count, function, repeats in jobs:
+        seconds, peak = measure(function, device, repeats)
+        subsampled = count < (2 * n if job == "source_passes" else n) and job != "score_1000_queries"
+        rows.append(Row(setting.name, job, library, count, seconds, peak, subsampled))
+        print(f"{setting.name:12s} {job:22s} {library:13s} {count:7d} ex {seconds:8.2f} s {peak:8.0f} MB", flush=True)
+    train_rate = rows[0].examples_per_s
+    for row in rows:
+        if row.job != "score_1000_queries":  # queries/s is not comparable with a training step
+            row.ratio_to_train_step = row.examples_per_s / train_rate
+    return rows
+
+
+def scaling_series(setting: Setting, scale: Scale, device: torch.device) -> list[tuple[int, float, float]]:
+    """(N, seconds, µs per example) of Kronecker featurization for growing N (repeating the data past its size)."""
+    model = seeded(setting.build, 0, device)
+    series = []
+    for n in scale.scaling:
+        index = torch.arange(n) % len(setting.train)
+        inputs = inputs_for([model], setting.train.x[index], setting.train.y[index], device)
+        seconds, _ = measure(lambda: trak_features(inputs, scale.k, "kronecker"), device)
+        series.append((n, seconds, 1e6 * seconds / n))
+    return series
+
+
+def lds_kron_vs_dense(scale: Scale, workspace: Workspace, k: int = 1024) -> dict[str, float]:
+    """LDS of TRAK with Kronecker and with dense projection at equal k on B1's digits run."""
+    run = the_run(workspace)
+    truth = groundtruth(run, LdsSettings(n_subsets=scale.lds_subsets, alpha=0.5, seed=0))
+    result: dict[str, float] = {"k": k}
+    for name, projection in (("kron", "kronecker"), ("dense", "dense")):
+        scores = attribute(run, "trak", settings={"k": k, "projection": projection}, device="cpu")
+        result[name] = lds(scores, truth).mean
+    return result
+
+
+def main_table(rows: list[Row]) -> str:
+    """Every job's throughput, ratio to the training step and peak memory."""
+    def examples(row: Row) -> str:
+        return f"{row.n_examples}" + (" (sub-sample)" if row.subsampled else "")
+
+    return markdown_table(
+        ["model", "job", "library", "examples", "seconds", "examples/s", "÷ train step", "peak MB"],
+        [(row.model, row.job, row.library, examples(row), row.seconds, f"{row.examples_per_s:,.0f}",
+          "" if row.ratio_to_train_step is None else row.ratio_to_train_step, f"{row.peak_mb:,.0f}") for row in rows],
+    )
+
+
+def anchor_table(rows: list[Row]) -> str:
+    """Ours against the anchor doing the same job, with the bars of benchmarks.md."""
+    pairs = (("trak_featurize_kron", "trak_featurize", "traker", "≥ 10×"), ("ekfac_fit", "ekfac_fit", "kronfluence", "≥ 5×"))
+    by_key = {(row.model, row.job, row.library): row for row in rows}
+    lines = []
+    for model in dict.fromkeys(row.model for row in rows):
+        for ours_job, anchor_job, anchor, bar in pairs:
+            ours, theirs = by_key.get((model, ours_job, "tda-explorer")), by_key.get((model, anchor_job, anchor))
+            if ours and theirs:
+                lines.append((model, f"{ours_job} vs {anchor}", f"{ours.examples_per_s:,.0f}", f"{theirs.examples_per_s:,.0f}",
+                              ours.examples_per_s / theirs.examples_per_s, bar))
+    return markdown_table(["model", "job", "ours examples/s", "anchor examples/s", "ours ÷ anchor", "bar"], lines)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    scale, device = QUICK if args.quick else FULL, resolve_device("auto")
+    anchors = anchors_installed()
+    if not anchors:
+        print(ANCHORS_MISSING)
+    models, data_note = settings(scale)
+    rows = [row for setting in models for row in model_rows(setting, scale, device, anchors)]
+    series = scaling_series(models[1], scale, device)
+    with workspace_root(args.workspace) as root:
+        quality = lds_kron_vs_dense(scale, Workspace(root))
+    body = (
+        f"Device: {device}. {data_note} Randomly initialised models; batch {BATCH} for every job; k = {scale.k}. "
+        f"Dense projections (ours, traker's CPU projector) are timed on the first {scale.slow_examples} examples, "
+        f"kronfluence's factor fit on the first {scale.kronfluence_examples}, ours on the first "
+        f"{scale.curvature_examples or 'all'}: all are linear in N. SOURCE: one segment of "
+        "two checkpoints (a covariance and an eigenvalue pass per checkpoint), counted as examples × checkpoints. "
+        "Scoring: projected gradients of 1,000 test queries times the precomputed (N, k) features. Peak memory: "
+        "the process RSS (CPU) or torch.cuda.max_memory_allocated (GPU) during the job. Fast jobs: best of "
+        f"{scale.repeats}.\n\n" + main_table(rows) + "\n\nOurs against the anchors (same job, same batch size and k):\n\n"
+        + anchor_table(rows) + f"\n\nScaling of Kronecker TRAK featurization, {models[1].name}:\n\n"
+        + markdown_table(["N", "seconds", "µs / example"], series)
+        + f"\n\nLDS on B1's digits run ({scale.lds_subsets} subsets), TRAK at k = {quality['k']}: "
+        f"Kronecker {quality['kron']:.3f}, dense {quality['dense']:.3f} (difference {quality['kron'] - quality['dense']:+.3f}; "
+        "bar: within 0.01)."
+    )
+    payload = {"device": str(device), "rows": [row.as_json() for row in rows], "lds_kron_vs_dense": quality,
+               "scaling": [{"n": n, "seconds": seconds} for n, seconds, _ in series]}
+    report("b3", "B3 · Speed and memory", body, args, payload)
+
+
+if __name__ == "__main__":
+    main()
