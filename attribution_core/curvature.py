@@ -16,13 +16,26 @@ g is the gradient of each example's own loss ℓ_m (not of the mean), so G ≈ E
 
 EK-FAC (George et al. 2018) keeps the eigenbases Q_A, Q_S of A and S and refits the eigenvalues:
 Λ*_oi = E_m[((Q_Sᵀ ∇W_m Q_A)_oi)²], the exact diagonal of G in the Kronecker eigenbasis; K-FAC's
-are λ_S,o λ_A,i. Any function h of the eigenvalues is applied to a layer gradient V as
-Q_S [(Q_Sᵀ V Q_A) ⊙ h(Λ)] Q_Aᵀ (`precondition`): influence uses h(σ) = 1/(σ + λ), SOURCE the
-r-factor and exp(−xσ). Factors average over several models (SOURCE's segment checkpoints).
+are λ_S,o λ_A,i. A function h of the curvature acts on a layer gradient V as
+Q_S [(Q_Sᵀ V Q_A) ⊙ h(Λ)] Q_Aᵀ: influence uses h(σ) = 1/(σ + λ), SOURCE the r-factor and
+exp(−xσ). Factors average over several models (SOURCE's segment checkpoints).
+
+Scoring works in rotated coordinates Ṽ = Q_Sᵀ V Q_A, where h(Λ) is an elementwise product:
+- query gradients are rotated once per block of queries and weighted by h(Λ);
+- training gradients are rotated chunk by chunk (`rotated_gradients`). For a Linear layer on 2-D
+  inputs the gradient g aᵀ is rank one and rotates as (Q_Sᵀg)(Q_Aᵀa)ᵀ, two small products per
+  example, so no per-example gradient is rotated; averaging over checkpoints (SOURCE's ḡ) is a
+  sum of such outer products, formed once per segment instead of scored once per checkpoint;
+- every query meets every training example of a chunk in one matrix product per layer
+  (`stream_rotated_products`): queries × examples × parameters, the method's inherent cost.
+A vector moves from one basis to another (SOURCE's segments) by one dense product per layer
+(`basis_change`, `sandwich`). Per-example gradients are formed a slice of rows at a time so that
+one layer's slice holds at most GRADIENT_BUDGET elements, and query vectors a block at a time
+(QUERY_BUDGET).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +45,15 @@ from torch import nn
 from .errors import SettingsError
 from .gradients import LayerBatch, capture_layer_batches
 from .methods.base import AttributionInputs
-from .projection import batches, layer_batches
+from .projection import batches, objective_function
 from .task import Task
 
 FISHERS = ("true_fisher", "empirical")
+GRADIENT_BUDGET = 2**26
+"""Elements of one layer's per-example gradients formed at once (rows × d_out × d_in): 256 MiB in float32.
+Large, because every slice re-reads the query vectors in its matrix product with them."""
+QUERY_BUDGET = 2**26
+"""Elements of query vectors (queries × tracked parameters) held per pass over the training set: 256 MiB in float32."""
 
 LayerMatrices = dict[str, torch.Tensor]
 """Per tracked layer name, tensors over its weight matrix: (d_out, d_in) or (n, d_out, d_in)."""
@@ -63,12 +81,23 @@ class LayerBasis:
         return torch.outer(self.eig_out.clamp_min(0), self.eig_in.clamp_min(0))
 
     def rotate(self, matrices: torch.Tensor) -> torch.Tensor:
-        """Q_Sᵀ V Q_A for V (..., d_out, d_in)."""
-        return self.q_out.T @ matrices @ self.q_in
+        """Q_Sᵀ V Q_A for V (n, d_out, d_in)."""
+        return sandwich(self.q_out.T, matrices, self.q_in)
 
-    def unrotate(self, matrices: torch.Tensor) -> torch.Tensor:
-        """Q_S V Q_Aᵀ for V (..., d_out, d_in): the inverse of rotate."""
-        return self.q_out @ matrices @ self.q_in.T
+    @property
+    def n_params(self) -> int:
+        """d_out × d_in."""
+        return len(self.q_out) * len(self.q_in)
+
+
+def sandwich(left: torch.Tensor, matrices: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ V @ right (n, d_out', d_in') for V (n, d_out, d_in), contiguous."""
+    return torch.matmul(left, matrices @ right)  # V @ right is one product over all n·d_out rows
+
+
+def basis_change(source: LayerBasis, target: LayerBasis) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q'_Sᵀ Q_S, Q_Aᵀ Q'_A): coordinates V in source's basis become left @ V @ right in target's."""
+    return target.q_out.T @ source.q_out, source.q_in.T @ target.q_in
 
 
 def check_fisher(fisher: str) -> None:
@@ -147,25 +176,53 @@ def eigenbasis(covariances: dict[str, LayerCovariances]) -> dict[str, LayerBasis
     return bases
 
 
-def _rotated_factors(layer: LayerBatch, basis: LayerBasis) -> tuple[torch.Tensor, torch.Tensor]:
-    """g Q_S (B, T, d_out) and a Q_A (B, T, d_in): Q_Sᵀ ∇W_m Q_A = Σ_t (g_t Q_S)ᵀ (a_t Q_A)."""
-    return layer.output_grads @ basis.q_out, layer.inputs @ basis.q_in
+def row_slices(n_rows: int, row_size: int) -> list[slice]:
+    """Consecutive slices covering n_rows, each of at most GRADIENT_BUDGET // row_size rows (at least one)."""
+    step = max(1, GRADIENT_BUDGET // row_size)
+    return [slice(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
+
+
+class Scratch:
+    """Reusable output buffers by key: a fresh allocation of hundreds of MiB costs its page faults every time."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[object, torch.Tensor] = {}
+
+    def take(self, key: object, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of the shape, with like's dtype and device, in key's buffer when that is large enough."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:] or buffer.dtype != like.dtype:
+            buffer = self._buffers[key] = like.new_empty(shape)
+        return buffer[: shape[0]]
+
+
+def _positions(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(B, T, d) captures stacked along positions; a single capture as it is (no copy)."""
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def rotated_gradients(layers: Sequence[LayerBatch], basis: LayerBasis, scratch: Scratch | None = None, key: object = None) -> torch.Tensor:
+    """Q_Sᵀ ∇W_m Q_A (B, d_out, d_in) averaged over captures of the same examples (one per model).
+
+    ∇W_m summed over models is Σ_{c,t} g_ct a_ctᵀ: the captures' positions are stacked (C·T of
+    them). With scratch, the result may live in its buffer `key` (valid until that is taken again).
+    """
+    grads = _positions([layer.output_grads for layer in layers])  # (B, C·T, d_out)
+    inputs = _positions([layer.inputs for layer in layers])  # (B, C·T, d_in)
+    positions, d_out, d_in = grads.shape[1], grads.shape[2], inputs.shape[2]
+    if positions * (d_out**2 + d_in**2) > d_out * d_in * (d_out + d_in):  # many positions: rotate the summed gradient
+        return basis.rotate(grads.transpose(1, 2) @ inputs).div_(len(layers))
+    out = None if scratch is None else scratch.take(key, (len(grads), d_out, d_in), grads)
+    return torch.matmul((grads @ basis.q_out).transpose(1, 2), inputs @ basis.q_in, out=out).div_(len(layers))
 
 
 def squared_rotated_sums(layer: LayerBatch, basis: LayerBasis) -> torch.Tensor:
     """Σ_m (Q_Sᵀ ∇W_m Q_A)² over the chunk's examples (d_out, d_in)."""
-    grads, inputs = _rotated_factors(layer, basis)
-    if grads.shape[1] == 1:  # rank one per example: Σ_m u_m² (v_m²)ᵀ, no per-example gradient
-        return grads[:, 0].square().T @ inputs[:, 0].square()
-    return torch.einsum("bto,bti->boi", grads, inputs).square().sum(dim=0)
-
-
-def weighted_rotated_norms(layer: LayerBatch, basis: LayerBasis, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_oi w_oi (Q_Sᵀ ∇W_m Q_A)²_oi per example (B,), weights (d_out, d_in)."""
-    grads, inputs = _rotated_factors(layer, basis)
-    if grads.shape[1] == 1:  # rank one per example: Σ_oi u_o² w_oi v_i², no per-example gradient
-        return ((grads[:, 0].square() @ weights) * inputs[:, 0].square()).sum(dim=1)
-    return (torch.einsum("bto,bti->boi", grads, inputs).square() * weights).sum(dim=(1, 2))
+    if layer.inputs.shape[1] == 1:  # rank one per example: Σ_m u_m² (v_m²)ᵀ, no per-example gradient
+        return (layer.output_grads[:, 0] @ basis.q_out).square().T @ (layer.inputs[:, 0] @ basis.q_in).square()
+    return sum(
+        rotated_gradients([_rows(layer, rows)], basis).square().sum(dim=0) for rows in row_slices(len(layer.inputs), basis.n_params)
+    )
 
 
 def fit_corrected_eigenvalues(
@@ -186,50 +243,64 @@ def fit_corrected_eigenvalues(
     return {name: total / len(inputs.train_y) for name, total in sums.items()}
 
 
-def precondition(
-    layer_grads: torch.Tensor, basis: LayerBasis, eigenvalues: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Q_S [(Q_Sᵀ V Q_A) ⊙ h(Λ)] Q_Aᵀ for V (n, d_out, d_in), eigenvalues Λ (d_out, d_in), h = transform."""
-    return basis.unrotate(basis.rotate(layer_grads) * transform(eigenvalues))
+def _rows(layer: LayerBatch, rows: slice) -> LayerBatch:
+    return LayerBatch(layer.name, layer.inputs[rows], layer.output_grads[rows])
 
 
-def inner_products(vectors: torch.Tensor, layer: LayerBatch) -> torch.Tensor:
-    """⟨V_q, ∇W_m⟩ = Σ_t g_tᵀ V_q a_t (n_vectors, B) for V (n_vectors, d_out, d_in)."""
-    if layer.inputs.shape[1] == 1:  # (V_q a_m) · g_m: no per-example gradient
-        return (layer.inputs[:, 0] @ vectors.transpose(1, 2) * layer.output_grads[:, 0]).sum(dim=-1)
-    # Over T positions the chunk's gradients (B, d_out, d_in) cost less than any route around
-    # them: contracting V with every a_t first would hold (n_vectors, B, T, d_out).
-    return vectors.flatten(1) @ layer.per_example_gradients().flatten(1).T
-
-
-def example_gradients(
-    model: nn.Module,
+def layer_slices(
+    models: Sequence[nn.Module],
     task: Task,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
     objective: str,
-    batch_size: int,
-    device: torch.device,
-) -> LayerMatrices:
-    """Per layer, per-example gradients (n, d_out, d_in) of the objective: for a few examples only."""
-    chunks: dict[str, list[torch.Tensor]] = {}
-    for _, layers in layer_batches(model, task, objective, batches(x, y, batch_size, device)):
-        for layer in layers:
-            chunks.setdefault(layer.name, []).append(layer.per_example_gradients())
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    on_chunk: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[slice, str, list[LayerBatch]]]:
+    """(rows of the data set, layer name, that layer's capture at each model for those rows), layer by layer.
 
-
-def stream_inner_products(
-    model: nn.Module, inputs: AttributionInputs, vectors: LayerMatrices, on_chunk: Callable[[], None] = lambda: None
-) -> torch.Tensor:
-    """Σ_layers ⟨V_q, ∇L(z_m)⟩ (n_vectors, n_train) for V (n_vectors, d_out, d_in) per layer, one training pass."""
-    n_vectors = next(iter(vectors.values())).shape[0]
-    products = torch.zeros(n_vectors, len(inputs.train_y), device=inputs.device)
-    for start, layers in layer_batches(model, inputs.task, "loss", inputs.train_batches()):
-        block = sum(inner_products(vectors[layer.name], layer) for layer in layers)
-        products[:, start : start + block.shape[1]] = block
+    One forward and backward of the objective per model and chunk (on_chunk after each chunk);
+    rows are cut by row_slices so that one layer's per-example gradients for them fit the budget.
+    """
+    function = objective_function(task, objective)
+    for start, x, y in chunks:
+        captures = [capture_layer_batches(model, task.tracked_modules(model), function, x, y) for model in models]
+        for per_model in zip(*captures):
+            d_out, d_in = per_model[0].output_grads.shape[-1], per_model[0].inputs.shape[-1]
+            for rows in row_slices(len(y), d_out * d_in):
+                yield slice(start + rows.start, start + rows.stop), per_model[0].name, [_rows(layer, rows) for layer in per_model]
         on_chunk()
+
+
+def rotated_query_gradients(
+    model: nn.Module, bases: dict[str, LayerBasis], task: Task, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, device: torch.device
+) -> LayerMatrices:
+    """Per layer, Q_Sᵀ ∇f(z_q) Q_A (n, d_out, d_in) of the measurement at the model: for a block of queries."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for _, name, layers in layer_slices([model], task, "measurement", batches(x, y, batch_size, device)):
+        parts.setdefault(name, []).append(rotated_gradients(layers, bases[name]))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def query_block_size(requested: int | None, bases: dict[str, LayerBasis]) -> int:
+    """Queries per pass over the training set: as requested, or as many as QUERY_BUDGET holds (None)."""
+    if requested is not None:
+        return requested
+    return max(1, QUERY_BUDGET // sum(basis.n_params for basis in bases.values()))
+
+
+def stream_rotated_products(
+    models: Sequence[nn.Module],
+    bases: dict[str, LayerBasis],
+    inputs: AttributionInputs,
+    vectors: LayerMatrices,
+    on_chunk: Callable[[], None] = lambda: None,
+) -> torch.Tensor:
+    """Σ_layers ⟨Ṽ_q, Q_Sᵀ ḡ(z_m) Q_A⟩ (n_vectors, n_train), ḡ the loss gradient averaged over the models.
+
+    vectors: rotated Ṽ (n_vectors, d_out, d_in) per layer. One pass over the training set.
+    """
+    n_vectors, scratch = next(iter(vectors.values())).shape[0], Scratch()
+    products = torch.zeros(n_vectors, len(inputs.train_y), device=inputs.device)
+    for rows, name, layers in layer_slices(models, inputs.task, "loss", inputs.train_batches(), on_chunk):
+        products[:, rows] += vectors[name].flatten(1) @ rotated_gradients(layers, bases[name], scratch, name).flatten(1).T
     return products
 
 

@@ -15,13 +15,20 @@ import pytest
 import torch
 from torch import nn
 
+from attribution_core import curvature
 from attribution_core.curvature import (
+    LayerBasis,
+    Scratch,
+    basis_change,
     eigenbasis,
     fit_corrected_eigenvalues,
     fit_covariances,
     label_uniforms,
+    rotated_gradients,
     sample_labels,
+    sandwich,
 )
+from attribution_core.gradients import LayerBatch
 from attribution_core.errors import SettingsError
 from attribution_core.methods.base import AttributionInputs
 from attribution_core.methods.exact import damped_inverse, flat_gradients, gauss_newton_matrix
@@ -189,6 +196,47 @@ def test_scores_do_not_depend_on_batch_or_query_block_size():
     ]
     for other in scores[1:]:  # float32 sums in another order: equal to rounding
         assert torch.allclose(other, scores[0], rtol=1e-4, atol=1e-6 * scores[0].abs().max().item())
+
+
+def random_basis(d_out: int, d_in: int, seed: int) -> LayerBasis:
+    """A LayerBasis of random orthogonal float64 matrices (eigenvalues unused)."""
+    generator = torch.Generator().manual_seed(seed)
+    q_out, q_in = (torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))[0] for d in (d_out, d_in))
+    return LayerBasis(q_in, q_out, torch.ones(d_in, dtype=torch.float64), torch.ones(d_out, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("positions", [1, 3])  # 2 captures × 1 position: rotate the factors; × 3: the summed gradient
+def test_rotated_gradients_are_the_mean_over_captures_of_the_rotated_per_example_gradients(positions):
+    generator = torch.Generator().manual_seed(positions)
+    basis = random_basis(3, 4, seed=positions)
+    layers = [
+        LayerBatch("layer", torch.randn(5, positions, 4, generator=generator, dtype=torch.float64),
+                   torch.randn(5, positions, 3, generator=generator, dtype=torch.float64))
+        for _ in range(2)
+    ]
+    expected = torch.stack([basis.q_out.T @ layer.per_example_gradients() @ basis.q_in for layer in layers]).mean(dim=0)
+    assert torch.allclose(rotated_gradients(layers, basis), expected)
+    assert torch.allclose(rotated_gradients(layers, basis, Scratch(), "key"), expected)
+
+
+def test_basis_change_equals_leaving_one_basis_and_entering_the_other():
+    source, target = random_basis(3, 4, seed=0), random_basis(3, 4, seed=1)
+    coordinates = torch.randn(2, 3, 4, dtype=torch.float64)
+    matrices = source.q_out @ coordinates @ source.q_in.T
+    left, right = basis_change(source, target)
+    assert torch.allclose(sandwich(left, coordinates, right), target.rotate(matrices))
+
+
+def test_scores_and_self_influence_do_not_depend_on_the_memory_budgets(monkeypatch):
+    checkpoints, train_x, train_y, query_x, query_y = mlp_trajectory(n_train=20)
+    inputs = make_inputs(checkpoints[-1:], train_x, train_y, batch_size=8)
+    method = Influence()
+    state = method.fit(inputs)
+    expected = method.score(state, inputs, query_x, query_y), method.self_influence(state, inputs)
+    monkeypatch.setattr(curvature, "GRADIENT_BUDGET", 1)  # one example's gradient at a time
+    monkeypatch.setattr(curvature, "QUERY_BUDGET", 1)  # one query per pass over the training set
+    for value, reference in zip((method.score(state, inputs, query_x, query_y), method.self_influence(state, inputs)), expected):
+        assert torch.allclose(value, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 
 
 def test_true_fisher_labels_follow_the_model_predictions_and_the_seed():

@@ -6,11 +6,13 @@ training loss, block-diagonal over the tracked layers and Kronecker-factored wit
 (curvature.py), and λ a per-layer damping. Same scale as exact influence (methods/exact.py): no
 extra 1/N. Removing z_m changes f(z_q) by about −τ / N.
 
-`fit` keeps only each layer's eigenbases and eigenvalues (about the size of the model); `score`
-preconditions the queries' measurement gradients, Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ, and streams
-the training set once per block of queries, dotting them with Σ_t g_t a_tᵀ without forming
-per-example training gradients. Self-influence is ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m), a positive
-magnitude (loss gradient on both sides, as exact influence), which ranks suspected mislabels.
+`fit` keeps only each layer's eigenbases and eigenvalues (about the size of the model). `score`
+works in the Kronecker eigenbasis (curvature.py): the queries' rotated measurement gradients are
+weighted by 1 / (Λ + λ) once, and one pass over the training set (per block of queries, a block
+being as many as QUERY_BUDGET holds) dots them with the rotated training gradients, one matrix
+product per layer and chunk. Self-influence is ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) = Σ (Q_Sᵀ∇W_m Q_A)² /
+(Λ + λ), a positive magnitude (loss gradient on both sides, as exact influence), which ranks
+suspected mislabels.
 """
 from __future__ import annotations
 
@@ -23,18 +25,20 @@ from ..curvature import (
     FISHERS,
     LayerBasis,
     LayerMatrices,
+    Scratch,
     basis_state,
     eigenbasis,
-    example_gradients,
     fit_corrected_eigenvalues,
     fit_covariances,
+    layer_slices,
     load_basis,
-    precondition,
-    stream_inner_products,
-    weighted_rotated_norms,
+    query_block_size,
+    rotated_gradients,
+    rotated_query_gradients,
+    stream_rotated_products,
 )
 from ..errors import SettingsError
-from ..projection import Progress, check_settings, layer_batches, n_chunks
+from ..projection import Progress, check_settings, n_chunks
 from .base import AttributionInputs, TrainState
 
 CURVATURES = ("ekfac", "kfac")
@@ -49,7 +53,7 @@ class InfluenceSettings:
     damping_ratio: float = field(default=0.1, metadata={"help": "with damping=None, λ per layer as a fraction of its mean eigenvalue (> 0)"})
     fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher"})
-    query_batch_size: int = field(default=64, metadata={"help": "queries preconditioned per pass over the training set (memory: this × tracked parameters)"})
+    query_batch_size: int | None = field(default=None, metadata={"help": "queries scored per pass over the training set (memory: this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
 
     def __post_init__(self) -> None:
         check_settings(
@@ -58,13 +62,8 @@ class InfluenceSettings:
             damping=self.damping is None or self.damping > 0,
             damping_ratio=self.damping_ratio > 0,
             fisher=self.fisher in FISHERS,
-            query_batch_size=self.query_batch_size >= 1,
+            query_batch_size=self.query_batch_size is None or self.query_batch_size >= 1,
         )
-
-
-def inverse_damped(damping: float):
-    """h(σ) = 1 / (σ + λ): the damped inverse as an eigenvalue function."""
-    return lambda eigenvalues: 1 / (eigenvalues + damping)
 
 
 class Influence:
@@ -101,40 +100,36 @@ class Influence:
             )
         return damping
 
-    def _load(self, state: TrainState, inputs: AttributionInputs) -> tuple[dict[str, LayerBasis], LayerMatrices, dict[str, float]]:
+    def _load(self, state: TrainState, inputs: AttributionInputs) -> tuple[dict[str, LayerBasis], LayerMatrices]:
+        """Per layer, the basis and the eigenvalue weights 1 / (Λ + λ) (d_out, d_in)."""
         names = list(inputs.task.tracked_modules(inputs.checkpoints[-1]))
         bases, eigenvalues = load_basis(state, names, inputs.device)
-        return bases, eigenvalues, {name: state[f"{name}/damping"].item() for name in names}
+        return bases, {name: 1 / (eigenvalues[name] + state[f"{name}/damping"].item()) for name in names}
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_queries, n_train), positive = proponent."""
-        model, block_size = inputs.checkpoints[-1], self.settings.query_batch_size
-        bases, eigenvalues, damping = self._load(state, inputs)
+        model = inputs.checkpoints[-1]
+        bases, weights = self._load(state, inputs)
+        block_size = query_block_size(self.settings.query_batch_size, bases)
         n_train_chunks = n_chunks(len(inputs.train_y), inputs.batch_size)
         progress = Progress(inputs.progress, n_chunks(len(query_y), block_size) * (1 + n_train_chunks))
         scores = []
         for start in range(0, len(query_y), block_size):
-            query_grads = example_gradients(
-                model, inputs.task, query_x[start : start + block_size], query_y[start : start + block_size],
-                objective="measurement", batch_size=inputs.batch_size, device=inputs.device,
+            query_grads = rotated_query_gradients(
+                model, bases, inputs.task, query_x[start : start + block_size], query_y[start : start + block_size],
+                batch_size=inputs.batch_size, device=inputs.device,
             )
             progress.step()
-            preconditioned = {
-                name: precondition(grads, bases[name], eigenvalues[name], inverse_damped(damping[name]))
-                for name, grads in query_grads.items()
-            }
-            scores.append(-stream_inner_products(model, inputs, preconditioned, progress.step).cpu())
+            weighted = {name: grads * weights[name] for name, grads in query_grads.items()}
+            scores.append(-stream_rotated_products([model], bases, inputs, weighted, progress.step).cpu())
         return torch.cat(scores)
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
         """∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,), a positive magnitude."""
         model = inputs.checkpoints[-1]
-        bases, eigenvalues, damping = self._load(state, inputs)
-        weights = {name: inverse_damped(damping[name])(values) for name, values in eigenvalues.items()}
+        bases, weights = self._load(state, inputs)
         progress = Progress(inputs.progress, n_chunks(len(inputs.train_y), inputs.batch_size))
-        result = torch.zeros(len(inputs.train_y), device=inputs.device)
-        for start, layers in layer_batches(model, inputs.task, "loss", inputs.train_batches()):
-            block = sum(weighted_rotated_norms(layer, bases[layer.name], weights[layer.name]) for layer in layers)
-            result[start : start + len(block)] = block
-            progress.step()
+        result, scratch = torch.zeros(len(inputs.train_y), device=inputs.device), Scratch()
+        for rows, name, layers in layer_slices([model], inputs.task, "loss", inputs.train_batches(), progress.step):
+            result[rows] += rotated_gradients(layers, bases[name], scratch, name).square_().flatten(1) @ weights[name].flatten()
         return result.cpu()

@@ -13,17 +13,24 @@ last segment.
 H̄_ℓ is EK-FAC (curvature.py): factors A, S averaged over the segment's checkpoints give one
 eigenbasis per layer and segment; the corrected eigenvalues are fitted at every checkpoint in
 that basis, averaged, and negatives clipped to 0. Both r and exp act on eigenvalues in the same
-per-layer basis, so each layer is handled on its own (H̄ is block-diagonal). Because the score is
-linear in ḡ_ℓ, per-checkpoint scores are averaged instead of storing gradients: scoring streams
-the training set once per checkpoint.
+per-layer basis, so each layer is handled on its own (H̄ is block-diagonal).
+
+Scoring works in each segment's rotated coordinates (curvature.py): v_L is the queries' rotated
+measurement gradient, r(H̄_ℓ) and S̄_ℓ are elementwise products there, and v_ℓ₋₁ moves into
+segment ℓ−1's basis by one dense product per layer (`basis_change`). Because the score is linear
+in ḡ_ℓ, the training side is the rotated mean gradient of z_m over the segment's checkpoints,
+formed chunk by chunk (a sum of rank-one terms for Linear layers) and met by all queries in one
+matrix product per layer: per block of queries, one pass over the training set, with one
+forward and backward per checkpoint and chunk, and L query-by-example products per layer.
 
 Scale: the 1/N of r̄ is kept, so a short segment gives TracIn's −(x/N)∇fᵀ∇L and a long one
 approaches (1/N)× influence with damping 1/x (N = len(train_y)).
 
 Self-influence is the score of z_m for the query "z_m's own loss falls": the same recursion with
-f = −L(z_m), so v_L = ∇L(z_m; θ_T) and the sign flips: +(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m). It is a
-ranking signal for mislabels; it needs each chunk's per-example gradients (batch_size × tracked
-parameters), one layer at a time.
+f = −L(z_m), so v_L = ∇L(z_m; θ_T) and the sign flips: +(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m). In segment
+L's basis v_L is rank one, but S̄_L v_L is not: each earlier segment costs one dense change of
+basis per example and layer, d_out·d_in·(d_out + d_in) multiply-adds (about 0.1 G for a
+784-128 Linear layer), which dominates self-influence for L > 1.
 """
 from __future__ import annotations
 
@@ -39,25 +46,27 @@ from ..curvature import (
     FISHERS,
     LayerBasis,
     LayerMatrices,
+    Scratch,
+    basis_change,
     basis_state,
     eigenbasis,
-    example_gradients,
     fit_corrected_eigenvalues,
     fit_covariances,
+    layer_slices,
     load_basis,
-    precondition,
-    stream_inner_products,
+    query_block_size,
+    rotated_gradients,
+    rotated_query_gradients,
+    sandwich,
+    stream_rotated_products,
 )
 from ..errors import SettingsError
-from ..gradients import capture_layer_batches
 from ..projection import Progress, check_settings, n_chunks
 from ..segments import SegmentPlan
 from .base import AttributionInputs, Segment, TrainState
 from .exact import flat_gradients, gauss_newton_matrix
 
 EigenFunction = Callable[[torch.Tensor], torch.Tensor]
-SegmentCurvature = tuple[dict[str, LayerBasis], LayerMatrices, float]
-"""A fitted segment: per-layer bases, averaged eigenvalues (d_out, d_in), and its lr_sum x."""
 
 
 @dataclass
@@ -68,7 +77,7 @@ class SourceSettings:
     segments: list[tuple[int, int]] | None = field(default=None, metadata={"help": "explicit half-open checkpoint index ranges [(lo, hi), ...] tiling all checkpoints in order, none crossing a stage; None: the even split"})
     fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher"})
-    query_batch_size: int = field(default=64, metadata={"help": "queries propagated per pass over the training set (memory: this × tracked parameters)"})
+    query_batch_size: int | None = field(default=None, metadata={"help": "queries propagated per pass over the training set (memory: about 3 × this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
 
     def __post_init__(self) -> None:
         check_settings(
@@ -76,7 +85,7 @@ class SourceSettings:
             n_segments=self.n_segments >= 1,
             segments=self.segments is None or (len(self.segments) >= 1 and all(len(pair) == 2 for pair in self.segments)),
             fisher=self.fisher in FISHERS,
-            query_batch_size=self.query_batch_size >= 1,
+            query_batch_size=self.query_batch_size is None or self.query_batch_size >= 1,
         )
 
     @property
@@ -106,17 +115,33 @@ def build_segments(plans: Sequence[SegmentPlan], checkpoints: Sequence[nn.Module
     return [Segment([checkpoints[index] for index in plan.checkpoint_indices], plan.lr_sum) for plan in plans]
 
 
-def _propagate(vectors: LayerMatrices, bases: dict[str, LayerBasis], eigenvalues: LayerMatrices, function: EigenFunction) -> LayerMatrices:
-    """f(H̄) V per layer, V (n, d_out, d_in)."""
-    return {name: precondition(values, bases[name], eigenvalues[name], function) for name, values in vectors.items()}
+@dataclass
+class SegmentOperators:
+    """A fitted segment in its own eigenbasis, per layer: the basis, r(Λ) and e^{−xΛ} (d_out, d_in).
+
+    into_previous: per layer (left, right) taking coordinates in this segment's basis to the
+    previous segment's (curvature.basis_change); empty for the first segment.
+    """
+
+    bases: dict[str, LayerBasis]
+    r: LayerMatrices
+    decay: LayerMatrices
+    into_previous: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _segment_weights(vectors: LayerMatrices, loaded: list[SegmentCurvature]) -> Iterator[tuple[int, LayerMatrices]]:
-    """For ℓ = L..1, (ℓ, r(H̄_ℓ) v_ℓ) with v_L = vectors and v_ℓ₋₁ = S̄_ℓ v_ℓ: the query-side recursion."""
-    for index in reversed(range(len(loaded))):
-        bases, eigenvalues, lr_sum = loaded[index]
-        yield index, _propagate(vectors, bases, eigenvalues, r_factor(lr_sum))
-        vectors = _propagate(vectors, bases, eigenvalues, decay_factor(lr_sum))
+def _segment_weights(vectors: LayerMatrices, operators: list[SegmentOperators]) -> Iterator[tuple[int, LayerMatrices]]:
+    """For ℓ = L..1, (ℓ, r(H̄_ℓ) v_ℓ) in segment ℓ's rotated coordinates: the query-side recursion.
+
+    vectors: v_L (n, d_out, d_in) per layer, rotated into segment L's basis; v_ℓ₋₁ = S̄_ℓ v_ℓ.
+    """
+    for index in reversed(range(len(operators))):
+        segment = operators[index]
+        yield index, {name: values * segment.r[name] for name, values in vectors.items()}
+        if index > 0:
+            vectors = {
+                name: sandwich(segment.into_previous[name][0], values * segment.decay[name], segment.into_previous[name][1])
+                for name, values in vectors.items()
+            }
 
 
 class Source:
@@ -158,38 +183,41 @@ class Source:
             state[f"segment{index}/lr_sum"] = torch.tensor([segment.lr_sum], dtype=torch.float64)
         return state
 
-    def _load(self, state: TrainState, inputs: AttributionInputs) -> list[SegmentCurvature]:
-        """Per segment: bases, averaged eigenvalues and the lr_sum the state was fitted with."""
+    def _load(self, state: TrainState, inputs: AttributionInputs) -> list[SegmentOperators]:
+        """Per segment, its operators from the state, checked against the inputs' lr_sum."""
         segments = self._segments(inputs)
         names = list(inputs.task.tracked_modules(segments[-1].checkpoints[-1]))
-        loaded = []
+        operators: list[SegmentOperators] = []
         for index, segment in enumerate(segments):
             bases, eigenvalues = load_basis(state, names, inputs.device, prefix=f"segment{index}/")
             lr_sum = state[f"segment{index}/lr_sum"].item()
             if not math.isclose(lr_sum, segment.lr_sum, rel_tol=1e-9):
                 raise SettingsError(f"segment {index}: state fitted with lr_sum {lr_sum}, inputs give {segment.lr_sum}: fit again")
-            loaded.append((bases, eigenvalues, lr_sum))
-        return loaded
+            into_previous = {name: basis_change(bases[name], operators[-1].bases[name]) for name in names} if operators else {}
+            r, decay = r_factor(lr_sum), decay_factor(lr_sum)
+            operators.append(SegmentOperators(
+                bases, {name: r(values) for name, values in eigenvalues.items()},
+                {name: decay(values) for name, values in eigenvalues.items()}, into_previous,
+            ))
+        return operators
 
     def score_segments(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Per-segment contributions (n_segments, n_queries, n_train), oldest segment first; they sum to `score`."""
-        segments, loaded = self._segments(inputs), self._load(state, inputs)
-        final_model, block_size, n_train = segments[-1].checkpoints[-1], self.settings.query_batch_size, len(inputs.train_y)
-        n_checkpoints = sum(len(segment.checkpoints) for segment in segments)
-        passes_per_block = 1 + n_checkpoints * n_chunks(n_train, inputs.batch_size)
+        segments, operators = self._segments(inputs), self._load(state, inputs)
+        final_model, n_train = segments[-1].checkpoints[-1], len(inputs.train_y)
+        block_size = query_block_size(self.settings.query_batch_size, operators[-1].bases)
+        passes_per_block = 1 + len(segments) * n_chunks(n_train, inputs.batch_size)
         progress = Progress(inputs.progress, n_chunks(len(query_y), block_size) * passes_per_block)
         contributions = torch.zeros(len(segments), len(query_y), n_train)
         for start in range(0, len(query_y), block_size):
-            vectors = example_gradients(
-                final_model, inputs.task, query_x[start : start + block_size], query_y[start : start + block_size],
-                objective="measurement", batch_size=inputs.batch_size, device=inputs.device,
+            vectors = rotated_query_gradients(
+                final_model, operators[-1].bases, inputs.task, query_x[start : start + block_size], query_y[start : start + block_size],
+                batch_size=inputs.batch_size, device=inputs.device,
             )
             progress.step()
-            for index, weighted in _segment_weights(vectors, loaded):
-                checkpoints = segments[index].checkpoints
-                for model in checkpoints:  # ḡ_ℓ is a mean over checkpoints, so average the scores
-                    products = stream_inner_products(model, inputs, weighted, progress.step)
-                    contributions[index, start : start + block_size] -= products.cpu() / (n_train * len(checkpoints))
+            for index, weighted in _segment_weights(vectors, operators):
+                products = stream_rotated_products(segments[index].checkpoints, operators[index].bases, inputs, weighted, progress.step)
+                contributions[index, start : start + block_size] = -products.cpu() / n_train
         return contributions
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
@@ -198,26 +226,19 @@ class Source:
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
         """+(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m) with v_L = ∇L(z_m; θ_T) (n_train,): the score for 'z_m's loss falls'."""
-        segments, loaded = self._segments(inputs), self._load(state, inputs)
-        final_model, n_train = segments[-1].checkpoints[-1], len(inputs.train_y)
-        models = {id(model): model for segment in segments for model in segment.checkpoints}
+        segments, operators = self._segments(inputs), self._load(state, inputs)
+        models = list({id(model): model for segment in segments for model in segment.checkpoints}.values())
+        position = {id(model): index for index, model in enumerate(models)}
+        final, n_train = position[id(segments[-1].checkpoints[-1])], len(inputs.train_y)
         progress = Progress(inputs.progress, n_chunks(n_train, inputs.batch_size))
-        result = torch.zeros(n_train)
-        for start, x, y in inputs.train_batches():
-            layers_at = {
-                key: {layer.name: layer for layer in capture_layer_batches(model, inputs.task.tracked_modules(model), inputs.task.train_loss, x, y)}
-                for key, model in models.items()
-            }
-            block = torch.zeros(len(y), device=inputs.device)
-            for name, layer in layers_at[id(final_model)].items():  # one layer's (B, d_out, d_in) at a time
-                for index, weighted in _segment_weights({name: layer.per_example_gradients()}, loaded):
-                    checkpoints = segments[index].checkpoints
-                    for model in checkpoints:
-                        gradients = layers_at[id(model)][name].per_example_gradients()
-                        block += (weighted[name] * gradients).sum(dim=(1, 2)) / (n_train * len(checkpoints))
-            result[start : start + len(y)] = block.cpu()
-            progress.step()
-        return result
+        result, scratch = torch.zeros(n_train, device=inputs.device), Scratch()
+        for rows, name, layers in layer_slices(models, inputs.task, "loss", inputs.train_batches(), progress.step):
+            own = {name: rotated_gradients([layers[final]], operators[-1].bases[name], scratch, "own")}  # v_L = ∇L(z_m; θ_T)
+            for index, weighted in _segment_weights(own, operators):
+                checkpoints = [layers[position[id(model)]] for model in segments[index].checkpoints]
+                mean_gradients = rotated_gradients(checkpoints, operators[index].bases[name], scratch, "mean")
+                result[rows] += torch.einsum("bp,bp->b", weighted[name].flatten(1), mean_gradients.flatten(1)) / n_train
+        return result.cpu()
 
 
 def exact_source_scores(

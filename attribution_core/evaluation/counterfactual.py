@@ -1,0 +1,174 @@
+"""The counterfactual check: remove a query's top proponents, retrain, and watch its margin move.
+
+For one test query, a method's top-k proponents (and, separately, its top-k opponents) are
+removed from the training set, the run's whole pipeline is retrained with the same recipe and
+seeds, and the query's correct-class margin and predicted class are compared with those of the
+model trained on everything, and with k random removals. Stored as JSON under
+runs/<id>/counterfactual/<key>/: each finished retrain as its own small file (a killed check
+resumes), result.json with the manifest at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..api import attribute
+from ..errors import SettingsError
+from ..methods.base import ProgressFn, no_progress
+from ..projection import check_settings
+from ..store import Artifact, atomic_write_json, content_key, read_json
+from ..task import correct_class_margin
+from ..training import Run, retrain
+from .lds import one_thread
+
+
+@dataclass(frozen=True)
+class CounterfactualSettings:
+    """How many examples are removed, against how many random draws, retrained with which seeds."""
+
+    k: float = field(default=0.05, metadata={"help": "examples removed: a fraction of the training set (< 1) or a count (>= 1)"})
+    n_random: int = field(default=3, metadata={"help": "random removals of the same size, the baseline"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "retraining seed offsets from the run's seed (0 = the run's own seed)"})
+    random_seed: int = field(default=0, metadata={"help": "numpy seed of the random removals"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+        check_settings(
+            self,
+            k=self.k > 0 and (self.k < 1 or float(self.k).is_integer()),
+            n_random=self.n_random >= 0,
+            seeds=len(self.seeds) >= 1 and min(self.seeds) >= 0 and len(set(self.seeds)) == len(self.seeds),
+            random_seed=self.random_seed >= 0,
+        )
+
+    def removal_count(self, n_train: int) -> int:
+        """k as a number of training examples, checked to leave some behind."""
+        count = round(self.k * n_train) if self.k < 1 else int(self.k)
+        if not 1 <= count < n_train:
+            raise SettingsError(f"k={self.k} removes {count} of {n_train} training examples; choose 1..{n_train - 1}")
+        return count
+
+
+@dataclass
+class CounterfactualResult:
+    """Margins of one query after retraining without each removal, per seed.
+
+    removed: removal kind ("proponents", "opponents", "random_0", ...) -> removed train indices.
+    margins / predictions: kind -> per seed, the query's margin / predicted class after retraining.
+    base_margins / base_predictions: per seed, the same with the full training set.
+    """
+
+    query: int
+    method: str
+    k: int
+    true_label: int
+    base_margins: list[float]
+    removed: dict[str, list[int]]
+    margins: dict[str, list[float]]
+    predictions: dict[str, list[int]]
+    base_predictions: list[int]
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def margin_change(self, kind: str) -> float:
+        """Mean over seeds of the query's margin without the removal minus with everything."""
+        return float(np.mean(np.subtract(self.margins[kind], self.base_margins)))
+
+    def flipped(self, kind: str) -> list[bool]:
+        """Per seed, whether the removal changed the predicted class."""
+        return [after != before for after, before in zip(self.predictions[kind], self.base_predictions)]
+
+
+def removals(values: np.ndarray, count: int, settings: CounterfactualSettings) -> dict[str, list[int]]:
+    """Train indices to remove per kind, from one query's scores values: (N,)."""
+    generator = np.random.default_rng(settings.random_seed)
+    chosen = {
+        "proponents": np.argsort(-values, kind="stable")[:count],
+        "opponents": np.argsort(values, kind="stable")[:count],
+    }
+    for draw in range(settings.n_random):
+        chosen[f"random_{draw}"] = np.sort(generator.choice(len(values), size=count, replace=False))
+    return {kind: [int(i) for i in indices] for kind, indices in chosen.items()}
+
+
+@torch.no_grad()
+def query_outcome(model: torch.nn.Module, x: torch.Tensor, label: int) -> tuple[float, int]:
+    """(correct-class margin, predicted class) of one example x: (1, ...) under a model."""
+    model.eval()
+    logits = model(x.to(next(model.parameters()).device))
+    return float(correct_class_margin(logits, torch.tensor([label], device=logits.device))[0]), int(logits.argmax(1)[0])
+
+
+def _outcome(run: Run, artifact: Artifact, name: str, train: Callable[[], torch.nn.Module], x: torch.Tensor, label: int) -> tuple[float, int]:
+    """A stored retrain outcome, or train a model, measure the query, store the outcome."""
+    path = artifact.path(f"{name}.json")
+    if path.exists():
+        stored = read_json(path)
+        return stored["margin"], stored["prediction"]
+    margin, prediction = query_outcome(train(), x, label)
+    atomic_write_json(path, {"margin": margin, "prediction": prediction})
+    return margin, prediction
+
+
+def counterfactual(
+    run: Run,
+    query: int,
+    method: str = "trak",
+    *,
+    settings: CounterfactualSettings = CounterfactualSettings(),
+    checkpoints: list[int] | None = None,
+    method_settings=None,
+    progress: ProgressFn = no_progress,
+) -> CounterfactualResult:
+    """Remove the query's top-k proponents / opponents / k random examples, retrain, measure the query."""
+    train_set, test_set = run.datasets()
+    if not 0 <= query < len(test_set):
+        raise SettingsError(f"query {query} is not a test index of run {run.run_id!r} (0..{len(test_set) - 1})")
+    scores = attribute(run, method, queries=[query], checkpoints=checkpoints, settings=method_settings)
+    count = settings.removal_count(len(train_set))
+    removed = removals(scores.values[0], count, settings)
+    key = content_key({
+        "run": run.run_id, "created": run.created, "query": query, "method": method, "method_settings": scores.settings,
+        "checkpoints": scores.checkpoints, "k": count, "seeds": list(settings.seeds), "n_random": settings.n_random,
+        "random_seed": settings.random_seed,
+    })
+    artifact = run.workspace.artifact(run.run_id, "counterfactual", key)
+    if artifact.is_complete():
+        return CounterfactualResult(**read_json(artifact.path("result.json")))
+
+    x, label = test_set.x[query : query + 1], int(test_set.y[query])
+    total, done = (len(removed) + 1) * len(settings.seeds), 0
+
+    def measured(name: str, keep: np.ndarray, seed_offset: int) -> tuple[float, int]:
+        nonlocal done
+        if seed_offset == 0 and keep.all():
+            # Retraining on everything with the run's own seed reproduces its final checkpoint bit for bit.
+            outcome = query_outcome(run.load_model(-1), x, label)
+        else:
+            with one_thread():  # see lds.one_thread: small models retrain faster on one thread
+                outcome = _outcome(run, artifact, name, lambda: retrain(run, keep, seed=run.recipe.seed + seed_offset), x, label)
+        done += 1
+        progress(done, total)
+        return outcome
+
+    everything = np.ones(len(train_set), dtype=bool)
+    base = [measured(f"base_s{seed}", everything, seed) for seed in settings.seeds]
+    outcomes = {}
+    for kind, indices in removed.items():
+        keep = everything.copy()
+        keep[indices] = False
+        outcomes[kind] = [measured(f"{kind}_s{seed}", keep, seed) for seed in settings.seeds]
+    result = CounterfactualResult(
+        query=query, method=method, k=count, true_label=label,
+        base_margins=[margin for margin, _ in base], removed=removed,
+        margins={kind: [margin for margin, _ in pairs] for kind, pairs in outcomes.items()},
+        predictions={kind: [prediction for _, prediction in pairs] for kind, pairs in outcomes.items()},
+        base_predictions=[prediction for _, prediction in base], seeds=list(settings.seeds),
+    )
+    with artifact.lock():
+        atomic_write_json(artifact.path("result.json"), dataclasses.asdict(result))
+        artifact.commit({"key": key, "run": run.run_id, "query": query, "method": method})
+    return result

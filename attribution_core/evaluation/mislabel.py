@@ -1,0 +1,186 @@
+"""Mislabel detection: rank training examples by how suspicious their label is.
+
+Rankings: self-influence of an attribution method (an example that only its own gradient
+explains), the training loss at chosen checkpoints (or averaged over them, AUM-style), and
+confident learning (cleanlab) on out-of-sample probabilities from k-fold cross-validated
+retraining. Each ranking is stored under runs/<id>/mislabels/<key>/ and reused. With labels
+flipped on purpose, `mislabel_metrics` says how many flips each ranking finds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from cleanlab.rank import get_label_quality_scores
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from torch.nn import functional as F
+
+from ..api import default_checkpoints, self_influence
+from ..errors import SettingsError
+from ..methods.base import ProgressFn, no_progress
+from ..store import atomic_save_npy, content_key, load_npy
+from ..task import correct_class_margin
+from ..training import Run, fit_model
+from .lds import one_thread
+
+SELF_INFLUENCE_METHODS = ("trak", "ekfac", "tracin", "source")
+
+RANKINGS: dict[str, str] = {
+    **{f"self_influence:{method}": f"self-influence τ(z, z) of {method}: examples only their own gradient explains"
+       for method in SELF_INFLUENCE_METHODS},
+    "loss": "training loss at the chosen checkpoints (default: the last)",
+    "loss_avg": "training loss averaged over the chosen checkpoints (default: all; AUM-style)",
+    "margin_avg": "minus the correct-class margin averaged over the chosen checkpoints (default: all)",
+    "cleanlab": "confident learning (cleanlab self-confidence) on k-fold cross-validated probabilities",
+}
+"""Every mislabel ranking by name, with what it measures."""
+
+
+@dataclass
+class MislabelRanking:
+    """A suspicion score per training example.
+
+    scores: (N,) higher = more likely mislabelled.
+    suggested_labels: (N,) the class the evidence points to, None where a ranking gives none.
+    checkpoints: the checkpoints the ranking used (empty for cleanlab, which retrains).
+    seconds: time the computation took (when it was computed, even if loaded now).
+    """
+
+    name: str
+    scores: np.ndarray
+    suggested_labels: np.ndarray | None
+    checkpoints: list[int]
+    seconds: float
+
+    def order(self) -> np.ndarray:
+        """(N,) training indices, most suspicious first."""
+        return np.argsort(-self.scores, kind="stable")
+
+
+def _self_influence_method(ranking: str) -> str | None:
+    return ranking.split(":", 1)[1] if ranking.startswith("self_influence:") else None
+
+
+def ranking_checkpoints(run: Run, ranking: str, checkpoints: list[int] | None) -> list[int]:
+    """The checkpoints a ranking uses: the caller's (sorted, negatives from the end) or its default."""
+    n = len(run.checkpoints)
+    if ranking == "cleanlab":
+        return []
+    if checkpoints is None:
+        method = _self_influence_method(ranking)
+        return default_checkpoints(run, method) if method else ([n - 1] if ranking == "loss" else list(range(n)))
+    chosen = sorted({index + n if index < 0 else index for index in checkpoints})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n:
+        raise SettingsError(f"checkpoints {checkpoints} out of range: run {run.run_id!r} has checkpoints 0..{n - 1}")
+    return chosen
+
+
+@torch.no_grad()
+def checkpoint_outputs(run: Run, checkpoints: list[int], *, batch_size: int = 1024,
+                       progress: ProgressFn = no_progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per chosen checkpoint, on the training set: losses (C, N), margins (C, N), probabilities (C, N, K)."""
+    train_set, _ = run.datasets()
+    losses, margins, probabilities = [], [], []
+    for done, index in enumerate(checkpoints, start=1):
+        model = run.load_model(index)
+        logits = torch.cat([model(train_set.x[start : start + batch_size]) for start in range(0, len(train_set), batch_size)])
+        losses.append(F.cross_entropy(logits, train_set.y, reduction="none").numpy())
+        margins.append(correct_class_margin(logits, train_set.y).numpy())
+        probabilities.append(torch.softmax(logits, dim=1).numpy())
+        progress(done, len(checkpoints))
+    return np.stack(losses), np.stack(margins), np.stack(probabilities)
+
+
+def fold_masks(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Held-out masks of a stratified k-fold split: folds arrays of (N,) bool, a partition."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    masks = []
+    for _, held_out in splitter.split(np.zeros(len(labels)), labels):
+        mask = np.zeros(len(labels), dtype=bool)
+        mask[held_out] = True
+        masks.append(mask)
+    return masks
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    return torch.cat([torch.softmax(model(x[start : start + batch_size]), dim=1) for start in range(0, len(x), batch_size)]).numpy()
+
+
+def cross_validated_probabilities(run: Run, *, folds: int, progress: ProgressFn = no_progress) -> np.ndarray:
+    """(N, K) out-of-sample probabilities: row i from a model retrained (run's recipe) without example i's fold."""
+    train_set, _ = run.datasets()
+    labels = train_set.y.numpy()
+    probabilities = np.zeros((len(train_set), train_set.n_classes), dtype=np.float64)
+    for done, held_out in enumerate(fold_masks(labels, folds, run.recipe.seed), start=1):
+        with one_thread():  # see lds.one_thread: small models retrain faster on one thread
+            model = fit_model(train_set, run.model, run.recipe, keep_mask=~held_out, keep_checkpoints=False).model
+        probabilities[held_out] = _predict(model, train_set.x[torch.as_tensor(held_out)])
+        progress(done, folds)
+    return probabilities
+
+
+def _compute(run: Run, ranking: str, checkpoints: list[int], folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N,), suggested labels (N,)) of one ranking."""
+    train_set, _ = run.datasets()
+    if ranking == "cleanlab":
+        probabilities = cross_validated_probabilities(run, folds=folds, progress=progress)
+        quality = get_label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
+        return 1.0 - quality, probabilities.argmax(1)
+    method = _self_influence_method(ranking)
+    losses, margins, probabilities = checkpoint_outputs(run, checkpoints, progress=progress if method is None else no_progress)
+    suggested = probabilities.mean(0).argmax(1)
+    if method is not None:
+        return np.asarray(self_influence(run, method, checkpoints=checkpoints, progress=progress), dtype=np.float64), suggested
+    if ranking == "margin_avg":
+        return -margins.mean(0).astype(np.float64), suggested
+    return losses.mean(0).astype(np.float64), suggested
+
+
+def rank_mislabels(
+    run: Run,
+    ranking: str,
+    *,
+    checkpoints: list[int] | None = None,
+    progress: ProgressFn = no_progress,
+    folds: int = 5,
+) -> MislabelRanking:
+    """A run's training set ranked by one of RANKINGS, computed once and then loaded."""
+    if ranking not in RANKINGS:
+        raise SettingsError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    if folds < 2:
+        raise SettingsError(f"folds={folds}: cross-validation needs at least 2 folds")
+    checkpoints = ranking_checkpoints(run, ranking, checkpoints)
+    inputs = {"run": run.run_id, "created": run.created, "ranking": ranking, "checkpoints": checkpoints,
+              "folds": folds if ranking == "cleanlab" else None}
+    artifact = run.workspace.artifact(run.run_id, "mislabels", content_key(inputs))
+    with artifact.lock():
+        if not artifact.is_complete():
+            started = time.perf_counter()
+            scores, suggested = _compute(run, ranking, checkpoints, folds, progress)
+            atomic_save_npy(artifact.path("scores.npy"), scores)
+            atomic_save_npy(artifact.path("suggested.npy"), suggested.astype(np.int64))
+            artifact.commit(inputs, extra={"seconds": time.perf_counter() - started})
+    return MislabelRanking(ranking, load_npy(artifact.path("scores.npy")), load_npy(artifact.path("suggested.npy")),
+                           checkpoints, float(artifact.manifest()["seconds"]))
+
+
+def mislabel_metrics(scores: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
+    """Recall of flipped labels in the top 10 % / 20 % of a ranking, and its ROC-AUC.
+
+    scores: (N,) higher = more suspicious; flipped: (N,) bool, the labels flipped on purpose.
+    The top x % holds round(x * N) examples (ties broken by index).
+    """
+    scores, flipped = np.asarray(scores, dtype=np.float64), np.asarray(flipped, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    n_flipped = int(flipped.sum())
+
+    def recall(fraction: float) -> float:
+        return float(flipped[order[: round(fraction * len(scores))]].sum() / n_flipped) if n_flipped else float("nan")
+
+    auc = float(roc_auc_score(flipped, scores)) if 0 < n_flipped < len(scores) else float("nan")
+    return {"top10": recall(0.10), "top20": recall(0.20), "auc": auc}

@@ -1,0 +1,173 @@
+"""B2: SOURCE's regime on Fashion-MNIST, a not-converged run and a two-stage run, LDS side by side.
+
+Both settings train the MLP 784-128-10 on the shipped Fashion-MNIST sample (2,000 training and
+200 test images; --quick: 1,000 and 100) with SGD (momentum 0.9, batch 64) and keep six
+checkpoints, so SOURCE's L = 1, 2, 3 segments divide them:
+- not_converged: two epochs at lr 0.01, checkpoints evenly spaced over the steps; the test
+  accuracy is still rising at the last one;
+- two_stage: three epochs of pretraining on all ten classes with Gaussian pixel noise (lr 0.05),
+  then three epochs of fine-tuning on clean images of classes 0-4 only (lr 0.01), a checkpoint
+  after every epoch: three per stage. A stage-1 example reaches a query only through stage 2.
+Ground truth: the whole pipeline (both stages) retrained on M random halves of the training set
+(M = 100; --quick: 20), one seed each, the test margins recorded (evaluation/lds.py). Every
+method scores all test images against the same six checkpoints (EK-FAC influence: the last one,
+where it is defined); seconds include its train-side work. SOURCE segments never cross a stage
+boundary, so L = 1 does not exist for the two-stage run.
+
+    python benchmarks/b2_source_regime.py [--quick] [--json PATH] [--workspace DIR] [--workers N]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import markdown_table, parser, report, timed, workspace_root
+
+from attribution_core.api import attribute, default_checkpoints
+from attribution_core.data import DataSpec
+from attribution_core.errors import SettingsError
+from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
+from attribution_core.models import ModelSpec
+from attribution_core.store import Workspace
+from attribution_core.training import CheckpointPolicy, Recipe, Run, Stage, load_run, train
+
+N_CHECKPOINTS = 6
+MODEL = ModelSpec("mlp", {"hidden": [128]})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run of B2: its data, recipe and what it shows."""
+
+    data: DataSpec
+    recipe: Recipe
+    description: str
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of a table: a method with its settings; every_checkpoint=False uses the method's default (the last)."""
+
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    every_checkpoint: bool = True
+
+
+CONTENDERS = {
+    "source_l1": Contender("source", {"n_segments": 1}),
+    "source_l2": Contender("source", {"n_segments": 2}),
+    "source_l3": Contender("source", {"n_segments": 3}),
+    "ekfac": Contender("ekfac", every_checkpoint=False),
+    "trak": Contender("trak"),
+    "tracin": Contender("tracin"),
+}
+
+
+def settings(quick: bool) -> dict[str, Setting]:
+    """The two settings by JSON name; --quick shrinks the data."""
+    data = DataSpec(source="sample", max_train=1000 if quick else 2000, max_test=100 if quick else 200)
+    return {
+        "not_converged": Setting(
+            data,
+            Recipe((Stage(epochs=2, lr=0.01),), checkpoints=CheckpointPolicy(every_epochs=None, count=N_CHECKPOINTS)),
+            "2 epochs of SGD at lr 0.01, still improving",
+        ),
+        "two_stage": Setting(
+            data,
+            Recipe(
+                (
+                    Stage(name="pretrain", epochs=3, lr=0.05, transform="noise"),
+                    Stage(name="finetune", epochs=3, lr=0.01, classes=(0, 1, 2, 3, 4)),
+                ),
+                checkpoints=CheckpointPolicy(every_epochs=1),
+            ),
+            "pretrain 3 epochs on noisy pixels (10 classes), fine-tune 3 epochs on clean classes 0-4",
+        ),
+    }
+
+
+def the_run(workspace: Workspace, name: str, setting: Setting) -> Run:
+    """The setting's run, trained unless the workspace already holds it."""
+    run_id = f"b2-{name}"
+    run = load_run(workspace, run_id) if run_id in workspace.run_ids() else train(setting.data, MODEL, setting.recipe, workspace, run_id)
+    if len(run.checkpoints) != N_CHECKPOINTS:
+        raise SystemExit(f"{run_id}: {len(run.checkpoints)} checkpoints, B2 needs {N_CHECKPOINTS}")
+    return run
+
+
+def checkpoints_of(run: Run, contender: Contender) -> list[int]:
+    """The checkpoint indices a contender scores with."""
+    return list(range(N_CHECKPOINTS)) if contender.every_checkpoint else default_checkpoints(run, contender.method)
+
+
+def configuration(run: Run, contender: Contender) -> str:
+    """What a row ran with: its checkpoints and the settings it names (the rest are the method's defaults)."""
+    checkpoints = checkpoints_of(run, contender)
+    named = [f"{name}={value}" for name, value in contender.settings.items()]
+    return ", ".join([f"{len(checkpoints)} ckpt" + ("s" if len(checkpoints) > 1 else ""), *named])
+
+
+def run_summary(run: Run) -> str:
+    """Test accuracy at each checkpoint, with its stage: shows whether the run is still improving."""
+    accuracies = ", ".join(f"{info.test_accuracy:.3f}" + (f" (stage {info.stage + 1})" if run.recipe.stages[1:] else "")
+                           for info in run.checkpoints)
+    return f"test accuracy at the checkpoints: {accuracies}"
+
+
+def evaluate(run: Run, truth: GroundTruth, name: str) -> tuple[list[tuple], dict[str, dict]]:
+    """Table rows and JSON entries of every contender on one run."""
+    rows, payload = [], {}
+    for method_name, contender in CONTENDERS.items():
+        try:
+            with timed() as clock:
+                scores = attribute(run, contender.method, settings=contender.settings,
+                                   checkpoints=checkpoints_of(run, contender), device="cpu")
+        except SettingsError as error:  # L = 1 in the two-stage run: a segment may not cross a stage
+            rows.append((method_name, configuration(run, contender), "n/a", "", ""))
+            payload[method_name] = {"lds": None, "stderr": None, "seconds": None, "note": str(error)}
+            print(f"{name} {method_name}: n/a ({error})", flush=True)
+            continue
+        result = lds(scores, truth)
+        rows.append((method_name, configuration(run, contender), result.mean, result.stderr, clock.seconds))
+        payload[method_name] = {"lds": result.mean, "stderr": result.stderr, "seconds": clock.seconds}
+        print(f"{name} {method_name}: LDS {result.mean:.3f} ± {result.stderr:.3f}, {clock.seconds:.1f} s", flush=True)
+    return rows, payload
+
+
+def verdict(methods: dict[str, dict]) -> str:
+    """The best SOURCE row minus EK-FAC influence, in LDS."""
+    source = {name: entry["lds"] for name, entry in methods.items() if name.startswith("source") and entry["lds"] is not None}
+    best = max(source, key=source.get)
+    return f"best SOURCE ({best}) minus EK-FAC influence: {source[best] - methods['ekfac']['lds']:+.3f} LDS"
+
+
+def main() -> None:
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truth")
+    args = arguments.parse_args()
+    lds_settings = LdsSettings(n_subsets=20 if args.quick else 100, alpha=0.5, seed=0)
+    sections, payload = [], {}
+    with workspace_root(args.workspace) as root:
+        workspace = Workspace(root)
+        for name, setting in settings(args.quick).items():
+            with timed() as training:
+                run = the_run(workspace, name, setting)
+            with timed() as retraining:
+                truth = groundtruth(run, lds_settings, workers=args.workers)
+            rows, methods = evaluate(run, truth, name)
+            payload[name] = {"methods": methods, "groundtruth_seconds": retraining.seconds}
+            sections.append(
+                f"### {name}: {setting.description}\n\n"
+                f"{len(run.datasets()[0])} train / {len(run.datasets()[1])} test images, trained in {training.seconds:.1f} s; "
+                f"{run_summary(run)}. Ground truth: {lds_settings.n_subsets} subsets × {lds_settings.seeds_per_subset} seed, "
+                f"alpha {lds_settings.alpha}, {retraining.seconds:.1f} s with {args.workers} worker(s). "
+                f"{verdict(methods)}.\n\n"
+                + markdown_table(["method", "configuration", "LDS", "± s.e.", "seconds"], rows)
+            )
+    body = ("Settings not named are the method's defaults; seconds include the train-side work (features, "
+            "curvature) and scoring every test image.\n\n" + "\n\n".join(sections))
+    report("b2", "B2 · SOURCE's regime on Fashion-MNIST", body, args, {"settings": payload})
+
+
+if __name__ == "__main__":
+    main()
