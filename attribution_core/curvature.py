@@ -207,13 +207,20 @@ def rotated_gradients(layers: Sequence[LayerBatch], basis: LayerBasis, scratch: 
     ∇W_m summed over models is Σ_{c,t} g_ct a_ctᵀ: the captures' positions are stacked (C·T of
     them). With scratch, the result may live in its buffer `key` (valid until that is taken again).
     """
-    grads = _positions([layer.output_grads for layer in layers])  # (B, C·T, d_out)
+    grads = _positions([layer.output_grads for layer in layers]) / len(layers)  # (B, C·T, d_out), scaled for the mean
     inputs = _positions([layer.inputs for layer in layers])  # (B, C·T, d_in)
     positions, d_out, d_in = grads.shape[1], grads.shape[2], inputs.shape[2]
     if positions * (d_out**2 + d_in**2) > d_out * d_in * (d_out + d_in):  # many positions: rotate the summed gradient
-        return basis.rotate(grads.transpose(1, 2) @ inputs).div_(len(layers))
+        return basis.rotate(grads.transpose(1, 2) @ inputs)
     out = None if scratch is None else scratch.take(key, (len(grads), d_out, d_in), grads)
-    return torch.matmul((grads @ basis.q_out).transpose(1, 2), inputs @ basis.q_in, out=out).div_(len(layers))
+    return torch.matmul((grads @ basis.q_out).transpose(1, 2), inputs @ basis.q_in, out=out)
+
+
+def weighted_rotated_norms(layer: LayerBatch, basis: LayerBasis, weights: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """Σ_oi w_oi (Q_Sᵀ ∇W_m Q_A)²_oi per example (B,), weights (d_out, d_in)."""
+    if layer.inputs.shape[1] == 1:  # rank one per example: (u∘u)ᵀ W (v∘v), no per-example gradient
+        return ((layer.output_grads[:, 0] @ basis.q_out).square() @ weights * (layer.inputs[:, 0] @ basis.q_in).square()).sum(dim=1)
+    return rotated_gradients([layer], basis, scratch, layer.name).square_().flatten(1) @ weights.flatten()
 
 
 def squared_rotated_sums(layer: LayerBatch, basis: LayerBasis) -> torch.Tensor:

@@ -14,24 +14,34 @@ method scores all test images against the same six checkpoints (EK-FAC influence
 where it is defined); seconds include its train-side work. SOURCE segments never cross a stage
 boundary, so L = 1 does not exist for the two-stage run.
 
-    python benchmarks/b2_source_regime.py [--quick] [--json PATH] [--workspace DIR] [--workers N]
+--sensitivity adds, per setting, what moves the comparison: EK-FAC influence at other dampings,
+SOURCE (L = 2) with η̄K scaled, and each of its two segments' contributions alone.
+
+    python benchmarks/b2_source_regime.py [--quick] [--sensitivity] [--json PATH] [--workspace DIR] [--workers N]
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from common import markdown_table, parser, report, timed, workspace_root
 
-from attribution_core.api import attribute, default_checkpoints
+from attribution_core.api import attribute, default_checkpoints, prepare
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
+from attribution_core.methods.base import Segment
 from attribution_core.models import ModelSpec
+from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 from attribution_core.training import CheckpointPolicy, Recipe, Run, Stage, load_run, train
 
 N_CHECKPOINTS = 6
+DAMPING_RATIOS = (1.0, 10.0, 100.0, 1000.0)
+"""EK-FAC influence's damping as a fraction of each layer's mean eigenvalue (default 0.1), for --sensitivity."""
+LR_SUM_FACTORS = (0.1, 10.0)
+"""Factors on every segment's η̄K for --sensitivity."""
 MODEL = ModelSpec("mlp", {"hidden": [128]})
 
 
@@ -134,6 +144,32 @@ def evaluate(run: Run, truth: GroundTruth, name: str) -> tuple[list[tuple], dict
     return rows, payload
 
 
+def source_with_scaled_lr_sums(run: Run, base: Scores, factor: float) -> Scores:
+    """SOURCE (L = 2) scores of every test image with each segment's η̄K multiplied by factor."""
+    prepared = prepare(run, "source", settings={"n_segments": 2}, device="cpu")
+    inputs, method = prepared.inputs, prepared.method_object
+    inputs.segments = [Segment(segment.checkpoints, segment.lr_sum * factor) for segment in inputs.segments]
+    _, test_set = run.datasets()
+    return dataclasses.replace(base, values=method.score(method.fit(inputs), inputs, test_set.x, test_set.y).numpy())
+
+
+def sensitivity(run: Run, truth: GroundTruth) -> list[tuple]:
+    """Rows (variant, LDS, ± s.e.): EK-FAC dampings, SOURCE's η̄K scaled, SOURCE's segments alone."""
+    variants = {f"ekfac, damping_ratio={ratio:g}": attribute(run, "ekfac", settings={"damping_ratio": ratio}, device="cpu")
+                for ratio in DAMPING_RATIOS}
+    base = attribute(run, "source", settings={"n_segments": 2}, device="cpu")
+    lr_sums = ", ".join(f"{segment.lr_sum:.3g}" for segment in prepare(run, "source", settings={"n_segments": 2}, device="cpu").inputs.segments)
+    variants |= {f"source_l2, η̄K × {factor:g} (unscaled: {lr_sums})": source_with_scaled_lr_sums(run, base, factor)
+                 for factor in LR_SUM_FACTORS}
+    variants |= {f"source_l2, segment {index + 1} of 2 alone": base.restricted_to_segments([index]) for index in range(2)}
+    rows = []
+    for label, scores in variants.items():
+        result = lds(scores, truth)
+        rows.append((label, result.mean, result.stderr))
+        print(f"  {label}: LDS {result.mean:.3f} ± {result.stderr:.3f}", flush=True)
+    return rows
+
+
 def verdict(methods: dict[str, dict]) -> str:
     """The best SOURCE row minus EK-FAC influence, in LDS."""
     source = {name: entry["lds"] for name, entry in methods.items() if name.startswith("source") and entry["lds"] is not None}
@@ -144,6 +180,7 @@ def verdict(methods: dict[str, dict]) -> str:
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truth")
+    arguments.add_argument("--sensitivity", action="store_true", help="also vary EK-FAC damping and SOURCE's η̄K and segments")
     args = arguments.parse_args()
     lds_settings = LdsSettings(n_subsets=20 if args.quick else 100, alpha=0.5, seed=0)
     sections, payload = [], {}
@@ -164,6 +201,10 @@ def main() -> None:
                 f"{verdict(methods)}.\n\n"
                 + markdown_table(["method", "configuration", "LDS", "± s.e.", "seconds"], rows)
             )
+            if args.sensitivity:
+                variants = sensitivity(run, truth)
+                payload[name]["sensitivity"] = {label: {"lds": mean, "stderr": stderr} for label, mean, stderr in variants}
+                sections.append(f"Sensitivity ({name}):\n\n" + markdown_table(["variant", "LDS", "± s.e."], variants))
     body = ("Settings not named are the method's defaults; seconds include the train-side work (features, "
             "curvature) and scoring every test image.\n\n" + "\n\n".join(sections))
     report("b2", "B2 · SOURCE's regime on Fashion-MNIST", body, args, {"settings": payload})

@@ -102,7 +102,7 @@ def query_outcome(model: torch.nn.Module, x: torch.Tensor, label: int) -> tuple[
     return float(correct_class_margin(logits, torch.tensor([label], device=logits.device))[0]), int(logits.argmax(1)[0])
 
 
-def _outcome(run: Run, artifact: Artifact, name: str, train: Callable[[], torch.nn.Module], x: torch.Tensor, label: int) -> tuple[float, int]:
+def _outcome(artifact: Artifact, name: str, train: Callable[[], torch.nn.Module], x: torch.Tensor, label: int) -> tuple[float, int]:
     """A stored retrain outcome, or train a model, measure the query, store the outcome."""
     path = artifact.path(f"{name}.json")
     if path.exists():
@@ -145,11 +145,11 @@ def counterfactual(
     def measured(name: str, keep: np.ndarray, seed_offset: int) -> tuple[float, int]:
         nonlocal done
         if seed_offset == 0 and keep.all():
-            # Retraining on everything with the run's own seed reproduces its final checkpoint bit for bit.
+            # Retraining on everything with the run's own seed reproduces its final checkpoint: reuse it.
             outcome = query_outcome(run.load_model(-1), x, label)
         else:
             with one_thread():  # see lds.one_thread: small models retrain faster on one thread
-                outcome = _outcome(run, artifact, name, lambda: retrain(run, keep, seed=run.recipe.seed + seed_offset), x, label)
+                outcome = _outcome(artifact, name, lambda: retrain(run, keep, seed=run.recipe.seed + seed_offset), x, label)
         done += 1
         progress(done, total)
         return outcome

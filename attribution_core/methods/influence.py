@@ -33,9 +33,9 @@ from ..curvature import (
     layer_slices,
     load_basis,
     query_block_size,
-    rotated_gradients,
     rotated_query_gradients,
     stream_rotated_products,
+    weighted_rotated_norms,
 )
 from ..errors import SettingsError
 from ..projection import Progress, check_settings, n_chunks
@@ -131,5 +131,5 @@ class Influence:
         progress = Progress(inputs.progress, n_chunks(len(inputs.train_y), inputs.batch_size))
         result, scratch = torch.zeros(len(inputs.train_y), device=inputs.device), Scratch()
         for rows, name, layers in layer_slices([model], inputs.task, "loss", inputs.train_batches(), progress.step):
-            result[rows] += rotated_gradients(layers, bases[name], scratch, name).square_().flatten(1) @ weights[name].flatten()
+            result[rows] += weighted_rotated_norms(layers[0], bases[name], weights[name], scratch)
         return result.cpu()
