@@ -4,7 +4,7 @@ Both settings train the MLP 784-128-10 on the shipped Fashion-MNIST sample (2,00
 200 test images; --quick: 1,000 and 100) with SGD (momentum 0.9, batch 64) and keep six
 checkpoints, so SOURCE's L = 1, 2, 3 segments divide them:
 - not_converged: two epochs at lr 0.01, checkpoints evenly spaced over the steps; the test
-  accuracy is still rising at the last one;
+  accuracy (about 0.6) is far below a converged run's (0.83 for the demo's fmnist-mlp);
 - two_stage: three epochs of pretraining on all ten classes with Gaussian pixel noise (lr 0.05),
   then three epochs of fine-tuning on clean images of classes 0-4 only (lr 0.01), a checkpoint
   after every epoch: three per stage. A stage-1 example reaches a query only through stage 2.
@@ -80,7 +80,7 @@ def settings(quick: bool) -> dict[str, Setting]:
         "not_converged": Setting(
             data,
             Recipe((Stage(epochs=2, lr=0.01),), checkpoints=CheckpointPolicy(every_epochs=None, count=N_CHECKPOINTS)),
-            "2 epochs of SGD at lr 0.01, still improving",
+            "2 epochs of SGD at lr 0.01, far from converged",
         ),
         "two_stage": Setting(
             data,
