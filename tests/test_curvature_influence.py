@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from attribution_core import curvature
+from attribution_core import curvature as curvature_module
 from attribution_core.curvature import (
     LayerBasis,
     Scratch,
@@ -28,8 +28,8 @@ from attribution_core.curvature import (
     sample_labels,
     sandwich,
 )
-from attribution_core.gradients import LayerBatch
 from attribution_core.errors import SettingsError
+from attribution_core.gradients import LayerBatch
 from attribution_core.methods.base import AttributionInputs
 from attribution_core.methods.exact import damped_inverse, flat_gradients, gauss_newton_matrix
 from attribution_core.methods.influence import Influence, InfluenceSettings
@@ -233,8 +233,8 @@ def test_scores_and_self_influence_do_not_depend_on_the_memory_budgets(monkeypat
     method = Influence()
     state = method.fit(inputs)
     expected = method.score(state, inputs, query_x, query_y), method.self_influence(state, inputs)
-    monkeypatch.setattr(curvature, "GRADIENT_BUDGET", 1)  # one example's gradient at a time
-    monkeypatch.setattr(curvature, "QUERY_BUDGET", 1)  # one query per pass over the training set
+    monkeypatch.setattr(curvature_module, "GRADIENT_BUDGET", 1)  # one example's gradient at a time
+    monkeypatch.setattr(curvature_module, "QUERY_BUDGET", 1)  # one query per pass over the training set
     for value, reference in zip((method.score(state, inputs, query_x, query_y), method.self_influence(state, inputs)), expected):
         assert torch.allclose(value, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 

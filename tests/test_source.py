@@ -24,7 +24,7 @@ from test_curvature_influence import (
     shared_input_eigenvalue,
 )
 
-from attribution_core import curvature
+from attribution_core import curvature as curvature_module
 from attribution_core.errors import SettingsError
 from attribution_core.methods.base import Segment
 from attribution_core.methods.exact import flat_gradients
@@ -130,8 +130,8 @@ def test_scores_and_self_influence_do_not_depend_on_the_memory_budgets(monkeypat
     inputs = segment_inputs(checkpoints, train_x, train_y, [1.0, 2.0, 0.5], batch_size=8)
     method, state = fitted(inputs)
     expected = method.score_segments(state, inputs, query_x, query_y), method.self_influence(state, inputs)
-    monkeypatch.setattr(curvature, "GRADIENT_BUDGET", 1)  # one example's gradient at a time
-    monkeypatch.setattr(curvature, "QUERY_BUDGET", 1)  # one query per pass over the training set
+    monkeypatch.setattr(curvature_module, "GRADIENT_BUDGET", 1)  # one example's gradient at a time
+    monkeypatch.setattr(curvature_module, "QUERY_BUDGET", 1)  # one query per pass over the training set
     for value, reference in zip((method.score_segments(state, inputs, query_x, query_y), method.self_influence(state, inputs)), expected):
         assert torch.allclose(value, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 
