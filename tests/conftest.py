@@ -1,10 +1,15 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+
 import pytest
 
 from attribution_core.demo import build_demo
+from attribution_core.evaluation.lds import LdsSettings, groundtruth
 from attribution_core.store import Workspace
+from attribution_core.training import load_run
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +21,17 @@ def demo_workspace(tmp_path_factory) -> Workspace:
     workspace = Workspace(tmp_path_factory.mktemp("demo_workspace"))
     build_demo(workspace, tiny=True)
     return workspace
+
+
+@pytest.fixture(scope="session")
+def demo_copy(demo_workspace, tmp_path_factory) -> Callable[[str, LdsSettings], Workspace]:
+    """demo_copy(name, ground_truth): a private copy of the tiny demo with LDS ground truth for fmnist-mlp."""
+
+    def copy(name: str, ground_truth: LdsSettings) -> Workspace:
+        root = tmp_path_factory.mktemp(name) / "workspace"
+        shutil.copytree(demo_workspace.root, root)
+        workspace = Workspace(root)
+        groundtruth(load_run(workspace, "fmnist-mlp"), ground_truth)
+        return workspace
+
+    return copy

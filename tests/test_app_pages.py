@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from attribution_core.annotations import Annotations
-from attribution_core.evaluation.lds import LdsSettings, groundtruth
+from attribution_core.evaluation.lds import LdsSettings
 from attribution_core.store import Workspace
 from attribution_core.training import load_run
 
@@ -20,13 +19,9 @@ GROUND_TRUTH = LdsSettings(n_subsets=6)
 
 
 @pytest.fixture(scope="module")
-def workspace(demo_workspace, tmp_path_factory) -> Workspace:
+def workspace(demo_copy) -> Workspace:
     """A private copy of the demo workspace (these tests flag examples and delete a checkpoint), with LDS ground truth."""
-    root = tmp_path_factory.mktemp("app_pages") / "workspace"
-    shutil.copytree(demo_workspace.root, root)
-    space = Workspace(root)
-    groundtruth(load_run(space, "fmnist-mlp"), GROUND_TRUTH)
-    return space
+    return demo_copy("app_pages", GROUND_TRUTH)
 
 
 @pytest.fixture(autouse=True)

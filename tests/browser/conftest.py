@@ -5,7 +5,6 @@ Screenshots go to test-artifacts/screenshots/ (git-ignored); a failing test save
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from attribution_core.evaluation.lds import LdsSettings, groundtruth
+from attribution_core.evaluation.lds import LdsSettings
 from attribution_core.store import Workspace
-from attribution_core.training import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -52,13 +50,9 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def browser_workspace(demo_workspace, tmp_path_factory) -> Workspace:
+def browser_workspace(demo_copy) -> Workspace:
     """A private copy of the demo workspace, with a small LDS ground truth for fmnist-mlp (the Compare page's scatter)."""
-    root = tmp_path_factory.mktemp("browser") / "workspace"
-    shutil.copytree(demo_workspace.root, root)
-    workspace = Workspace(root)
-    groundtruth(load_run(workspace, "fmnist-mlp"), GROUND_TRUTH)
-    return workspace
+    return demo_copy("browser", GROUND_TRUTH)
 
 
 @pytest.fixture(scope="session")
