@@ -256,11 +256,11 @@ def test_true_fisher_approaches_gauss_newton_influence_with_many_samples():
     assert torch.allclose(scores, expected, rtol=0.05, atol=0.01 * expected.abs().max().item())
 
 
-def test_default_damping_is_a_tenth_of_each_layers_mean_eigenvalue():
+def test_default_damping_is_each_layers_mean_eigenvalue():
     checkpoints, train_x, train_y, _, _ = mlp_trajectory(n_train=20)
     state = Influence().fit(make_inputs(checkpoints[-1:], train_x, train_y))
     for name in ("0", "2"):
-        assert state[f"{name}/damping"].item() == pytest.approx(0.1 * state[f"{name}/eigenvalues"].mean().item())
+        assert state[f"{name}/damping"].item() == pytest.approx(state[f"{name}/eigenvalues"].mean().item())
 
 
 @pytest.mark.parametrize(

