@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 
 from .errors import SettingsError
@@ -52,15 +53,34 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
     return module.padding  # type: ignore[return-value]
 
 
+def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(B, T, d_in) input patches of a convolution, bias column of ones included, in one copy.
+
+    The (C_in, kh, kw) order of a patch matches weight.reshape(d_out, -1). Built from strided
+    windows straight into the final layout: F.unfold's (B, d_in, T) would need a transposing copy
+    and a concatenation for the bias column, two more passes over the largest tensor of the capture.
+    """
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    ph, pw = _conv_padding(module)
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, channels, height, width = windows.shape[:4]
+    d_patch = channels * kh * kw
+    has_bias = module.bias is not None
+    patches = x.new_empty(n, height, width, d_patch + has_bias)
+    patches[..., :d_patch].view(n, height, width, channels, kh, kw).copy_(windows.permute(0, 2, 3, 1, 4, 5))
+    if has_bias:
+        patches[..., d_patch] = 1
+    return patches.view(n, height * width, d_patch + has_bias)
+
+
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (B, T, d_in) matrix a whose outer products with output gradients give weight gradients."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
-        inputs = patches.transpose(1, 2)
-    elif isinstance(module, nn.Linear):
-        inputs = x.reshape(x.shape[0], -1, x.shape[-1])
-    else:
+        return conv_patches(module, x)
+    if not isinstance(module, nn.Linear):
         raise SettingsError(f"cannot track layer {module!r}: only nn.Linear and nn.Conv2d are supported")
+    inputs = x.reshape(x.shape[0], -1, x.shape[-1])
     if module.bias is not None:
         inputs = torch.cat([inputs, inputs.new_ones(inputs.shape[:-1] + (1,))], dim=-1)
     return inputs
@@ -89,12 +109,18 @@ def parameter_matrix(module: nn.Module, use_grad: bool = False) -> torch.Tensor:
 
 
 class LayerCapture:
-    """Context manager recording inputs and output gradients of the given layers."""
+    """Context manager recording the inputs of the given layers and where their outputs enter autograd.
+
+    `backward(total)` then computes the gradients of total w.r.t. those outputs only: autograd
+    skips every parameter gradient (a third of a training step's work) and nothing touches .grad.
+    Outputs are identified by their gradient edges taken in the forward hook, so an in-place
+    operation after the layer (ReLU(inplace=True)) does not redirect the gradient to its result.
+    """
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
         self._inputs: dict[str, torch.Tensor] = {}
-        self._grads: dict[str, torch.Tensor] = {}
+        self._edges: dict[str, tuple[nn.Module, GradientEdge]] = {}
         self._handles: list = []
 
     def __enter__(self) -> "LayerCapture":
@@ -111,17 +137,25 @@ class LayerCapture:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             self._inputs[name] = layer_inputs(module, args[0].detach())
             if output.requires_grad:
-                output.register_hook(lambda grad: self._grads.__setitem__(name, _flatten_output_grads(module, grad)))
+                self._edges[name] = (module, get_gradient_edge(output))
 
         return hook
 
-    def layers(self) -> list[LayerBatch]:
-        """The captured layers of the last forward/backward, in tracking order."""
-        missing = [name for name in self.modules if name not in self._grads]
+    def backward(self, total: torch.Tensor) -> list[LayerBatch]:
+        """Gradients of the scalar total w.r.t. the recorded outputs: the captured layers, in tracking order."""
+        missing = [name for name in self.modules if name not in self._edges]
         if missing:
             raise RuntimeError(f"no gradient reached layers {missing}: are they used in the forward pass?")
-        batches = [LayerBatch(name, self._inputs[name], self._grads[name]) for name in self.modules]
-        self._inputs, self._grads = {}, {}
+        edges = [self._edges[name][1] for name in self.modules]
+        grads = torch.autograd.grad(total, edges, allow_unused=True)
+        unused = [name for name, grad in zip(self.modules, grads) if grad is None]
+        if unused:
+            raise RuntimeError(f"no gradient reached layers {unused}: does the objective depend on them?")
+        batches = [
+            LayerBatch(name, self._inputs[name], _flatten_output_grads(self._edges[name][0], grad))
+            for name, grad in zip(self.modules, grads)
+        ]
+        self._inputs, self._edges = {}, {}
         return batches
 
 
@@ -133,12 +167,8 @@ def capture_layer_batches(
     y: torch.Tensor,
 ) -> list[LayerBatch]:
     """One forward and backward of objective(model, x, y).sum(); returns each layer's a and g."""
-    model.zero_grad(set_to_none=True)
-    with LayerCapture(modules) as capture:
-        with torch.enable_grad():
-            objective(model, x, y).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return capture.layers()
+    with LayerCapture(modules) as capture, torch.enable_grad():
+        return capture.backward(objective(model, x, y).sum())
 
 
 def per_example_gradients(layers: list[LayerBatch]) -> torch.Tensor:
