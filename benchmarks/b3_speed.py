@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 from attribution_core.api import attribute, resolve_device
 from attribution_core.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
-from attribution_core.data import FASHION_MNIST_DIR, DataSpec, Dataset, load_dataset
+from attribution_core.data import FASHION_MNIST_DIR, Dataset, DataSpec, load_dataset
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.methods.base import AttributionInputs, Segment
 from attribution_core.methods.source import Source, SourceSettings
@@ -271,7 +271,7 @@ def scaling_series(setting: Setting, scale: Scale, device: torch.device) -> list
     for n in scale.scaling:
         index = torch.arange(n) % len(setting.train)
         inputs = inputs_for([model], setting.train.x[index], setting.train.y[index], device)
-        seconds, _ = measure(lambda: trak_features(inputs, scale.k, "kronecker"), device)
+        seconds, _ = measure(lambda inputs=inputs: trak_features(inputs, scale.k, "kronecker"), device)
         series.append((n, seconds, 1e6 * seconds / n))
     return series
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers_methods import attribution_inputs, data, mlp
 
-from attribution_core.distributed import rank_and_world, sharded_rows, shard_range
+from attribution_core.distributed import rank_and_world, shard_range, sharded_rows
 from attribution_core.methods.trak import Trak, TrakSettings
 
 N_TRAIN, SHAPE = 37, (6,)

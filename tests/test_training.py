@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from attribution_core.data import DataSpec, load_dataset
 
 from attribution_core.cli import main as tdx
+from attribution_core.data import DataSpec, load_dataset
 from attribution_core.errors import CheckpointError, SettingsError
 from attribution_core.models import ModelSpec, build_model
 from attribution_core.store import Workspace, save_tensors
