@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, local_rows
 from .errors import SettingsError
-from .gradients import LayerBatch, capture_layer_batches
+from .gradients import LayerBatch, capture_layer_batches, layer_shape
 from .methods.base import AttributionInputs
-from .projection import batches, objective_function
+from .projection import batches, n_chunks, objective_function
 from .task import Task
 
 FISHERS = ("true_fisher", "empirical")
@@ -120,20 +121,27 @@ def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def loss_layer_batches(
-    model: nn.Module, inputs: AttributionInputs, fisher: str, key: Sequence[int]
+    model: nn.Module, inputs: AttributionInputs, fisher: str, key: Sequence[int], rows: slice | None = None
 ) -> Iterator[tuple[int, list[LayerBatch]]]:
-    """(start, layers) per training chunk: a and g of each example's loss, labels given or sampled.
+    """(start, layers) per training chunk (of the rows, default all): a and g of each example's loss.
 
-    key fixes the sampled labels (true_fisher): the same key gives the same labels.
+    Labels are given or sampled; key fixes the sampled labels (true_fisher): the same key gives
+    the same label to each example, whichever rows are asked for.
     """
     check_fisher(fisher)
     modules = inputs.task.tracked_modules(model)
     uniforms = label_uniforms(len(inputs.train_y), key) if fisher == "true_fisher" else None
-    for start, x, y in inputs.train_batches():
+    for start, x, y in inputs.train_batches(rows):
         if uniforms is not None:
             with torch.no_grad():
                 y = sample_labels(model(x), uniforms[start : start + len(y)])
         yield start, capture_layer_batches(model, modules, inputs.task.train_loss, x, y)
+
+
+def local_chunks(inputs: AttributionInputs) -> int:
+    """Training chunks this process passes over in one sharded pass (fit_covariances, fit_corrected_eigenvalues)."""
+    rows = local_rows(len(inputs.train_y))
+    return n_chunks(rows.stop - rows.start, inputs.batch_size)
 
 
 def fit_covariances(
@@ -144,20 +152,31 @@ def fit_covariances(
     key: Sequence[int] = (0,),
     on_chunk: Callable[[], None] = lambda: None,
 ) -> dict[str, LayerCovariances]:
-    """A and S per tracked layer, averaged over the models; model i's labels are keyed by (*key, i)."""
-    input_sums: LayerMatrices = {}
-    grad_sums: LayerMatrices = {}
-    positions: dict[str, int] = {}
+    """A and S per tracked layer, averaged over the models; model i's labels are keyed by (*key, i).
+
+    Under torch.distributed each rank sums over its rows and the sums are all-reduced.
+    """
+    shapes = {name: layer_shape(module) for name, module in inputs.task.tracked_modules(models[0]).items()}
+    like = next(models[0].parameters())  # the sums' dtype and device
+    input_sums = {name: like.new_zeros(d_in, d_in) for name, (_, d_in) in shapes.items()}
+    grad_sums = {name: like.new_zeros(d_out, d_out) for name, (d_out, _) in shapes.items()}
+    positions = like.new_zeros(len(shapes), dtype=torch.float64)  # per layer, examples × positions
+    rows = local_rows(len(inputs.train_y))
     for index, model in enumerate(models):
-        for _, layers in loss_layer_batches(model, inputs, fisher, (*key, index)):
-            for layer in layers:
+        for _, layers in loss_layer_batches(model, inputs, fisher, (*key, index), rows):
+            for position, layer in enumerate(layers):
                 a, g = layer.inputs.flatten(0, 1), layer.output_grads.flatten(0, 1)
-                input_sums[layer.name] = a.T @ a + input_sums.get(layer.name, 0)
-                grad_sums[layer.name] = g.T @ g + grad_sums.get(layer.name, 0)
-                positions[layer.name] = len(a) + positions.get(layer.name, 0)
+                input_sums[layer.name].addmm_(a.T, a)
+                grad_sums[layer.name].addmm_(g.T, g)
+                positions[position] += len(a)
             on_chunk()
+    for total in (*input_sums.values(), *grad_sums.values(), positions):
+        all_reduce_sum(total)
     n_examples = len(models) * len(inputs.train_y)
-    return {name: LayerCovariances(input_sums[name] / positions[name], grad_sums[name] / n_examples) for name in input_sums}
+    return {
+        name: LayerCovariances(input_sums[name] / positions[position].item(), grad_sums[name] / n_examples)
+        for position, name in enumerate(shapes)
+    }
 
 
 def _symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,13 +260,13 @@ def fit_corrected_eigenvalues(
     key: Sequence[int] = (0, 0),
     on_chunk: Callable[[], None] = lambda: None,
 ) -> LayerMatrices:
-    """EK-FAC eigenvalues Λ* = E_m[(Q_Sᵀ ∇W_m Q_A)²] (d_out, d_in) per layer at one model."""
-    sums: LayerMatrices = {}
-    for _, layers in loss_layer_batches(model, inputs, fisher, key):
+    """EK-FAC eigenvalues Λ* = E_m[(Q_Sᵀ ∇W_m Q_A)²] (d_out, d_in) per layer at one model (rows sharded as fit_covariances)."""
+    sums = {name: basis.q_out.new_zeros(len(basis.q_out), len(basis.q_in)) for name, basis in bases.items()}
+    for _, layers in loss_layer_batches(model, inputs, fisher, key, local_rows(len(inputs.train_y))):
         for layer in layers:
-            sums[layer.name] = squared_rotated_sums(layer, bases[layer.name]) + sums.get(layer.name, 0)
+            sums[layer.name] += squared_rotated_sums(layer, bases[layer.name])
         on_chunk()
-    return {name: total / len(inputs.train_y) for name, total in sums.items()}
+    return {name: all_reduce_sum(total) / len(inputs.train_y) for name, total in sums.items()}
 
 
 def _rows(layer: LayerBatch, rows: slice) -> LayerBatch:

@@ -1,15 +1,24 @@
-"""Sharding train-side work by index ranges over the processes of a torch.distributed group.
+"""Sharding work over processes: by index ranges in a torch.distributed group, by items under torchrun.
 
-Under `torchrun` (or any initialised process group: gloo on CPU, NCCL on GPU) rank r of W takes
-the rows `shard_range(n, r, W)` of the training set, computes its per-example results, and the
-shards are all-gathered so that every rank (rank 0 included, which merges and stores) holds the
-whole result in row order. With no process group the same code computes every row in one process.
+Train-side passes (TRAK featurization, EK-FAC / SOURCE factor fitting): under `torchrun` with an
+initialised process group (gloo on CPU, NCCL on GPU) rank r of W takes the rows
+`shard_range(n, r, W)` of the training set; per-example results are all-gathered in row order
+(`sharded_rows`) and sums are all-reduced (`all_reduce_sum`), so every rank, rank 0 included
+(which merges and stores), holds the whole result. With no process group the same code computes
+every row in one process.
+
+Retraining jobs (LDS ground truth, counterfactual checks) need no process group: each model is
+an independent file in the workspace, so rank r of torchrun's RANK / WORLD_SIZE computes items
+r, r + W, ... (`torchrun_shard`) and every rank waits for the others' files (`wait_for_files`).
 
     torchrun --nproc-per-node 2 my_script.py   # each process calls methods as usual
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,3 +59,27 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
 def sharded_rows(n: int, compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """compute(rows) -> (len(rows), ...) for all n rows: this rank's share here, the rest gathered."""
     return gather_rows(compute(local_rows(n)), n)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of tensor over the ranks (in place, returned); the tensor itself without a process group."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def torchrun_shard() -> tuple[int, int]:
+    """(rank, world size) from torchrun's RANK / WORLD_SIZE environment; (0, 1) outside torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def wait_for_files(paths: Iterable[Path], poll_seconds: float = 0.5) -> None:
+    """Return once every path exists: the other ranks' shares of a sharded job are written."""
+    missing = list(paths)
+    while missing:
+        missing = [path for path in missing if not path.exists()]
+        if missing:
+            time.sleep(poll_seconds)

@@ -1,6 +1,11 @@
 """The counterfactual check removes exactly the chosen examples, is seeded, stored and resumable."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -112,7 +117,7 @@ def test_result_is_stored_and_a_killed_check_resumes_from_finished_retrains(two_
     settings = CounterfactualSettings(k=4, n_random=2, seeds=(0,), random_seed=9)
 
     def kill_after_two(done, total):
-        if done == 3:  # the base (stored model) and two retrains are finished
+        if done == 2:  # two retrains are finished (the base is the stored final model, no retrain)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -156,3 +161,25 @@ def test_query_outcome_is_the_correct_class_margin_and_argmax():
     margin, prediction = query_outcome(model, torch.tensor([[2.0, 1.0]]), 1)
     assert prediction == 0
     assert margin == pytest.approx(1.0 - float(torch.logsumexp(torch.tensor([2.0, 0.0]), 0)))
+
+
+SHARD_SCRIPT = """
+import sys
+from attribution_core.evaluation.counterfactual import CounterfactualSettings, counterfactual
+from attribution_core.training import load_run
+counterfactual(load_run(sys.argv[1], "two-stage"), 3, "graddot", settings=CounterfactualSettings(k=4, n_random=2, seeds=(0, 1)))
+"""
+
+
+@pytest.mark.slow  # two rank processes, each importing torch
+def test_torchrun_ranks_share_the_retrains_and_agree_with_one_process(two_stage_run, tmp_path):
+    sharded_root = tmp_path / "sharded"
+    shutil.copytree(two_stage_run.workspace.root, sharded_root)
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(sharded_root)], env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"})
+        for rank in (0, 1)
+    ]
+    assert [rank.wait(timeout=180) for rank in ranks] == [0, 0]
+    settings = CounterfactualSettings(k=4, n_random=2, seeds=(0, 1))
+    sharded = counterfactual(training.load_run(sharded_root, "two-stage"), QUERY, "graddot", settings=settings)
+    assert sharded == counterfactual(two_stage_run, QUERY, "graddot", settings=settings)

@@ -5,18 +5,19 @@ removed from the training set, the run's whole pipeline is retrained with the sa
 seeds, and the query's correct-class margin and predicted class are compared with those of the
 model trained on everything, and with k random removals. Stored as JSON under
 runs/<id>/counterfactual/<key>/: each finished retrain as its own small file (a killed check
-resumes), result.json with the manifest at the end.
+resumes, and torchrun ranks share the retrains: distributed.py), result.json with the manifest at
+the end.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..api import attribute
+from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
 from ..methods.base import ProgressFn, no_progress
 from ..projection import check_settings
@@ -102,15 +103,12 @@ def query_outcome(model: torch.nn.Module, x: torch.Tensor, label: int) -> tuple[
     return float(correct_class_margin(logits, torch.tensor([label], device=logits.device))[0]), int(logits.argmax(1)[0])
 
 
-def _outcome(artifact: Artifact, name: str, train: Callable[[], torch.nn.Module], x: torch.Tensor, label: int) -> tuple[float, int]:
-    """A stored retrain outcome, or train a model, measure the query, store the outcome."""
-    path = artifact.path(f"{name}.json")
-    if path.exists():
-        stored = read_json(path)
-        return stored["margin"], stored["prediction"]
-    margin, prediction = query_outcome(train(), x, label)
-    atomic_write_json(path, {"margin": margin, "prediction": prediction})
-    return margin, prediction
+def _retrained_outcome(run: Run, artifact: Artifact, name: str, keep: np.ndarray, seed_offset: int, x: torch.Tensor, label: int) -> None:
+    """Retrain without the removed examples, measure the query, store the outcome as name.json."""
+    with one_thread():  # see lds.one_thread: small models retrain faster on one thread
+        model = retrain(run, keep, seed=run.recipe.seed + seed_offset)
+    margin, prediction = query_outcome(model, x, label)
+    atomic_write_json(artifact.path(f"{name}.json"), {"margin": margin, "prediction": prediction})
 
 
 def counterfactual(
@@ -140,27 +138,30 @@ def counterfactual(
         return CounterfactualResult(**read_json(artifact.path("result.json")))
 
     x, label = test_set.x[query : query + 1], int(test_set.y[query])
-    total, done = (len(removed) + 1) * len(settings.seeds), 0
-
-    def measured(name: str, keep: np.ndarray, seed_offset: int) -> tuple[float, int]:
-        nonlocal done
-        if seed_offset == 0 and keep.all():
-            # Retraining on everything with the run's own seed reproduces its final checkpoint: reuse it.
-            outcome = query_outcome(run.load_model(-1), x, label)
-        else:
-            with one_thread():  # see lds.one_thread: small models retrain faster on one thread
-                outcome = _outcome(artifact, name, lambda: retrain(run, keep, seed=run.recipe.seed + seed_offset), x, label)
-        done += 1
-        progress(done, total)
-        return outcome
-
     everything = np.ones(len(train_set), dtype=bool)
-    base = [measured(f"base_s{seed}", everything, seed) for seed in settings.seeds]
-    outcomes = {}
+    keeps = {"base": everything}
     for kind, indices in removed.items():
-        keep = everything.copy()
-        keep[indices] = False
-        outcomes[kind] = [measured(f"{kind}_s{seed}", keep, seed) for seed in settings.seeds]
+        keeps[kind] = everything.copy()
+        keeps[kind][indices] = False
+    jobs = [(f"{kind}_s{seed}", keep, seed) for kind, keep in keeps.items() for seed in settings.seeds]
+    # Retraining on everything with the run's own seed reproduces its final checkpoint: reuse it.
+    reused = query_outcome(run.load_model(-1), x, label) if 0 in settings.seeds else None
+    retrained = [(name, keep, seed) for name, keep, seed in jobs if name != "base_s0"]
+    rank, world = torchrun_shard()  # under torchrun, rank r retrains jobs r, r + W, ...
+    mine = retrained[rank::world]
+    done = sum(artifact.path(f"{name}.json").exists() for name, _, _ in mine)
+    for name, keep, seed in mine:
+        if not artifact.path(f"{name}.json").exists():
+            _retrained_outcome(run, artifact, name, keep, seed, x, label)
+            done += 1
+            progress(done, len(mine))
+    wait_for_files(artifact.path(f"{name}.json") for name, _, _ in retrained)  # the other ranks' shares
+    stored = {name: read_json(artifact.path(f"{name}.json")) for name, _, _ in retrained}
+    outcome = {name: (value["margin"], value["prediction"]) for name, value in stored.items()} | (
+        {"base_s0": reused} if reused is not None else {}
+    )
+    base = [outcome[f"base_s{seed}"] for seed in settings.seeds]
+    outcomes = {kind: [outcome[f"{kind}_s{seed}"] for seed in settings.seeds] for kind in removed}
     result = CounterfactualResult(
         query=query, method=method, k=count, true_label=label,
         base_margins=[margin for margin, _ in base], removed=removed,

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
 from ..methods.base import ProgressFn, no_progress
 from ..projection import check_settings
@@ -34,9 +33,6 @@ from ..scores import Scores
 from ..store import Artifact, atomic_save_npy, content_key, load_npy
 from ..task import correct_class_margin
 from ..training import Run, load_run, retrain
-
-POLL_SECONDS = 0.5
-"""How often a torchrun rank looks for the other ranks' margin files."""
 
 
 @dataclass(frozen=True)
@@ -177,11 +173,6 @@ def _worker_model(directory: str, mask: np.ndarray, subset: int, seed_offset: in
     _compute_model(_WORKER_RUN, Artifact(Path(directory)), mask, subset, seed_offset, device)
 
 
-def _torchrun_shard() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _compute_missing(run: Run, artifact: Artifact, masks: np.ndarray, todo: list[tuple[int, int]], *,
                      done: int, total: int, progress: ProgressFn, workers: int, device: str) -> None:
     """Compute the listed models, in this process or a spawned pool, reporting each one finished."""
@@ -230,14 +221,13 @@ def groundtruth(
     masks = subset_masks(len(train_set), settings)
     if not artifact.path("masks.npy").exists():
         atomic_save_npy(artifact.path("masks.npy"), masks)
-    rank, world = _torchrun_shard()
+    rank, world = torchrun_shard()
     models = _all_models(settings)
     mine = [(m, s) for m, s in models if m % world == rank]
     todo = [(m, s) for m, s in mine if not artifact.path(_model_file(m, s)).exists()]
     _compute_missing(run, artifact, masks, todo, done=len(mine) - len(todo), total=len(mine),
                      progress=progress, workers=workers, device=device)
-    while not all(artifact.path(_model_file(m, s)).exists() for m, s in models):
-        time.sleep(POLL_SECONDS)  # other torchrun ranks are still retraining their share
+    wait_for_files(artifact.path(_model_file(m, s)) for m, s in models)  # the other ranks' shares
     with artifact.lock():
         if not artifact.is_complete():
             _merge(artifact, run, settings, key)

@@ -63,12 +63,15 @@ class AttributionInputs:
     progress: ProgressFn = no_progress
     segments: list[Segment] | None = None
 
-    def train_batches(self):
-        """(start, x, y) chunks of the training set on the device, batch_size at a time."""
-        n = len(self.train_y)
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            yield start, self.train_x[start:stop].to(self.device), self.train_y[start:stop].to(self.device)
+    def train_batches(self, rows: slice | None = None):
+        """(start, x, y) chunks of the training set (or of its rows) on the device, batch_size at a time.
+
+        start is the chunk's index in the whole training set.
+        """
+        first, stop = (0, len(self.train_y)) if rows is None else (rows.start, rows.stop)
+        for start in range(first, stop, self.batch_size):
+            end = min(start + self.batch_size, stop)
+            yield start, self.train_x[start:end].to(self.device), self.train_y[start:end].to(self.device)
 
 
 class Method(Protocol):

@@ -32,6 +32,7 @@ from ..curvature import (
     fit_covariances,
     layer_slices,
     load_basis,
+    local_chunks,
     query_block_size,
     rotated_query_gradients,
     stream_rotated_products,
@@ -78,7 +79,7 @@ class Influence:
         """Per layer '{layer}/q_in', 'q_out', 'eig_in', 'eig_out', 'eigenvalues' (d_out, d_in) and 'damping' (1,)."""
         s, model = self.settings, inputs.checkpoints[-1]
         passes = 2 if s.curvature == "ekfac" else 1
-        progress = Progress(inputs.progress, passes * n_chunks(len(inputs.train_y), inputs.batch_size))
+        progress = Progress(inputs.progress, passes * local_chunks(inputs))
         bases = eigenbasis(fit_covariances([model], inputs, fisher=s.fisher, key=(s.seed,), on_chunk=progress.step))
         if s.curvature == "ekfac":  # key (seed, 0): the same sampled labels as the covariance pass
             eigenvalues = fit_corrected_eigenvalues(model, bases, inputs, fisher=s.fisher, key=(s.seed, 0), on_chunk=progress.step)

@@ -54,6 +54,7 @@ from ..curvature import (
     fit_covariances,
     layer_slices,
     load_basis,
+    local_chunks,
     query_block_size,
     rotated_gradients,
     rotated_query_gradients,
@@ -169,7 +170,7 @@ class Source:
         """Per segment ℓ: 'segment{ℓ}/{layer}/…' bases and averaged eigenvalues, 'segment{ℓ}/lr_sum' (1,)."""
         s, segments = self.settings, self._segments(inputs)
         n_passes = 2 * sum(len(segment.checkpoints) for segment in segments)
-        progress = Progress(inputs.progress, n_passes * n_chunks(len(inputs.train_y), inputs.batch_size))
+        progress = Progress(inputs.progress, n_passes * local_chunks(inputs))
         state: TrainState = {}
         for index, segment in enumerate(segments):
             covariances = fit_covariances(segment.checkpoints, inputs, fisher=s.fisher, key=(s.seed, index), on_chunk=progress.step)
