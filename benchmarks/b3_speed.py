@@ -57,7 +57,7 @@ class Scale:
     repeats: int  # best-of repetitions of the fast jobs
 
 
-FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_000, curvature_examples=None,
+FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_000, curvature_examples=10_000,
              scaling=(5_000, 10_000, 20_000, 60_000), lds_subsets=100, repeats=2)
 QUICK = Scale(k=512, max_train=2_000, slow_examples=256, kronfluence_examples=1_000, curvature_examples=1_000,
               scaling=(1_000, 2_000, 4_000), lds_subsets=20, repeats=1)
@@ -264,15 +264,16 @@ def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bo
     return rows
 
 
-def scaling_series(setting: Setting, scale: Scale, device: torch.device) -> list[tuple[int, float, float]]:
-    """(N, seconds, µs per example) of Kronecker featurization for growing N (repeating the data past its size)."""
+def scaling_series(setting: Setting, scale: Scale, device: torch.device) -> list[tuple[int, float, float, float, float]]:
+    """(N, seconds, µs per example, peak MB, N·k in MB) of Kronecker featurization for growing N (data repeated past its size)."""
     model = seeded(setting.build, 0, device)
     series = []
     for n in scale.scaling:
         index = torch.arange(n) % len(setting.train)
         inputs = inputs_for([model], setting.train.x[index], setting.train.y[index], device)
-        seconds, _ = measure(lambda inputs=inputs: trak_features(inputs, scale.k, "kronecker"), device)
-        series.append((n, seconds, 1e6 * seconds / n))
+        seconds, peak = measure(lambda inputs=inputs: trak_features(inputs, scale.k, "kronecker"), device)
+        series.append((n, seconds, 1e6 * seconds / n, peak, n * scale.k * 4 / 2**20))
+        del inputs
     return series
 
 
@@ -322,25 +323,29 @@ def main() -> None:
     models, data_note = settings(scale)
     rows = [row for setting in models for row in model_rows(setting, scale, device, anchors)]
     series = scaling_series(models[1], scale, device)
+    n_params = sum(parameter.numel() for parameter in models[1].build().parameters())
     with workspace_root(args.workspace) as root:
         quality = lds_kron_vs_dense(scale, Workspace(root))
     body = (
         f"Device: {device}. {data_note} Randomly initialised models; batch {BATCH} for every job; k = {scale.k}. "
         f"Dense projections (ours, traker's CPU projector) are timed on the first {scale.slow_examples} examples, "
         f"kronfluence's factor fit on the first {scale.kronfluence_examples}, ours on the first "
-        f"{scale.curvature_examples or 'all'}: all are linear in N. SOURCE: one segment of "
+        f"{scale.curvature_examples or 'all'} (both fits include the eigendecompositions, a cost that does not grow with N): "
+        "the per-example work is linear in N. SOURCE: one segment of "
         "two checkpoints (a covariance and an eigenvalue pass per checkpoint), counted as examples × checkpoints. "
         "Scoring: projected gradients of 1,000 test queries times the precomputed (N, k) features. Peak memory: "
         "the process RSS (CPU) or torch.cuda.max_memory_allocated (GPU) during the job. Fast jobs: best of "
         f"{scale.repeats}.\n\n" + main_table(rows) + "\n\nOurs against the anchors (same job, same batch size and k):\n\n"
         + anchor_table(rows) + f"\n\nScaling of Kronecker TRAK featurization, {models[1].name}:\n\n"
-        + markdown_table(["N", "seconds", "µs / example"], series)
+        + markdown_table(["N", "seconds", "µs / example", "peak MB (process)", "features N·k·4 bytes, MB"], series)
+        + "\n\nThe process's peak includes the data set itself (N × 784 floats, repeated) and the interpreter; "
+        f"per-example gradients (N × {n_params:,} floats: {n_params * 4000 / 2**30:.1f} GB at N = 1,000) are never formed."
         + f"\n\nLDS on B1's digits run ({scale.lds_subsets} subsets), TRAK at k = {quality['k']}: "
         f"Kronecker {quality['kron']:.3f}, dense {quality['dense']:.3f} (difference {quality['kron'] - quality['dense']:+.3f}; "
         "bar: within 0.01)."
     )
     payload = {"device": str(device), "rows": [row.as_json() for row in rows], "lds_kron_vs_dense": quality,
-               "scaling": [{"n": n, "seconds": seconds} for n, seconds, _ in series]}
+               "scaling": [{"n": n, "seconds": seconds, "peak_mb": peak} for n, seconds, _, peak, _ in series]}
     report("b3", "B3 · Speed and memory", body, args, payload)
 
 

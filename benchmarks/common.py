@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attribution_core.store import atomic_write_bytes, file_lock
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ANCHORS = {"traker": "trak", "kronfluence": "kronfluence"}
 """The anchor libraries: package name (what pip installs) -> module name (what Python imports)."""
@@ -100,6 +102,14 @@ def machine() -> str:
     return f"{cores}-core {_cpu_name()}{gpu}, {platform.system()} {platform.release()}"
 
 
+LOAD_AT_START = os.getloadavg()[0]
+
+
+def load() -> str:
+    """The machine's 1-minute load average when the benchmark started and now: timings on a busy machine are slower."""
+    return f"load average {LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+
+
 def versions() -> str:
     """Python, torch, numpy and, where installed, the anchor libraries."""
     from importlib.metadata import PackageNotFoundError, version
@@ -123,12 +133,13 @@ def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, headed by date, machine, versions, command."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (f"{begin}\n## {title}\n\n- date: {stamp}\n- machine: {machine()}\n- versions: {versions()}\n"
+    section = (f"{begin}\n## {title}\n\n- date: {stamp}\n- machine: {machine()}; {load()}\n- versions: {versions()}\n"
                f"- command: `{command_line()}`\n\n{body.strip()}\n{end}")
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder; each replaces its own section.\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    with file_lock(RESULTS.with_name(".RESULTS.md.lock")):  # several benchmarks may finish at once
+        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder; each replaces its own section.\n"
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        atomic_write_bytes(RESULTS, text.encode())
 
 
 def report(name: str, title: str, body: str, args: argparse.Namespace, payload: dict) -> None:
