@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import agreed, barrier, rank_and_world
 from .errors import SettingsError
 from .methods.base import AttributionInputs, ProgressFn, Segment, no_progress
 from .scores import Scores
@@ -86,7 +87,8 @@ def make_settings(method: str, settings: Any = None):
     overrides = dict(entry.fixed_settings) | dict(settings or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(settings_class)}
     if unknown:
-        raise SettingsError(f"{method}: unknown settings {sorted(unknown)}")
+        known = ", ".join(f.name for f in dataclasses.fields(settings_class))
+        raise SettingsError(f"{method}: unknown settings {sorted(unknown)}; known settings: {known}")
     return settings_class(**overrides)
 
 
@@ -168,6 +170,11 @@ class Prepared:
     notes: list[str]
 
 
+def _store_state(artifact: Artifact, state: dict[str, torch.Tensor], manifest: dict) -> None:
+    save_tensors(artifact.path("state.safetensors"), state)
+    artifact.commit(manifest)
+
+
 def prepare(
     run: Run,
     method: str = "trak",
@@ -188,11 +195,17 @@ def prepare(
     inputs, notes = _inputs(run, method, settings, checkpoints, device, progress, task or Task(), batch_size)
     state_key = train_state_key(run, method, settings, checkpoints)
     artifact = run.workspace.artifact(run.run_id, "features", state_key)
-    with artifact.lock():  # a second process computing the same state waits, then reuses it
-        if not artifact.is_complete():
-            save_tensors(artifact.path("state.safetensors"), method_object.fit(inputs))
-            artifact.commit({"key": state_key, "method": method, "settings": dataclasses.asdict(settings),
-                             "checkpoints": checkpoints})
+    manifest = {"key": state_key, "method": method, "settings": dataclasses.asdict(settings), "checkpoints": checkpoints}
+    if rank_and_world()[1] == 1:
+        with artifact.lock():  # a second process computing the same state waits, then reuses it
+            if not artifact.is_complete():
+                _store_state(artifact, method_object.fit(inputs), manifest)
+    elif agreed(not artifact.is_complete()):  # every rank takes part in the sharded fit; rank 0 stores it
+        fitted = method_object.fit(inputs)
+        if rank_and_world()[0] == 0:
+            with artifact.lock():
+                _store_state(artifact, fitted, manifest)
+        barrier()
     state = {name: tensor.to(device) for name, tensor in load_tensors(artifact.path("state.safetensors")).items()}
     return Prepared(method, settings, checkpoints, method_object, inputs, state, state_key, notes)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
 from .methods.base import ProgressFn
 from .store import Workspace
@@ -82,8 +83,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     stages = tuple(Stage(**parse_stage(text, defaults)) for text in args.stage) if args.stage else (Stage(**defaults),)
     policy = CheckpointPolicy(every_epochs=None, count=args.checkpoints) if args.checkpoints else CheckpointPolicy(every_epochs=args.checkpoint_every)
     recipe = Recipe(stages, seed=args.seed, checkpoints=policy)
+    workspace = Workspace(args.workspace)
+    workspace.run_dir(args.run_id, must_exist=False)  # refuse a bad run id before drawing the progress bar
     with tqdm_progress(f"train {args.run_id}") as progress:
-        run = train(data, model, recipe, Workspace(args.workspace), args.run_id, device=args.device, progress=progress)
+        run = train(data, model, recipe, workspace, args.run_id, device=args.device, progress=progress)
     print(f"run {run.run_id}: test accuracy {run.metrics['test_accuracy']:.3f}, {len(run.checkpoints)} checkpoints")
 
 
@@ -336,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `tdx`."""
     args = build_parser().parse_args(argv)
+    init_from_torchrun()  # under torchrun, train-side passes and retrains are shared by the ranks
     try:
         args.handler(args)
     except TdxError as exc:

@@ -83,3 +83,29 @@ def wait_for_files(paths: Iterable[Path], poll_seconds: float = 0.5) -> None:
         missing = [path for path in missing if not path.exists()]
         if missing:
             time.sleep(poll_seconds)
+
+
+def init_from_torchrun() -> bool:
+    """Join torchrun's process group (NCCL on GPUs, one per local rank; gloo otherwise); False outside torchrun."""
+    if torchrun_shard()[1] == 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # device "cuda" is then this rank's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def agreed(flag: bool) -> bool:
+    """Rank 0's flag on every rank (the flag itself without a process group): one decision for a collective job."""
+    if rank_and_world()[1] == 1:
+        return flag
+    decision = torch.tensor([int(flag)])
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()

@@ -161,7 +161,11 @@ def run_trials(n_trials: int, seed: int = 0, jobs: list[Job] = JOBS) -> list[Tri
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="tdx-faults-") as directory:
         injector = FaultInjector(Path(directory))
-        return [injector.trial(jobs[index % len(jobs)], rng) for index in range(n_trials)]
+        trials = []
+        for index in range(n_trials):
+            trials.append(injector.trial(jobs[index % len(jobs)], rng))
+            print(f"trial {index + 1}/{n_trials}: {trials[-1]}", flush=True)
+        return trials
 
 
 def summary(trials: list[Trial]) -> dict:

@@ -1,17 +1,25 @@
 """Sharded train-side passes over two gloo processes equal one process; mixed precision stays close."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers_methods import attribution_inputs, cnn, data, mlp
 
+from attribution_core.api import attribute
 from attribution_core.distributed import rank_and_world, shard_range, sharded_rows, torchrun_shard
 from attribution_core.methods.base import AttributionInputs, Segment
 from attribution_core.methods.influence import Influence
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
+from attribution_core.training import load_run
 
 N_TRAIN = 37  # not a multiple of the world size or of the batch size
 
@@ -92,3 +100,18 @@ def test_bfloat16_features_correlate_with_float32():
     correlation = torch.corrcoef(torch.stack([features[None], features["bfloat16"]]))[0, 1]
     assert features["bfloat16"].dtype == torch.float32
     assert correlation > 0.99
+
+
+@pytest.mark.slow  # two torchrun ranks, each importing torch
+def test_tdx_attribute_under_torchrun_stores_the_scores_of_one_process(demo_workspace, tmp_path):
+    single_root, sharded_root = tmp_path / "single", tmp_path / "sharded"
+    for root in (single_root, sharded_root):
+        shutil.copytree(demo_workspace.root, root)
+    command = ["attribute", "fmnist-mlp", "--method", "ekfac", "--queries", "0-3"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000)]
+    subprocess.run([*torchrun, "-m", "attribution_core.cli", *command, "--workspace", str(sharded_root)], check=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    single = attribute(load_run(single_root, "fmnist-mlp"), "ekfac", queries=[0, 1, 2, 3])
+    sharded = attribute(load_run(sharded_root, "fmnist-mlp"), "ekfac", queries=[0, 1, 2, 3])
+    assert sharded.key == single.key and sharded.settings == single.settings
+    np.testing.assert_allclose(sharded.values, single.values, rtol=1e-3, atol=1e-3 * np.abs(single.values).max())
