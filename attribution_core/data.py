@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import zipfile
 import zlib
@@ -47,6 +48,10 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+UPLOAD_LIMIT_MB = 5
+"""Largest uploaded image accepted, in MB; .streamlit/config.toml's server.maxUploadSize says the same."""
+UPLOAD_LIMIT_PIXELS = 4096 * 4096
+"""Largest uploaded image accepted, in pixels: checked from the header, before decoding (a small PNG can decode to gigabytes)."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,26 @@ def image_to_input(image: np.ndarray | Image.Image, like: Dataset) -> torch.Tens
         raise DataError(f"uploaded image cannot be converted ({exc}); upload a PNG or JPEG picture") from exc
     pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
+
+
+def read_uploaded_image(name: str, data: bytes, limit_mb: int = UPLOAD_LIMIT_MB) -> Image.Image:
+    """An uploaded file as a decoded image; too large (bytes or pixels) or not an image is a DataError naming it."""
+    if len(data) > limit_mb * 2**20:
+        raise DataError(f"{name} is {len(data) / 2**20:.1f} MB; images up to {limit_mb} MB are accepted: upload a smaller PNG or JPEG")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > UPLOAD_LIMIT_PIXELS:
+            raise DataError(
+                f"{name} has {image.width}x{image.height} pixels, more than {UPLOAD_LIMIT_PIXELS:,}; "
+                "downscale it and upload a smaller PNG or JPEG"
+            )
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name} has too many pixels ({exc}); downscale it and upload a smaller PNG or JPEG") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DataError(f"{name} is not a readable image ({reason}); upload a PNG or JPEG file") from exc
+    return image
 
 
 def read_idx(path: str | Path, kind: str) -> np.ndarray:
@@ -381,7 +406,7 @@ def _make_dataset(
     if len(x) == 0:
         raise DataError(f"{where}: the dataset is empty; it needs at least one example")
     if not torch.isfinite(x).all():
-        raise DataError(f"{where}: images contain NaN or infinite values; clean or drop those examples")
+        raise DataError(_nonfinite_message(x.numpy(), where))
     ids = np.arange(len(x), dtype=np.int64) if ids is None else np.asarray(ids)
     if ids.shape != (len(x),) or not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"{where}: ids must be {len(x)} integers, one per example, got shape {ids.shape} of {ids.dtype}")
@@ -414,12 +439,19 @@ def _images_to_tensor(images: np.ndarray, where: str) -> tuple[torch.Tensor, np.
     elif np.issubdtype(array.dtype, np.floating):
         x = array.astype(np.float32)
         if not np.isfinite(x).all():
-            raise DataError(f"{where}: images contain NaN or infinite values; clean or drop those examples")
+            raise DataError(_nonfinite_message(x, where))
         display = _display_from_float(x)
     else:
         raise DataError(f"{where}: images have dtype {array.dtype}; use uint8 pixels or floats in [0, 1]")
     display = display[..., 0] if display.shape[-1] == 1 else display
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), display
+
+
+def _nonfinite_message(x: np.ndarray, where: str) -> str:
+    """Which examples (positions, the first five) hold NaN or infinite pixels."""
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    return f"{where}: images contain NaN or infinite values ({len(bad)} examples: {shown}); clean or drop those examples"
 
 
 def _display_from_float(x: np.ndarray) -> np.ndarray:
@@ -497,6 +529,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an npz file, refusing anything that needs pickle."""
     if not path.is_file():
         raise DataError(f"{path}: file not found; give the path of an .npz file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an npz file (no zip archive inside); save the arrays with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -557,6 +591,11 @@ def _split(labels: np.ndarray, spec: DataSpec, where: str, stratify: bool) -> tu
     """(train, test) positions by train_test_split over indices, so the split equals splitting the arrays themselves."""
     from sklearn.model_selection import train_test_split
 
+    if len(labels) < 2:
+        raise DataError(
+            f"{where}: holds {len(labels)} example; a train/test split needs at least 2: "
+            "add examples, or give a fixed split as x_test/y_test"
+        )
     try:
         return train_test_split(
             np.arange(len(labels)), test_size=spec.test_size, random_state=spec.split_seed,

@@ -133,11 +133,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise CheckpointError(f"missing checkpoint {path}") from exc
+        raise CheckpointError(f"missing checkpoint {path}: restore it from a copy or train the run again") from exc
     try:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}): it may be truncated or corrupt") from exc
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc}): it may be truncated or corrupt; "
+            "restore it from a copy or train the run again"
+        ) from exc
 
 
 def content_key(payload: Any) -> str:

@@ -255,7 +255,10 @@ def fit_model(
     per_stage = [stage_indices(stage, train_set.y, keep_mask) for stage in recipe.stages]
     for stage, indices in zip(recipe.stages, per_stage):
         if len(indices) == 0:
-            raise SettingsError(f"stage {stage.name!r} has no training examples left (classes={stage.classes})")
+            raise SettingsError(
+                f"stage {stage.name!r} has no training examples left (classes={stage.classes}); "
+                "choose classes the training data holds"
+            )
     steps_per_epoch = [math.ceil(len(indices) / stage.batch_size) for stage, indices in zip(recipe.stages, per_stage)]
     save_steps = _checkpoint_steps(recipe, steps_per_epoch)
     total_steps = sum(stage.epochs * spe for stage, spe in zip(recipe.stages, steps_per_epoch))
@@ -339,7 +342,10 @@ class Run:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise CheckpointError(f"{path} does not fit model {self.model.name} {self.model.options}: {exc}") from exc
+            raise CheckpointError(
+                f"{path} does not fit model {self.model.name} {self.model.options}: restore the checkpoint this run "
+                f"trained, or train the run again ({exc})"
+            ) from exc
         if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
             raise CheckpointError(f"{path} holds NaN or Inf weights: the run diverged; retrain with a lower learning rate")
         return model.to(device).eval()
@@ -352,7 +358,7 @@ class Run:
             if not path.is_file():
                 problems.append(f"missing checkpoint {path}")
             elif info.sha256 and (path.stat().st_size != info.size or file_sha256(path) != info.sha256):
-                problems.append(f"checkpoint {path} does not match the checksum recorded in run.json")
+                problems.append(f"checkpoint {path} does not match the checksum recorded in run.json: restore it or train the run again")
         return problems
 
     def to_json(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -44,24 +45,52 @@ def test_unknown_flag_kind_is_rejected(tmp_path):
 
 
 @pytest.mark.badinput
-def test_sql_looking_notes_are_stored_verbatim(tmp_path):
+def test_sql_looking_notes_are_stored_verbatim(tmp_path, record_property):
     annotations = Annotations(tmp_path / "a.sqlite")
     note = "'); DROP TABLE flags; -- \"quoted\""
     annotations.set_flag("r'; --", 1, "outlier", note=note)
+    annotations.set_flag("r", 2, "fine", note="x' OR '1'='1")
     assert annotations.flags("r'; --")[1].note == note
+    assert list(annotations.flags("r")) == [2] and annotations.flags("r")[2].note == "x' OR '1'='1"
     assert annotations.integrity_ok()
+    record_property("user_sees", f"no error: the note is saved and shown verbatim: {note}")
 
 
 @pytest.mark.badinput
-def test_csv_export_escapes_formula_cells(tmp_path):
+def test_csv_export_escapes_formula_cells(tmp_path, record_property):
     annotations = Annotations(tmp_path / "a.sqlite")
     annotations.set_flag("r", 4, "mislabeled", suggested_label=1, note="=HYPERLINK(\"http://x\")")
     annotations.set_flag("r", 5, "fine", note="@SUM(A1)")
+    annotations.set_flag("r", 6, "outlier", note="+1+cmd|' /C calc'!A0")
+    annotations.set_flag("r", 7, "ambiguous", note="-2+3")
+    annotations.set_flag("r", 8, "ambiguous", note="plain; a = b")
     rows = list(csv.DictReader(io.StringIO(annotations.export_csv("r", class_names=("zero", "one")))))
-    assert [row["example_id"] for row in rows] == ["4", "5"]
-    assert rows[0]["note"] == "'=HYPERLINK(\"http://x\")"
+    assert [row["example_id"] for row in rows] == ["4", "5", "6", "7", "8"]
     assert rows[0]["suggested_class"] == "one"
-    assert rows[1]["note"] == "'@SUM(A1)"
+    assert [row["note"] for row in rows] == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "'+1+cmd|' /C calc'!A0", "'-2+3", "plain; a = b"]
+    record_property("user_sees", "no error: exported note cells read " + ", ".join(row["note"] for row in rows[:4]))
+
+
+@pytest.mark.badinput
+def test_two_sessions_flagging_the_same_example_at_once_keep_one_whole_verdict(tmp_path, record_property):
+    path = tmp_path / "a.sqlite"
+    Annotations(path)
+    verdicts = {"A": ("mislabeled", 3, "session A"), "B": ("ambiguous", None, "session B")}
+    start = threading.Barrier(2)
+
+    def session(name: str) -> list[str]:
+        annotations, (kind, suggested, note) = Annotations(path), verdicts[name]
+        start.wait()
+        return [annotations.set_flag("r", 7, kind, suggested_label=suggested, note=note).kind for _ in range(50)]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        saved = list(pool.map(session, ["A", "B"]))
+    assert saved == [["mislabeled"] * 50, ["ambiguous"] * 50], "every write returned saved, none failed as locked"
+    flags = Annotations(path).flags("r")
+    assert list(flags) == [7]
+    assert (flags[7].kind, flags[7].suggested_label, flags[7].note) in verdicts.values()
+    assert Annotations(path).integrity_ok()
+    record_property("user_sees", f"no error: both sessions' flags are saved; the later one stands ({flags[7].note})")
 
 
 def test_concurrent_writers_lose_no_flag(tmp_path):

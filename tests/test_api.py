@@ -1,19 +1,26 @@
 """The front door: every method through attribute(), stored and reused, recomputed when inputs change."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from attribution_core import api
+from attribution_core.annotations import Annotations
 from attribution_core.api import METHODS, QueryBatch, attribute, self_influence
 from attribution_core.cli import main as tdx
 from attribution_core.data import DataSpec
-from attribution_core.errors import SettingsError
+from attribution_core.errors import SettingsError, WorkspaceError
 from attribution_core.methods.trak import Trak
 from attribution_core.models import ModelSpec
-from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Stage, train
+from attribution_core.store import FORMAT_VERSION, Workspace, atomic_write_json, load_tensors, save_tensors
+from attribution_core.training import CheckpointPolicy, Recipe, Stage, load_run, train
 
 SMALL_TRAK = {"k": 64}
 
@@ -104,8 +111,103 @@ def test_query_index_out_of_range_is_reported(run):
 
 @pytest.mark.badinput
 def test_unknown_setting_is_named(run):
-    with pytest.raises(SettingsError, match="unknown settings \\['kk'\\]"):
+    with pytest.raises(SettingsError, match="unknown settings \\['kk'\\]; known settings: k, "):
         attribute(run, "trak", settings={"kk": 3})
+
+
+def features_of(run, settings: dict):
+    """The features artifact of TRAK with these settings at its default checkpoints."""
+    key = api.train_state_key(run, "trak", api.make_settings("trak", settings), api.default_checkpoints(run, "trak"))
+    return run.workspace.artifact(run.run_id, "features", key)
+
+
+@pytest.mark.badinput
+def test_features_stored_by_an_older_format_version_are_recomputed_not_misread(run, monkeypatch, record_property):
+    settings = {"k": 40}
+    first = api.prepare(run, "trak", settings=settings, device="cpu")
+    artifact = features_of(run, settings)
+    # What an older version left under the same key: a state in another layout, its manifest one format back.
+    save_tensors(artifact.path("state.safetensors"), {"old_layout": torch.zeros(3)})
+    atomic_write_json(artifact.manifest_path, {**artifact.manifest(), "format": FORMAT_VERSION - 1})
+    fits, real_fit = [], Trak.fit
+    monkeypatch.setattr(Trak, "fit", lambda self, inputs: fits.append(1) or real_fit(self, inputs))
+    again = api.prepare(run, "trak", settings=settings, device="cpu")
+    assert fits == [1] and again.state_key == first.state_key
+    assert set(again.state) == set(first.state) and all(torch.equal(again.state[n], first.state[n]) for n in first.state)
+    assert artifact.manifest()["format"] == FORMAT_VERSION and artifact.verify()
+    record_property("user_sees", "no error: the older features are recomputed (a progress bar shows the work) and replaced")
+
+
+@pytest.mark.badinput
+def test_disk_full_while_storing_features_is_reported_and_nothing_is_half_written(run, monkeypatch):
+    settings = {"k": 48}
+    artifact = features_of(run, settings)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    message = f"disk full while writing {artifact.path('state.safetensors')}: free space and run again (nothing was changed)"
+    with pytest.raises(WorkspaceError, match=re.escape(message)):
+        attribute(run, "trak", queries=[0], settings=settings, device="cpu")
+    assert not artifact.is_complete() and list(artifact.directory.iterdir()) == []
+    monkeypatch.undo()
+    assert attribute(run, "trak", queries=[0], settings=settings, device="cpu").values.shape == (1, 200)
+    assert artifact.verify()
+
+
+SLOW_FIT = """
+import sys, time
+from attribution_core import api
+from attribution_core.methods.trak import Trak
+from attribution_core.training import load_run
+real_fit = Trak.fit
+def slow_fit(self, inputs):
+    print("computing", flush=True)
+    time.sleep(2)  # holds the lock while the test's own call arrives
+    return real_fit(self, inputs)
+Trak.fit = slow_fit
+api.prepare(load_run(sys.argv[1], sys.argv[2]), "trak", settings={"k": 56}, device="cpu")
+print("stored", flush=True)
+"""
+
+
+@pytest.mark.badinput
+def test_two_processes_computing_the_same_features_at_once_compute_them_once(run, monkeypatch, record_property):
+    other = subprocess.Popen([sys.executable, "-c", SLOW_FIT, str(run.workspace.root), run.run_id], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "computing"
+
+        def must_not_fit(self, inputs):
+            raise AssertionError("the features were computed twice")
+
+        monkeypatch.setattr(Trak, "fit", must_not_fit)
+        mine = api.prepare(run, "trak", settings={"k": 56}, device="cpu")  # waits for the other process, then reuses
+        assert other.wait(timeout=300) == 0 and other.stdout.read().strip() == "stored"
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    stored = load_tensors(features_of(run, {"k": 56}).path("state.safetensors"))
+    assert all(torch.equal(mine.state[name], stored[name]) for name in stored) and features_of(run, {"k": 56}).verify()
+    record_property("user_sees", "no error: the second process waits for the first, then reuses its stored features")
+
+
+@pytest.mark.badinput
+def test_a_workspace_path_with_spaces_and_non_ascii_characters_works(tmp_path, capsys, record_property):
+    root = tmp_path / "my wörk späce ✓ 数据"
+    data, model = DataSpec(source="digits", test_size=50, max_train=60), ModelSpec("mlp", {"hidden": [8]})
+    train(data, model, Recipe((Stage(epochs=1),)), Workspace(root), "spaced")
+    run_here = load_run(root, "spaced")
+    scores = attribute(run_here, "graddot", queries=[0, 1], device="cpu")
+    assert scores.values.shape == (2, 60) and np.isfinite(scores.values).all()
+    assert np.array_equal(attribute(load_run(root, "spaced"), "graddot", queries=[0, 1], device="cpu").values, scores.values)
+    Annotations(Workspace(root).annotations_path).set_flag("spaced", 3, "outlier", note="ünïcode ✓")
+    assert Annotations(root / "annotations.sqlite").flags("spaced")[3].note == "ünïcode ✓"
+    tdx(["runs", "--workspace", str(root), "--json"])
+    assert [entry["id"] for entry in json.loads(capsys.readouterr().out)] == ["spaced"]
+    assert run_here.verify() == [] and Workspace(root).root == root.resolve()
+    record_property("user_sees", f"no error: training, scores, flags and the CLI all work in {root.name!r}")
 
 
 def test_cli_attribute_prints_proponents_and_opponents(run, capsys):

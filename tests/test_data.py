@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import io
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from attribution_core.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
+    UPLOAD_LIMIT_MB,
     DataSpec,
     dataset_from_arrays,
     find_idx_files,
@@ -24,6 +28,7 @@ from attribution_core.data import (
     inject_label_noise,
     load_dataset,
     read_idx,
+    read_uploaded_image,
 )
 from attribution_core.errors import DataError, SettingsError
 
@@ -261,7 +266,7 @@ def test_wrong_magic_number(tmp_path):
 
 
 @pytest.mark.badinput
-@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("suffix", ["", ".gz"], ids=["plain", "gzipped"])
 def test_truncated_idx(tmp_path, suffix):
     path = write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", np.zeros((5, 4, 3), np.uint8))
     raw = gzip.decompress(path.read_bytes()) if suffix else path.read_bytes()
@@ -299,6 +304,8 @@ def test_npz_needing_pickle(tmp_path):
         ({"x": np.zeros((4, 2, 2), np.uint8)}, "'y'"),
         ({"x": np.zeros((4, 2, 2), np.uint8), "y": np.array([0, 1, 0, 1]), "x_test": np.zeros((1, 2, 2))}, "y_test"),
     ],
+    ids=["label out of range", "negative label", "fewer labels than images", "images of the wrong shape", "empty data set",
+         "NaN pixels", "fractional labels", "no labels", "x_test without y_test"],
 )
 def test_bad_npz(tmp_path, arrays, fragment):
     path = tmp_path / "bad.npz"
@@ -310,7 +317,8 @@ def test_bad_npz(tmp_path, arrays, fragment):
 def test_not_an_npz(tmp_path):
     path = tmp_path / "text.npz"
     path.write_text("hello")
-    assert_data_error(lambda: load_dataset(DataSpec(source="npz", path=str(path))), "text.npz")
+    assert_data_error(lambda: load_dataset(DataSpec(source="npz", path=str(path))),
+                      f"{path}: not an npz file (no zip archive inside); save the arrays with numpy.savez")
 
 
 @pytest.mark.badinput
@@ -319,16 +327,19 @@ def test_bad_image_folders(tmp_path):
     assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "root"))), "root", "no class folders")
     write_png(tmp_path / "root" / "a" / "0.png", (4, 4), 1)
     (tmp_path / "root" / "b").mkdir()
-    assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "root"))), "b", "empty")
+    assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "root"))),
+                      f"{tmp_path / 'root' / 'b'}: class folder is empty; add images or remove the folder")
     write_png(tmp_path / "root" / "b" / "0.png", (4, 4), 1)
     (tmp_path / "root" / "b" / "notes.txt").write_text("hello")
-    assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "root"))), "notes.txt", "not an image")
+    assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "root"))),
+                      f"{tmp_path / 'root' / 'b' / 'notes.txt'}: not an image Pillow can read", "remove it or convert it to PNG")
 
 
 @pytest.mark.badinput
 def test_bad_arrays_and_uploads():
     assert_data_error(lambda: dataset_from_arrays(np.zeros((0, 3, 3)), np.zeros(0), ["a"], where="upload.npz"), "upload.npz", "empty")
-    assert_data_error(lambda: dataset_from_arrays(np.full((2, 3, 3), np.inf), np.zeros(2, int), where="mine"), "mine", "NaN or infinite")
+    assert_data_error(lambda: dataset_from_arrays(np.full((2, 3, 3), np.inf), np.zeros(2, int), where="mine"),
+                      "mine: images contain NaN or infinite values (2 examples: 0, 1); clean or drop those examples")
     like = dataset_from_arrays(np.zeros((2, 3, 3), np.uint8), np.array([0, 1]))
     assert_data_error(lambda: image_to_input(np.zeros((2, 3, 3, 3)), like), "shape")
 
@@ -341,6 +352,8 @@ def test_bad_arrays_and_uploads():
         ({"max_train": 0}, "max_train"), ({"noise_fraction": -0.1}, "noise_fraction"), ({"split_seed": -1}, "split_seed"),
         ({"source": "npz"}, "path"), ({"source": "digits", "path": "x"}, "path"), ({"max_test": 2.5}, "max_test"),
     ],
+    ids=["unknown source", "test_size 1.5", "test_size 0", "max_train 0", "negative noise_fraction", "negative split_seed",
+         "npz without path", "digits with path", "fractional max_test"],
 )
 def test_bad_spec_fields_are_named(fields, name):
     with pytest.raises(SettingsError, match=name):
@@ -359,3 +372,66 @@ def test_corrupt_gzip_idx(tmp_path):
     raw[20:40] = b"x" * 20
     (tmp_path / "broken.gz").write_bytes(bytes(raw))
     assert_data_error(lambda: read_idx(tmp_path / "broken.gz", "images"), "broken.gz", "corrupt")
+
+
+@pytest.mark.badinput
+def test_one_example_cannot_be_split_but_a_given_split_of_one_each_loads(tmp_path):
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 2, 2), np.uint8), y=np.array([0]))
+    assert_data_error(lambda: load_dataset(DataSpec(source="npz", path=str(tmp_path / "one.npz"))),
+                      f"{tmp_path / 'one.npz'}: holds 1 example; a train/test split needs at least 2",
+                      "add examples, or give a fixed split as x_test/y_test")
+    write_png(tmp_path / "pics" / "cat" / "0.png", (4, 4), 1)
+    assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "pics"))),
+                      f"{tmp_path / 'pics'}: holds 1 example")
+    np.savez(tmp_path / "given.npz", x=np.zeros((1, 2, 2), np.uint8), y=np.array([0]), x_test=np.ones((1, 2, 2), np.uint8),
+             y_test=np.array([0]))
+    train, test = load_dataset(DataSpec(source="npz", path=str(tmp_path / "given.npz")))
+    assert (len(train), len(test)) == (1, 1)
+
+
+def png_without_pixels(width: int, height: int) -> bytes:
+    """A PNG of this size whose pixel data is missing: Pillow opens it (reading the size) but cannot decode it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    size = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", size) + chunk(b"IDAT", b"")
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"this is not an image", "notes.png is not a readable image (not a known image format); upload a PNG or JPEG file"),
+        (png_without_pixels(20, 20), "notes.png is not a readable image (image file is truncated); upload a PNG or JPEG file"),
+    ],
+    ids=["text file", "PNG without pixel data"],
+)
+def test_uploaded_file_that_is_not_an_image_is_refused_naming_it(data, message):
+    with pytest.raises(DataError) as info:
+        read_uploaded_image("notes.png", data)
+    assert str(info.value) == message
+
+
+@pytest.mark.badinput
+def test_uploaded_file_over_the_size_limit_is_refused_and_the_limit_matches_the_streamlit_config():
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == UPLOAD_LIMIT_MB == 5
+    with pytest.raises(DataError) as info:
+        read_uploaded_image("huge.png", png_without_pixels(20, 20) + bytes(6 * 2**20))
+    assert str(info.value) == "huge.png is 6.0 MB; images up to 5 MB are accepted: upload a smaller PNG or JPEG"
+    buffer = io.BytesIO()
+    Image.new("L", (3, 2), 7).save(buffer, format="PNG")
+    assert read_uploaded_image("small.png", buffer.getvalue()).size == (3, 2)
+
+
+@pytest.mark.badinput
+def test_uploaded_image_with_too_many_pixels_is_refused_before_decoding():
+    with pytest.raises(DataError) as info:
+        read_uploaded_image("bomb.png", png_without_pixels(30_000, 30_000))
+    assert str(info.value).startswith("bomb.png has too many pixels (Image size (900000000 pixels) exceeds limit")
+    assert str(info.value).endswith("downscale it and upload a smaller PNG or JPEG")
+    with pytest.raises(DataError) as info:  # below Pillow's own limit, above ours: refused from the header
+        read_uploaded_image("large.png", png_without_pixels(5_000, 5_000))
+    assert str(info.value) == "large.png has 5000x5000 pixels, more than 16,777,216; downscale it and upload a smaller PNG or JPEG"

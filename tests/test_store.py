@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,28 +75,64 @@ def test_safetensors_round_trip(tmp_path):
     assert torch.equal(loaded["w"], tensors["w"]) and torch.equal(loaded["b"], tensors["b"])
 
 
+class LeavesAMark:
+    """A pickle payload that, if ever unpickled, creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 @pytest.mark.badinput
 def test_pickle_checkpoint_is_refused_without_loading(tmp_path):
-    path = tmp_path / "model.pt"
-    path.write_bytes(pickle.dumps({"w": 1}))
-    with pytest.raises(CheckpointError, match="only .safetensors"):
+    path, marker = tmp_path / "model.pt", tmp_path / "unpickled"
+    path.write_bytes(pickle.dumps({"w": LeavesAMark(marker)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: only .safetensors files are loaded")) as info:
         load_tensors(path)
+    assert "convert it with safetensors.torch.save_file" in str(info.value)
+    assert not marker.exists()
 
 
 @pytest.mark.badinput
-def test_truncated_safetensors_names_the_file(tmp_path):
+def test_pickle_renamed_to_safetensors_is_refused_without_loading(tmp_path):
+    path, marker = tmp_path / "model.safetensors", tmp_path / "unpickled"
+    path.write_bytes(pickle.dumps({"w": LeavesAMark(marker)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} is not a valid safetensors file")):
+        load_tensors(path)
+    assert not marker.exists()
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("damage", ["truncated", "corrupt header", "empty"])
+def test_truncated_or_corrupt_safetensors_names_the_file(tmp_path, damage):
     path = tmp_path / "ckpt.safetensors"
     save_tensors(path, {"w": torch.ones(100, 100)})
-    path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="ckpt.safetensors"):
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:500], "corrupt header": data[:8] + b"}" * 16 + data[24:], "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} is not a valid safetensors file")) as info:
         load_tensors(path)
+    assert str(info.value).endswith("it may be truncated or corrupt; restore it from a copy or train the run again")
 
 
 @pytest.mark.badinput
-@pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "a/b", "..", "", ".hidden"])
+@pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "a/b", "..", "", ".hidden"],
+                         ids=["../evil", "/etc/passwd", "a/b", "..", "empty name", ".hidden"])
 def test_names_that_leave_the_workspace_are_rejected(name):
-    with pytest.raises(WorkspaceError, match="invalid"):
+    with pytest.raises(WorkspaceError, match=re.escape(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' only")):
         check_name(name)
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("name", ["../outside", "/tmp/absolute"])
+def test_run_id_or_file_name_that_leaves_the_workspace_is_refused_before_anything_is_written(tmp_path, name):
+    workspace = Workspace(tmp_path / "workspace")
+    with pytest.raises(WorkspaceError, match=re.escape(f"invalid run id {name!r}")):
+        workspace.run_dir(name, must_exist=False)
+    with pytest.raises(WorkspaceError, match=re.escape(f"invalid file name {name!r}")):
+        atomic_save_npy(Artifact(tmp_path / "workspace" / "scores" / "abc").path(name), np.ones(3))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.badinput
@@ -102,7 +140,7 @@ def test_unknown_run_lists_existing_runs(tmp_path):
     workspace = Workspace(tmp_path)
     (tmp_path / "runs" / "real-run").mkdir(parents=True)
     (tmp_path / "runs" / "real-run" / "run.json").write_text("{}")
-    with pytest.raises(UnknownRunError, match="runs: real-run"):
+    with pytest.raises(UnknownRunError, match=re.escape(f"no run 'missing' in workspace {tmp_path}; runs: real-run")):
         workspace.run_dir("missing")
 
 
@@ -141,7 +179,7 @@ def test_disk_full_is_reported_and_old_file_kept(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(WorkspaceError, match="disk full"):
+    with pytest.raises(WorkspaceError, match=re.escape(f"disk full while writing {target}: free space and run again")):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
@@ -154,5 +192,6 @@ def test_read_only_workspace_is_reported(tmp_path, monkeypatch):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr("tempfile.mkstemp", read_only)
-    with pytest.raises(WorkspaceError, match="read-only"):
+    with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {tmp_path / 'x'}: the workspace is read-only; pass a writable")):
         atomic_write_bytes(tmp_path / "x", b"1")
+    assert list(tmp_path.iterdir()) == []

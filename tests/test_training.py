@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from attribution_core.cli import main as tdx
 from attribution_core.data import DataSpec, load_dataset
-from attribution_core.errors import CheckpointError, SettingsError
+from attribution_core.errors import CheckpointError, SettingsError, WorkspaceError
 from attribution_core.models import ModelSpec, build_model
 from attribution_core.store import Workspace, save_tensors
 from attribution_core.training import CheckpointPolicy, Recipe, Stage, fit_model, load_run, retrain, train
@@ -117,21 +118,23 @@ def test_checkpoint_with_wrong_shapes_is_refused(two_stage_run, tmp_path):
     original = path.read_bytes()
     try:
         save_tensors(path, wrong)
-        with pytest.raises(CheckpointError, match="does not fit model"):
+        with pytest.raises(CheckpointError, match=re.escape(f"{path} does not fit model mlp {{'hidden': [16]}}: restore the checkpoint this run trained, or train the run again (Error(s) in loading")):
             two_stage_run.load_model(0)
     finally:
         path.write_bytes(original)
 
 
 @pytest.mark.badinput
-def test_checkpoint_with_nan_weights_is_refused(two_stage_run):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["NaN", "Inf"])
+def test_checkpoint_with_nan_or_inf_weights_is_refused(two_stage_run, value):
     path = two_stage_run.directory / "checkpoints" / two_stage_run.checkpoints[1].file
     original = path.read_bytes()
     state = two_stage_run.load_model(1).state_dict()
-    state["1.weight"][0, 0] = float("nan")
+    state["1.weight"][0, 0] = value
     try:
         save_tensors(path, state)
-        with pytest.raises(CheckpointError, match="NaN"):
+        message = f"{path} holds NaN or Inf weights: the run diverged; retrain with a lower learning rate"
+        with pytest.raises(CheckpointError, match=re.escape(message)):
             two_stage_run.load_model(1)
     finally:
         path.write_bytes(original)
@@ -148,7 +151,7 @@ def test_bad_recipe_values_name_the_field():
 @pytest.mark.badinput
 def test_stage_with_no_examples_left_is_reported(digits_train):
     recipe = Recipe((Stage(epochs=1, classes=(42,)),))
-    with pytest.raises(SettingsError, match="no training examples"):
+    with pytest.raises(SettingsError, match=re.escape("stage 'train' has no training examples left (classes=(42,)); choose classes")):
         fit_model(digits_train, SMALL_MLP, recipe)
 
 
@@ -165,12 +168,29 @@ def test_cli_demo_then_runs_json_lists_four_runs_with_trajectories(tmp_path, cap
 
 
 @pytest.mark.badinput
-def test_cli_unknown_run_is_a_clear_error(tmp_path, capsys):
-    (tmp_path / "runs").mkdir()
+def test_cli_run_id_that_leaves_the_workspace_is_a_clear_error_and_writes_nothing(tmp_path, capsys, record_property):
+    (tmp_path / "workspace" / "runs").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:
-        tdx(["train", "../escape", "--workspace", str(tmp_path), "--data", "digits", "--epochs", "1"])
+        tdx(["train", "../escape", "--workspace", str(tmp_path / "workspace"), "--data", "digits", "--epochs", "1"])
     assert exit_info.value.code == 2
-    assert "invalid run id" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    record_property("user_sees", error.strip())
+    assert error == "tdx: error: invalid run id '../escape': use letters, digits, '.', '_' and '-' only (no paths, no '..')\n"
+    assert [str(path.relative_to(tmp_path)) for path in sorted(tmp_path.rglob("*"))] == ["workspace", "workspace/runs"]
+
+
+@pytest.mark.badinput
+def test_training_into_a_read_only_workspace_is_reported_and_leaves_no_run(tmp_path, monkeypatch):
+    # Simulated: CI runs as root, which ignores directory permissions.
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    workspace = Workspace(tmp_path)
+    checkpoint = tmp_path / "runs" / "ro" / "checkpoints" / "ckpt_0000.safetensors"
+    with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {checkpoint}: the workspace is read-only; pass a writable --workspace")):
+        train(DIGITS, SMALL_MLP, Recipe((Stage(epochs=1),)), workspace, "ro")
+    assert workspace.run_ids() == [] and not any(path.is_file() for path in tmp_path.rglob("*"))
 
 
 def test_run_json_records_checkpoint_checksums_that_verify(two_stage_run):
@@ -179,11 +199,13 @@ def test_run_json_records_checkpoint_checksums_that_verify(two_stage_run):
 
 
 @pytest.mark.badinput
-def test_a_modified_checkpoint_fails_verification(two_stage_run):
+def test_a_modified_checkpoint_fails_verification(two_stage_run, record_property):
     path = two_stage_run.directory / "checkpoints" / two_stage_run.checkpoints[2].file
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-4] + b"\0\0\0\0")
-        assert "does not match" in two_stage_run.verify()[0]
+        problems = two_stage_run.verify()
+        record_property("user_sees", "; ".join(problems))
+        assert problems == [f"checkpoint {path} does not match the checksum recorded in run.json: restore it or train the run again"]
     finally:
         path.write_bytes(original)

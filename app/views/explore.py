@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from app.components import charts
 from app.components.context import optional_core_module
@@ -30,13 +29,14 @@ from app.components.methods import checkpoint_range, method_selectbox, segment_l
 from app.components.progress import progress_bar
 from app.components.queries import query_card, query_grid_item, query_order, query_selectbox, select_query
 from attribution_core.api import QueryBatch, attribute
+from attribution_core.data import UPLOAD_LIMIT_MB, read_uploaded_image
 from attribution_core.scores import Scores
 from attribution_core.training import Run
 
 PICKER_COLUMNS, PICKER_ROWS = 12, 1
 RESULT_COLUMNS = 10
 INSPECT_KEY = "inspect"
-MAX_UPLOAD_MB = 5  # also enforced by server.maxUploadSize in .streamlit/config.toml
+MAX_UPLOAD_MB = UPLOAD_LIMIT_MB  # also enforced by server.maxUploadSize in .streamlit/config.toml
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
 
@@ -195,16 +195,7 @@ def removal_name(kind: str) -> str:
 
 def read_upload(uploaded) -> Image.Image | None:
     """The uploaded file as an image, or None after a clear error (too large, not an image)."""
-    if uploaded.size > MAX_UPLOAD_MB * 1024 * 1024:
-        st.error(f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB; images up to {MAX_UPLOAD_MB} MB are accepted.")
-        return None
-    try:
-        image = Image.open(io.BytesIO(uploaded.getvalue()))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        st.error(f"{uploaded.name} is not a readable image ({type(exc).__name__}); upload a PNG or JPEG file.")
-        return None
-    return image
+    return call_or_report(read_uploaded_image, uploaded.name, uploaded.getvalue(), MAX_UPLOAD_MB)
 
 
 def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x: torch.Tensor, label: int, uploaded) -> Scores:
