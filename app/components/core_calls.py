@@ -9,6 +9,7 @@ restart recomputes nothing either.
 from __future__ import annotations
 
 import importlib
+import threading
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -100,21 +101,49 @@ def annotations() -> Annotations:
     return _annotations(str(workspace().annotations_path))
 
 
+class _Results:
+    """Computed results shared by every session of the server, with the locks that keep them whole."""
+
+    def __init__(self) -> None:
+        self.values: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()  # guards values and key_locks
+        self.key_locks: dict[tuple, threading.Lock] = {}
+
+    def get(self, key: tuple) -> tuple[bool, Any]:
+        """(found, value), marking a found key as recently used."""
+        with self.lock:
+            if key not in self.values:
+                return False, None
+            self.values.move_to_end(key)
+            return True, self.values[key]
+
+
 @st.cache_resource(show_spinner=False)
-def _results() -> OrderedDict:
-    return OrderedDict()
+def _results() -> _Results:
+    return _Results()
 
 
 def remembered(key: tuple, compute: Callable[[], T]) -> T:
-    """compute() once per key for the whole server process (least recently used dropped)."""
-    store = _results()
-    if key in store:
-        store.move_to_end(key)
-        return store[key]
-    value = compute()
-    store[key] = value
-    while len(store) > _REMEMBERED_RESULTS:
-        store.popitem(last=False)
+    """compute() once per key for the whole server process (least recently used dropped).
+
+    Sessions asking for the same missing key at once wait for the first one's computation.
+    """
+    results = _results()
+    found, value = results.get(key)
+    if found:
+        return value
+    with results.lock:
+        key_lock = results.key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        found, value = results.get(key)
+        if found:
+            return value
+        value = compute()
+        with results.lock:
+            results.values[key] = value
+            while len(results.values) > _REMEMBERED_RESULTS:
+                results.values.popitem(last=False)
+            results.key_locks.pop(key, None)
     return value
 
 

@@ -4,13 +4,17 @@ Screenshots go to test-artifacts/screenshots/ (git-ignored); a failing test save
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,20 +59,28 @@ def browser_workspace(demo_copy) -> Workspace:
     return demo_copy("browser", GROUND_TRUTH)
 
 
-@pytest.fixture(scope="session")
-def app_url(browser_workspace, tmp_path_factory):
-    """`tdx app --headless --no-demo` on a free port of 127.0.0.1; yields its base URL."""
+@dataclass(frozen=True)
+class App:
+    """A running `tdx app`: its base URL, the workspace it shows, and the file its output goes to."""
+
+    url: str
+    workspace: Workspace
+    log: Path
+
+
+@contextlib.contextmanager
+def serve(workspace: Workspace, log: Path) -> Iterator[App]:
+    """`tdx app --headless --no-demo` on a free port of 127.0.0.1 over `workspace`, stopped on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "app.log"
     tdx = Path(sys.executable).parent / "tdx"
-    command = [str(tdx), "app", "--headless", "--no-demo", "--port", str(port), "--workspace", str(browser_workspace.root)]
+    command = [str(tdx), "app", "--headless", "--no-demo", "--port", str(port), "--workspace", str(workspace.root)]
     with open(log, "w") as output:
         # A session of its own: `tdx app` starts streamlit as a child, and both must stop at the end.
         server = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, server, log)
-        yield url
+        yield App(url, workspace, log)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -78,13 +90,35 @@ def app_url(browser_workspace, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def browser():
-    """Debian's Chromium, launched the way this machine allows (no playwright install)."""
-    playwright_api = pytest.importorskip("playwright.sync_api")
+def app_url(browser_workspace, tmp_path_factory):
+    """`tdx app --headless --no-demo` on a free port of 127.0.0.1; yields its base URL."""
+    with serve(browser_workspace, tmp_path_factory.mktemp("server") / "app.log") as app:
+        yield app.url
+
+
+@pytest.fixture(scope="module")
+def private_app(demo_workspace, tmp_path_factory) -> Iterator[App]:
+    """The app on a copy of the demo workspace (no ground truth) that only this test module uses and writes to."""
+    root = tmp_path_factory.mktemp("private_app")
+    shutil.copytree(demo_workspace.root, root / "workspace")
+    with serve(Workspace(root / "workspace"), root / "app.log") as app:
+        yield app
+
+
+@pytest.fixture(scope="session")
+def chromium_options() -> dict:
+    """Keyword arguments of chromium.launch for Debian's Chromium (sync or async API alike)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    return {"executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_options):
+    """Debian's Chromium, launched the way this machine allows (no playwright install)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
     with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(**chromium_options)
         yield chromium
         chromium.close()
 
