@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import CheckpointError, UnknownRunError, WorkspaceError
@@ -130,13 +129,12 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: only .safetensors files are loaded (pickle-based files like .pt can run code); "
             "convert it with safetensors.torch.save_file"
         )
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"missing checkpoint {path}: restore it from a copy or train the run again") from exc
-    try:
-        return load_safetensors_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint {path}: restore it from a copy or train the run again")
+    try:  # tensor by tensor from the memory-mapped file: no second copy of the whole file in memory
+        with safe_open(path, framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
         raise CheckpointError(
             f"{path} is not a valid safetensors file ({exc}): it may be truncated or corrupt; "
             "restore it from a copy or train the run again"
