@@ -151,9 +151,9 @@ def _validate_checkpoints(run: Run, checkpoints: list[int] | None, method: str) 
 
 
 def train_state_key(run: Run, method: str, settings: Any, checkpoints: list[int]) -> str:
-    """The content key of a method's train-side state for a run."""
-    return content_key({"run": run.run_id, "created": run.created, "method": method,
-                        "settings": dataclasses.asdict(settings), "checkpoints": checkpoints})
+    """The content key of a method's train-side state for a run (and of the settings' state version)."""
+    return content_key({"run": run.run_id, "created": run.created, "method": method, "settings": dataclasses.asdict(settings),
+                        "version": getattr(settings, "state_version", 1), "checkpoints": checkpoints})
 
 
 @dataclass

@@ -54,24 +54,17 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
 
 
 def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(B, T, d_in) input patches of a convolution, bias column of ones included, in one copy.
+    """(B, T, d_in) input patches of a convolution, bias row of ones included: a transposed view.
 
-    The (C_in, kh, kw) order of a patch matches weight.reshape(d_out, -1). Built from strided
-    windows straight into the final layout: F.unfold's (B, d_in, T) would need a transposing copy
-    and a concatenation for the bias column, two more passes over the largest tensor of the capture.
+    The (C_in, kh, kw) order of a patch matches weight.reshape(d_out, -1). The storage stays
+    channels-first (B, d_in, T), as F.unfold makes it and as the output gradients (B, d_out, H', W')
+    arrive: projections multiply it from the left without a transposing copy of the largest tensor
+    of the capture (KroneckerProjector).
     """
-    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    ph, pw = _conv_padding(module)
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-    n, channels, height, width = windows.shape[:4]
-    d_patch = channels * kh * kw
-    has_bias = module.bias is not None
-    patches = x.new_empty(n, height, width, d_patch + has_bias)
-    patches[..., :d_patch].view(n, height, width, channels, kh, kw).copy_(windows.permute(0, 2, 3, 1, 4, 5))
-    if has_bias:
-        patches[..., d_patch] = 1
-    return patches.view(n, height * width, d_patch + has_bias)
+    patches = F.unfold(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
+    if module.bias is not None:
+        patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1, patches.shape[2])], dim=1)
+    return patches.transpose(1, 2)
 
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

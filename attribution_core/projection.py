@@ -126,8 +126,8 @@ def kronecker_split(layer_shapes: LayerShapes, k: int, block: int = 1) -> dict[s
     k is split over layers in proportion to their parameter counts (largest remainders, at least
     one feature per layer), so the k_layer sum to exactly k. A layer's features come in blocks
     of at most `block` features (0: one block of k_layer), each block the k_out x k_in products
-    of its own P_out (d_out, k_out) and P_in (d_in, k_in), with k_out / k_in near d_out / d_in
-    (both dimensions compressed alike), k_out <= d_out and k_in <= d_in; the first k_layer
+    of its own P_out (d_out, k_out) and P_in (d_in, k_in), with k_out / k_in near d_in / d_out
+    (the cheapest shape: see _layer_split), k_out <= d_out and k_in <= d_in; the first k_layer
     products, block by block, are kept.
     """
     sizes = {name: d_out * d_in for name, (d_out, d_in) in layer_shapes.items()}
@@ -153,7 +153,9 @@ def kronecker_split(layer_shapes: LayerShapes, k: int, block: int = 1) -> dict[s
 def _layer_split(shape: tuple[int, int], k_layer: int, block: int) -> LayerSplit:
     d_out, d_in = shape
     per_block = k_layer if block == 0 else min(block, k_layer)
-    k_out = min(d_out, max(1, math.ceil(math.sqrt(per_block * d_out / d_in))))
+    # k_out / k_in near d_in / d_out: projecting a and g then costs about the same, d_in k_l / k_out
+    # and d_out k_l / k_in per position, and their sum is smallest for the block size.
+    k_out = min(d_out, max(1, math.ceil(math.sqrt(per_block * d_in / d_out))))
     k_in = min(d_in, math.ceil(per_block / k_out))
     k_out = math.ceil(per_block / k_in)  # grows back where k_in hit d_in
     return LayerSplit(k_out, k_in, math.ceil(k_layer / (k_out * k_in)), k_layer)
@@ -170,8 +172,10 @@ class KroneckerProjector(Projector):
     block trades speed for accuracy: features of one block share their factors, so a dot product
     of projected gradients has a variance growing like k_out + k_in. block=1 (independent
     rank-one features u_jᵀ G v_j) is as accurate as a dense projection at a per-position cost of
-    k_l (d_out + d_in); block=0 (one P_out ⊗ P_in per layer, LoGra) costs only
-    d_out k_out + d_in k_in + k_l but needs a larger k for the same accuracy.
+    k_l (d_out + d_in); block=4 (TRAK's default) costs about half of that and for a wide layer
+    (d_in >> d_out) a quarter, with LDS within 0.01 of dense at equal k (benchmarks/RESULTS.md, B3);
+    block=0 (one P_out ⊗ P_in per layer, LoGra) costs only d_out k_out + d_in k_in + k_l but needs
+    a larger k for the same accuracy.
     """
 
     def __init__(self, layer_shapes: LayerShapes, k: int, seed: int = 0, kind: str = "rademacher", block: int = 1):
@@ -201,9 +205,17 @@ class KroneckerProjector(Projector):
         p_out, p_in = self.factors(layer.name, layer.inputs)
         split = self.split[layer.name]
         n, positions = layer.inputs.shape[:2]
-        projected_grads = (layer.output_grads @ p_out).view(n, positions, split.blocks, split.k_out)
-        projected_inputs = (layer.inputs @ p_in).view(n, positions, split.blocks, split.k_in)
-        products = torch.einsum("ntro,ntri->nroi", projected_grads, projected_inputs)
+        if positions == 1:
+            projected_grads = (layer.output_grads[:, 0] @ p_out).view(n, split.blocks, split.k_out)
+            projected_inputs = (layer.inputs[:, 0] @ p_in).view(n, split.blocks, split.k_in)
+            products = projected_grads[:, :, :, None] * projected_inputs[:, :, None, :]
+        else:  # (k, d) @ (n, d, T): convolution captures are stored channels-first (gradients.conv_patches)
+            projected_grads = torch.matmul(p_out.T, layer.output_grads.transpose(1, 2)).view(n, split.blocks, split.k_out, positions)
+            projected_inputs = torch.matmul(p_in.T, layer.inputs.transpose(1, 2)).view(n, split.blocks, split.k_in, positions)
+            if split.k_out == split.k_in == 1:  # independent rank-one features: a product summed over positions
+                products = (projected_grads * projected_inputs).sum(dim=3, keepdim=True)
+            else:
+                products = projected_grads @ projected_inputs.transpose(2, 3)  # (n, blocks, k_out, k_in)
         return products.flatten(1)[:, : split.k_layer] / math.sqrt(split.k_layer)
 
 

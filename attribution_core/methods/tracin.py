@@ -45,6 +45,9 @@ from .base import AttributionInputs, TrainState
 class TracInSettings:
     """Every knob of TracIn (and of the gradient dot / cosine baselines)."""
 
+    state_version: ClassVar[int] = 2
+    """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes)."""
+
     projection: int | None = field(default=None, metadata={"help": "None: exact dot products (scoring streams the training set); k: store k-dim Kronecker-projected train gradients"})
     projection_kind: str = field(default="rademacher", metadata={"help": "random entries of the projection: rademacher (±1) or gaussian"})
     kronecker_block: int = field(default=1, metadata={"help": "features per P_out ⊗ P_in block; 1 = independent rank-one features, 0 = one block per layer"})
