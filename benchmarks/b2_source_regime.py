@@ -38,8 +38,8 @@ from attribution_core.store import Workspace
 from attribution_core.training import CheckpointPolicy, Recipe, Run, Stage, load_run, train
 
 N_CHECKPOINTS = 6
-DAMPING_RATIOS = (1.0, 10.0, 100.0, 1000.0)
-"""EK-FAC influence's damping as a fraction of each layer's mean eigenvalue (default 0.1), for --sensitivity."""
+DAMPING_RATIOS = (0.1, 10.0, 100.0, 1000.0)
+"""EK-FAC influence's damping as a fraction of each layer's mean eigenvalue (default 1; 0.1 is kronfluence's heuristic), for --sensitivity."""
 LR_SUM_FACTORS = (0.1, 10.0)
 """Factors on every segment's η̄K for --sensitivity."""
 MODEL = ModelSpec("mlp", {"hidden": [128]})

@@ -125,7 +125,7 @@ def command_line() -> str:
     """The command that is running, as a user would type it from the repository root."""
     script = Path(sys.argv[0])
     with contextlib.suppress(ValueError):
-        script = script.resolve().relative_to(Path.cwd())
+        script = script.resolve().relative_to(RESULTS.parent.parent)
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
