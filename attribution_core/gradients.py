@@ -24,16 +24,55 @@ from .errors import SettingsError
 
 
 @dataclass
+class ConvInput:
+    """A convolution's input (B, C, H, W) before patches are formed: projections can convolve it directly."""
+
+    module: nn.Conv2d
+    x: torch.Tensor
+
+    def patches(self) -> torch.Tensor:
+        """The (B, T, d_in) patches (conv_patches)."""
+        return conv_patches(self.module, self.x)
+
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """matrixᵀ a_t at every position, (B, m, T), for matrix (d_in, m): one convolution, no patches formed."""
+        module, d_patch = self.module, self.module.weight[0].numel()
+        kernels = matrix[:d_patch].T.reshape(matrix.shape[1], *module.weight.shape[1:])
+        bias = matrix[d_patch] if module.bias is not None else None
+        projected = F.conv2d(self.x, kernels, bias, module.stride, _conv_padding(module), module.dilation)
+        return projected.flatten(2)
+
+
 class LayerBatch:
     """Inputs and output gradients of one layer for one batch.
 
-    inputs: (B, T, d_in) layer inputs (conv: unfolded patches; bias column of ones appended).
+    inputs: (B, T, d_in) layer inputs (conv: unfolded patches; bias column of ones appended),
+        formed on first use when a convolution's raw input was captured (conv_input).
     output_grads: (B, T, d_out) gradients of the summed per-example objective w.r.t. outputs.
     """
 
-    name: str
-    inputs: torch.Tensor
-    output_grads: torch.Tensor
+    def __init__(self, name: str, inputs: torch.Tensor | ConvInput, output_grads: torch.Tensor):
+        self.name = name
+        self._inputs = inputs
+        self.output_grads = output_grads
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """(B, T, d_in), patches formed (once) if needed."""
+        if isinstance(self._inputs, ConvInput):
+            self._inputs = self._inputs.patches()
+        return self._inputs
+
+    @property
+    def conv_input(self) -> ConvInput | None:
+        """The convolution's raw input while its patches have not been formed, else None."""
+        return self._inputs if isinstance(self._inputs, ConvInput) else None
+
+    def float(self) -> "LayerBatch":
+        """The same layer in float32 (patches still unformed where they were)."""
+        conv = self.conv_input
+        inputs = ConvInput(conv.module, conv.x.float()) if conv is not None else self._inputs.float()
+        return LayerBatch(self.name, inputs, self.output_grads.float())
 
     def per_example_gradients(self) -> torch.Tensor:
         """Per-example weight gradients (B, d_out, d_in): only for small layers and tests."""
@@ -67,10 +106,11 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2)
 
 
-def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (B, T, d_in) matrix a whose outer products with output gradients give weight gradients."""
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor | ConvInput:
+    """The (B, T, d_in) matrix a whose outer products with output gradients give weight gradients (conv: formed lazily)."""
     if isinstance(module, nn.Conv2d):
-        return conv_patches(module, x)
+        _conv_padding(module)  # unsupported convolutions fail at capture time
+        return ConvInput(module, x)
     if not isinstance(module, nn.Linear):
         raise SettingsError(f"cannot track layer {module!r}: only nn.Linear and nn.Conv2d are supported")
     inputs = x.reshape(x.shape[0], -1, x.shape[-1])

@@ -202,16 +202,18 @@ class KroneckerProjector(Projector):
         return torch.cat([self._project_layer(layer) for layer in layers], dim=1)
 
     def _project_layer(self, layer: LayerBatch) -> torch.Tensor:
-        p_out, p_in = self.factors(layer.name, layer.inputs)
+        p_out, p_in = self.factors(layer.name, layer.output_grads)
         split = self.split[layer.name]
-        n, positions = layer.inputs.shape[:2]
+        n, positions = layer.output_grads.shape[:2]
         if positions == 1:
             projected_grads = (layer.output_grads[:, 0] @ p_out).view(n, split.blocks, split.k_out)
             projected_inputs = (layer.inputs[:, 0] @ p_in).view(n, split.blocks, split.k_in)
             products = projected_grads[:, :, :, None] * projected_inputs[:, :, None, :]
-        else:  # (k, d) @ (n, d, T): convolution captures are stored channels-first (gradients.conv_patches)
+        else:  # (k, d) @ (n, d, T): convolution captures are channels-first; their patches are never formed
             projected_grads = torch.matmul(p_out.T, layer.output_grads.transpose(1, 2)).view(n, split.blocks, split.k_out, positions)
-            projected_inputs = torch.matmul(p_in.T, layer.inputs.transpose(1, 2)).view(n, split.blocks, split.k_in, positions)
+            conv = layer.conv_input
+            projected_inputs = conv.project(p_in) if conv is not None else torch.matmul(p_in.T, layer.inputs.transpose(1, 2))
+            projected_inputs = projected_inputs.view(n, split.blocks, split.k_in, positions)
             if split.k_out == split.k_in == 1:  # independent rank-one features: a product summed over positions
                 products = (projected_grads * projected_inputs).sum(dim=3, keepdim=True)
             else:
@@ -300,7 +302,7 @@ def capture_mixed_precision(
     """a and g from a forward and backward under autocast to dtype, returned in float32 for fp32 accumulation."""
     with torch.autocast(x.device.type, dtype=dtype):
         layers = capture_layer_batches(model, modules, function, x, y)
-    return [LayerBatch(layer.name, layer.inputs.float(), layer.output_grads.float()) for layer in layers]
+    return [layer.float() for layer in layers]
 
 
 def layer_batches(
