@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 
 from attribution_core.training import load_run
 
@@ -12,13 +13,6 @@ pytestmark = pytest.mark.browser
 
 TIMEOUT_MS = 120_000
 MAX_SCREENSHOT_HEIGHT = 4000
-SCRIPT_FINISHED = """() => {
-    const app = document.querySelector('[data-testid=stApp]');
-    const state = app && app.getAttribute('data-test-script-state');
-    return state !== null && state !== 'running' && state !== 'initial';
-}"""
-IMAGES_LOADED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
-    && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete && image.naturalWidth > 0)"""
 
 
 def settle(page) -> None:

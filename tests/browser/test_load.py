@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 
 from attribution_core.annotations import FLAG_KINDS, Annotations
 from attribution_core.training import load_run
@@ -41,13 +42,6 @@ PACE_SECONDS = 0.3
 TIMEOUT_MS = 120_000
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "load"
 
-SCRIPT_FINISHED = """() => {
-    const app = document.querySelector('[data-testid=stApp]');
-    const state = app && app.getAttribute('data-test-script-state');
-    return state !== null && state !== 'running' && state !== 'initial';
-}"""
-IMAGES_LOADED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
-    && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete && image.naturalWidth > 0)"""
 KEYS = """prefix => [...document.querySelectorAll(`[class*="st-key-${prefix}"]`)]
     .map(element => [...element.classList].find(name => name.startsWith(`st-key-${prefix}`)).slice(7))"""
 PROBLEMS = "[data-testid=stException], [data-testid=stAlertContentError]"
