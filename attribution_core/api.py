@@ -196,13 +196,14 @@ def prepare(
     state_key = train_state_key(run, method, settings, checkpoints)
     artifact = run.workspace.artifact(run.run_id, "features", state_key)
     manifest = {"key": state_key, "method": method, "settings": dataclasses.asdict(settings), "checkpoints": checkpoints}
-    if rank_and_world()[1] == 1:
+    rank, world = rank_and_world()
+    if world == 1:
         with artifact.lock():  # a second process computing the same state waits, then reuses it
             if not artifact.is_complete():
                 _store_state(artifact, method_object.fit(inputs), manifest)
     elif agreed(not artifact.is_complete()):  # every rank takes part in the sharded fit; rank 0 stores it
         fitted = method_object.fit(inputs)
-        if rank_and_world()[0] == 0:
+        if rank == 0:
             with artifact.lock():
                 _store_state(artifact, fitted, manifest)
         barrier()

@@ -96,9 +96,8 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """(B, T, d_in) input patches of a convolution, bias row of ones included: a transposed view.
 
     The (C_in, kh, kw) order of a patch matches weight.reshape(d_out, -1). The storage stays
-    channels-first (B, d_in, T), as F.unfold makes it and as the output gradients (B, d_out, H', W')
-    arrive: projections multiply it from the left without a transposing copy of the largest tensor
-    of the capture (KroneckerProjector).
+    channels-first (B, d_in, T), as F.unfold makes it: consumers that multiply from the left
+    need no transposing copy. (The Kronecker projection needs no patches: ConvInput.project.)
     """
     patches = F.unfold(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
     if module.bias is not None:
@@ -152,7 +151,7 @@ class LayerCapture:
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
-        self._inputs: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, torch.Tensor | ConvInput] = {}
         self._edges: dict[str, tuple[nn.Module, GradientEdge]] = {}
         self._handles: list = []
 

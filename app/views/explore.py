@@ -36,7 +36,6 @@ from attribution_core.training import Run
 PICKER_COLUMNS, PICKER_ROWS = 12, 1
 RESULT_COLUMNS = 10
 INSPECT_KEY = "inspect"
-MAX_UPLOAD_MB = UPLOAD_LIMIT_MB  # also enforced by server.maxUploadSize in .streamlit/config.toml
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
 
@@ -195,7 +194,7 @@ def removal_name(kind: str) -> str:
 
 def read_upload(uploaded) -> Image.Image | None:
     """The uploaded file as an image, or None after a clear error (too large, not an image)."""
-    return call_or_report(read_uploaded_image, uploaded.name, uploaded.getvalue(), MAX_UPLOAD_MB)
+    return call_or_report(read_uploaded_image, uploaded.name, uploaded.getvalue(), UPLOAD_LIMIT_MB)
 
 
 def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x: torch.Tensor, label: int, uploaded) -> Scores:
@@ -216,8 +215,8 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
     if data_module is None or not hasattr(data_module, "image_to_input"):
         st.info("Querying an uploaded image is not available yet (attribution_core.data.image_to_input is missing).")
         return
-    uploaded = st.file_uploader(f"An image to explain (PNG, JPEG, … up to {MAX_UPLOAD_MB} MB)", type=UPLOAD_TYPES,
-                                max_upload_size=MAX_UPLOAD_MB, key="upload")
+    uploaded = st.file_uploader(f"An image to explain (PNG, JPEG, … up to {UPLOAD_LIMIT_MB} MB)", type=UPLOAD_TYPES,
+                                max_upload_size=UPLOAD_LIMIT_MB, key="upload")
     if uploaded is None:
         return
     image = read_upload(uploaded)

@@ -143,10 +143,9 @@ def counterfactual(
     for kind, indices in removed.items():
         keeps[kind] = everything.copy()
         keeps[kind][indices] = False
-    jobs = [(f"{kind}_s{seed}", keep, seed) for kind, keep in keeps.items() for seed in settings.seeds]
     # Retraining on everything with the run's own seed reproduces its final checkpoint: reuse it.
     reused = query_outcome(run.load_model(-1), x, label) if 0 in settings.seeds else None
-    retrained = [(name, keep, seed) for name, keep, seed in jobs if name != "base_s0"]
+    retrained = [(f"{kind}_s{seed}", keep, seed) for kind, keep in keeps.items() for seed in settings.seeds if (kind, seed) != ("base", 0)]
     rank, world = torchrun_shard()  # under torchrun, rank r retrains jobs r, r + W, ...
     mine = retrained[rank::world]
     done = sum(artifact.path(f"{name}.json").exists() for name, _, _ in mine)
