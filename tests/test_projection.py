@@ -33,14 +33,11 @@ def cnn_layers() -> tuple[dict[str, tuple[int, int]], list[LayerBatch]]:
 
 
 def explicit_kronecker_matrix(projector: KroneckerProjector, name: str, like: torch.Tensor) -> torch.Tensor:
-    """The layer's (d_out d_in, k_layer) projection matrix [P_out,1 ⊗ P_in,1 | ...] / √k_layer, built explicitly."""
+    """The layer's (d_out d_in, k_layer) projection matrix: P_out,j ⊗ P_in,j per block j, features ordered (i, i', j), / √k_layer."""
     p_out, p_in = projector.factors(name, like)
     split = projector.split[name]
-    blocks = [
-        torch.kron(p_out[:, j * split.k_out : (j + 1) * split.k_out], p_in[:, j * split.k_in : (j + 1) * split.k_in])
-        for j in range(split.blocks)
-    ]
-    return torch.cat(blocks, dim=1)[:, : split.k_layer] / math.sqrt(split.k_layer)
+    blocks = torch.stack([torch.kron(p_out[:, j :: split.blocks], p_in[:, j :: split.blocks]) for j in range(split.blocks)], dim=2)
+    return blocks.flatten(1)[:, : split.k_layer] / math.sqrt(split.k_layer)
 
 
 def basis_layers(shapes: dict[str, tuple[int, int]]) -> list[LayerBatch]:
@@ -169,7 +166,7 @@ def test_kronecker_featurization_never_forms_per_example_gradients():
     n_params, batch_size = sum(d_out * d_in for d_out, d_in in shapes.values()), 256
     projector = KroneckerProjector(shapes, 1024)
     with LargestTensor() as mode:
-        features = project_gradients(model, TASK, projector, "loss", batches(x, y, batch_size, torch.device("cpu")))
+        features = project_gradients(model, TASK, projector, "loss", batches(x, y, batch_size, torch.device("cpu")), len(y))
     assert features.shape == (2048, 1024)
     smallest_layer_gradients = batch_size * min(d_out * d_in for d_out, d_in in shapes.values() if d_out > 10)
     assert mode.largest < smallest_layer_gradients < 2048 * n_params  # not even one chunk of one hidden layer

@@ -45,8 +45,8 @@ from .base import AttributionInputs, TrainState
 class TracInSettings:
     """Every knob of TracIn (and of the gradient dot / cosine baselines)."""
 
-    state_version: ClassVar[int] = 2
-    """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes)."""
+    state_version: ClassVar[int] = 3
+    """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes, 3: feature order)."""
 
     projection: int | None = field(default=None, metadata={"help": "None: exact dot products (scoring streams the training set); k: store k-dim Kronecker-projected train gradients"})
     projection_kind: str = field(default="rademacher", metadata={"help": "random entries of the projection: rademacher (±1) or gaussian"})
@@ -143,15 +143,15 @@ class TracIn:
         state: TrainState = {}
         self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
         for c, (model, lr) in enumerate(weighted_checkpoints(inputs)):
-            features = []
+            features = None if projector is None else torch.empty(len(inputs.train_y), projector.k, device=inputs.device)
             for start, layers in layer_batches(model, inputs.task, "loss", inputs.train_batches()):
                 norms = squared_norms(layers)
                 self_influence[start : start + len(norms)] += lr * norms
-                if projector is not None:
-                    features.append(lr * projector.project(layers))
+                if features is not None:
+                    projector.project(layers, out=features[start : start + len(norms)]).mul_(lr)
                 progress.step()
-            if projector is not None:
-                state[f"train_features_{c}"] = torch.cat(features).cpu()
+            if features is not None:
+                state[f"train_features_{c}"] = features.cpu()
         state["self_influence"] = self_influence.cpu()
         return state
 
@@ -169,7 +169,7 @@ class TracIn:
             else:
                 train_features = state_tensor(state, f"train_features_{c}", inputs.device)
                 queries = batches(query_x, query_y, inputs.batch_size, inputs.device)
-                scores -= project_gradients(model, inputs.task, projector, "measurement", queries, progress.step) @ train_features.T
+                scores -= project_gradients(model, inputs.task, projector, "measurement", queries, len(query_y), progress.step) @ train_features.T
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:

@@ -42,8 +42,8 @@ from .exact import damped_inverse
 class TrakSettings:
     """Every knob of TRAK."""
 
-    state_version: ClassVar[int] = 2
-    """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes)."""
+    state_version: ClassVar[int] = 3
+    """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes, 3: feature order)."""
 
     k: int = field(default=1024, metadata={"help": "projection dimension (features per example); ignored by identity"})
     projection: str = field(default="kronecker", metadata={"help": "kronecker (per-layer, fast), dense (over all parameters, slow) or identity (exact, small models)"})
@@ -111,14 +111,14 @@ class Trak:
     def train_features(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, on_chunk=lambda: None) -> torch.Tensor:
         """Φ: projected measurement gradients of the whole training set (N, k), sharded over ranks."""
         def shard(rows: slice) -> torch.Tensor:
-            chunks = batches(inputs.train_x[rows], inputs.train_y[rows], inputs.batch_size, inputs.device)
-            return self._project(model, inputs, projector, chunks, on_chunk)
+            return self._project(model, inputs, projector, inputs.train_x[rows], inputs.train_y[rows], on_chunk)
 
         return sharded_rows(len(inputs.train_y), shard)
 
-    def _project(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, chunks, on_chunk) -> torch.Tensor:
-        """Projected measurement gradients of the chunks, (n, k), with the settings' precision."""
-        return project_gradients(model, inputs.task, projector, "measurement", chunks, on_chunk, self.settings.amp_dtype)
+    def _project(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, x: torch.Tensor, y: torch.Tensor, on_chunk) -> torch.Tensor:
+        """Projected measurement gradients of (x, y), (n, k), with the settings' precision."""
+        chunks = batches(x, y, inputs.batch_size, inputs.device)
+        return project_gradients(model, inputs.task, projector, "measurement", chunks, len(y), on_chunk, self.settings.amp_dtype)
 
     def _precondition(self, model: nn.Module, inputs: AttributionInputs, phi: torch.Tensor) -> torch.Tensor:
         """ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i: phi (N, k) -> (N, k)."""
@@ -139,8 +139,7 @@ class Trak:
             preconditioned = state_tensor(state, f"preconditioned_{s}", inputs.device)
             if preconditioned.shape[1] != projector.k:
                 raise SettingsError(f"state has {preconditioned.shape[1]} features per example, settings give k={projector.k}: refit")
-            chunks = batches(query_x, query_y, inputs.batch_size, inputs.device)
-            scores += self._project(model, inputs, projector, chunks, progress.step) @ preconditioned.T
+            scores += self._project(model, inputs, projector, query_x, query_y, progress.step) @ preconditioned.T
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
