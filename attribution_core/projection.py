@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
+from .distributed import sharded_rows
 from .errors import SettingsError
 from .gradients import LayerBatch, capture_layer_batches, layer_shape, per_example_gradients
-from .methods.base import ProgressFn
+from .methods.base import AttributionInputs, ProgressFn
 from .task import Task
 
 PROJECTIONS = ("kronecker", "dense", "identity")
@@ -189,11 +190,28 @@ class KroneckerProjector(Projector):
     a larger k for the same accuracy.
     """
 
-    def __init__(self, layer_shapes: LayerShapes, k: int, seed: int = 0, kind: str = "rademacher", block: int = 1):
+    def __init__(
+        self,
+        layer_shapes: LayerShapes,
+        k: int,
+        seed: int = 0,
+        kind: str = "rademacher",
+        block: int = 1,
+        rotations: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
         super().__init__(layer_shapes, k)
-        self.seed, self.kind = seed, _checked_kind(kind)
+        self.seed, self.kind, self.block = seed, _checked_kind(kind), block
         self.split = kronecker_split(self.layer_shapes, k, block)
+        self.rotations = dict(rotations or {})
         self._factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotated(self, rotations: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "KroneckerProjector":
+        """The same random features taken in a rotated basis: per layer (Q_out, Q_in), G is projected as Q_outᵀ G Q_in.
+
+        The factors become Q_out P_out and Q_in P_in, so the rotated gradient of a and g costs no
+        more than the plain projection (the projected EK-FAC / SOURCE scores of methods/influence.py).
+        """
+        return KroneckerProjector(self.layer_shapes, self.k, self.seed, self.kind, self.block, rotations)
 
     def factors(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_out (d_out, k_out r), P_in (d_in, k_in r)) of a layer's r blocks, unscaled; block j's columns are j, r + j, 2r + j, ..."""
@@ -201,11 +219,26 @@ class KroneckerProjector(Projector):
         if cache_key not in self._factors:  # small (d x r k_factor), so kept per device and dtype
             index = list(self.layer_shapes).index(name)
             (d_out, d_in), split = self.layer_shapes[name], self.split[name]
-            self._factors[cache_key] = (
-                random_matrix((self.seed, index, 0), d_out, split.k_out * split.blocks, self.kind, like),
-                random_matrix((self.seed, index, 1), d_in, split.k_in * split.blocks, self.kind, like),
-            )
+            p_out = random_matrix((self.seed, index, 0), d_out, split.k_out * split.blocks, self.kind, like)
+            p_in = random_matrix((self.seed, index, 1), d_in, split.k_in * split.blocks, self.kind, like)
+            if name in self.rotations:
+                q_out, q_in = self.rotations[name]
+                p_out, p_in = q_out.to(p_out) @ p_out, q_in.to(p_in) @ p_in
+            self._factors[cache_key] = (p_out, p_in)
         return self._factors[cache_key]
+
+    def project_matrices(self, matrices: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Features (n, k) of whole layer gradients (n, d_out, d_in) per tracked layer: the map `project` applies to Σ_t g_t a_tᵀ."""
+        if list(matrices) != list(self.layer_shapes):
+            raise SettingsError(f"projector built for layers {list(self.layer_shapes)} got layers {list(matrices)}")
+        parts = []
+        for name, matrix in matrices.items():
+            p_out, p_in = self.factors(name, matrix)
+            split, (n, d_out, _) = self.split[name], matrix.shape
+            right = (matrix @ p_in).view(n, d_out, split.k_in, split.blocks)
+            products = torch.einsum("oib,nojb->nijb", p_out.view(d_out, split.k_out, split.blocks), right)
+            parts.append(products.reshape(n, -1)[:, : split.k_layer] / math.sqrt(split.k_layer))
+        return torch.cat(parts, dim=1)
 
     def _project_into(self, layers: list[LayerBatch], out: torch.Tensor) -> None:
         """Each layer's features into its columns of out, layers in tracking order."""
@@ -365,6 +398,29 @@ def state_tensor(state: dict[str, torch.Tensor], key: str, device: torch.device)
     if key not in state:
         raise SettingsError(f"the fitted state has no {key!r} (fitted with other settings or checkpoints?): fit again")
     return state[key].to(device)
+
+
+def projected_features(
+    models: Sequence[nn.Module],
+    inputs: AttributionInputs,
+    projector: Projector,
+    objective: str,
+    on_chunk: Callable[[], None] = lambda: None,
+    amp_dtype: str | None = None,
+) -> torch.Tensor:
+    """The projected objective gradient of every training example, averaged over the models: (N, k).
+
+    Under torch.distributed each rank projects its index range and the ranges are all-gathered.
+    """
+    def shard(rows: slice) -> torch.Tensor:
+        total = None
+        for model in models:
+            chunks = batches(inputs.train_x[rows], inputs.train_y[rows], inputs.batch_size, inputs.device)
+            features = project_gradients(model, inputs.task, projector, objective, chunks, rows.stop - rows.start, on_chunk, amp_dtype)
+            total = features if total is None else total.add_(features)
+        return total / len(models) if len(models) > 1 else total
+
+    return sharded_rows(len(inputs.train_y), shard)
 
 
 def project_gradients(

@@ -45,6 +45,8 @@ CONTENDERS = {
     "ekfac": Contender("ekfac"),
     "kfac": Contender("kfac"),
     "source": Contender("source"),
+    "source_projected": Contender("source", {"projection": 4096}),
+    "ekfac_projected": Contender("ekfac", {"projection": 4096}),
     "tracin": Contender("tracin"),
     "graddot": Contender("graddot"),
     "exact_if": Contender("exact_if"),

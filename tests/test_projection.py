@@ -66,6 +66,23 @@ def test_kronecker_projection_equals_the_explicit_kronecker_matrix(block):
     torch.testing.assert_close(projector.project(layers), torch.cat(expected, dim=1))
 
 
+@pytest.mark.parametrize("block", [1, 4, 0])
+def test_projecting_whole_gradient_matrices_equals_projecting_their_captured_layers(block):
+    shapes, layers = cnn_layers()
+    projector = KroneckerProjector(shapes, k=40, seed=5, block=block)
+    matrices = {layer.name: layer.per_example_gradients() for layer in layers}
+    torch.testing.assert_close(projector.project_matrices(matrices), projector.project(layers))
+
+
+def test_rotated_projection_projects_the_rotated_gradients():
+    shapes, layers = cnn_layers()
+    generator = torch.Generator().manual_seed(0)
+    rotations = {name: tuple(torch.linalg.qr(torch.randn(d, d, generator=generator))[0] for d in shape) for name, shape in shapes.items()}
+    projector = KroneckerProjector(shapes, k=40, seed=5, block=4)
+    rotated_gradients = {layer.name: rotations[layer.name][0].T @ layer.per_example_gradients() @ rotations[layer.name][1] for layer in layers}
+    torch.testing.assert_close(projector.rotated(rotations).project(layers), projector.project_matrices(rotated_gradients), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("make", [lambda s: KroneckerProjector(s, 30, seed=1), lambda s: DenseProjector(s, 30, seed=1, chunk=17)])
 def test_projection_is_one_fixed_linear_map_of_the_flattened_gradient(make):
     shapes, layers = cnn_layers()

@@ -22,6 +22,9 @@ in ḡ_ℓ, the training side is the rotated mean gradient of z_m over the segme
 formed chunk by chunk (a sum of rank-one terms for Linear layers) and met by all queries in one
 matrix product per layer: per block of queries, one pass over the training set, with one
 forward and backward per checkpoint and chunk, and L query-by-example products per layer.
+With `projection` = k the training side is stored at fit instead: per segment, the k-dim
+Kronecker projections of the rotated mean gradients, balanced by √r(H̄_ℓ) (curvature.py), and
+each segment's contribution is one (queries x k)(k x N) product (approximate, unbiased).
 
 Scale: the 1/N of r̄ is kept, so a short segment gives TracIn's −(x/N)∇fᵀ∇L and a long one
 approaches (1/N)× influence with damping 1/x (N = len(train_y)).
@@ -48,21 +51,26 @@ from ..curvature import (
     LayerMatrices,
     Scratch,
     basis_change,
+    balancing_scales,
     basis_state,
+    check_projected_features,
     eigenbasis,
     fit_corrected_eigenvalues,
     fit_covariances,
     layer_slices,
     load_basis,
     local_chunks,
+    projected_query_vectors,
+    projected_train_gradients,
     query_block_size,
     rotated_gradients,
     rotated_query_gradients,
     sandwich,
+    scoring_projector,
     stream_rotated_products,
 )
 from ..errors import SettingsError
-from ..projection import Progress, check_settings, n_chunks
+from ..projection import KroneckerProjector, Progress, check_settings, n_chunks, state_tensor
 from ..segments import SegmentPlan
 from .base import AttributionInputs, Segment, TrainState
 from .exact import flat_gradients, gauss_newton_matrix
@@ -77,12 +85,16 @@ class SourceSettings:
     n_segments: int = field(default=3, metadata={"help": "segments L the checkpoints are split into, evenly within each training stage (ignored when segments is given)"})
     segments: list[tuple[int, int]] | None = field(default=None, metadata={"help": "explicit half-open checkpoint index ranges [(lo, hi), ...] tiling all checkpoints in order, none crossing a stage; None: the even split"})
     fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher and of the projection"})
     query_batch_size: int | None = field(default=None, metadata={"help": "queries propagated per pass over the training set (memory: about 3 × this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
+    projection: int | None = field(default=None, metadata={"help": "None: exact scores (each block of queries streams the training set once per segment); k: fit stores k-dim Kronecker projections of each segment's rotated mean training gradients and scoring is one product per segment (LoGra-style, approximate)"})
+    kronecker_block: int = field(default=4, metadata={"help": "projection: features per P_out ⊗ P_in block (as TRAK's)"})
 
     def __post_init__(self) -> None:
         check_settings(
             self,
+            projection=self.projection is None or self.projection >= 1,
+            kronecker_block=self.kronecker_block >= 0,
             n_segments=self.n_segments >= 1,
             segments=self.segments is None or (len(self.segments) >= 1 and all(len(pair) == 2 for pair in self.segments)),
             fisher=self.fisher in FISHERS,
@@ -169,7 +181,8 @@ class Source:
     def fit(self, inputs: AttributionInputs) -> TrainState:
         """Per segment ℓ: 'segment{ℓ}/{layer}/…' bases and averaged eigenvalues, 'segment{ℓ}/lr_sum' (1,)."""
         s, segments = self.settings, self._segments(inputs)
-        n_passes = 2 * sum(len(segment.checkpoints) for segment in segments)
+        projector = self._projector(inputs)
+        n_passes = (2 + (projector is not None)) * sum(len(segment.checkpoints) for segment in segments)
         progress = Progress(inputs.progress, n_passes * local_chunks(inputs))
         state: TrainState = {}
         for index, segment in enumerate(segments):
@@ -182,7 +195,15 @@ class Source:
             averaged = {name: (total / len(segment.checkpoints)).clamp_min(0) for name, total in eigenvalues.items()}
             state.update(basis_state(bases, averaged, prefix=f"segment{index}/"))
             state[f"segment{index}/lr_sum"] = torch.tensor([segment.lr_sum], dtype=torch.float64)
+            if projector is not None:
+                scales = balancing_scales({name: r_factor(segment.lr_sum)(values) for name, values in averaged.items()})
+                features = projected_train_gradients(segment.checkpoints, bases, scales, inputs, projector, progress.step)
+                state[f"segment{index}/train_features"] = features.cpu()
         return state
+
+    def _projector(self, inputs: AttributionInputs) -> KroneckerProjector | None:
+        s = self.settings
+        return scoring_projector(s.projection, s.kronecker_block, s.seed, inputs.checkpoints[-1], inputs.task)
 
     def _load(self, state: TrainState, inputs: AttributionInputs) -> list[SegmentOperators]:
         """Per segment, its operators from the state, checked against the inputs' lr_sum."""
@@ -206,8 +227,12 @@ class Source:
         """Per-segment contributions (n_segments, n_queries, n_train), oldest segment first; they sum to `score`."""
         segments, operators = self._segments(inputs), self._load(state, inputs)
         final_model, n_train = segments[-1].checkpoints[-1], len(inputs.train_y)
+        projector = self._projector(inputs)
+        if projector is not None:
+            features = [check_projected_features(state_tensor(state, f"segment{index}/train_features", inputs.device), projector)
+                        for index in range(len(segments))]
         block_size = query_block_size(self.settings.query_batch_size, operators[-1].bases)
-        passes_per_block = 1 + len(segments) * n_chunks(n_train, inputs.batch_size)
+        passes_per_block = 1 + (0 if projector is not None else len(segments) * n_chunks(n_train, inputs.batch_size))
         progress = Progress(inputs.progress, n_chunks(len(query_y), block_size) * passes_per_block)
         contributions = torch.zeros(len(segments), len(query_y), n_train)
         for start in range(0, len(query_y), block_size):
@@ -217,7 +242,11 @@ class Source:
             )
             progress.step()
             for index, weighted in _segment_weights(vectors, operators):
-                products = stream_rotated_products(segments[index].checkpoints, operators[index].bases, inputs, weighted, progress.step)
+                if projector is not None:
+                    scales = balancing_scales(operators[index].r)
+                    products = projected_query_vectors(projector, weighted, scales) @ features[index].T
+                else:
+                    products = stream_rotated_products(segments[index].checkpoints, operators[index].bases, inputs, weighted, progress.step)
                 contributions[index, start : start + block_size] = -products.cpu() / n_train
         return contributions
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..distributed import local_rows, sharded_rows
+from ..distributed import local_rows
 from ..errors import SettingsError
 from ..projection import (
     AMP_DTYPES,
@@ -30,6 +30,7 @@ from ..projection import (
     make_projector,
     n_chunks,
     project_gradients,
+    projected_features,
     state_tensor,
     tracked_layer_shapes,
 )
@@ -110,10 +111,7 @@ class Trak:
 
     def train_features(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, on_chunk=lambda: None) -> torch.Tensor:
         """Φ: projected measurement gradients of the whole training set (N, k), sharded over ranks."""
-        def shard(rows: slice) -> torch.Tensor:
-            return self._project(model, inputs, projector, inputs.train_x[rows], inputs.train_y[rows], on_chunk)
-
-        return sharded_rows(len(inputs.train_y), shard)
+        return projected_features([model], inputs, projector, "measurement", on_chunk, self.settings.amp_dtype)
 
     def _project(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, x: torch.Tensor, y: torch.Tensor, on_chunk) -> torch.Tensor:
         """Projected measurement gradients of (x, y), (n, k), with the settings' precision."""
