@@ -4,7 +4,8 @@ On one device, in one run, per model (digits MLP 64-128-10; Fashion-MNIST MLP 78
 CNN conv32-pool-conv64-pool-fc128-fc10 on the 60,000 training images): throughput (examples/s)
 of a plain batched forward+backward, of our TRAK featurization (Kronecker and dense projection),
 EK-FAC factor fit and SOURCE passes, of traker and kronfluence doing the same jobs, the time to
-score 1,000 queries, and the peak memory of each job. Models are randomly initialised (seeded):
+score 1,000 queries, and the peak memory of each job; then whole jobs (fit on the whole training
+set and score 1,000 queries: TRAK, projected EK-FAC, exact EK-FAC on a GPU). Models are randomly initialised (seeded):
 throughput does not depend on the weights. Every job uses the same batch size. Then a scaling
 series of Kronecker featurization in N, and the LDS of Kronecker against dense projection at
 equal k on B1's digits run.
@@ -34,6 +35,7 @@ from attribution_core.curvature import eigenbasis, fit_corrected_eigenvalues, fi
 from attribution_core.data import FASHION_MNIST_DIR, Dataset, DataSpec, load_dataset
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.methods.base import AttributionInputs, Segment
+from attribution_core.methods.influence import Influence, InfluenceSettings
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.models import cnn, mlp
@@ -264,6 +266,27 @@ def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bo
     return rows
 
 
+def whole_jobs(setting: Setting, scale: Scale, device: torch.device) -> list[tuple]:
+    """(model, job, N, seconds, peak MB) of whole jobs: fit on every training example, then score 1,000 queries.
+
+    TRAK and projected EK-FAC everywhere; exact EK-FAC (a pass over the training set per block
+    of queries, tens of minutes on a CPU) only on a GPU.
+    """
+    model = seeded(setting.build, 0, device)
+    inputs = inputs_for([model], setting.train.x, setting.train.y, device)
+    queries = torch.arange(N_QUERIES) % len(setting.test)
+    query_x, query_y = setting.test.x[queries], setting.test.y[queries]
+    methods = [("trak_job", Trak(TrakSettings(k=scale.k))), ("ekfac_projected_job", Influence(InfluenceSettings(projection=scale.k)))]
+    if device.type == "cuda":
+        methods.append(("ekfac_exact_job", Influence()))
+    rows = []
+    for job, method in methods:
+        seconds, peak = measure(lambda method=method: method.score(method.fit(inputs), inputs, query_x, query_y), device)
+        rows.append((setting.name, job, len(setting.train), seconds, peak))
+        print(f"{setting.name:12s} {job:22s} {len(setting.train):7d} ex {seconds:8.2f} s {peak:8.0f} MB", flush=True)
+    return rows
+
+
 def scaling_series(setting: Setting, scale: Scale, device: torch.device) -> list[tuple[int, float, float, float, float]]:
     """(N, seconds, µs per example, peak MB, N·k in MB) of Kronecker featurization for growing N (data repeated past its size)."""
     model = seeded(setting.build, 0, device)
@@ -322,6 +345,7 @@ def main() -> None:
         print(ANCHORS_MISSING)
     models, data_note = settings(scale)
     rows = [row for setting in models for row in model_rows(setting, scale, device, anchors)]
+    jobs = [row for setting in models[1:] for row in whole_jobs(setting, scale, device)]
     series = scaling_series(models[1], scale, device)
     n_params = sum(parameter.numel() for parameter in models[1].build().parameters())
     with workspace_root(args.workspace) as root:
@@ -336,7 +360,12 @@ def main() -> None:
         "Scoring: projected gradients of 1,000 test queries times the precomputed (N, k) features. Peak memory: "
         "the process RSS (CPU) or torch.cuda.max_memory_allocated (GPU) during the job. Fast jobs: best of "
         f"{scale.repeats}.\n\n" + main_table(rows) + "\n\nOurs against the anchors (same job, same batch size and k):\n\n"
-        + anchor_table(rows) + f"\n\nScaling of Kronecker TRAK featurization, {models[1].name}:\n\n"
+        + anchor_table(rows)
+        + f"\n\nWhole jobs: fit on all {len(models[1].train)} training images, then score {N_QUERIES:,} queries against them "
+        f"(k = {scale.k}; projected EK-FAC: `InfluenceSettings(projection=k)`; exact EK-FAC only on a GPU). "
+        "The H100 bars of benchmarks.md: TRAK under 0.5 s, EK-FAC under 1 s.\n\n"
+        + markdown_table(["model", "job", "training examples", "seconds", "peak MB"], [(*row[:4], f"{row[4]:,.0f}") for row in jobs])
+        + f"\n\nScaling of Kronecker TRAK featurization, {models[1].name}:\n\n"
         + markdown_table(["N", "seconds", "µs / example", "peak MB (process)", "features N·k·4 bytes, MB"], series)
         + "\n\nThe process's peak includes the data set itself (N × 784 floats, repeated) and the interpreter; "
         f"per-example gradients (N × {n_params:,} floats: {n_params * 4000 / 2**30:.1f} GB at N = 1,000) are never formed."
@@ -345,7 +374,9 @@ def main() -> None:
         "bar: within 0.01)."
     )
     payload = {"device": str(device), "rows": [row.as_json() for row in rows], "lds_kron_vs_dense": quality,
-               "scaling": [{"n": n, "seconds": seconds, "peak_mb": peak} for n, seconds, _, peak, _ in series]}
+               "scaling": [{"n": n, "seconds": seconds, "peak_mb": peak} for n, seconds, _, peak, _ in series],
+               "whole_jobs": [{"model": model, "job": job, "n_train": n, "n_queries": N_QUERIES, "seconds": seconds, "peak_mb": peak}
+                              for model, job, n, seconds, peak in jobs]}
     report("b3", "B3 · Speed and memory", body, args, payload)
 
 
