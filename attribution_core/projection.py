@@ -4,8 +4,9 @@ A projector maps the captured layers of a batch (list[LayerBatch], see gradients
 (B, k) ≈ Pᵀ ∇θ for a random P (n_params x k) with E[‖Pᵀv‖²] = ‖v‖². No projector stores P:
 - `KroneckerProjector`: per layer, blocks P_out ⊗ P_in (small seeded factors) applied to the
   layer gradient Σ_t g_t a_tᵀ as Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ: no per-example gradient is formed
-  (the idea behind LoGra, Choe et al. 2024). Block size 1 (the default of the methods) makes
-  every feature an independent rank-one projection u_jᵀ G v_j, as accurate as a dense P.
+  (the idea behind LoGra, Choe et al. 2024). Block size 1 makes every feature an independent
+  rank-one projection u_jᵀ G v_j, as accurate as a dense P; TRAK's default, block 4, is about
+  twice as fast at the same LDS (benchmarks/RESULTS.md, B3).
 - `DenseProjector`: a dense Rademacher/Gaussian P over the flattened gradient in the core's
   parameter layout, its rows regenerated from the seed chunk by chunk (the slow baseline, O(P k)).
 - `IdentityProjector`: no projection (k = n_params), for exact checks on small models.
@@ -15,8 +16,10 @@ to the inputs' device and dtype, so the same seed gives the same features on eve
 state fitted on a GPU can be scored on a CPU.
 
 The streaming pieces every method shares live here too: `batches` and `layer_batches` (chunks
-of a data set and their captured layers, optionally with a mixed-precision forward/backward), `project_gradients`, `Progress`, `check_settings`
-(settings validation naming the field) and `state_tensor` (reading a fitted state).
+of a data set and their captured layers, optionally with a mixed-precision forward/backward),
+`project_gradients` and `projected_features` (a data set's features, sharded over ranks),
+`Progress`, `check_settings` (settings validation naming the field) and `state_tensor` (reading
+a fitted state).
 """
 from __future__ import annotations
 
@@ -178,8 +181,9 @@ class KroneckerProjector(Projector):
 
     Layer l's gradient G = Σ_t g_t a_tᵀ (d_out, d_in) is projected by blocks j = 1..r as
     vec(P_out,jᵀ G P_in,j) = (P_out,j ⊗ P_in,j)ᵀ vec(G), P_out,j (d_out, k_out) and P_in,j
-    (d_in, k_in) i.i.d. ±1 or N(0, 1). Features are ordered (row i of P_out,j, column of P_in,j,
-    block j), block fastest; the first k_l, divided by √k_l, are kept. Each feature has E[feature²] = ‖G‖², so E[‖features‖²] = ‖∇θ‖².
+    (d_in, k_in) i.i.d. ±1 or N(0, 1). Features are ordered (column i of P_out,j, column i' of
+    P_in,j, block j), block fastest; the first k_l, divided by √k_l, are kept. Each feature has
+    E[feature²] = ‖G‖², so E[‖features‖²] = ‖∇θ‖².
 
     block trades speed for accuracy: features of one block share their factors, so a dot product
     of projected gradients has a variance growing like k_out + k_in. block=1 (independent
@@ -208,8 +212,8 @@ class KroneckerProjector(Projector):
     def rotated(self, rotations: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "KroneckerProjector":
         """The same random features taken in a rotated basis: per layer (Q_out, Q_in), G is projected as Q_outᵀ G Q_in.
 
-        The factors become Q_out P_out and Q_in P_in, so the rotated gradient of a and g costs no
-        more than the plain projection (the projected EK-FAC / SOURCE scores of methods/influence.py).
+        The factors become Q_out P_out and Q_in P_in, so projecting the rotated gradient from a and g
+        costs no more than the plain projection (projected EK-FAC / SOURCE scoring, curvature.py).
         """
         return KroneckerProjector(self.layer_shapes, self.k, self.seed, self.kind, self.block, rotations)
 
