@@ -231,6 +231,7 @@ class Source:
         if projector is not None:
             features = [check_projected_features(state_tensor(state, f"segment{index}/train_features", inputs.device), projector)
                         for index in range(len(segments))]
+            scales = [balancing_scales(segment.r) for segment in operators]
         block_size = query_block_size(self.settings.query_batch_size, operators[-1].bases)
         passes_per_block = 1 + (0 if projector is not None else len(segments) * n_chunks(n_train, inputs.batch_size))
         progress = Progress(inputs.progress, n_chunks(len(query_y), block_size) * passes_per_block)
@@ -243,8 +244,7 @@ class Source:
             progress.step()
             for index, weighted in _segment_weights(vectors, operators):
                 if projector is not None:
-                    scales = balancing_scales(operators[index].r)
-                    products = projected_query_vectors(projector, weighted, scales) @ features[index].T
+                    products = projected_query_vectors(projector, weighted, scales[index]) @ features[index].T
                 else:
                     products = stream_rotated_products(segments[index].checkpoints, operators[index].bases, inputs, weighted, progress.step)
                 contributions[index, start : start + block_size] = -products.cpu() / n_train
