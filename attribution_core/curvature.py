@@ -57,7 +57,14 @@ from .distributed import all_reduce_sum, local_rows
 from .errors import SettingsError
 from .gradients import LayerBatch, capture_layer_batches, layer_shape
 from .methods.base import AttributionInputs
-from .projection import KroneckerProjector, batches, n_chunks, objective_function, projected_features, tracked_layer_shapes
+from .projection import (
+    KroneckerProjector,
+    batches,
+    n_chunks,
+    objective_function,
+    projected_features,
+    tracked_layer_shapes,
+)
 from .task import Task
 
 FISHERS = ("true_fisher", "empirical")
