@@ -6,6 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+import webbrowser
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,21 +134,54 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo workspace {Path(args.workspace).resolve()}: runs {', '.join(run_ids)}")
 
 
+APP_ENTRY = Path(__file__).resolve().parent.parent / "app" / "main.py"
+HEALTH_WAIT_SECONDS = 120
+
+
+def streamlit_command(args: argparse.Namespace) -> list[str]:
+    """The argv that starts the app's Streamlit server: always headless, so Streamlit never prompts."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(APP_ENTRY),
+        "--server.address", args.address, "--server.port", str(args.port),
+        # Headless false makes Streamlit ask for an email on first run: it blocks a terminal and
+        # exits 255 without one. The browser is opened by `--open` instead (_open_when_ready).
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+    ]
+
+
+def _open_when_ready(url: str) -> None:
+    """Open `url` in a browser once the server's health endpoint answers (runs in a background thread)."""
+    deadline = time.monotonic() + HEALTH_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:  # noqa: S310 (our own http URL)
+                if response.status == 200:
+                    if not webbrowser.open(url):
+                        print(f"tdx: no browser found; open {url} yourself", file=sys.stderr, flush=True)
+                    return
+        except OSError:
+            time.sleep(0.25)
+    print(f"tdx: the app did not answer within {HEALTH_WAIT_SECONDS} s; no browser opened", file=sys.stderr, flush=True)
+
+
 def cmd_app(args: argparse.Namespace) -> None:
     workspace = Workspace(args.workspace)
     if not workspace.run_ids() and not args.no_demo:
-        print(f"building the demo workspace in {workspace.root} (first start, about 2 minutes)…", flush=True)
+        print(f"building the demo workspace in {workspace.root} (first start, about 15 seconds)…", flush=True)
         cmd_demo(argparse.Namespace(workspace=args.workspace, tiny=False))
-    entry = Path(__file__).resolve().parent.parent / "app" / "main.py"
-    command = [
-        sys.executable, "-m", "streamlit", "run", str(entry),
-        "--server.address", args.address, "--server.port", str(args.port),
-        "--server.headless", "true" if args.headless else "false",
-        "--browser.gatherUsageStats", "false",
-    ]
     env = os.environ | {"TDX_WORKSPACE": str(workspace.root)}
-    print(f"tda-explorer on http://{args.address}:{args.port}  (workspace {workspace.root})", flush=True)
-    raise SystemExit(subprocess.call(command, env=env, cwd=entry.parent.parent))  # noqa: S603 (fixed argv, no shell)
+    url = f"http://{args.address}:{args.port}"
+    print(f"tda-explorer on {url}  (workspace {workspace.root})", flush=True)
+    if args.open:
+        # A wildcard bind address is not one a browser can visit; this machine's loopback is.
+        host = "127.0.0.1" if args.address in ("0.0.0.0", "::", "") else args.address  # noqa: S104 (a comparison)
+        threading.Thread(target=_open_when_ready, args=(f"http://{host}:{args.port}",), daemon=True).start()
+    # stdin from /dev/null: nothing Streamlit starts can wait on a terminal (or fail for lack of one).
+    code = subprocess.call(  # noqa: S603 (fixed argv, no shell)
+        streamlit_command(args), env=env, cwd=APP_ENTRY.parent.parent, stdin=subprocess.DEVNULL
+    )
+    raise SystemExit(code)
 
 
 def _load_run(args: argparse.Namespace):
@@ -282,11 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tiny", action="store_true", help="a smaller, faster demo (for tests)")
     demo.set_defaults(handler=cmd_demo)
 
-    app = commands.add_parser("app", help="open the explorer in the browser")
+    app = commands.add_parser("app", help="serve the explorer (never prompts; --open for a browser window)")
     _add_workspace(app)
     app.add_argument("--port", type=int, default=8501)
     app.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
-    app.add_argument("--headless", action="store_true", help="do not open a browser window")
+    app.add_argument("--open", action="store_true", help="open the app in a browser once it answers")
+    app.add_argument("--headless", action="store_true",
+                     help="deprecated, no effect: headless is the default now (--open asks for a browser)")
     app.add_argument("--no-demo", action="store_true", help="do not build the demo workspace when empty")
     app.set_defaults(handler=cmd_app)
 

@@ -1,0 +1,101 @@
+"""`tdx app` starts unattended: no terminal, stdin closed, and Streamlit never asks for anything (issue 19, item 1)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from browser.conftest import ROOT, free_port, wait_until_healthy
+
+from attribution_core import cli
+from attribution_core.store import Workspace
+
+TDX = Path(sys.executable).parent / "tdx"
+
+
+def _start(workspace: Workspace, log: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`tdx app` as the README's first command ends, on a free port: stdin closed, no terminal, a session of its own."""
+    port = free_port()
+    command = [str(TDX), "app", "--port", str(port), "--workspace", str(workspace.root), *flags]
+    with open(log, "w") as output:
+        server = subprocess.Popen(  # a session of its own: no controlling terminal, and one group to kill at the end
+            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env,
+        )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """Stop `tdx app` and its Streamlit child (the whole process group)."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.fixture
+def workspace(demo_workspace, tmp_path) -> Workspace:
+    """A private copy of the tiny demo (`tdx app` builds only the full one, which takes longer than this test should)."""
+    shutil.copytree(demo_workspace.root, tmp_path / "workspace")
+    return Workspace(tmp_path / "workspace")
+
+
+def test_app_serves_with_stdin_closed_and_never_prompts(workspace, tmp_path):
+    log = tmp_path / "app.log"
+    server, url = _start(workspace, log)
+    try:
+        wait_until_healthy(url, server, log)  # fails at once, with the log, if the app exits (as it did: code 255)
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
+            assert response.read().decode().strip() == "ok"
+        assert server.poll() is None
+    finally:
+        _stop(server)
+    output = log.read_text()
+    assert f"tda-explorer on {url}" in output
+    assert "Email" not in output and "Welcome to Streamlit" not in output
+
+
+def test_open_flag_opens_the_browser_after_the_server_answers(workspace, tmp_path):
+    log = tmp_path / "app.log"
+    # webbrowser runs $BROWSER with the URL; echo puts the call in the log instead of opening a window.
+    server, url = _start(workspace, log, "--open", env=os.environ | {"BROWSER": "echo BROWSER-OPENED %s"})
+    try:
+        wait_until_healthy(url, server, log)
+        deadline = time.monotonic() + 10  # the opener polls the same endpoint, so it follows within a poll or two
+        while "BROWSER-OPENED" not in log.read_text() and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.1)
+        assert server.poll() is None
+    finally:
+        _stop(server)
+    output = log.read_text()
+    assert f"BROWSER-OPENED {url}" in output
+    assert "Email" not in output
+
+
+@pytest.mark.parametrize("flags", [[], ["--headless"], ["--open"], ["--headless", "--open"]])
+def test_streamlit_is_always_started_headless(flags):
+    argv = cli.streamlit_command(cli.build_parser().parse_args(["app", *flags]))
+    assert argv.count("--server.headless") == 1
+    assert argv[argv.index("--server.headless") + 1] == "true"
+    assert argv[argv.index("--browser.gatherUsageStats") + 1] == "false"
+
+
+def test_streamlit_gets_no_terminal_stdin(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv, **kwargs: calls.append((argv, kwargs)) or 0)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["app", "--no-demo", "--workspace", str(tmp_path)])
+    assert exit_info.value.code == 0
+    (argv, kwargs), = calls
+    assert kwargs["stdin"] is subprocess.DEVNULL
+    assert argv == cli.streamlit_command(cli.build_parser().parse_args(["app", "--no-demo", "--workspace", str(tmp_path)]))
