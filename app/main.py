@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `streamlit run app/main.py` from a checkout that is not pip-installed
 
-from app.components.context import core_problem, run_picker, workspace_root  # noqa: E402
+from app.components.context import run_picker, workspace_root  # noqa: E402
 
 # One script per page. Not named pages/: Streamlit would serve a pages/ folder's scripts without running main.py.
 VIEWS_DIR = Path(__file__).resolve().parent / "views"
@@ -31,14 +31,8 @@ def pages() -> list:
 
 
 def main() -> None:
-    """Set up the page, stop with a plain message when the core is incomplete, else run the chosen page."""
+    """Set up the page, the sidebar and the navigation, then run the chosen page."""
     st.set_page_config(page_title="tda-explorer", page_icon=":material/manage_search:", layout="wide")
-    problem = core_problem()
-    if problem is not None:
-        st.title("tda-explorer")
-        st.error(f"The attribution core is not complete yet, so nothing can be shown: {problem}.",
-                 icon=":material/construction:")
-        st.stop()
     navigation = st.navigation(pages())
     st.sidebar.caption(f"Workspace `{workspace_root()}`")
     run_picker()

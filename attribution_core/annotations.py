@@ -110,7 +110,7 @@ class Annotations:
         for flag in self.flags(run_id).values():
             suggested_class = class_names[flag.suggested_label] if class_names and flag.suggested_label is not None else ""
             writer.writerow(
-                [_escape_cell(str(value)) for value in (flag.run_id, flag.example_id, flag.kind,
+                [escape_cell(str(value)) for value in (flag.run_id, flag.example_id, flag.kind,
                  "" if flag.suggested_label is None else flag.suggested_label, suggested_class, flag.note, flag.updated_at)]
             )
         return buffer.getvalue()
@@ -121,6 +121,6 @@ class Annotations:
             return connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def _escape_cell(value: str) -> str:
-    """Prefix a quote to cells a spreadsheet would run as a formula."""
+def escape_cell(value: str) -> str:
+    """Prefix a quote to cells a spreadsheet would run as a formula (shared by every CSV export)."""
     return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value

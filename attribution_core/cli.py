@@ -19,10 +19,14 @@ from tqdm import tqdm
 
 from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
-from .methods.base import ProgressFn
+from .evaluation.mislabel import RANKINGS
+from .exports import FLAG_FORMATS, export_flags, save_scores, score_suffix
+from .methods import METHODS
+from .progress import ProgressFn
 from .store import Workspace
 
 DEFAULT_WORKSPACE = "workspace"
+METHOD_HELP = ", ".join(f"{name} ({method.label})" for name, method in METHODS.items())
 
 
 @contextmanager
@@ -72,7 +76,8 @@ def parse_stage(text: str, defaults: dict) -> dict:
 def cmd_train(args: argparse.Namespace) -> None:
     from .data import DataSpec
     from .models import ModelSpec
-    from .training import CheckpointPolicy, Recipe, Stage, train
+    from .run import CheckpointPolicy, Recipe, Stage
+    from .training import train
 
     data = DataSpec(
         source=args.data, path=args.data_path, max_train=args.max_train, max_test=args.max_test,
@@ -95,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from .training import list_runs
+    from .run import list_runs
 
     runs = list_runs(Workspace(args.workspace))
     if args.json:
@@ -185,7 +190,7 @@ def cmd_app(args: argparse.Namespace) -> None:
 
 
 def _load_run(args: argparse.Namespace):
-    from .training import load_run
+    from .run import load_run
 
     return load_run(Workspace(args.workspace), args.run_id)
 
@@ -212,6 +217,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     from .api import attribute
 
     run = _load_run(args)
+    if args.out:
+        score_suffix(args.out)  # a bad --out fails now, not after the scoring
     queries = list(_parse_classes(args.queries)) if args.queries else None
     with tqdm_progress(f"{args.method} on {args.run_id}") as progress:
         scores = attribute(run, args.method, queries=queries, checkpoints=_checkpoint_list(args.checkpoints),
@@ -227,6 +234,18 @@ def cmd_attribute(args: argparse.Namespace) -> None:
             listed = ", ".join(f"#{train_set.ids[i]} {train_set.class_names[int(train_set.y[i])]} ({v:+.3g})"
                                for i, v in zip(indices, values))
             print(f"{scores.query_names[query]} {kind}: {listed}")
+    if args.out:
+        written = save_scores(args.out, scores, train_set, top=args.out_top)
+        print(f"wrote {', '.join(str(path) for path in written)}")
+
+
+def cmd_flags_export(args: argparse.Namespace) -> None:
+    from .annotations import Annotations
+
+    run = _load_run(args)
+    annotations = Annotations(Workspace(args.workspace).annotations_path)
+    path = export_flags(run, annotations, args.format, args.out)
+    print(f"wrote {path}: {args.format} export of the {len(annotations.flags(run.run_id))} verdicts on {run.run_id}")
 
 
 def cmd_lds(args: argparse.Namespace) -> None:
@@ -332,19 +351,33 @@ def build_parser() -> argparse.ArgumentParser:
     attribute = commands.add_parser("attribute", help="score test examples against the training set")
     _add_workspace(attribute)
     attribute.add_argument("run_id")
-    attribute.add_argument("--method", default="trak", help="trak, source, ekfac, kfac, tracin, graddot, gradcos, repsim, exact_if")
+    attribute.add_argument("--method", default="trak", help=f"one of {METHOD_HELP}")
     attribute.add_argument("--queries", default=None, help="test indices, e.g. 0-9 or 3,7 (default: all)")
     attribute.add_argument("--checkpoints", default=None, help="checkpoint indices, e.g. 2-5 (default: the method's)")
     attribute.add_argument("--set", action="append", default=[], help="a method setting, e.g. --set k=512")
     attribute.add_argument("--top", type=int, default=5, help="proponents/opponents to print per query")
     attribute.add_argument("--show", type=int, default=3, help="queries to print")
     attribute.add_argument("--device", default="auto")
+    attribute.add_argument("--out", type=Path, default=None,
+                           help="also write the scores: .npy (matrix + .json ids), .parquet (long table) or .csv (top k per query)")
+    attribute.add_argument("--out-top", type=int, default=10, help="proponents/opponents per query in an --out .csv")
     attribute.set_defaults(handler=cmd_attribute)
+
+    flags = commands.add_parser("flags", help="the flags users set on training examples")
+    flag_commands = flags.add_subparsers(dest="flags_command", required=True)
+    flags_export = flag_commands.add_parser("export", help="write a run's flags for other tools")
+    _add_workspace(flags_export)
+    flags_export.add_argument("run_id")
+    flags_export.add_argument("--format", required=True, choices=FLAG_FORMATS,
+                              help="csv (the flags table), cleanlab (label-issues mask .npy of 'mislabeled' flags) "
+                                   "or fiftyone (a FiftyOneDataset directory, one tag per flag)")
+    flags_export.add_argument("--out", type=Path, required=True, help="file (csv, cleanlab) or directory (fiftyone) to write")
+    flags_export.set_defaults(handler=cmd_flags_export)
 
     lds_parser = commands.add_parser("lds", help="LDS ground truth by retraining on random subsets, then each method's LDS")
     _add_workspace(lds_parser)
     lds_parser.add_argument("run_id")
-    lds_parser.add_argument("--methods", default="trak,ekfac,tracin")
+    lds_parser.add_argument("--methods", default="trak,ekfac,tracin", help=f"comma-separated, each one of {METHOD_HELP}")
     lds_parser.add_argument("--subsets", type=int, default=100)
     lds_parser.add_argument("--alpha", type=float, default=0.5)
     lds_parser.add_argument("--seed", type=int, default=0)
@@ -357,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workspace(counterfactual)
     counterfactual.add_argument("run_id")
     counterfactual.add_argument("query", type=int, help="test-set index")
-    counterfactual.add_argument("--method", default="trak")
+    counterfactual.add_argument("--method", default="trak", help=f"one of {METHOD_HELP}")
     counterfactual.add_argument("--k", type=float, default=0.05, help="fraction (<1) or count of examples to remove")
     counterfactual.add_argument("--random", type=int, default=3, help="random-removal draws")
     counterfactual.add_argument("--seeds", type=int, default=1, help="retraining seeds per removal")
@@ -367,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     mislabels = commands.add_parser("mislabels", help="rank training examples by how likely their label is wrong")
     _add_workspace(mislabels)
     mislabels.add_argument("run_id")
-    mislabels.add_argument("--ranking", default="self_influence:trak")
+    mislabels.add_argument("--ranking", default="self_influence:trak", help="one of " + ", ".join(RANKINGS))
     mislabels.add_argument("--checkpoints", default=None)
     mislabels.add_argument("--top", type=int, default=20)
     mislabels.set_defaults(handler=cmd_mislabels)

@@ -7,8 +7,8 @@ gradients.py), the curvature block G = E_m[vec ∇W_m vec ∇W_mᵀ] is approxim
 so that G ≈ S ⊗ A (row-major layout of W) when positions are independent and alike (the KFC
 convention of Grosse & Martens 2016, as in kronfluence); for T = 1 this is plain K-FAC.
 g is the gradient of each example's own loss ℓ_m (not of the mean), so G ≈ E_m[∇ℓ_m ∇ℓ_mᵀ]:
-- fisher="true_fisher": labels drawn from the model's predictive distribution softmax(model(x))
-  (the task's outputs must be class logits). Its expectation over the draws is the Gauss–Newton
+- fisher="true_fisher": labels drawn from the model's predictive distribution
+  (Task.sample_targets: softmax(model(x)) for classification). Its expectation over the draws is the Gauss–Newton
   matrix of the mean cross-entropy, the curvature exact influence uses. Draws are seeded and
   fixed per example (inverse-CDF with one uniform per example), so they do not depend on the
   chunk size.
@@ -55,16 +55,11 @@ from torch import nn
 
 from .distributed import all_reduce_sum, local_rows
 from .errors import SettingsError
-from .gradients import LayerBatch, capture_layer_batches, layer_shape
-from .methods.base import AttributionInputs
-from .projection import (
-    KroneckerProjector,
-    batches,
-    n_chunks,
-    objective_function,
-    projected_features,
-    tracked_layer_shapes,
-)
+from .features import projected_features
+from .gradients import LayerBatch, capture_layer_batches, layer_shape, objective_function
+from .inputs import AttributionInputs, batches
+from .progress import n_chunks
+from .projection import KroneckerProjector, tracked_layer_shapes
 from .task import Task
 
 FISHERS = ("true_fisher", "empirical")
@@ -131,13 +126,6 @@ def label_uniforms(n_examples: int, key: Sequence[int]) -> torch.Tensor:
     return torch.rand(n_examples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Labels (B,) drawn from softmax(logits) (B, K) by inverse CDF of the given uniforms (B,)."""
-    cdf = torch.softmax(logits.double(), dim=1).cumsum(dim=1)
-    labels = torch.searchsorted(cdf, uniforms.to(cdf.device)[:, None]).squeeze(1)
-    return labels.clamp_max(logits.shape[1] - 1)  # a uniform above a rounded-down total
-
-
 def loss_layer_batches(
     model: nn.Module, inputs: AttributionInputs, fisher: str, key: Sequence[int], rows: slice | None = None
 ) -> Iterator[tuple[int, list[LayerBatch]]]:
@@ -149,10 +137,10 @@ def loss_layer_batches(
     check_fisher(fisher)
     modules = inputs.task.tracked_modules(model)
     uniforms = label_uniforms(len(inputs.train_y), key) if fisher == "true_fisher" else None
-    for start, x, y in inputs.train_batches(rows):
+    for start, x, y in inputs.train_batches(rows, model):
         if uniforms is not None:
             with torch.no_grad():
-                y = sample_labels(model(x), uniforms[start : start + len(y)])
+                y = inputs.task.sample_targets(model, x, uniforms[start : start + len(y)])
         yield start, capture_layer_batches(model, modules, inputs.task.train_loss, x, y)
 
 
@@ -168,11 +156,13 @@ def fit_covariances(
     *,
     fisher: str = "true_fisher",
     key: Sequence[int] = (0,),
+    weights: torch.Tensor | None = None,
     on_chunk: Callable[[], None] = lambda: None,
 ) -> dict[str, LayerCovariances]:
     """A and S per tracked layer, averaged over the models; model i's labels are keyed by (*key, i).
 
-    Under torch.distributed each rank sums over its rows and the sums are all-reduced.
+    weights (N,), mean 1: each example's share of the training loss (e.g. how often a segment drew
+    it); None: all alike. Under torch.distributed each rank sums over its rows and the sums are all-reduced.
     """
     shapes = {name: layer_shape(module) for name, module in inputs.task.tracked_modules(models[0]).items()}
     like = next(models[0].parameters())  # the sums' dtype and device
@@ -181,9 +171,10 @@ def fit_covariances(
     positions = like.new_zeros(len(shapes), dtype=torch.float64)  # per layer, examples × positions
     rows = local_rows(len(inputs.train_y))
     for index, model in enumerate(models):
-        for _, layers in loss_layer_batches(model, inputs, fisher, (*key, index), rows):
+        for start, layers in loss_layer_batches(model, inputs, fisher, (*key, index), rows):
             for position, layer in enumerate(layers):
-                a, g = layer.inputs.flatten(0, 1), layer.output_grads.flatten(0, 1)
+                root = _root_weights(weights, start, layer)
+                a, g = (layer.inputs * root).flatten(0, 1), (layer.output_grads * root).flatten(0, 1)
                 input_sums[layer.name].addmm_(a.T, a)
                 grad_sums[layer.name].addmm_(g.T, g)
                 positions[position] += len(a)
@@ -276,15 +267,25 @@ def fit_corrected_eigenvalues(
     *,
     fisher: str = "true_fisher",
     key: Sequence[int] = (0, 0),
+    weights: torch.Tensor | None = None,
     on_chunk: Callable[[], None] = lambda: None,
 ) -> LayerMatrices:
-    """EK-FAC eigenvalues Λ* = E_m[(Q_Sᵀ ∇W_m Q_A)²] (d_out, d_in) per layer at one model (rows sharded as fit_covariances)."""
+    """EK-FAC eigenvalues Λ* = E_m[w_m (Q_Sᵀ ∇W_m Q_A)²] (d_out, d_in) per layer at one model (weights and rows as fit_covariances)."""
     sums = {name: basis.q_out.new_zeros(len(basis.q_out), len(basis.q_in)) for name, basis in bases.items()}
-    for _, layers in loss_layer_batches(model, inputs, fisher, key, local_rows(len(inputs.train_y))):
+    for start, layers in loss_layer_batches(model, inputs, fisher, key, local_rows(len(inputs.train_y))):
         for layer in layers:
+            if weights is not None:  # √w on g alone weighs the squared gradient by w
+                layer = LayerBatch(layer.name, layer.conv_input or layer.inputs, layer.output_grads * _root_weights(weights, start, layer))
             sums[layer.name] += squared_rotated_sums(layer, bases[layer.name])
         on_chunk()
     return {name: all_reduce_sum(total) / len(inputs.train_y) for name, total in sums.items()}
+
+
+def _root_weights(weights: torch.Tensor | None, start: int, layer: LayerBatch) -> torch.Tensor | float:
+    """√w (B, 1, 1) of a chunk's examples, to scale captures by (1.0 without weights)."""
+    if weights is None:
+        return 1.0
+    return weights[start : start + len(layer.output_grads)].to(layer.output_grads).sqrt()[:, None, None]
 
 
 def _rows(layer: LayerBatch, rows: slice) -> LayerBatch:
@@ -295,17 +296,19 @@ def layer_slices(
     models: Sequence[nn.Module],
     task: Task,
     objective: str,
-    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    chunks: Iterable[tuple[int, list[torch.Tensor], torch.Tensor]],
     on_chunk: Callable[[], None] = lambda: None,
 ) -> Iterator[tuple[slice, str, list[LayerBatch]]]:
     """(rows of the data set, layer name, that layer's capture at each model for those rows), layer by layer.
 
-    One forward and backward of the objective per model and chunk (on_chunk after each chunk);
-    rows are cut by row_slices so that one layer's per-example gradients for them fit the budget.
+    chunks: (start, [x for each model], y), e.g. AttributionInputs.model_batches (each model's own
+    view of the inputs). One forward and backward of the objective per model and chunk (on_chunk
+    after each chunk); rows are cut by row_slices so that one layer's per-example gradients for
+    them fit the budget.
     """
     function = objective_function(task, objective)
-    for start, x, y in chunks:
-        captures = [capture_layer_batches(model, task.tracked_modules(model), function, x, y) for model in models]
+    for start, xs, y in chunks:
+        captures = [capture_layer_batches(model, task.tracked_modules(model), function, x, y) for model, x in zip(models, xs)]
         for per_model in zip(*captures):
             d_out, d_in = per_model[0].output_grads.shape[-1], per_model[0].inputs.shape[-1]
             for rows in row_slices(len(y), d_out * d_in):
@@ -318,7 +321,8 @@ def rotated_query_gradients(
 ) -> LayerMatrices:
     """Per layer, Q_Sᵀ ∇f(z_q) Q_A (n, d_out, d_in) of the measurement at the model: for a block of queries."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for _, name, layers in layer_slices([model], task, "measurement", batches(x, y, batch_size, device)):
+    chunks = ((start, [x_chunk], y_chunk) for start, x_chunk, y_chunk in batches(x, y, batch_size, device))
+    for _, name, layers in layer_slices([model], task, "measurement", chunks):
         parts.setdefault(name, []).append(rotated_gradients(layers, bases[name]))
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
@@ -337,13 +341,13 @@ def stream_rotated_products(
     vectors: LayerMatrices,
     on_chunk: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
-    """Σ_layers ⟨Ṽ_q, Q_Sᵀ ḡ(z_m) Q_A⟩ (n_vectors, n_train), ḡ the loss gradient averaged over the models.
+    """Σ_layers ⟨Ṽ_q, Q_Sᵀ ḡ(z_m) Q_A⟩ (n_vectors, n_train), ḡ the loss gradient averaged over the models (each on its view).
 
     vectors: rotated Ṽ (n_vectors, d_out, d_in) per layer. One pass over the training set.
     """
     n_vectors, scratch = next(iter(vectors.values())).shape[0], Scratch()
     products = torch.zeros(n_vectors, len(inputs.train_y), device=inputs.device)
-    for rows, name, layers in layer_slices(models, inputs.task, "loss", inputs.train_batches(), on_chunk):
+    for rows, name, layers in layer_slices(models, inputs.task, "loss", inputs.model_batches(models), on_chunk):
         products[:, rows] += vectors[name].flatten(1) @ rotated_gradients(layers, bases[name], scratch, name).flatten(1).T
     return products
 
@@ -414,5 +418,5 @@ def projected_query_vectors(projector: KroneckerProjector, vectors: LayerMatrice
 def check_projected_features(features: torch.Tensor, projector: KroneckerProjector) -> torch.Tensor:
     """The stored (N, k) features, if their k matches the settings'."""
     if features.shape[1] != projector.k:
-        raise SettingsError(f"state has {features.shape[1]} projected features per example, settings give projection={projector.k}: refit")
+        raise SettingsError(f"state has {features.shape[1]} projected features per example, settings give k={projector.k}: refit")
     return features

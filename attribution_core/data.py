@@ -20,7 +20,6 @@ Nothing here unpickles: npz files are read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import zipfile
@@ -36,6 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError, SettingsError
+from .store import file_sha256
 
 SOURCES = ("sample", "digits", "fashion_mnist", "npz", "image_folder")
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "sample_data" / "fashion_mnist_sample.npz"
@@ -287,11 +287,7 @@ def find_idx_files(directory: str | Path) -> dict[str, tuple[Path, Path]]:
 
 def file_record(path: Path) -> dict[str, Any]:
     """Name, size and SHA-256 of a file, for provenance."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _load_sample(spec: DataSpec) -> tuple[Dataset, Dataset]:

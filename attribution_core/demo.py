@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .data import DataSpec
-from .methods.base import ProgressFn
+from .errors import DataError
 from .models import ModelSpec
+from .progress import ProgressFn
+from .run import CheckpointPolicy, Recipe, Stage, load_run
 from .store import Workspace
-from .training import CheckpointPolicy, Recipe, Stage, train
+from .training import train
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,21 @@ def build_demo(
     tiny: bool = False,
     progress_for: Callable[[str], ProgressFn] = lambda run_id: (lambda done, total: None),
 ) -> list[str]:
-    """Train every demo run not yet in the workspace (a killed build resumes); returns the run ids."""
+    """Train every demo run not yet in the workspace, or stored without a training record (a killed build resumes); returns the run ids.
+
+    A run from before training records existed is trained again with its own seed and recipe: the
+    same weights, now with every step's batch and losses recorded.
+    """
     existing = set(workspace.run_ids())
     for run in demo_runs(tiny):
-        if run.run_id not in existing:
+        if run.run_id not in existing or not _has_record(workspace, run.run_id):
             train(run.data, run.model, run.recipe, workspace, run.run_id, progress=progress_for(run.run_id))
     return [run.run_id for run in demo_runs(tiny)]
+
+
+def _has_record(workspace: Workspace, run_id: str) -> bool:
+    """Whether a stored run opens with its training record (False for older runs and for a record that went missing)."""
+    try:
+        return load_run(workspace, run_id).record is not None
+    except DataError:
+        return False

@@ -12,7 +12,7 @@ order, the (d_out, d_in) matrix [W.reshape(d_out, -1) | b], flattened row-major.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 
 from .errors import SettingsError
+from .task import Task
 
 
 @dataclass
@@ -131,15 +132,6 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     return weight.shape[0], d_in
 
 
-def parameter_matrix(module: nn.Module, use_grad: bool = False) -> torch.Tensor:
-    """The layer's weights (or their .grad) as the (d_out, d_in) matrix [W | b]."""
-    weight = module.weight.grad if use_grad else module.weight
-    columns = [weight.reshape(weight.shape[0], -1)]
-    if module.bias is not None:
-        columns.append((module.bias.grad if use_grad else module.bias)[:, None])
-    return torch.cat(columns, dim=1)
-
-
 class LayerCapture:
     """Context manager recording the inputs of the given layers and where their outputs enter autograd.
 
@@ -206,3 +198,51 @@ def capture_layer_batches(
 def per_example_gradients(layers: list[LayerBatch]) -> torch.Tensor:
     """Flattened per-example gradients (B, P) in the core's parameter layout: small models only."""
     return torch.cat([layer.per_example_gradients().flatten(1) for layer in layers], dim=1)
+
+
+OBJECTIVES = ("loss", "measurement")
+AMP_DTYPES = ("bfloat16", "float16")
+
+
+def objective_function(task: Task, objective: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task's per-example training loss or measurement, by name."""
+    if objective not in OBJECTIVES:
+        raise SettingsError(f"objective {objective!r}: choose one of {OBJECTIVES}")
+    return task.train_loss if objective == "loss" else task.measurement
+
+
+def autocast_dtype(amp_dtype: str | None) -> torch.dtype | None:
+    """The torch dtype of a mixed-precision setting (None: full precision)."""
+    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
+        raise SettingsError(f"amp_dtype {amp_dtype!r}: choose None or one of {AMP_DTYPES}")
+    return None if amp_dtype is None else getattr(torch, amp_dtype)
+
+
+def capture_mixed_precision(
+    model: nn.Module, modules: dict[str, nn.Module], function: Callable, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> list[LayerBatch]:
+    """a and g from a forward and backward under autocast to dtype, returned in float32 for fp32 accumulation."""
+    with torch.autocast(x.device.type, dtype=dtype):
+        layers = capture_layer_batches(model, modules, function, x, y)
+    return [layer.float() for layer in layers]
+
+
+def layer_batches(
+    model: nn.Module,
+    task: Task,
+    objective: str,
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    amp_dtype: str | None = None,
+) -> Iterator[tuple[int, list[LayerBatch]]]:
+    """(start, captured layers) per chunk: a and g of the tracked layers for the objective's gradient.
+
+    amp_dtype ("bfloat16", "float16") runs the forward and backward in mixed precision.
+    """
+    modules = task.tracked_modules(model)
+    function = objective_function(task, objective)
+    dtype = autocast_dtype(amp_dtype)
+    for start, x, y in chunks:
+        if dtype is None:
+            yield start, capture_layer_batches(model, modules, function, x, y)
+        else:
+            yield start, capture_mixed_precision(model, modules, function, x, y, dtype)

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from .errors import SettingsError
+from .inputs import batches
 from .methods.baselines import representations
-from .projection import batches
+from .run import Run
 from .task import Task
-from .training import Run
 
 
 def _split(run: Run, split: str):
@@ -20,24 +20,25 @@ def _split(run: Run, split: str):
 
 
 @torch.no_grad()
+def model_probabilities(model: nn.Module, task: Task, x: torch.Tensor, *, batch_size: int = 1024) -> np.ndarray:
+    """The task's predictive probabilities (n, n_classes) of a model on inputs x (n, ...) on the model's device, chunk by chunk."""
+    model.eval()
+    return torch.cat([task.predictions(model, x[start : start + batch_size]).cpu() for start in range(0, len(x), batch_size)]).numpy()
+
+
 def predict(run: Run, x: torch.Tensor | None = None, *, split: str = "test", checkpoint: int = -1,
-            batch_size: int = 1024) -> np.ndarray:
-    """Softmax probabilities (n, n_classes) of a checkpoint's model on x, or on the run's train/test split."""
-    model = run.load_model(checkpoint)
+            batch_size: int = 1024, task: Task | None = None) -> np.ndarray:
+    """Predicted probabilities (n, n_classes) of a checkpoint's model on x, or on the run's train/test split."""
     inputs = _split(run, split).x if x is None else x
-    return torch.cat([torch.softmax(model(inputs[start : start + batch_size]), dim=1)
-                      for start in range(0, len(inputs), batch_size)]).numpy()
+    return model_probabilities(run.load_model(checkpoint), task or Task(), inputs, batch_size=batch_size)
 
 
 def penultimate_features(run: Run, *, split: str = "train", checkpoint: int = -1, task: Task | None = None) -> np.ndarray:
-    """Inputs of the model's last tracked nn.Linear (n, d): what the classifier head sees."""
+    """Inputs of the task's representation layer (n, d) (the last tracked nn.Linear): what the classifier head sees."""
     task = task or Task()
     model = run.load_model(checkpoint)
-    linears = [module for module in task.tracked_modules(model).values() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise SettingsError(f"run {run.run_id!r}: the model has no tracked nn.Linear layer to read features from")
     dataset = _split(run, split)
-    return representations(model, task, linears[-1], batches(dataset.x, dataset.y, 512, torch.device("cpu"))).numpy()
+    return representations(model, task, task.representation_layer(model), batches(dataset.x, dataset.y, 512, torch.device("cpu"))).numpy()
 
 
 def umap_layout(features: np.ndarray, *, seed: int = 0) -> np.ndarray:

@@ -15,45 +15,28 @@ Random matrices are drawn on the CPU from generators seeded by (seed, layer, par
 to the inputs' device and dtype, so the same seed gives the same features on every device: a
 state fitted on a GPU can be scored on a CPU.
 
-The streaming pieces every method shares live here too: `batches` and `layer_batches` (chunks
-of a data set and their captured layers, optionally with a mixed-precision forward/backward),
-`project_gradients` and `projected_features` (a data set's features, sharded over ranks),
-`Progress`, `check_settings` (settings validation naming the field) and `state_tensor` (reading
-a fitted state).
+Projecting a whole data set chunk by chunk (and sharded over ranks) is features.py.
 """
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .distributed import sharded_rows
 from .errors import SettingsError
-from .gradients import LayerBatch, capture_layer_batches, layer_shape, per_example_gradients
-from .methods.base import AttributionInputs, ProgressFn
+from .gradients import LayerBatch, layer_shape, per_example_gradients
 from .task import Task
 
 PROJECTIONS = ("kronecker", "dense", "identity")
 DISTRIBUTIONS = ("rademacher", "gaussian")
-OBJECTIVES = ("loss", "measurement")
-AMP_DTYPES = ("bfloat16", "float16")
 
 LayerShapes = dict[str, tuple[int, int]]
 """Tracked layers in tracking order: name -> (d_out, d_in) in the core's layout (bias as a column)."""
-
-
-def check_settings(settings: object, **valid: bool) -> None:
-    """Raise SettingsError naming every field whose condition is False, with the field's help."""
-    helps = {f.name: f.metadata.get("help", "") for f in fields(settings)}  # type: ignore[arg-type]
-    bad = [name for name, ok in valid.items() if not ok]
-    if bad:
-        details = "; ".join(f"{name}={getattr(settings, name)!r} ({helps[name]})" for name in bad)
-        raise SettingsError(f"{type(settings).__name__}: invalid {details}")
 
 
 def tracked_layer_shapes(model: nn.Module, task: Task) -> LayerShapes:
@@ -328,124 +311,3 @@ def make_projector(
     raise SettingsError(f"projection {projection!r}: choose one of {PROJECTIONS}")
 
 
-def objective_function(task: Task, objective: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The task's per-example training loss or measurement, by name."""
-    if objective not in OBJECTIVES:
-        raise SettingsError(f"objective {objective!r}: choose one of {OBJECTIVES}")
-    return task.train_loss if objective == "loss" else task.measurement
-
-
-def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(start, x, y) chunks of a data set on the device, batch_size at a time."""
-    for start in range(0, len(y), batch_size):
-        yield start, x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-
-
-def autocast_dtype(amp_dtype: str | None) -> torch.dtype | None:
-    """The torch dtype of a mixed-precision setting (None: full precision)."""
-    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
-        raise SettingsError(f"amp_dtype {amp_dtype!r}: choose None or one of {AMP_DTYPES}")
-    return None if amp_dtype is None else getattr(torch, amp_dtype)
-
-
-def capture_mixed_precision(
-    model: nn.Module, modules: dict[str, nn.Module], function: Callable, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
-) -> list[LayerBatch]:
-    """a and g from a forward and backward under autocast to dtype, returned in float32 for fp32 accumulation."""
-    with torch.autocast(x.device.type, dtype=dtype):
-        layers = capture_layer_batches(model, modules, function, x, y)
-    return [layer.float() for layer in layers]
-
-
-def layer_batches(
-    model: nn.Module,
-    task: Task,
-    objective: str,
-    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
-    amp_dtype: str | None = None,
-) -> Iterator[tuple[int, list[LayerBatch]]]:
-    """(start, captured layers) per chunk: a and g of the tracked layers for the objective's gradient.
-
-    amp_dtype ("bfloat16", "float16") runs the forward and backward in mixed precision.
-    """
-    modules = task.tracked_modules(model)
-    function = objective_function(task, objective)
-    dtype = autocast_dtype(amp_dtype)
-    for start, x, y in chunks:
-        if dtype is None:
-            yield start, capture_layer_batches(model, modules, function, x, y)
-        else:
-            yield start, capture_mixed_precision(model, modules, function, x, y, dtype)
-
-
-def n_chunks(n_examples: int, batch_size: int) -> int:
-    """How many chunks of batch_size cover n_examples."""
-    return -(-n_examples // batch_size)
-
-
-class Progress:
-    """Counts finished steps of a job and reports them to a progress callback."""
-
-    def __init__(self, callback: ProgressFn, total: int):
-        self.callback, self.total, self.done = callback, total, 0
-
-    def step(self) -> None:
-        """One more step done."""
-        self.done += 1
-        self.callback(self.done, self.total)
-
-
-def state_tensor(state: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
-    """state[key] on the device; a missing key means the state was fitted with other settings."""
-    if key not in state:
-        raise SettingsError(f"the fitted state has no {key!r} (fitted with other settings or checkpoints?): fit again")
-    return state[key].to(device)
-
-
-def projected_features(
-    models: Sequence[nn.Module],
-    inputs: AttributionInputs,
-    projector: Projector,
-    objective: str,
-    on_chunk: Callable[[], None] = lambda: None,
-    amp_dtype: str | None = None,
-) -> torch.Tensor:
-    """The projected objective gradient of every training example, averaged over the models: (N, k).
-
-    Under torch.distributed each rank projects its index range and the ranges are all-gathered.
-    """
-    def shard(rows: slice) -> torch.Tensor:
-        total = None
-        for model in models:
-            chunks = batches(inputs.train_x[rows], inputs.train_y[rows], inputs.batch_size, inputs.device)
-            features = project_gradients(model, inputs.task, projector, objective, chunks, rows.stop - rows.start, on_chunk, amp_dtype)
-            total = features if total is None else total.add_(features)
-        return total / len(models) if len(models) > 1 else total
-
-    return sharded_rows(len(inputs.train_y), shard)
-
-
-def project_gradients(
-    model: nn.Module,
-    task: Task,
-    projector: Projector,
-    objective: str,
-    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
-    n_examples: int,
-    on_chunk: Callable[[], None] = lambda: None,
-    amp_dtype: str | None = None,
-) -> torch.Tensor:
-    """Projected per-example gradients of the objective, (n_examples, k) float32 on the chunks' device.
-
-    The chunks' starts index the rows, which are filled in place: no list of per-chunk features
-    is held beside the result.
-    """
-    features = None
-    for start, layers in layer_batches(model, task, objective, chunks, amp_dtype):
-        if features is None:
-            features = torch.empty(n_examples, projector.k, device=layers[0].output_grads.device)
-        projector.project(layers, out=features[start : start + layers[0].output_grads.shape[0]])
-        on_chunk()
-    return features if features is not None else torch.empty(0, projector.k)

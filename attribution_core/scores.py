@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
 
 @dataclass
@@ -58,3 +59,17 @@ class Scores:
                       self.train_ids, self.query_labels, self.query_names, self.query_indices, None,
                       self.segment_values[segments],
                       self.notes, self.key, self.seconds)
+
+
+def top_k_overlap(first: np.ndarray, second: np.ndarray, k: int) -> int:
+    """How many training examples two score rows (N,) share among their k highest."""
+    top_first = np.argsort(-first, kind="stable")[:k]
+    top_second = np.argsort(-second, kind="stable")[:k]
+    return len(np.intersect1d(top_first, top_second))
+
+
+def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman correlation of two score rows (N,) over every training example (nan if one is constant)."""
+    if np.ptp(first) == 0 or np.ptp(second) == 0:
+        return float("nan")
+    return float(spearmanr(first, second).statistic)

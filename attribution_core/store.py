@@ -18,9 +18,8 @@ import io
 import json
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +175,10 @@ class Artifact:
     resumable partial by jobs that know how to continue it).
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, inputs: Any = None):
         self.directory = Path(directory)
+        self.inputs = inputs
+        """What the artifact was computed from (its key is their hash); recorded in the manifest."""
 
     @property
     def manifest_path(self) -> Path:
@@ -224,6 +225,18 @@ class Artifact:
         """Lock for computing this artifact (see file_lock)."""
         return file_lock(self.directory.parent / f".{self.directory.name}.lock")
 
+    def compute_once(self, compute: Callable[["Artifact"], dict[str, Any] | None]) -> "Artifact":
+        """The artifact, computed first if needed: under its lock, unless complete, compute(self) writes its files, then the manifest.
+
+        compute may return extra manifest entries (e.g. how long it took). A second process
+        asking for the same artifact meanwhile waits on the lock and then finds it complete.
+        """
+        with self.lock():
+            if not self.is_complete():
+                extra = compute(self)
+                self.commit(self.inputs, extra=extra)
+        return self
+
 
 class Workspace:
     """The workspace directory: runs, their checkpoints and artifacts, and annotations."""
@@ -253,10 +266,16 @@ class Workspace:
             raise UnknownRunError(f"no run {run_id!r} in workspace {self.root}; runs: {existing}")
         return directory
 
-    def artifact(self, run_id: str, kind: str, key: str) -> Artifact:
-        """The artifact folder runs/<id>/<kind>/<key>."""
-        return Artifact(self.run_dir(run_id) / check_name(kind, "artifact kind") / check_name(key, "artifact key"))
+    def artifact(self, run_id: str, kind: str, inputs: Mapping[str, Any]) -> Artifact:
+        """The artifact runs/<id>/<kind>/<key> of everything it is computed from (key = content_key(inputs))."""
+        key = content_key(inputs)
+        return Artifact(self.run_dir(run_id) / check_name(kind, "artifact kind") / check_name(key, "artifact key"), dict(inputs))
 
-    def delete_run(self, run_id: str) -> None:
-        """Remove a run and everything computed for it."""
-        shutil.rmtree(self.run_dir(run_id))
+    def artifacts(self, run_id: str, kind: str) -> list[Artifact]:
+        """The complete artifacts of one kind stored for a run, oldest first."""
+        directory = self.run_dir(run_id) / check_name(kind, "artifact kind")
+        found = [Artifact(entry) for entry in directory.iterdir() if entry.is_dir()] if directory.is_dir() else []
+        complete = [artifact for artifact in found if artifact.is_complete()]
+        for artifact in complete:
+            artifact.inputs = artifact.manifest()["inputs"]
+        return sorted(complete, key=lambda artifact: artifact.manifest_path.stat().st_mtime)

@@ -1,4 +1,4 @@
-"""Training that records its trajectory: recipes with stages, checkpoints, `train` and `retrain`.
+"""Training that records its trajectory: `train`, `fit_model` and `retrain` of a Recipe (run.py).
 
 A Recipe is a list of Stages (pretrain, then fine-tune, ...), each with its own optimizer,
 schedule and data selection. Training records, for every optimizer step, its stage, learning
@@ -12,10 +12,9 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,127 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import Dataset, DataSpec, load_dataset
-from .errors import CheckpointError, SettingsError, TdxError
-from .methods.base import ProgressFn, no_progress
+from .errors import SettingsError
 from .models import ModelSpec, build_model
-from .store import Workspace, atomic_write_json, check_name, file_sha256, load_tensors, read_json, save_tensors
-
-RUN_FORMAT = 1
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of training: optimizer, schedule and which data it sees."""
-
-    name: str = field(default="train", metadata=_help("stage name shown in the app, e.g. pretrain / finetune"))
-    epochs: int = field(default=10, metadata=_help("passes over the stage's data"))
-    optimizer: str = field(default="sgd", metadata=_help("sgd (with momentum) or adam"))
-    lr: float = field(default=0.05, metadata=_help("peak learning rate"))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum (Adam: beta1)"))
-    weight_decay: float = field(default=1e-4, metadata=_help("L2 weight decay"))
-    batch_size: int = field(default=64, metadata=_help("examples per optimizer step"))
-    schedule: str = field(default="constant", metadata=_help("constant, step, cosine or linear (decay to 0)"))
-    step_epochs: int = field(default=5, metadata=_help("step schedule: epochs between decays"))
-    step_gamma: float = field(default=0.1, metadata=_help("step schedule: decay factor"))
-    warmup_steps: int = field(default=0, metadata=_help("linear warm-up from 0 over this many steps"))
-    classes: tuple[int, ...] | None = field(default=None, metadata=_help("train only on these labels (None: all)"))
-    transform: str = field(default="none", metadata=_help("none, rotate (90 degrees) or noise (Gaussian pixel noise)"))
-    noise_std: float = field(default=0.3, metadata=_help("std of the pixel noise for transform=noise"))
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "optimizer": self.optimizer in ("sgd", "adam"),
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in ("constant", "step", "cosine", "linear"),
-            "step_epochs": self.step_epochs >= 1,
-            "warmup_steps": self.warmup_steps >= 0,
-            "transform": self.transform in ("none", "rotate", "noise"),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise SettingsError(f"stage {self.name!r}: invalid {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
-        if self.classes is not None:
-            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """Which checkpoints to keep; the end of every stage is always kept."""
-
-    every_epochs: int | None = field(default=1, metadata=_help("keep one after every k epochs of each stage"))
-    count: int | None = field(default=None, metadata=_help("instead: C checkpoints evenly spaced over all steps"))
-
-    def __post_init__(self) -> None:
-        if (self.every_epochs is None) == (self.count is None):
-            raise SettingsError("checkpoint policy: set exactly one of every_epochs and count")
-        if (self.every_epochs or 1) < 1 or (self.count or 1) < 1:
-            raise SettingsError("checkpoint policy: every_epochs and count must be at least 1")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a run is trained: stages in order, a seed, and the checkpoint policy."""
-
-    stages: tuple[Stage, ...] = field(default=(Stage(),), metadata=_help("training stages, run in order"))
-    seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
-    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy, metadata=_help("which checkpoints to keep"))
-
-    def __post_init__(self) -> None:
-        if not self.stages:
-            raise SettingsError("recipe: at least one stage is needed")
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "Recipe":
-        """Inverse of dataclasses.asdict (as stored in run.json)."""
-        return cls(
-            stages=tuple(Stage(**stage) for stage in payload["stages"]),
-            seed=payload["seed"],
-            checkpoints=CheckpointPolicy(**payload["checkpoints"]),
-        )
-
-
-@dataclass
-class Trajectory:
-    """Per optimizer step (index i = step i+1): stage, learning rate, momentum, batch size."""
-
-    stage: list[int] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    momentum: list[float] = field(default_factory=list)
-    batch_size: list[int] = field(default_factory=list)
-    optimizer: list[str] = field(default_factory=list)
-
-    def record(self, stage_index: int, stage: Stage, lr: float, batch_size: int) -> None:
-        self.stage.append(stage_index)
-        self.lr.append(lr)
-        self.momentum.append(stage.momentum if stage.optimizer == "sgd" else 0.0)
-        self.batch_size.append(batch_size)
-        self.optimizer.append(stage.optimizer)
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.lr)
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A saved checkpoint: weights after `step` optimizer steps."""
-
-    index: int
-    step: int
-    stage: int
-    epoch: int
-    file: str
-    test_accuracy: float | None = None
-    sha256: str = ""
-    size: int = 0
+from .progress import ProgressFn, no_progress
+from .record import RECORD_DIR, RecordWriter, TrainingRecord, optimizer_hyperparameters
+from .run import CheckpointInfo, Recipe, Run, Stage, Trajectory
+from .store import Workspace, atomic_write_json, file_sha256, save_tensors
+from .task import correct_class_margin
 
 
 def learning_rate(stage: Stage, step_in_stage: int, steps_per_epoch: int) -> float:
@@ -168,27 +53,12 @@ def _make_optimizer(stage: Stage, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
 
 
-def stage_transform(stage: Stage, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """The stage's input transform of the whole training set x (N, ...).
-
-    Pixel noise is drawn once for all N examples from the seed, so an example gets the same
-    noise whichever others are masked out by `retrain`.
-    """
-    if stage.transform == "rotate":
-        return torch.rot90(x, 1, dims=(-2, -1))
-    if stage.transform == "noise":
-        return x + stage.noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    return x
-
-
 def stage_indices(stage: Stage, labels: torch.Tensor, keep_mask: np.ndarray | None) -> torch.Tensor:
     """Training-set indices a stage trains on: its classes, minus masked-out examples."""
-    selected = torch.ones(len(labels), dtype=torch.bool)
-    if stage.classes is not None:
-        selected &= torch.isin(labels, torch.tensor(stage.classes))
+    selected = stage.members(labels.numpy())
     if keep_mask is not None:
-        selected &= torch.as_tensor(np.asarray(keep_mask, dtype=bool))
-    return torch.nonzero(selected).squeeze(1)
+        selected &= np.asarray(keep_mask, dtype=bool)
+    return torch.from_numpy(np.flatnonzero(selected))
 
 
 def _checkpoint_steps(recipe: Recipe, steps_per_epoch: list[int]) -> set[int]:
@@ -214,15 +84,25 @@ thread settings."""
 
 
 @contextmanager
-def training_threads(model: nn.Module) -> Iterator[None]:
-    """Train small models on one CPU thread, restoring the caller's setting afterwards."""
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run torch on one CPU thread inside the block (when enabled), restoring the caller's setting afterwards.
+
+    Float sums then do not depend on the thread count, and the small models that training and
+    evaluation run many times train as fast or faster: on 2 cores an idle machine gains nothing
+    from a second thread, and a busy one made threaded retraining 10-100x slower in our measurements.
+    """
     previous = torch.get_num_threads()
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+    if enabled:
         torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def is_small(model: nn.Module) -> bool:
+    """Whether a model trains faster on one thread (see SMALL_MODEL_PARAMETERS)."""
+    return sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
 
 
 @dataclass
@@ -245,8 +125,13 @@ def fit_model(
     device: torch.device | str = "cpu",
     progress: ProgressFn = no_progress,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    record: RecordWriter | None = None,
 ) -> TrainingResult:
-    """Train a fresh model through every stage of the recipe; same inputs give identical weights."""
+    """Train a fresh model through every stage of the recipe; same inputs give identical weights.
+
+    With a record writer, every step's hyperparameters, batch rows and per-example losses and
+    margins are appended to it (flushed at every checkpoint and at the end).
+    """
     seed = recipe.seed if seed is None else seed
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
@@ -264,9 +149,9 @@ def fit_model(
     total_steps = sum(stage.epochs * spe for stage, spe in zip(recipe.stages, steps_per_epoch))
     trajectory, checkpoints = Trajectory(), []
     order_generator = torch.Generator().manual_seed(seed)
-    with training_threads(model):
+    with one_thread(is_small(model)):
         for stage_index, (stage, indices, spe) in enumerate(zip(recipe.stages, per_stage, steps_per_epoch)):
-            stage_x = stage_transform(stage, train_set.x, seed + stage_index)[indices].to(device)
+            stage_x = stage.view(train_set.x, seed + stage_index)[indices].to(device)
             stage_y = train_set.y[indices].to(device)
             optimizer = _make_optimizer(stage, model)
             model.train()
@@ -280,16 +165,25 @@ def fit_model(
                     if on_batch is not None:
                         on_batch(stage_index, indices[batch])
                     optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(stage_x[batch.to(device)]), stage_y[batch.to(device)]).backward()
+                    logits, labels = model(stage_x[batch.to(device)]), stage_y[batch.to(device)]
+                    losses = F.cross_entropy(logits, labels, reduction="none")
+                    losses.mean().backward()  # the same gradient as the mean-reduced loss, bit for bit
                     optimizer.step()
                     trajectory.record(stage_index, stage, optimizer.param_groups[0]["lr"], len(batch))
                     step = trajectory.n_steps
+                    if record is not None:
+                        record.append(stage=stage_index, indices=indices[batch], losses=losses,
+                                      margins=correct_class_margin(logits.detach(), labels), **optimizer_hyperparameters(optimizer))
                     progress(step, total_steps)
                     if keep_checkpoints and step in save_steps:
                         info = CheckpointInfo(len(checkpoints), step, stage_index, epoch + 1, f"ckpt_{len(checkpoints):04d}.safetensors")
                         checkpoints.append((info, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+                        if record is not None:
+                            record.flush()
                     model.train()
     model.eval()
+    if record is not None:
+        record.flush()
     return TrainingResult(model, trajectory, checkpoints)
 
 
@@ -307,105 +201,6 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024) -> dict
     return {"accuracy": correct / max(1, len(dataset)), "loss": loss / max(1, len(dataset))}
 
 
-@dataclass
-class Run:
-    """A trained model run in a workspace: specs, recipe, trajectory and checkpoints."""
-
-    run_id: str
-    workspace: Workspace
-    data: DataSpec
-    model: ModelSpec
-    recipe: Recipe
-    trajectory: Trajectory
-    checkpoints: list[CheckpointInfo]
-    metrics: dict[str, Any]
-    created: str = ""
-    _datasets: tuple[Dataset, Dataset] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def directory(self) -> Path:
-        return self.workspace.run_dir(self.run_id)
-
-    def datasets(self) -> tuple[Dataset, Dataset]:
-        """(train, test) exactly as the run saw them (noise included), loaded once."""
-        if self._datasets is None:
-            self._datasets = load_dataset(self.data)
-        return self._datasets
-
-    def load_model(self, checkpoint: int = -1, device: torch.device | str = "cpu") -> nn.Module:
-        """The model at a checkpoint index (negative counts from the end), in eval mode."""
-        info = self.checkpoints[checkpoint]
-        train_set, _ = self.datasets()
-        model = build_model(self.model, train_set.input_shape, train_set.n_classes)
-        path = self.directory / "checkpoints" / check_name(info.file, "checkpoint file")
-        state = load_tensors(path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"{path} does not fit model {self.model.name} {self.model.options}: restore the checkpoint this run "
-                f"trained, or train the run again ({exc})"
-            ) from exc
-        if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
-            raise CheckpointError(f"{path} holds NaN or Inf weights: the run diverged; retrain with a lower learning rate")
-        return model.to(device).eval()
-
-    def verify(self) -> list[str]:
-        """Problems found with the run's checkpoints (missing, or bytes that differ from run.json); [] if none."""
-        problems = []
-        for info in self.checkpoints:
-            path = self.directory / "checkpoints" / check_name(info.file, "checkpoint file")
-            if not path.is_file():
-                problems.append(f"missing checkpoint {path}")
-            elif info.sha256 and (path.stat().st_size != info.size or file_sha256(path) != info.sha256):
-                problems.append(f"checkpoint {path} does not match the checksum recorded in run.json: restore it or train the run again")
-        return problems
-
-    def to_json(self) -> dict[str, Any]:
-        """The run.json payload."""
-        return {
-            "format": RUN_FORMAT,
-            "id": self.run_id,
-            "created": self.created,
-            "data": asdict(self.data),
-            "model": asdict(self.model),
-            "recipe": asdict(self.recipe),
-            "trajectory": asdict(self.trajectory),
-            "checkpoints": [asdict(info) for info in self.checkpoints],
-            "metrics": self.metrics,
-        }
-
-    @classmethod
-    def from_json(cls, workspace: Workspace, payload: dict[str, Any]) -> "Run":
-        """Inverse of to_json."""
-        if payload.get("format") != RUN_FORMAT:
-            raise TdxError(f"run {payload.get('id')!r} uses run format {payload.get('format')}, expected {RUN_FORMAT}")
-        data = dict(payload["data"])
-        return cls(
-            run_id=payload["id"],
-            workspace=workspace,
-            data=DataSpec(**data),
-            model=ModelSpec(**payload["model"]),
-            recipe=Recipe.from_dict(payload["recipe"]),
-            trajectory=Trajectory(**payload["trajectory"]),
-            checkpoints=[CheckpointInfo(**info) for info in payload["checkpoints"]],
-            metrics=payload.get("metrics", {}),
-            created=payload.get("created", ""),
-        )
-
-
-def load_run(workspace: Workspace | str | Path, run_id: str) -> Run:
-    """A run from its workspace; an unknown id raises an error listing the runs that exist."""
-    workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    return Run.from_json(workspace, read_json(workspace.run_dir(run_id) / "run.json"))
-
-
-def list_runs(workspace: Workspace | str | Path) -> list[Run]:
-    """Every run in the workspace, sorted by id."""
-    workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    return [load_run(workspace, run_id) for run_id in workspace.run_ids()]
-
-
 def train(
     data: DataSpec,
     model_spec: ModelSpec,
@@ -421,7 +216,8 @@ def train(
     directory = workspace.run_dir(run_id, must_exist=False)
     train_set, test_set = load_dataset(data)
     started = time.perf_counter()
-    result = fit_model(train_set, model_spec, recipe, device=device, progress=progress)
+    record = RecordWriter(directory / RECORD_DIR)
+    result = fit_model(train_set, model_spec, recipe, device=device, progress=progress, record=record)
     seconds = time.perf_counter() - started
     infos = []
     for info, state in result.checkpoints:
@@ -448,7 +244,7 @@ def train(
         metrics["flipped_fit_fraction"] = float((predictions == train_set.y[flipped]).float().mean()) if flipped.any() else 0.0
     run = Run(
         run_id, workspace, data, model_spec, recipe, result.trajectory, infos, metrics,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), record=TrainingRecord.load(directory / RECORD_DIR),
     )
     atomic_write_json(directory / "run.json", run.to_json())
     return run

@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from attribution_core.run import Run
 from attribution_core.task import correct_class_margin
-from attribution_core.training import Run
 
 
 def traker_scores(run: Run, *, k: int = 1024, lambda_reg: float = 100.0, checkpoints: list[int] | None = None,

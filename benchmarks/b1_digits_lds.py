@@ -9,7 +9,6 @@ seed 0), one retrain each; LDS over all 360 test examples.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +19,10 @@ from attribution_core.api import METHODS, attribute, default_checkpoints
 from attribution_core.data import DataSpec
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Run, Stage, load_run, train
+from attribution_core.training import train
 
 RUN_ID = "digits-b1"
 DATA = DataSpec(source="digits", test_size=360, split_seed=0)
@@ -41,16 +41,11 @@ class Contender:
 
 
 CONTENDERS = {
-    "trak": Contender("trak", {"k": 1024}),
-    "ekfac": Contender("ekfac"),
-    "kfac": Contender("kfac"),
-    "source": Contender("source"),
-    "source_projected": Contender("source", {"projection": 4096}),
-    "ekfac_projected": Contender("ekfac", {"projection": 4096}),
-    "tracin": Contender("tracin"),
-    "graddot": Contender("graddot"),
-    "exact_if": Contender("exact_if"),
+    **{name: Contender(name) for name in METHODS},
+    "source_projected": Contender("source", {"k": 4096}),
+    "ekfac_projected": Contender("ekfac", {"k": 4096}),
 }
+"""Every method the core declares, at its defaults, and the projected variants of EK-FAC and SOURCE."""
 
 
 def the_run(workspace: Workspace) -> Run:
@@ -65,11 +60,6 @@ def configuration(run: Run, contender: Contender) -> str:
     checkpoints = contender.checkpoints or default_checkpoints(run, contender.method)
     named = [f"{name}={value}" for name, value in contender.settings.items()]
     return ", ".join([f"{len(checkpoints)} ckpt" + ("s" if len(checkpoints) > 1 else ""), *named])
-
-
-def method_available(method: str) -> bool:
-    """Whether the method's module exists in this tree (they are written in parallel)."""
-    return importlib.util.find_spec(f"attribution_core.methods.{METHODS[method].module}") is not None
 
 
 def score_ours(run: Run, contender: Contender) -> tuple[Scores, float]:
@@ -116,8 +106,9 @@ def main() -> None:
             truth: GroundTruth = groundtruth(run, settings, workers=args.workers)
         rows, payload = [], {}
         for name, contender in CONTENDERS.items():
-            if not method_available(contender.method):
-                print(f"{name}: not in this tree yet, skipped")
+            reason = METHODS[contender.method].unsupported_reason(run)
+            if reason is not None:
+                print(f"{name}: skipped ({reason})")
                 continue
             scores, seconds = score_ours(run, contender)
             result = lds(scores, truth)

@@ -1,6 +1,6 @@
 """B2: SOURCE's regime on Fashion-MNIST, a not-converged run and a two-stage run, LDS side by side.
 
-Both settings train the MLP 784-128-10 on the shipped Fashion-MNIST sample (2,000 training and
+The settings train the MLP 784-128-10 on the shipped Fashion-MNIST sample (2,000 training and
 200 test images; --quick: 1,000 and 100) with SGD (momentum 0.9, batch 64) and keep six
 checkpoints, so SOURCE's L = 1, 2, 3 segments divide them:
 - not_converged: two epochs at lr 0.01, checkpoints evenly spaced over the steps; the test
@@ -8,6 +8,13 @@ checkpoints, so SOURCE's L = 1, 2, 3 segments divide them:
 - two_stage: three epochs of pretraining on all ten classes with Gaussian pixel noise (lr 0.05),
   then three epochs of fine-tuning on clean images of classes 0-4 only (lr 0.01), a checkpoint
   after every epoch: three per stage. A stage-1 example reaches a query only through stage 2.
+- rotated: three epochs on all classes (lr 0.05), then three epochs on the same images rotated by
+  90 degrees (lr 0.01): stage 2 trains on inputs the checkpoints of stage 1 never saw.
+Every method takes each checkpoint's gradients on its stage's view of the training images
+(noise, rotation) and SOURCE and TracIn weigh each example by how often that stretch of training
+drew it (the run's record; 0 for classes a stage leaves out). The row source_l2_no_views scores
+SOURCE (L = 2) the way the project did before it read the record: every checkpoint on the plain
+training images, every example in every segment.
 Ground truth: the whole pipeline (both stages) retrained on M random halves of the training set
 (M = 100; --quick: 20), one seed each, the test margins recorded (evaluation/lds.py). Every
 method scores all test images against the same six checkpoints (EK-FAC influence: the last one,
@@ -25,17 +32,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from common import markdown_table, parser, report, timed, workspace_root
 
 from attribution_core.api import attribute, default_checkpoints, prepare
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
-from attribution_core.methods.base import Segment
+from attribution_core.inputs import Segment
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Run, Stage, load_run, train
+from attribution_core.training import train
 
 N_CHECKPOINTS = 6
 DAMPING_RATIOS = (0.1, 10.0, 100.0, 1000.0)
@@ -81,6 +90,14 @@ def settings(quick: bool) -> dict[str, Setting]:
             data,
             Recipe((Stage(epochs=2, lr=0.01),), checkpoints=CheckpointPolicy(every_epochs=None, count=N_CHECKPOINTS)),
             "2 epochs of SGD at lr 0.01, far from converged",
+        ),
+        "rotated": Setting(
+            data,
+            Recipe(
+                (Stage(name="upright", epochs=3, lr=0.05), Stage(name="rotated", epochs=3, lr=0.01, transform="rotate")),
+                checkpoints=CheckpointPolicy(every_epochs=1),
+            ),
+            "3 epochs on upright images, then 3 epochs on the same images rotated by 90 degrees",
         ),
         "two_stage": Setting(
             data,
@@ -141,16 +158,34 @@ def evaluate(run: Run, truth: GroundTruth, name: str) -> tuple[list[tuple], dict
         rows.append((method_name, configuration(run, contender), result.mean, result.stderr, clock.seconds))
         payload[method_name] = {"lds": result.mean, "stderr": result.stderr, "seconds": clock.seconds}
         print(f"{name} {method_name}: LDS {result.mean:.3f} ± {result.stderr:.3f}, {clock.seconds:.1f} s", flush=True)
+    if len(run.recipe.stages) > 1:
+        with timed() as clock:
+            result = lds(source_without_views(run), truth)
+        rows.append(("source_l2_no_views", "6 ckpts, n_segments=2, plain images, all examples", result.mean, result.stderr, clock.seconds))
+        payload["source_l2_no_views"] = {"lds": result.mean, "stderr": result.stderr, "seconds": clock.seconds}
+        print(f"{name} source_l2_no_views: LDS {result.mean:.3f} ± {result.stderr:.3f}", flush=True)
     return rows, payload
 
 
 def source_with_scaled_lr_sums(run: Run, base: Scores, factor: float) -> Scores:
     """SOURCE (L = 2) scores of every test image with each segment's η̄K multiplied by factor."""
     prepared = prepare(run, "source", settings={"n_segments": 2}, device="cpu")
-    inputs, method = prepared.inputs, prepared.method_object
-    inputs.segments = [Segment(segment.checkpoints, segment.lr_sum * factor) for segment in inputs.segments]
+    inputs, method = prepared.inputs, prepared.method
+    inputs.segments = [Segment(segment.models, segment.lr_sum * factor, segment.weights) for segment in inputs.segments]
     _, test_set = run.datasets()
     return dataclasses.replace(base, values=method.score(method.fit(inputs), inputs, test_set.x, test_set.y).numpy())
+
+
+def source_without_views(run: Run) -> Scores:
+    """SOURCE (L = 2) as scored before the record was read: plain training images at every checkpoint, every example in every segment."""
+    prepared = prepare(run, "source", settings={"n_segments": 2}, device="cpu")
+    inputs = dataclasses.replace(prepared.inputs, views=None, weights=None,
+                                 segments=[Segment(segment.models, segment.lr_sum) for segment in prepared.inputs.segments])
+    method, (_, test_set) = prepared.method, run.datasets()
+    values = method.score(method.fit(inputs), inputs, test_set.x, test_set.y).numpy()
+    train_set = run.datasets()[0]
+    return Scores(values, "source", {"n_segments": 2, "views": False}, prepared.checkpoints, train_set.ids, test_set.y.numpy(),
+                  [], query_indices=np.arange(len(test_set)))
 
 
 def sensitivity(run: Run, truth: GroundTruth) -> list[tuple]:
@@ -172,7 +207,8 @@ def sensitivity(run: Run, truth: GroundTruth) -> list[tuple]:
 
 def verdict(methods: dict[str, dict]) -> str:
     """The best SOURCE row minus EK-FAC influence, in LDS."""
-    source = {name: entry["lds"] for name, entry in methods.items() if name.startswith("source") and entry["lds"] is not None}
+    source = {name: entry["lds"] for name, entry in methods.items()
+              if name.startswith("source") and name != "source_l2_no_views" and entry["lds"] is not None}
     best = max(source, key=source.get)
     return f"best SOURCE ({best}) minus EK-FAC influence: {source[best] - methods['ekfac']['lds']:+.3f} LDS"
 

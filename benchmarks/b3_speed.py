@@ -34,7 +34,7 @@ from attribution_core.api import attribute, resolve_device
 from attribution_core.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
 from attribution_core.data import FASHION_MNIST_DIR, Dataset, DataSpec, load_dataset
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
-from attribution_core.methods.base import AttributionInputs, Segment
+from attribution_core.inputs import AttributionInputs, Segment
 from attribution_core.methods.influence import Influence, InfluenceSettings
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
@@ -155,19 +155,19 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 def trak_features(inputs: AttributionInputs, k: int, projection: str) -> torch.Tensor:
     """Our TRAK train features Φ (N, k) at the first checkpoint."""
     method = Trak(TrakSettings(k=k, projection=projection))
-    return method.train_features(inputs.checkpoints[0], inputs, method.projector(inputs))
+    return method.train_features(inputs.models[0], inputs, method.projector(inputs))
 
 
 def ekfac_fit(inputs: AttributionInputs) -> None:
     """Our EK-FAC factors at the first checkpoint: covariances, eigenbases, corrected eigenvalues."""
-    model = inputs.checkpoints[0]
+    model = inputs.models[0]
     bases = eigenbasis(fit_covariances([model], inputs))
     fit_corrected_eigenvalues(model, bases, inputs)
 
 
 def source_fit(inputs: AttributionInputs) -> None:
     """SOURCE's passes for one segment over all of the inputs' checkpoints."""
-    Source(SourceSettings(n_segments=1)).fit(replace(inputs, segments=[Segment(inputs.checkpoints, lr_sum=1.0)]))
+    Source(SourceSettings(n_segments=1)).fit(replace(inputs, segments=[Segment(inputs.models, lr_sum=1.0)]))
 
 
 def score_queries(inputs: AttributionInputs, k: int, query_x: torch.Tensor, query_y: torch.Tensor) -> None:
@@ -276,7 +276,7 @@ def whole_jobs(setting: Setting, scale: Scale, device: torch.device) -> list[tup
     inputs = inputs_for([model], setting.train.x, setting.train.y, device)
     queries = torch.arange(N_QUERIES) % len(setting.test)
     query_x, query_y = setting.test.x[queries], setting.test.y[queries]
-    methods = [("trak_job", Trak(TrakSettings(k=scale.k))), ("ekfac_projected_job", Influence(InfluenceSettings(projection=scale.k)))]
+    methods = [("trak_job", Trak(TrakSettings(k=scale.k))), ("ekfac_projected_job", Influence(InfluenceSettings(k=scale.k)))]
     if device.type == "cuda":
         methods.append(("ekfac_exact_job", Influence()))
     rows = []
@@ -362,7 +362,7 @@ def main() -> None:
         f"{scale.repeats}.\n\n" + main_table(rows) + "\n\nOurs against the anchors (same job, same batch size and k):\n\n"
         + anchor_table(rows)
         + f"\n\nWhole jobs: fit on all {len(models[1].train)} training images, then score {N_QUERIES:,} queries against them "
-        f"(k = {scale.k}; projected EK-FAC: `InfluenceSettings(projection=k)`; exact EK-FAC only on a GPU). "
+        f"(k = {scale.k}; projected EK-FAC: `InfluenceSettings(k=k)`; exact EK-FAC only on a GPU). "
         "The H100 bars of benchmarks.md: TRAK under 0.5 s, EK-FAC under 1 s.\n\n"
         + markdown_table(["model", "job", "training examples", "seconds", "peak MB"], [(*row[:4], f"{row[4]:,.0f}") for row in jobs])
         + f"\n\nScaling of Kronecker TRAK featurization, {models[1].name}:\n\n"

@@ -16,10 +16,11 @@ from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, r
 
 from attribution_core.data import DataSpec
 from attribution_core.demo import demo_runs
-from attribution_core.evaluation.mislabel import RANKINGS, mislabel_metrics, rank_mislabels
+from attribution_core.evaluation.mislabel import mislabel_metrics, rank_mislabels, rankings_for
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
 from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Run, Stage, load_run, train
+from attribution_core.training import train
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def evaluate_rankings(run: Run) -> dict[str, dict[str, float]]:
     """{ranking: {top10, top20, auc, seconds}} for every ranking (and kronfluence's where installed)."""
     train_set, _ = run.datasets()
     results = {}
-    for name in RANKINGS:
+    for name in rankings_for(run):
         ranking = rank_mislabels(run, name)
         results[name] = mislabel_metrics(ranking.scores, train_set.flipped) | {"seconds": ranking.seconds}
     if anchors_installed():

@@ -15,8 +15,8 @@ from common import markdown_table, parser, report, timed, workspace_root
 from attribution_core.api import METHODS
 from attribution_core.demo import build_demo
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings, counterfactual
+from attribution_core.run import Run, load_run
 from attribution_core.store import Workspace
-from attribution_core.training import Run, load_run
 
 RUN_ID = "fmnist-mlp"
 METHOD_NAMES = ("trak", "ekfac", "source", "tracin", "graddot", "repsim")

@@ -28,8 +28,8 @@ from common import markdown_table, parser, report
 
 from attribution_core.annotations import Annotations
 from attribution_core.demo import build_demo
+from attribution_core.run import list_runs
 from attribution_core.store import MANIFEST, Artifact, Workspace
-from attribution_core.training import list_runs
 
 RUN = "fmnist-mlp"
 FLAG_WRITER = """

@@ -8,8 +8,8 @@ import pytest
 
 from attribution_core.demo import build_demo
 from attribution_core.evaluation.lds import LdsSettings, groundtruth
+from attribution_core.run import load_run
 from attribution_core.store import Workspace
-from attribution_core.training import load_run
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attribution_core.methods.base import AttributionInputs
+from attribution_core.errors import SettingsError
+from attribution_core.inputs import AttributionInputs
+from attribution_core.methods.exact import flat_gradients, gauss_newton_matrix
+from attribution_core.methods.source import decay_factor, r_factor
 from attribution_core.task import Task
 
 
@@ -60,7 +63,7 @@ def attribution_inputs(
     """AttributionInputs over the given checkpoints (learning rates 0.1, 0.2, ... unless given)."""
     extra = {"progress": progress} if progress is not None else {}
     return AttributionInputs(
-        checkpoints=models,
+        models=models,
         checkpoint_lrs=lrs if lrs is not None else [0.1 * (c + 1) for c in range(len(models))],
         train_x=x,
         train_y=y,
@@ -93,3 +96,42 @@ def label_probabilities(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     """Softmax probability of each example's label (B,)."""
     with torch.no_grad():
         return torch.softmax(model(x), dim=1).gather(1, y[:, None]).squeeze(1)
+
+
+def exact_source_scores(
+    inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor, curvature: str = "gauss_newton"
+) -> torch.Tensor:
+    """Reference SOURCE contributions (n_segments, n_queries, n_train) float64 with explicit matrices: small models only.
+
+    H̄_ℓ is the mean over the segment's checkpoints of the Gauss–Newton matrix (P, P) of the
+    segment's loss (1/N) Σ_m w_m L(z_m) (w: the segment's draw weights, 1 without), each model's
+    on its own view of the inputs, eigendecomposed with negative eigenvalues clipped; gradients are
+    explicit per example, and example m's contribution is w_m times the unweighted formula.
+    curvature="empirical" uses the empirical Fisher (1/N) Σ_m w_m ∇L_m ∇L_mᵀ instead of the Gauss–Newton matrix.
+    """
+    segments, task = inputs.segments, inputs.task
+    if not segments:
+        raise SettingsError("exact SOURCE needs inputs.segments")
+    n_train = len(inputs.train_y)
+    vectors = flat_gradients(segments[-1].models[-1], task, query_x, query_y, "measurement").double()
+    contributions = []
+    for segment in reversed(segments):
+        weights = torch.ones(n_train, dtype=torch.float64) if segment.weights is None else segment.weights.double()
+        per_model = [flat_gradients(m, task, inputs.train_view(m), inputs.train_y, "loss").double() for m in segment.models]
+        if curvature == "empirical":
+            matrix = sum((weights[:, None] * g).T @ g for g in per_model) / n_train
+        else:
+            matrix = sum(weighted_gauss_newton(m, task, inputs.train_view(m), inputs.train_y, weights) for m in segment.models)
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix / len(segment.models))
+        eigenvalues = eigenvalues.clamp_min(0)
+        gradients = sum(per_model)
+        mean_gradients = weights[:, None] * gradients / len(segment.models)
+        rotated = vectors @ eigenvectors
+        contributions.append(-((rotated * r_factor(segment.lr_sum)(eigenvalues)) @ eigenvectors.T) @ mean_gradients.T / n_train)
+        vectors = (rotated * decay_factor(segment.lr_sum)(eigenvalues)) @ eigenvectors.T
+    return torch.stack(contributions[::-1]).cpu()
+
+
+def weighted_gauss_newton(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(1/N) Σ_m w_m G_m (P, P): the Gauss–Newton matrix of the w-weighted mean loss, one example at a time."""
+    return sum(weights[m] * gauss_newton_matrix(model, task, x[m : m + 1], y[m : m + 1]) for m in range(len(y))) / len(y)

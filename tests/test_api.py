@@ -19,8 +19,10 @@ from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError, WorkspaceError
 from attribution_core.methods.trak import Trak
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.store import FORMAT_VERSION, Workspace, atomic_write_json, load_tensors, save_tensors
-from attribution_core.training import CheckpointPolicy, Recipe, Stage, load_run, train
+from attribution_core.task import Task
+from attribution_core.training import train
 
 SMALL_TRAK = {"k": 64}
 
@@ -117,8 +119,7 @@ def test_unknown_setting_is_named(run):
 
 def features_of(run, settings: dict):
     """The features artifact of TRAK with these settings at its default checkpoints."""
-    key = api.train_state_key(run, "trak", api.make_settings("trak", settings), api.default_checkpoints(run, "trak"))
-    return run.workspace.artifact(run.run_id, "features", key)
+    return api.state_artifact(run, Trak(settings), api.default_checkpoints(run, "trak"), Task())
 
 
 @pytest.mark.badinput
@@ -160,7 +161,7 @@ SLOW_FIT = """
 import sys, time
 from attribution_core import api
 from attribution_core.methods.trak import Trak
-from attribution_core.training import load_run
+from attribution_core.run import load_run
 real_fit = Trak.fit
 def slow_fit(self, inputs):
     print("computing", flush=True)

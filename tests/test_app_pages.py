@@ -9,9 +9,10 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from attribution_core.annotations import Annotations
+from attribution_core.api import METHODS, default_checkpoints, self_influence
 from attribution_core.evaluation.lds import LdsSettings
+from attribution_core.run import load_run
 from attribution_core.store import Workspace
-from attribution_core.training import load_run
 
 MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
 TIMEOUT = 120
@@ -77,6 +78,26 @@ def test_explore_reopens_the_view_named_in_the_url():
     assert app.selectbox(key="query").value == 5
     assert app.selectbox(key="method").value == "tracin"
     assert button_keys(app, "results_proponents_")
+
+
+def test_method_selector_offers_exactly_the_methods_that_can_attribute_the_run(workspace):
+    run = load_run(workspace, "fmnist-mlp")
+    reasons = {method.label: method.unsupported_reason(run) for method in METHODS.values()}
+    selector = open_app().selectbox(key="method")
+    assert selector.options == [label for label, reason in reasons.items() if reason is None]
+    unsupported = [reason for reason in reasons.values() if reason is not None]
+    assert unsupported, "the demo's MLP is too large for exact influence"
+    assert all(reason in selector.help for reason in unsupported), "the help says why the others are missing"
+
+
+def test_explore_inspector_shows_trak_self_influence_without_a_mislabel_ranking(workspace):
+    app = open_app(run="fmnist-two-stage", method="trak")  # a run the Mislabels tests never rank
+    first = button_keys(app, "results_proponents_")[0]
+    index = int(first.removeprefix("results_proponents_"))
+    app.button(key=first).click().run()
+    run = load_run(workspace, "fmnist-two-stage")
+    expected = self_influence(run, "trak", checkpoints=default_checkpoints(run, "trak"))[index]
+    assert f"**Self-influence** {expected:.4g}" in texts(app)
 
 
 def test_picking_a_test_sample_in_the_grid_makes_it_the_query():

@@ -22,10 +22,11 @@ from attribution_core.evaluation.counterfactual import (
     query_outcome,
     removals,
 )
-from attribution_core.evaluation.lds import one_thread
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Stage, stage_indices, train
+from attribution_core.task import Task
+from attribution_core.training import one_thread, stage_indices, train
 
 DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=240, max_test=20)
 TWO_STAGES = Recipe(
@@ -108,8 +109,8 @@ def test_base_margin_is_the_stored_model_which_equals_retraining_on_everything(t
     everything = np.ones(len(train_set), dtype=bool)
     for offset, margin, prediction in zip((0, 1), result.base_margins, result.base_predictions):
         model = training.retrain(two_stage_run, everything, seed=TWO_STAGES.seed + offset)
-        assert (margin, prediction) == query_outcome(model, x, label)
-    assert result.base_margins[0] == query_outcome(two_stage_run.load_model(-1), x, label)[0]
+        assert (margin, prediction) == query_outcome(model, Task(), x, label)
+    assert result.base_margins[0] == query_outcome(two_stage_run.load_model(-1), Task(), x, label)[0]
     assert result.true_label == label and result.seeds == [0, 1]
 
 
@@ -158,7 +159,7 @@ def test_query_outcome_is_the_correct_class_margin_and_argmax():
     model = torch.nn.Linear(2, 3, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.eye(3, 2))
-    margin, prediction = query_outcome(model, torch.tensor([[2.0, 1.0]]), 1)
+    margin, prediction = query_outcome(model, Task(), torch.tensor([[2.0, 1.0]]), 1)
     assert prediction == 0
     assert margin == pytest.approx(1.0 - float(torch.logsumexp(torch.tensor([2.0, 0.0]), 0)))
 
@@ -166,7 +167,7 @@ def test_query_outcome_is_the_correct_class_margin_and_argmax():
 SHARD_SCRIPT = """
 import sys
 from attribution_core.evaluation.counterfactual import CounterfactualSettings, counterfactual
-from attribution_core.training import load_run
+from attribution_core.run import load_run
 counterfactual(load_run(sys.argv[1], "two-stage"), 3, "graddot", settings=CounterfactualSettings(k=4, n_random=2, seeds=(0, 1)))
 """
 
@@ -181,5 +182,5 @@ def test_torchrun_ranks_share_the_retrains_and_agree_with_one_process(two_stage_
     ]
     assert [rank.wait(timeout=180) for rank in ranks] == [0, 0]
     settings = CounterfactualSettings(k=4, n_random=2, seeds=(0, 1))
-    sharded = counterfactual(training.load_run(sharded_root, "two-stage"), QUERY, "graddot", settings=settings)
+    sharded = counterfactual(load_run(sharded_root, "two-stage"), QUERY, "graddot", settings=settings)
     assert sharded == counterfactual(two_stage_run, QUERY, "graddot", settings=settings)

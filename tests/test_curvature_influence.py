@@ -25,15 +25,15 @@ from attribution_core.curvature import (
     fit_covariances,
     label_uniforms,
     rotated_gradients,
-    sample_labels,
     sandwich,
 )
 from attribution_core.errors import SettingsError
 from attribution_core.gradients import LayerBatch
-from attribution_core.methods.base import AttributionInputs
-from attribution_core.methods.exact import damped_inverse, flat_gradients, gauss_newton_matrix
+from attribution_core.inputs import AttributionInputs
+from attribution_core.linalg import damped_inverse
+from attribution_core.methods.exact import flat_gradients, gauss_newton_matrix
 from attribution_core.methods.influence import Influence, InfluenceSettings
-from attribution_core.task import Task
+from attribution_core.task import Task, sample_labels
 
 N_CLASSES = 3
 
@@ -48,7 +48,7 @@ class LossFallsTask(Task):
 def make_inputs(models, train_x, train_y, *, task=None, batch_size=256, segments=None) -> AttributionInputs:
     """AttributionInputs over the given checkpoints (oldest first) on the CPU."""
     return AttributionInputs(
-        checkpoints=list(models),
+        models=list(models),
         checkpoint_lrs=[1.0] * len(models),
         train_x=train_x,
         train_y=train_y,
@@ -111,7 +111,7 @@ def fit_and_score(settings, inputs, query_x, query_y, method=Influence):
 
 def exact_scores(inputs, query_x, query_y, damping: float) -> torch.Tensor:
     """−∇f(q)ᵀ(G + λI)⁻¹∇L(m) (n_queries, n_train) float64 with the explicit Gauss–Newton G at the last checkpoint."""
-    model, task = inputs.checkpoints[-1], inputs.task
+    model, task = inputs.models[-1], inputs.task
     inverse = damped_inverse(gauss_newton_matrix(model, task, inputs.train_x, inputs.train_y), damping)
     query_grads = flat_gradients(model, task, query_x, query_y, "measurement").double()
     return -query_grads @ inverse @ flat_gradients(model, task, inputs.train_x, inputs.train_y, "loss").double().T
@@ -203,7 +203,7 @@ def test_projected_scores_average_to_the_exact_scores_over_projection_seeds():
     inputs = make_inputs(checkpoints[-1:], train_x, train_y, batch_size=7)
     exact = fit_and_score(InfluenceSettings(fisher="empirical"), inputs, query_x, query_y)
     projected = torch.stack([
-        fit_and_score(InfluenceSettings(fisher="empirical", projection=16, seed=seed), inputs, query_x, query_y) for seed in range(300)
+        fit_and_score(InfluenceSettings(fisher="empirical", k=16, seed=seed), inputs, query_x, query_y) for seed in range(300)
     ])
     one_seed_error = ((projected - exact).flatten(1).norm(dim=1) / exact.norm()).mean()
     averaged_error = (projected.mean(dim=0) - exact).norm() / exact.norm()
@@ -213,13 +213,13 @@ def test_projected_scores_average_to_the_exact_scores_over_projection_seeds():
 def test_projected_scoring_stores_n_by_k_features_and_keeps_exact_self_influence():
     checkpoints, train_x, train_y, query_x, query_y = mlp_trajectory(n_train=20)
     inputs = make_inputs(checkpoints[-1:], train_x, train_y, batch_size=7)
-    exact_method, projected_method = Influence(), Influence(InfluenceSettings(projection=64))
+    exact_method, projected_method = Influence(), Influence(InfluenceSettings(k=64))
     exact_state, projected_state = exact_method.fit(inputs), projected_method.fit(inputs)
     assert projected_state["train_features"].shape == (20, 64) and "train_features" not in exact_state
     torch.testing.assert_close(projected_method.self_influence(projected_state, inputs), exact_method.self_influence(exact_state, inputs))
     assert correlation(projected_method.score(projected_state, inputs, query_x, query_y), exact_method.score(exact_state, inputs, query_x, query_y)) > 0.6
-    with pytest.raises(SettingsError, match="projection=32"):
-        Influence(InfluenceSettings(projection=32)).score(projected_state, inputs, query_x, query_y)
+    with pytest.raises(SettingsError, match="k=32"):
+        Influence(InfluenceSettings(k=32)).score(projected_state, inputs, query_x, query_y)
 
 
 def random_basis(d_out: int, d_in: int, seed: int) -> LayerBasis:
@@ -290,7 +290,7 @@ def test_default_damping_is_each_layers_mean_eigenvalue():
 @pytest.mark.parametrize(
     "field, value",
     [("curvature", "diagonal"), ("damping", 0.0), ("damping_ratio", -1.0), ("fisher", "sampled"), ("query_batch_size", 0),
-     ("projection", 0), ("kronecker_block", -1)],
+     ("k", 0), ("kronecker_block", -1)],
 )
 def test_invalid_settings_are_rejected_naming_the_field(field, value):
     with pytest.raises(SettingsError, match=field):
@@ -303,7 +303,7 @@ def test_progress_reaches_its_total_in_every_phase(projection):
     reports = []
     inputs = make_inputs(checkpoints[-1:], train_x, train_y, batch_size=6)
     inputs.progress = lambda done, total: reports.append((done, total))
-    method = Influence(InfluenceSettings(query_batch_size=4, projection=projection))
+    method = Influence(InfluenceSettings(query_batch_size=4, k=projection))
     phases = [lambda: method.fit(inputs)]
     state = method.fit(inputs)
     phases += [lambda: method.score(state, inputs, query_x, query_y), lambda: method.self_influence(state, inputs)]

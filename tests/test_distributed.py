@@ -15,11 +15,11 @@ from helpers_methods import attribution_inputs, cnn, data, mlp
 
 from attribution_core.api import attribute
 from attribution_core.distributed import rank_and_world, shard_range, sharded_rows, torchrun_shard
-from attribution_core.methods.base import AttributionInputs, Segment
+from attribution_core.inputs import AttributionInputs, Segment
 from attribution_core.methods.influence import Influence
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
-from attribution_core.training import load_run
+from attribution_core.run import load_run
 
 N_TRAIN = 37  # not a multiple of the world size or of the batch size
 

@@ -8,7 +8,7 @@ from helpers_methods import attribution_inputs, cnn, data, loop_gradients, mlp
 from torch import nn
 
 from attribution_core.errors import SettingsError
-from attribution_core.methods.base import AttributionInputs
+from attribution_core.inputs import AttributionInputs
 from attribution_core.methods.exact import (
     ExactInfluence,
     ExactSettings,
@@ -194,7 +194,7 @@ def test_settings_reject_bad_values_naming_the_field(field, value):
 
 @pytest.mark.badinput
 def test_exact_influence_refuses_models_too_large_for_an_explicit_curvature():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
-    inputs = AttributionInputs([model], [0.1], torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(SettingsError, match="650 x 650.*use ekfac"):
-        ExactInfluence(ExactSettings(max_parameters=100)).fit(inputs)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(160, 128)).eval()  # 20,608 parameters
+    inputs = AttributionInputs([model], [0.1], torch.zeros(4, 1, 10, 16), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(SettingsError, match="20608 x 20608.*at most 20000.*use ekfac"):
+        ExactInfluence().fit(inputs)

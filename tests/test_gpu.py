@@ -8,8 +8,9 @@ import torch
 from attribution_core.api import attribute
 from attribution_core.data import DataSpec
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Stage
 from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Stage, train
+from attribution_core.training import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

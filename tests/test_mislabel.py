@@ -13,11 +13,11 @@ from attribution_core.api import attribute
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
 from attribution_core.evaluation import mislabel
-from attribution_core.evaluation.lds import one_thread
 from attribution_core.evaluation.mislabel import RANKINGS, fold_masks, mislabel_metrics, rank_mislabels
 from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.store import Workspace
-from attribution_core.training import CheckpointPolicy, Recipe, Stage, load_run, train
+from attribution_core.training import one_thread, train
 
 NOISY_DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300, max_test=20, noise_fraction=0.1, noise_seed=0)
 RECIPE = Recipe((Stage(epochs=6, lr=0.05, batch_size=32),), seed=0, checkpoints=CheckpointPolicy(every_epochs=2))
@@ -85,7 +85,7 @@ def test_cleanlab_gets_only_out_of_sample_probabilities(noisy_run, monkeypatch, 
         return pred_probs[np.arange(len(labels)), labels]
 
     monkeypatch.setattr(mislabel, "fit_model", fake_fit)
-    monkeypatch.setattr(mislabel, "get_label_quality_scores", spy)
+    monkeypatch.setattr(mislabel, "label_quality_scores", spy)
     ranking = rank_mislabels(noisy_run, "cleanlab", folds=3)
     assert len(keep_masks) == 3 and np.array_equal(np.sum([~mask for mask in keep_masks], axis=0), np.ones(len(train_set)))
     assert np.allclose(received["pred_probs"][:, 1], 1.0), "an example was scored by a model trained on it"

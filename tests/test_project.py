@@ -52,3 +52,49 @@ def test_security_lint_finds_nothing():
     ruff = shutil.which("ruff") or str(Path(__import__("sys").executable).parent / "ruff")
     result = subprocess.run([ruff, "check", "--select", "S", *SOURCE_DIRS], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+CORE_LAYERS = (
+    ("errors", "progress", "distributed", "scores"),
+    ("settings", "store", "task", "models", "annotations", "segments", "linalg"),
+    ("record",),
+    ("data", "gradients", "inputs"),
+    ("run", "projection"),
+    ("training", "features"),
+    ("curvature",),
+    ("methods.base",),
+    ("methods.tracin", "methods.exact"),
+    ("methods.trak", "methods.influence", "methods.source", "methods.baselines"),
+    ("methods",),
+    ("api", "inspection", "exports"),
+    ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel"),
+    ("demo",),
+    ("cli", ""),  # "" is the package itself, whose __init__ re-exports the front door
+)
+"""attribution_core's modules from the bottom up: each imports only modules of lower layers."""
+
+
+def _core_imports(path: Path) -> tuple[str, set[str]]:
+    """(module name under attribution_core, the attribution_core modules it imports, lazily or not)."""
+    import ast
+
+    parts = list(path.relative_to(ROOT / "attribution_core").with_suffix("").parts)
+    package = parts[:-1]
+    module = ".".join(package if parts[-1] == "__init__" else parts)
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            targets.add(".".join([*base, *([node.module] if node.module else [])]))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attribution_core."):
+            targets.add(node.module.removeprefix("attribution_core."))
+    return module, targets - {module}
+
+
+def test_core_modules_import_only_from_lower_layers():
+    layer_of = {module: depth for depth, layer in enumerate(CORE_LAYERS) for module in layer}
+    found = dict(_core_imports(path) for path in (ROOT / "attribution_core").rglob("*.py"))
+    assert set(found) == set(layer_of), "every core module needs a place in CORE_LAYERS"
+    upward = sorted(f"{module} imports {target}" for module, targets in found.items() for target in targets
+                    if target in layer_of and layer_of[target] >= layer_of[module])
+    assert upward == []

@@ -10,14 +10,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attribution_core.errors import SettingsError
+from attribution_core.features import project_gradients
 from attribution_core.gradients import LayerBatch, capture_layer_batches, per_example_gradients
+from attribution_core.inputs import batches
 from attribution_core.projection import (
     DenseProjector,
     IdentityProjector,
     KroneckerProjector,
-    batches,
     kronecker_split,
-    project_gradients,
     tracked_layer_shapes,
 )
 from attribution_core.task import Task

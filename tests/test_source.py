@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers_methods import exact_source_scores
 from test_curvature_influence import (
     LossFallsTask,
     correlation,
@@ -26,9 +27,9 @@ from test_curvature_influence import (
 
 from attribution_core import curvature as curvature_module
 from attribution_core.errors import SettingsError
-from attribution_core.methods.base import Segment
+from attribution_core.inputs import Segment
 from attribution_core.methods.exact import flat_gradients
-from attribution_core.methods.source import Source, SourceSettings, build_segments, exact_source_scores, r_factor
+from attribution_core.methods.source import Source, SourceSettings, build_segments, r_factor
 from attribution_core.segments import plan_segments
 
 
@@ -83,7 +84,7 @@ def test_short_segments_approach_lr_weighted_gradient_dot_products():
     task, final = inputs.task, checkpoints[-1]
     query_grads = flat_gradients(final, task, query_x, query_y, "measurement").double()
     expected = sum(
-        -(lr_sum / len(train_y)) * query_grads @ torch.stack([flat_gradients(m, task, train_x, train_y, "loss").double() for m in segment.checkpoints]).mean(0).T
+        -(lr_sum / len(train_y)) * query_grads @ torch.stack([flat_gradients(m, task, train_x, train_y, "loss").double() for m in segment.models]).mean(0).T
         for lr_sum, segment in zip(lr_sums, inputs.segments)
     )
     scores = method.score(state, inputs, query_x, query_y).double()
@@ -143,7 +144,7 @@ def test_projected_segment_contributions_average_to_the_exact_ones_over_projecti
     exact = method.score_segments(state, inputs, query_x, query_y)
     projected = []
     for seed in range(300):
-        method, state = fitted(inputs, fisher="empirical", projection=16, seed=seed)
+        method, state = fitted(inputs, fisher="empirical", k=16, seed=seed)
         projected.append(method.score_segments(state, inputs, query_x, query_y))
     projected = torch.stack(projected)
     one_seed_error = ((projected - exact).flatten(1).norm(dim=1) / exact.norm()).mean()
@@ -161,7 +162,7 @@ def test_build_segments_takes_the_planned_checkpoints_and_lr_sums():
     checkpoints = [object() for _ in range(4)]
     split = plan_segments([2, 4, 6, 8], [0, 0, 1, 1], np.full(8, 0.1), np.zeros(8), ["sgd"] * 8, n_segments=2)
     segments = build_segments(split.segments, checkpoints)
-    assert [segment.checkpoints for segment in segments] == [checkpoints[:2], checkpoints[2:]]
+    assert [segment.models for segment in segments] == [checkpoints[:2], checkpoints[2:]]
     assert [segment.lr_sum for segment in segments] == pytest.approx([0.4, 0.4])
 
 
@@ -175,7 +176,7 @@ def test_missing_or_mismatched_segments_are_rejected():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("n_segments", 0), ("segments", []), ("fisher", "exact"), ("query_batch_size", 0), ("projection", 0), ("kronecker_block", -1)],
+    [("n_segments", 0), ("segments", []), ("fisher", "exact"), ("query_batch_size", 0), ("k", 0), ("kronecker_block", -1)],
 )
 def test_invalid_settings_are_rejected_naming_the_field(field, value):
     with pytest.raises(SettingsError, match=field):
@@ -188,7 +189,7 @@ def test_progress_reaches_its_total_in_every_phase(projection):
     reports = []
     inputs = segment_inputs(checkpoints, train_x, train_y, [1.0, 2.0], batch_size=6)
     inputs.progress = lambda done, total: reports.append((done, total))
-    method = Source(SourceSettings(n_segments=2, query_batch_size=4, projection=projection))
+    method = Source(SourceSettings(n_segments=2, query_batch_size=4, k=projection))
     phases = [lambda: method.fit(inputs)]
     state = method.fit(inputs)
     phases += [lambda: method.score(state, inputs, query_x, query_y), lambda: method.self_influence(state, inputs)]

@@ -55,7 +55,7 @@ def test_projected_tracin_approximates_exact_tracin_and_keeps_exact_self_influen
     x, y = data(40, (20,))
     query_x, query_y = data(6, (20,), seed=1)
     exact_state, _, exact = fit_and_score(TracIn(), models, x, y, query_x, query_y)
-    projected_state, _, projected = fit_and_score(TracIn(TracInSettings(projection=300)), models, x, y, query_x, query_y)
+    projected_state, _, projected = fit_and_score(TracIn(TracInSettings(k=300)), models, x, y, query_x, query_y)
     correlation = torch.corrcoef(torch.stack([exact.flatten(), projected.flatten()]))[0, 1]
     assert correlation > 0.95
     torch.testing.assert_close(projected_state["self_influence"], exact_state["self_influence"])
@@ -72,7 +72,7 @@ def test_gradient_dot_uses_the_final_checkpoint_only(projection):
     models = [mlp(seed=0, d_in=20, hidden=16), mlp(seed=1, d_in=20, hidden=16)]
     x, y = data(11, (20,))
     query_x, query_y = data(3, (20,), seed=1)
-    method = GradientDot(GradientSimilaritySettings(projection=projection))
+    method = GradientDot(GradientSimilaritySettings(k=projection))
     state, inputs, scores = fit_and_score(method, models, x, y, query_x, query_y)
     expected = -direct_dot(models[-1], query_x, query_y, x, y)
     if projection is None:
@@ -90,7 +90,8 @@ def test_gradient_cosine_equals_the_normalised_gradient_dot(make_model, shape):
     state, inputs, scores = fit_and_score(GradientCosine(), models, x, y, query_x, query_y)
     expected = -F.normalize(loop_gradients(models[-1], query_x, query_y, "measurement")) @ F.normalize(loop_gradients(models[-1], x, y, "loss")).T
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
-    assert GradientCosine().self_influence(state, inputs) is None
+    with pytest.raises(SettingsError, match="'gradcos' defines no self-influence"):
+        GradientCosine().self_influence(state, inputs)
 
 
 def test_a_training_example_queried_with_its_label_is_its_own_strongest_proponent():

@@ -13,8 +13,9 @@ from attribution_core.cli import main as tdx
 from attribution_core.data import DataSpec, load_dataset
 from attribution_core.errors import CheckpointError, SettingsError, WorkspaceError
 from attribution_core.models import ModelSpec, build_model
+from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.store import Workspace, save_tensors
-from attribution_core.training import CheckpointPolicy, Recipe, Stage, fit_model, load_run, retrain, train
+from attribution_core.training import fit_model, retrain, train
 
 DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300)
 SMALL_MLP = ModelSpec("mlp", {"hidden": [16]})
@@ -78,7 +79,7 @@ def test_trajectory_holds_the_learning_rate_the_optimizer_used_at_every_step(two
 def test_run_json_and_safetensors_checkpoints_are_written(two_stage_run):
     directory = two_stage_run.directory
     payload = json.loads((directory / "run.json").read_text())
-    assert len(payload["trajectory"]["lr"]) == two_stage_run.trajectory.n_steps
+    assert payload["record"]["steps"] == two_stage_run.trajectory.n_steps and "trajectory" not in payload  # the record holds it
     assert [info["epoch"] for info in payload["checkpoints"]] == [1, 2, 1, 2]
     assert [info["stage"] for info in payload["checkpoints"]] == [0, 0, 1, 1]
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == [f"ckpt_{i:04d}.safetensors" for i in range(4)]
@@ -155,14 +156,14 @@ def test_stage_with_no_examples_left_is_reported(digits_train):
         fit_model(digits_train, SMALL_MLP, recipe)
 
 
-def test_cli_demo_then_runs_json_lists_four_runs_with_trajectories(tmp_path, capsys):
+def test_cli_demo_then_runs_json_lists_four_runs_with_their_records(tmp_path, capsys):
     tdx(["demo", "--workspace", str(tmp_path), "--tiny"])
     capsys.readouterr()
     tdx(["runs", "--workspace", str(tmp_path), "--json"])
     runs = json.loads(capsys.readouterr().out)
     assert len(runs) == 4
     for run in runs:
-        assert len(run["trajectory"]["lr"]) == run["n_steps"] > 0
+        assert run["record"]["steps"] == run["n_steps"] > 0
         assert all(info["file"].endswith(".safetensors") for info in run["checkpoints"])
     assert [s["name"] for s in next(r for r in runs if r["id"] == "fmnist-two-stage")["recipe"]["stages"]] == ["pretrain", "finetune"]
 
@@ -187,8 +188,8 @@ def test_training_into_a_read_only_workspace_is_reported_and_leaves_no_run(tmp_p
 
     monkeypatch.setattr("tempfile.mkstemp", read_only)
     workspace = Workspace(tmp_path)
-    checkpoint = tmp_path / "runs" / "ro" / "checkpoints" / "ckpt_0000.safetensors"
-    with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {checkpoint}: the workspace is read-only; pass a writable --workspace")):
+    first_file = tmp_path / "runs" / "ro" / "record" / "steps_00000001.safetensors"  # the record, flushed at the first checkpoint
+    with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {first_file}: the workspace is read-only; pass a writable --workspace")):
         train(DIGITS, SMALL_MLP, Recipe((Stage(epochs=1),)), workspace, "ro")
     assert workspace.run_ids() == [] and not any(path.is_file() for path in tmp_path.rglob("*"))
 

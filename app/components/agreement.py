@@ -1,22 +1,9 @@
-"""How far two methods agree on one query, in numbers and in words."""
+"""How far two methods agree on one query, in words (the numbers come from the core)."""
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import spearmanr
 
-
-def top_k_overlap(first: np.ndarray, second: np.ndarray, k: int) -> int:
-    """How many training examples two score rows (N,) share among their k highest."""
-    top_first = np.argsort(-first, kind="stable")[:k]
-    top_second = np.argsort(-second, kind="stable")[:k]
-    return len(np.intersect1d(top_first, top_second))
-
-
-def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
-    """Spearman correlation of two score rows (N,) over every training example (nan if one is constant)."""
-    if np.ptp(first) == 0 or np.ptp(second) == 0:
-        return float("nan")
-    return float(spearmanr(first, second).statistic)
+from attribution_core.scores import rank_correlation, top_k_overlap
 
 
 def agreement_sentence(first_label: str, second_label: str, first: np.ndarray, second: np.ndarray, k: int) -> str:

@@ -1,13 +1,14 @@
 """Where the app reads from (the workspace) and which run every page shows (kept in the URL)."""
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
+
+from attribution_core.store import Workspace
 
 WORKSPACE_ENV = "TDX_WORKSPACE"
 """Environment variable naming the workspace folder (set by `tdx app`); default ./workspace."""
@@ -21,27 +22,8 @@ def workspace_root() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV, "workspace")).expanduser().resolve()
 
 
-def core_problem() -> str | None:
-    """Why the attribution core cannot be used yet (a module still missing), or None when it can."""
-    try:
-        importlib.import_module("attribution_core.training")
-    except ImportError as exc:
-        return f"{exc}"
-    return None
-
-
-def optional_core_module(name: str):
-    """attribution_core.<name>, or None while that part of the core is not there yet."""
-    try:
-        return importlib.import_module(f"attribution_core.{name}")
-    except ImportError:
-        return None
-
-
 def run_picker() -> str | None:
     """The sidebar's run selector, kept in ?run= so that a link reopens the same run."""
-    from attribution_core.store import Workspace
-
     run_ids = Workspace(workspace_root()).run_ids()
     if not run_ids:
         st.sidebar.info(f"No runs in {workspace_root()} yet: train one on the Runs page, or run `tdx demo`.")

@@ -8,7 +8,6 @@ restart recomputes nothing either.
 """
 from __future__ import annotations
 
-import importlib
 import threading
 import traceback
 from collections import OrderedDict
@@ -24,17 +23,14 @@ from attribution_core import inspection
 from attribution_core.annotations import Annotations
 from attribution_core.api import METHODS, attribute, default_checkpoints
 from attribution_core.errors import TdxError
+from attribution_core.run import Run, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
-from attribution_core.training import Run, load_run
 
 from .context import current_run_id, workspace_root
 from .progress import progress_bar
 
 T = TypeVar("T")
-
-EXACT_INFLUENCE_MAX_PARAMETERS = 5_000
-"""Exact influence builds a P x P curvature matrix: offered only for models this small."""
 
 _REMEMBERED_RESULTS = 48
 """How many computed results (scores, rankings, embeddings) the process keeps in memory."""
@@ -178,28 +174,19 @@ def predict(run: Run, x: torch.Tensor) -> tuple[int, float]:
 
 
 def method_label(method: str) -> str:
-    """How a method is named on the page (TRAK, SOURCE, ...)."""
-    return METHODS[method].label or method
-
-
-def _method_code_present(method: str) -> bool:
-    entry = METHODS[method]
-    try:
-        module = importlib.import_module(f"attribution_core.methods.{entry.module}")
-    except ImportError:
-        return False
-    return hasattr(module, entry.method_class) and hasattr(module, entry.settings_class)
+    """How a method is named on the page (TRAK, SOURCE, ...): its declared label."""
+    return METHODS[method].label
 
 
 def method_choices(run: Run) -> list[str]:
-    """The methods the app offers for this run: their code is present and the model fits them."""
-    small = run.metrics.get("n_parameters", float("inf")) <= EXACT_INFLUENCE_MAX_PARAMETERS
-    return [name for name in METHODS if _method_code_present(name) and (name != "exact_if" or small)]
+    """The methods the app offers for this run, in the core's display order: those that can attribute it."""
+    return [name for name, method in METHODS.items() if method.unsupported_reason(run) is None]
 
 
-def methods_not_yet_available() -> list[str]:
-    """Labels of the methods the core names but whose code is not there yet."""
-    return [method_label(name) for name in METHODS if not _method_code_present(name)]
+def unsupported_methods(run: Run) -> dict[str, str]:
+    """The methods that cannot attribute this run: name -> the core's reason."""
+    reasons = {name: method.unsupported_reason(run) for name, method in METHODS.items()}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
 def default_checkpoint_range(run: Run, method: str) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from attribution_core import inspection
-from attribution_core.training import Run
+from attribution_core.run import Run
 
 from .core_calls import remembered, run_key
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from attribution_core.annotations import Flag
+from attribution_core.data import Dataset
 
 from .images import GridItem
 
@@ -11,21 +12,19 @@ FLAG_COLOURS = {"mislabeled": "red", "ambiguous": "orange", "outlier": "violet",
 """Badge colour of each flag kind."""
 
 
-def class_name(dataset, label: int) -> str:
+def class_name(dataset: Dataset, label: int) -> str:
     """The dataset's name of a class index."""
-    names = getattr(dataset, "class_names", None)
-    return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+    return dataset.class_names[label]
 
 
-def flipped_from(train_set, index: int) -> int | None:
+def flipped_from(train_set: Dataset, index: int) -> int | None:
     """The original label of a training example whose label was flipped on purpose, else None."""
-    flipped = getattr(train_set, "flipped", None)
-    if flipped is None or not bool(np.asarray(flipped)[index]):
+    if not train_set.flipped[index]:
         return None
-    return int(np.asarray(train_set.original_y)[index])
+    return int(train_set.original_y[index])
 
 
-def marks(train_set, index: int, flag: Flag | None) -> str:
+def marks(train_set: Dataset, index: int, flag: Flag | None) -> str:
     """Markdown badges of a training example: its flag, and a known flipped label."""
     badges = []
     if flag is not None:
@@ -36,7 +35,7 @@ def marks(train_set, index: int, flag: Flag | None) -> str:
     return " ".join(badges)
 
 
-def train_item(train_set, index: int, score: float | None, flag: Flag | None) -> GridItem:
+def train_item(train_set: Dataset, index: int, score: float | None, flag: Flag | None) -> GridItem:
     """A grid cell for a training example with its score (when there is one), given label and marks."""
     label = class_name(train_set, int(train_set.y[index]))
     score_text = "" if score is None else f"**{score:+.3g}** · "
@@ -44,7 +43,7 @@ def train_item(train_set, index: int, score: float | None, flag: Flag | None) ->
     return GridItem(int(index), train_set.images[index], caption)
 
 
-def train_items(train_set, indices: np.ndarray, values: np.ndarray | None, flags: dict) -> list[GridItem]:
+def train_items(train_set: Dataset, indices: np.ndarray, values: np.ndarray | None, flags: dict) -> list[GridItem]:
     """Grid cells for training examples (indices, and their scores or None) with their flags by example id."""
     return [
         train_item(train_set, int(index), None if values is None else float(values[position]), flags.get(int(train_set.ids[index])))

@@ -1,21 +1,20 @@
-"""Choosing a method and the part of training it looks at (checkpoints, or SOURCE's segments)."""
+"""Choosing a method and the part of training it looks at (checkpoints, or training segments where a method splits by them)."""
 from __future__ import annotations
 
 import streamlit as st
 
-from attribution_core.training import Run
+from attribution_core.api import METHODS
+from attribution_core.run import Run
+from attribution_core.segments import even_ranges
 
 from .context import publish_to_url, seed_from_url
-from .core_calls import default_checkpoint_range, method_choices, method_label, methods_not_yet_available
+from .core_calls import default_checkpoint_range, method_choices, method_label, unsupported_methods
 
 METHOD_KEY = "method"
 """Session-state key and URL query parameter of the chosen method."""
 
-SEGMENTED_METHOD = "source"
-"""The method whose scores come per training segment."""
-
 SEGMENTS_KEY = "segments"
-"""Session-state key and URL query parameter of SOURCE's chosen segments."""
+"""Session-state key and URL query parameter of the chosen training segments."""
 
 
 def checkpoint_label(run: Run, index: int) -> str:
@@ -25,18 +24,20 @@ def checkpoint_label(run: Run, index: int) -> str:
     return f"ckpt {index} · step {info.step} · {stage}"
 
 
-def method_selectbox(run: Run, container=None, *, default: str = "trak") -> str | None:
-    """The method selector, kept in ?method=; None (with a warning) when no method is available."""
-    container = container or st
+def segmented_methods() -> str:
+    """The labels of the methods whose scores come per training segment ('SOURCE')."""
+    return " or ".join(method.label for method in METHODS.values() if method.has_segments)
+
+
+def method_selectbox(run: Run, container=None) -> str:
+    """The method selector, kept in ?method= (default: the first method the core lists that fits the run)."""
     choices = method_choices(run)
-    missing = methods_not_yet_available()
-    if not choices:
-        container.warning("No attribution method is available yet: the core's method code is still missing.")
-        return None
-    seed_from_url(METHOD_KEY, default=default if default in choices else choices[0], parse=str, valid=choices.__contains__)
-    method = container.selectbox(
+    unsupported = unsupported_methods(run)
+    seed_from_url(METHOD_KEY, default=choices[0], parse=str, valid=choices.__contains__)
+    method = (container or st).selectbox(
         "Method", choices, key=METHOD_KEY, persist_state="session", format_func=method_label,
-        help="Not available yet: " + ", ".join(missing) if missing else "Every method of the core is available.",
+        help=("Not offered for this run: " + "; ".join(unsupported.values()) + ".") if unsupported
+        else "Every method of the core can attribute this run.",
     )
     publish_to_url(METHOD_KEY, method)
     return method
@@ -45,10 +46,11 @@ def method_selectbox(run: Run, container=None, *, default: str = "trak") -> str 
 def checkpoint_range(run: Run, method: str, container=None) -> tuple[int, ...]:
     """The checkpoints a method uses: a range over the run's recorded checkpoints, preset to the method's default.
 
-    SOURCE always uses every checkpoint (its segments are chosen after scoring, see segment_range).
+    A method with per-segment contributions always uses every checkpoint: its segments are
+    chosen after scoring instead (see segment_range).
     """
     n = len(run.checkpoints)
-    if method == SEGMENTED_METHOD or n == 1:
+    if METHODS[method].has_segments or n == 1:
         return tuple(range(n))
     key, default = f"checkpoints_{method}", default_checkpoint_range(run, method)
     seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
@@ -73,20 +75,16 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def segment_labels(run: Run, n_segments: int) -> list[str]:
-    """'segment 1 · ckpt 0–1 · pretrain' per SOURCE segment (the core's default even split)."""
-    from attribution_core.segments import even_ranges
-
+    """'segment 1 · ckpt 0–1 · pretrain' per training segment (the core's default even split)."""
     ranges = even_ranges([info.stage for info in run.checkpoints], n_segments)
-    if len(ranges) != n_segments:
-        return [f"segment {number + 1}" for number in range(n_segments)]
     return [
         f"segment {number + 1} · ckpt {lo}–{hi - 1} · {run.recipe.stages[run.checkpoints[lo].stage].name}"
         for number, (lo, hi) in enumerate(ranges)
     ]
 
 
-def segment_range(labels: list[str], container=None) -> list[int]:
-    """SOURCE's segments whose contributions are summed: a range over the segments, all by default."""
+def segment_range(method: str, labels: list[str], container=None) -> list[int]:
+    """The training segments whose contributions are summed: a range over the segments, all by default."""
     if len(labels) == 1:
         return [0]
     everything = (0, len(labels) - 1)
@@ -94,7 +92,7 @@ def segment_range(labels: list[str], container=None) -> list[int]:
     first, last = (container or st).select_slider(
         "Segments", options=list(range(len(labels))), value=everything, key=SEGMENTS_KEY, persist_state="session",
         format_func=lambda number: labels[number],
-        help="SOURCE splits training into segments; keep only some to see what that stretch of training contributed.",
+        help=f"{method_label(method)} splits training into segments; keep only some to see what that stretch of training contributed.",
     )
     publish_to_url(SEGMENTS_KEY, f"{first}-{last}")
     return list(range(first, last + 1))

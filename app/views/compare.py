@@ -9,26 +9,34 @@ import streamlit as st
 
 from app.components import charts
 from app.components.agreement import agreement_sentence
-from app.components.core_calls import (
-    annotations,
-    call_or_report,
-    method_choices,
-    method_label,
-    require_run,
-    scores,
-    test_predictions,
-)
-from app.components.evaluation_calls import lds_module, stored_lds_settings
+from app.components.core_calls import annotations, call_or_report, method_choices, method_label, scores
 from app.components.examples import train_items
 from app.components.images import image_grid
 from app.components.methods import checkpoint_label
+from app.components.page import page_prelude
 from app.components.progress import progress_bar
 from app.components.queries import query_card, query_selectbox
-from attribution_core.api import default_checkpoints
-from attribution_core.training import Run
+from attribution_core.api import METHODS, default_checkpoints
+from attribution_core.evaluation.lds import (
+    LdsSettings,
+    groundtruth,
+    groundtruth_status,
+    lds,
+    load_groundtruth,
+    stored_groundtruth_settings,
+)
+from attribution_core.run import Run
 
-PREFERRED_METHODS = ("trak", "tracin", "source", "ekfac")
 DEFAULT_SUBSETS = 50
+
+
+def default_methods(choices: list[str]) -> list[str]:
+    """The two methods Compare opens with: the first offered ones whose fitted state holds self-influence (TRAK, TracIn).
+
+    No declaration names a default pair; this one keeps the pair the page has always opened on
+    without a list of names in the app.
+    """
+    return [name for name in choices if METHODS[name].self_influence_at_fit][:2]
 
 
 def method_scores(run: Run, methods: list[str]) -> dict:
@@ -62,25 +70,24 @@ def render_agreement(computed: dict, query: int, k: int) -> None:
                                               computed[first].values[query], computed[second].values[query], k))
 
 
-def lds_settings_controls(run: Run):
+def lds_settings_controls(run: Run) -> LdsSettings:
     """The ground truth's settings, preset to one already stored for the run."""
-    module = lds_module()
-    stored = stored_lds_settings(run)
-    preset = stored[0] if stored else module.LdsSettings(n_subsets=DEFAULT_SUBSETS)
+    stored = stored_groundtruth_settings(run)
+    preset = stored[0] if stored else LdsSettings(n_subsets=DEFAULT_SUBSETS)
     left, right = st.columns(2)
     n_subsets = left.number_input("Random subsets (retrained models)", 2, 1000, preset.n_subsets, key="lds_subsets")
     alpha = right.slider("Share of the training set each subset keeps", 0.1, 0.9, float(preset.alpha), 0.05, key="lds_alpha")
-    return module.LdsSettings(n_subsets=int(n_subsets), alpha=float(alpha), seed=preset.seed, seeds_per_subset=preset.seeds_per_subset)
+    return LdsSettings(n_subsets=int(n_subsets), alpha=float(alpha), seed=preset.seed, seeds_per_subset=preset.seeds_per_subset)
 
 
-def render_groundtruth_job(run: Run, settings) -> None:
+def render_groundtruth_job(run: Run, settings: LdsSettings) -> None:
     """Progress of the ground truth so far, and a button that computes (or resumes) it."""
-    done, total = lds_module().groundtruth_status(run, settings)
+    done, total = groundtruth_status(run, settings)
     st.info(f"LDS needs the ground truth: {total} models retrained on random subsets. {done} of {total} exist"
             + (" (computing resumes from there)." if done else "."))
     if st.button(f"Compute the ground truth ({total - done} retrainings)", icon=":material/model_training:", key="lds_compute"):
         with progress_bar("Retraining on random subsets") as progress:
-            truth = call_or_report(lds_module().groundtruth, run, settings, progress=progress)
+            truth = call_or_report(groundtruth, run, settings, progress=progress)
         if truth is not None:
             st.rerun()
 
@@ -88,16 +95,12 @@ def render_groundtruth_job(run: Run, settings) -> None:
 def render_lds(run: Run, computed: dict, query: int) -> None:
     """LDS of each method with its standard error, and the scatter of the chosen test sample."""
     st.subheader("Linear datamodeling score")
-    module = lds_module()
-    if module is None:
-        st.info("LDS is not available yet (attribution_core.evaluation.lds is missing).")
-        return
     settings = lds_settings_controls(run)
-    truth = call_or_report(module.load_groundtruth, run, settings)
+    truth = call_or_report(load_groundtruth, run, settings)
     if truth is None:
         render_groundtruth_job(run, settings)
         return
-    results = {method: call_or_report(module.lds, method_result, truth) for method, method_result in computed.items()}
+    results = {method: call_or_report(lds, method_result, truth) for method, method_result in computed.items()}
     results = {method: result for method, result in results.items() if result is not None}
     if not results:
         return
@@ -122,22 +125,14 @@ def render_lds(run: Run, computed: dict, query: int) -> None:
 
 def render() -> None:
     """The Compare page."""
-    run = require_run()
-    train_set, test_set = run.datasets()
-    predictions = call_or_report(test_predictions, run)
-    if predictions is None:
-        return
-    st.title("Compare")
+    page = page_prelude("Compare")
+    run, test_set, predictions = page.run, page.test_set, page.predictions
     choices = method_choices(run)
-    if len(choices) < 2:
-        st.warning("Comparing needs at least two attribution methods; the core offers fewer so far.")
-        return
     controls = st.columns([1.5, 2, 1])
     query = query_selectbox(test_set, predictions, controls[0])
     methods = controls[1].multiselect(
-        "Methods (two to four)", choices, default=[m for m in PREFERRED_METHODS if m in choices][:2] or choices[:2],
-        max_selections=4, format_func=method_label, key="compare_methods",
-        help="Each method at its default checkpoints.")
+        "Methods (two to four)", choices, default=default_methods(choices), max_selections=4, format_func=method_label,
+        key="compare_methods", help="Each method at its default checkpoints.")
     k = controls[2].slider("Top k", 5, 15, 10, key="compare_k")
     with st.columns([1, 2])[0]:
         query_card(test_set, predictions, query, size=120)
@@ -149,6 +144,5 @@ def render() -> None:
     st.subheader("Agreement")
     render_agreement(computed, query, k)
     render_lds(run, computed, query)
-
 
 render()

@@ -10,28 +10,19 @@ import torch
 from PIL import Image
 
 from app.components import charts
-from app.components.context import optional_core_module
-from app.components.core_calls import (
-    annotations,
-    call_or_report,
-    method_label,
-    predict,
-    remembered,
-    require_run,
-    run_key,
-    scores,
-    test_predictions,
-)
+from app.components.core_calls import annotations, call_or_report, method_label, predict, remembered, run_key
 from app.components.examples import class_name, flipped_from, train_items
 from app.components.flagging import flag_controls
 from app.components.images import current_page, enlarged, image_grid
-from app.components.methods import checkpoint_range, method_selectbox, segment_labels, segment_range
+from app.components.methods import segment_labels, segment_range, segmented_methods
+from app.components.page import chosen_attribution, page_prelude
 from app.components.progress import progress_bar
 from app.components.queries import query_card, query_grid_item, query_order, query_selectbox, select_query
-from attribution_core.api import QueryBatch, attribute
-from attribution_core.data import UPLOAD_LIMIT_MB, read_uploaded_image
+from attribution_core.api import METHODS, QueryBatch, attribute
+from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
+from attribution_core.evaluation.counterfactual import CounterfactualSettings, counterfactual
+from attribution_core.run import Run
 from attribution_core.scores import Scores
-from attribution_core.training import Run
 
 PICKER_COLUMNS, PICKER_ROWS = 12, 1
 RESULT_COLUMNS = 10
@@ -129,9 +120,9 @@ def render_results(run: Run, query_scores: Scores, query: int, k: int, *, key: s
 
 
 def render_segments(run: Run, query_scores: Scores, query: int, labels: list[str], k: int) -> None:
-    """SOURCE: how each training segment contributed to the shown proponents' and opponents' scores."""
-    if query_scores.segment_values is None:
-        st.info("Only SOURCE splits its scores by training segment: choose SOURCE as the method to see them.")
+    """How each training segment contributed to the shown proponents' and opponents' scores (methods with segments)."""
+    if not METHODS[query_scores.method].has_segments:
+        st.info(f"Only {segmented_methods()} splits its scores by training segment: choose it as the method to see them.")
         return
     indices = np.concatenate([query_scores.top_proponents(query, k)[0], query_scores.top_opponents(query, k)[0]])
     contributions = query_scores.segment_values[:, query, indices]
@@ -158,10 +149,6 @@ def counterfactual_summary(result, test_set) -> str:
 
 def render_counterfactual(run: Run, query: int, method: str, checkpoints: tuple[int, ...]) -> None:
     """Remove the query's top proponents, retrain, and compare the margin with random removals."""
-    module = optional_core_module("evaluation.counterfactual")
-    if module is None:
-        st.info("The counterfactual check is not available yet (attribution_core.evaluation.counterfactual is missing).")
-        return
     st.markdown("Remove this sample's top proponents from the training set, retrain the whole pipeline with the same "
                 "recipe and seed, and see what happens to its margin, against removing as many random examples.")
     left, right = st.columns([2, 1], vertical_alignment="bottom")
@@ -170,9 +157,9 @@ def render_counterfactual(run: Run, query: int, method: str, checkpoints: tuple[
     key = (run.run_id, run.created, query, method, checkpoints, fraction)
     results = st.session_state.setdefault("counterfactual_results", {})
     if right.button("Remove and retrain", icon=":material/replay:", key="counterfactual_run", type="primary"):
-        settings = module.CounterfactualSettings(k=REMOVAL_FRACTIONS[fraction])
+        settings = CounterfactualSettings(k=REMOVAL_FRACTIONS[fraction])
         with progress_bar(f"Retraining without the removed examples ({method_label(method)})") as progress:
-            result = call_or_report(module.counterfactual, run, query, method, settings=settings,
+            result = call_or_report(counterfactual, run, query, method, settings=settings,
                                     checkpoints=list(checkpoints), progress=progress)
         if result is not None:
             results[key] = result
@@ -211,10 +198,6 @@ def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x:
 
 def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -> None:
     """Query an uploaded image against the run: its prediction, proponents and opponents."""
-    data_module = optional_core_module("data")
-    if data_module is None or not hasattr(data_module, "image_to_input"):
-        st.info("Querying an uploaded image is not available yet (attribution_core.data.image_to_input is missing).")
-        return
     uploaded = st.file_uploader(f"An image to explain (PNG, JPEG, … up to {UPLOAD_LIMIT_MB} MB)", type=UPLOAD_TYPES,
                                 max_upload_size=UPLOAD_LIMIT_MB, key="upload")
     if uploaded is None:
@@ -223,7 +206,7 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
     if image is None:
         return
     train_set, _ = run.datasets()
-    x = call_or_report(data_module.image_to_input, image, like=train_set)
+    x = call_or_report(image_to_input, image, like=train_set)
     if x is None:
         return
     predicted, confidence = predict(run, x)
@@ -240,39 +223,29 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
 
 def render() -> None:
     """The Explore page."""
-    run = require_run()
-    _, test_set = run.datasets()
-    predictions = call_or_report(test_predictions, run)
-    if predictions is None:
-        return
-    st.title("Explore")
+    page = page_prelude("Explore")
+    run, test_set, predictions = page.run, page.test_set, page.predictions
     query_column, method_column, settings_column = st.columns([1.1, 1, 1], gap="large", vertical_alignment="bottom")
     query = query_selectbox(test_set, predictions, query_column)
-    method = method_selectbox(run, method_column)
     k = settings_column.slider("Examples shown", 5, 20, 10, 5, key="shown")
     render_picker(test_set, predictions, query)
     card_column, range_column = st.columns([1.1, 2], gap="large", vertical_alignment="center")
     with card_column:
         query_card(test_set, predictions, query)
-    if method is None:
-        return
-    with range_column:
-        checkpoints = checkpoint_range(run, method)
-    all_scores = call_or_report(scores, run, method, checkpoints)
-    if all_scores is None:
-        return
+    chosen = chosen_attribution(run, method_column, range_column)
+    method, checkpoints, all_scores = chosen.method, chosen.checkpoints, chosen.scores
     labels: list[str] = []
-    if all_scores.segment_values is not None:
+    if METHODS[method].has_segments:
         labels = segment_labels(run, all_scores.segment_values.shape[0])
-        with range_column:
-            chosen = segment_range(labels)
-        if len(chosen) < len(labels):
-            all_scores = all_scores.restricted_to_segments(chosen)
-            labels = [labels[number] for number in chosen]
+        chosen_segments = segment_range(method, labels, range_column)
+        if len(chosen_segments) < len(labels):
+            all_scores = all_scores.restricted_to_segments(chosen_segments)
+            labels = [labels[number] for number in chosen_segments]
     for note in all_scores.notes:
         st.caption(f":material/info: {note}")
     render_results(run, all_scores, query, k, key="results")
-    counterfactual_tab, segments_tab, upload_tab = st.tabs(["Counterfactual check", "Segments (SOURCE)", "Query your own image"])
+    counterfactual_tab, segments_tab, upload_tab = st.tabs(
+        ["Counterfactual check", f"Segments ({segmented_methods()})", "Query your own image"])
     with counterfactual_tab:
         render_counterfactual(run, query, method, checkpoints)
     with segments_tab:

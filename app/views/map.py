@@ -5,13 +5,14 @@ import numpy as np
 import streamlit as st
 
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
-from app.components.core_calls import annotations, call_or_report, require_run, scores, test_predictions
+from app.components.core_calls import annotations, call_or_report
 from app.components.embedding import Embedding, embedding
 from app.components.examples import FLAG_COLOURS, class_name, train_items
 from app.components.images import image_grid
-from app.components.methods import checkpoint_label, checkpoint_range, method_selectbox
+from app.components.methods import checkpoint_label
+from app.components.page import chosen_attribution, page_prelude
 from app.components.queries import query_card, query_selectbox
-from attribution_core.training import Run
+from attribution_core.run import Run
 
 COLOURINGS = ("label", "flag", "influence on a test sample")
 MAX_SELECTION_SHOWN = 30
@@ -95,30 +96,18 @@ def render_selection(run: Run, event, values: np.ndarray | None) -> None:
 
 def render() -> None:
     """The Map page."""
-    run = require_run()
-    train_set, test_set = run.datasets()
-    st.title("Map")
+    page = page_prelude("Map")
+    run, train_set, test_set, predictions = page.run, page.train_set, page.test_set, page.predictions
     controls = st.columns([1.2, 1.2, 1])
     colouring = controls[0].segmented_control("Colour by", COLOURINGS, default="label", key="map_colour", required=True)
     checkpoint = controls[1].selectbox("Features of checkpoint", range(len(run.checkpoints)), index=len(run.checkpoints) - 1,
                                        format_func=lambda index: checkpoint_label(run, index), key="map_checkpoint")
     show_test = controls[2].toggle("Show test samples", value=True, key="map_show_test", disabled=colouring != "label")
-    values, query, predictions = None, None, None
+    values, query = None, None
     if colouring == "influence on a test sample":
-        predictions = call_or_report(test_predictions, run)
-        if predictions is None:
-            return
         row = st.columns([1.5, 1, 1.5])
         query = query_selectbox(test_set, predictions, row[0])
-        method = method_selectbox(run, row[1])
-        if method is None:
-            return
-        with row[2]:
-            checkpoints = checkpoint_range(run, method)
-        all_scores = call_or_report(scores, run, method, checkpoints)
-        if all_scores is None:
-            return
-        values = all_scores.values[query]
+        values = chosen_attribution(run, row[1], row[2]).scores.values[query]
     layout = call_or_report(embedding, run, checkpoint)
     if layout is None:
         return

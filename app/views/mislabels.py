@@ -10,11 +10,12 @@ import streamlit as st
 from app.components import charts
 from app.components.context import publish_to_url, seed_from_url
 from app.components.core_calls import annotations, call_or_report, require_run
-from app.components.evaluation_calls import mislabel_module, mislabel_ranking, ranking_choices, recall_curve
+from app.components.evaluation_calls import mislabel_ranking, ranking_choices
 from app.components.examples import class_name, marks
 from app.components.flagging import flag_controls
 from app.components.images import GridItem, current_page, enlarged, image_grid
-from attribution_core.training import Run
+from attribution_core.evaluation.mislabel import MislabelRanking, mislabel_metrics, recall_curve
+from attribution_core.run import Run
 
 RANKING_KEY = "ranking"
 SHORTCUTS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
@@ -32,7 +33,7 @@ def move_to(key: str, position: int) -> None:
     st.session_state[key] = position
 
 
-def suspect_item(train_set, ranking, index: int, rank: int, flags: dict) -> GridItem:
+def suspect_item(train_set, ranking: MislabelRanking, index: int, rank: int, flags: dict) -> GridItem:
     """A grid cell for a suspect: rank, given label → suggested label, marks."""
     given = class_name(train_set, int(train_set.y[index]))
     suggested = "" if ranking.suggested_labels is None else f" → {class_name(train_set, int(ranking.suggested_labels[index]))}"
@@ -40,7 +41,7 @@ def suspect_item(train_set, ranking, index: int, rank: int, flags: dict) -> Grid
     return GridItem(index, train_set.images[index], caption)
 
 
-def render_review(run: Run, ranking, order: np.ndarray, key: str) -> None:
+def render_review(run: Run, ranking: MislabelRanking, order: np.ndarray, key: str) -> None:
     """The suspect at the current position, large, with verdict buttons; a verdict moves to the next suspect."""
     train_set, _ = run.datasets()
     position = min(st.session_state.get(key, 0), len(order) - 1)
@@ -69,7 +70,7 @@ def render_review(run: Run, ranking, order: np.ndarray, key: str) -> None:
                + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous")
 
 
-def render_ranked_list(run: Run, ranking, order: np.ndarray, key: str) -> None:
+def render_ranked_list(run: Run, ranking: MislabelRanking, order: np.ndarray, key: str) -> None:
     """The ranked suspects as a paged grid; a suspect's button opens it for review."""
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
@@ -110,7 +111,7 @@ def render_recall(run: Run, current: str, choices: dict[str, str]) -> None:
         if ranking is None:
             continue
         curves[name] = recall_curve(ranking.order(), flipped)
-        metrics = mislabel_module().mislabel_metrics(ranking.scores, flipped)
+        metrics = mislabel_metrics(ranking.scores, flipped)
         rows.append({"ranking": name, "found in top 10 %": metrics["top10"], "found in top 20 %": metrics["top20"],
                      "ROC-AUC": metrics["auc"], "seconds": ranking.seconds})
     if curves:
@@ -126,13 +127,9 @@ def render() -> None:
     """The Mislabels page."""
     run = require_run()
     st.title("Mislabels")
-    if mislabel_module() is None:
-        st.info("Mislabel rankings are not available yet (attribution_core.evaluation.mislabel is missing).")
-        return
     choices = ranking_choices(run)
     top = st.columns([1, 2], vertical_alignment="bottom")
-    seed_from_url(RANKING_KEY, default="loss" if "loss" in choices else next(iter(choices)), parse=str,
-                  valid=choices.__contains__)
+    seed_from_url(RANKING_KEY, default="loss", parse=str, valid=choices.__contains__)
     name = top[0].selectbox("Ranking", list(choices), key=RANKING_KEY, persist_state="session")
     publish_to_url(RANKING_KEY, name)
     top[1].caption(choices[name])

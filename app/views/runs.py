@@ -9,7 +9,12 @@ from app.components.context import current_run_id, select_run
 from app.components.core_calls import call_or_report, list_runs_cached, load_run_cached, workspace
 from app.components.methods import checkpoint_label
 from app.components.progress import progress_bar
-from attribution_core.training import Run
+from attribution_core.api import resolve_device
+from attribution_core.data import DataSpec
+from attribution_core.errors import SettingsError
+from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage
+from attribution_core.training import train
 
 DATA_SOURCES = {"sample": "Fashion-MNIST sample (shipped)", "digits": "scikit-learn digits (8×8)"}
 """Data the training form offers: both ship with the project, nothing is downloaded."""
@@ -88,10 +93,8 @@ def render_details(run: Run) -> None:
         st.plotly_chart(charts.training_timeline(run), key="timeline")
 
 
-def stage_from_form(prefix: str, values: dict, classes: list[int] | None):
+def stage_from_form(prefix: str, values: dict, classes: list[int] | None) -> Stage:
     """A Stage from the form's fields for one stage."""
-    from attribution_core.training import Stage
-
     return Stage(name=values[f"{prefix}_name"], epochs=values[f"{prefix}_epochs"], lr=values[f"{prefix}_lr"],
                  optimizer=values[f"{prefix}_optimizer"], schedule=values[f"{prefix}_schedule"],
                  classes=tuple(classes) if classes else None)
@@ -99,12 +102,6 @@ def stage_from_form(prefix: str, values: dict, classes: list[int] | None):
 
 def train_new_run(values: dict) -> Run:
     """Train the run the form describes, with progress in an expanded st.status."""
-    from attribution_core.api import resolve_device
-    from attribution_core.data import DataSpec
-    from attribution_core.errors import SettingsError
-    from attribution_core.models import ModelSpec
-    from attribution_core.training import CheckpointPolicy, Recipe, train
-
     run_id = values["run_id"].strip()
     if run_id in workspace().run_ids():
         raise SettingsError(f"run {run_id!r} already exists in this workspace: choose another name")

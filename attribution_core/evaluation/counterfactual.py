@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..api import attribute
+from ..api import MethodSettings, attribute
 from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
-from ..methods.base import ProgressFn, no_progress
-from ..projection import check_settings
-from ..store import Artifact, atomic_write_json, content_key, read_json
-from ..task import correct_class_margin
-from ..training import Run, retrain
-from .lds import one_thread
+from ..progress import ProgressFn, no_progress
+from ..run import Run
+from ..settings import check_settings
+from ..store import Artifact, atomic_write_json, read_json
+from ..task import Task
+from ..training import one_thread, retrain
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,20 @@ def removals(values: np.ndarray, count: int, settings: CounterfactualSettings) -
 
 
 @torch.no_grad()
-def query_outcome(model: torch.nn.Module, x: torch.Tensor, label: int) -> tuple[float, int]:
-    """(correct-class margin, predicted class) of one example x: (1, ...) under a model."""
+def query_outcome(model: torch.nn.Module, task: Task, x: torch.Tensor, label: int) -> tuple[float, int]:
+    """(the task's measurement, predicted class) of one example x: (1, ...) under a model."""
     model.eval()
-    logits = model(x.to(next(model.parameters()).device))
-    return float(correct_class_margin(logits, torch.tensor([label], device=logits.device))[0]), int(logits.argmax(1)[0])
+    x = x.to(next(model.parameters()).device)
+    y = torch.tensor([label], device=x.device)
+    return float(task.measurement(model, x, y)[0]), int(task.predictions(model, x).argmax(1)[0])
 
 
-def _retrained_outcome(run: Run, artifact: Artifact, name: str, keep: np.ndarray, seed_offset: int, x: torch.Tensor, label: int) -> None:
+def _retrained_outcome(run: Run, task: Task, artifact: Artifact, name: str, keep: np.ndarray, seed_offset: int,
+                       x: torch.Tensor, label: int) -> None:
     """Retrain without the removed examples, measure the query, store the outcome as name.json."""
-    with one_thread():  # see lds.one_thread: small models retrain faster on one thread
+    with one_thread():  # see training.one_thread: small models retrain faster on one thread
         model = retrain(run, keep, seed=run.recipe.seed + seed_offset)
-    margin, prediction = query_outcome(model, x, label)
+    margin, prediction = query_outcome(model, task, x, label)
     atomic_write_json(artifact.path(f"{name}.json"), {"margin": margin, "prediction": prediction})
 
 
@@ -118,22 +120,22 @@ def counterfactual(
     *,
     settings: CounterfactualSettings = CounterfactualSettings(),
     checkpoints: list[int] | None = None,
-    method_settings=None,
+    method_settings: MethodSettings = None,
+    task: Task | None = None,
     progress: ProgressFn = no_progress,
 ) -> CounterfactualResult:
-    """Remove the query's top-k proponents / opponents / k random examples, retrain, measure the query."""
+    """Remove the query's top-k proponents / opponents / k random examples, retrain, measure the query (the task's measurement)."""
     train_set, test_set = run.datasets()
     if not 0 <= query < len(test_set):
         raise SettingsError(f"query {query} is not a test index of run {run.run_id!r} (0..{len(test_set) - 1})")
-    scores = attribute(run, method, queries=[query], checkpoints=checkpoints, settings=method_settings)
+    task = task or Task()
+    scores = attribute(run, method, queries=[query], checkpoints=checkpoints, settings=method_settings, task=task)
     count = settings.removal_count(len(train_set))
     removed = removals(scores.values[0], count, settings)
-    key = content_key({
-        "run": run.run_id, "created": run.created, "query": query, "method": method, "method_settings": scores.settings,
-        "checkpoints": scores.checkpoints, "k": count, "seeds": list(settings.seeds), "n_random": settings.n_random,
-        "random_seed": settings.random_seed,
-    })
-    artifact = run.workspace.artifact(run.run_id, "counterfactual", key)
+    artifact = run.artifact(
+        "counterfactual", query=query, method=method, method_settings=scores.settings, checkpoints=scores.checkpoints,
+        k=count, seeds=list(settings.seeds), n_random=settings.n_random, random_seed=settings.random_seed, task=task.key(),
+    )
     if artifact.is_complete():
         return CounterfactualResult(**read_json(artifact.path("result.json")))
 
@@ -144,14 +146,14 @@ def counterfactual(
         keeps[kind] = everything.copy()
         keeps[kind][indices] = False
     # Retraining on everything with the run's own seed reproduces its final checkpoint: reuse it.
-    reused = query_outcome(run.load_model(-1), x, label) if 0 in settings.seeds else None
+    reused = query_outcome(run.load_model(-1), task, x, label) if 0 in settings.seeds else None
     retrained = [(f"{kind}_s{seed}", keep, seed) for kind, keep in keeps.items() for seed in settings.seeds if (kind, seed) != ("base", 0)]
     rank, world = torchrun_shard()  # under torchrun, rank r retrains jobs r, r + W, ...
     mine = retrained[rank::world]
     done = sum(artifact.path(f"{name}.json").exists() for name, _, _ in mine)
     for name, keep, seed in mine:
         if not artifact.path(f"{name}.json").exists():
-            _retrained_outcome(run, artifact, name, keep, seed, x, label)
+            _retrained_outcome(run, task, artifact, name, keep, seed, x, label)
             done += 1
             progress(done, len(mine))
     wait_for_files(artifact.path(f"{name}.json") for name, _, _ in retrained)  # the other ranks' shares
@@ -168,7 +170,5 @@ def counterfactual(
         predictions={kind: [prediction for _, prediction in pairs] for kind, pairs in outcomes.items()},
         base_predictions=[prediction for _, prediction in base], seeds=list(settings.seeds),
     )
-    with artifact.lock():
-        atomic_write_json(artifact.path("result.json"), dataclasses.asdict(result))
-        artifact.commit({"key": key, "run": run.run_id, "query": query, "method": method})
+    artifact.compute_once(lambda stored: atomic_write_json(stored.path("result.json"), dataclasses.asdict(result)))
     return result

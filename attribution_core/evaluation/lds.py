@@ -1,8 +1,8 @@
 """Linear datamodeling score (Park et al. 2023): retrain on random subsets, rank-correlate predictions.
 
 Ground truth: M random subsets S_m of the training set (each a fraction alpha of it), one model
-retrained per (subset, seed) with the run's recipe, and the correct-class margin f_j(S_m) of every
-test example j. A method predicts g_j(S_m) = sum_{i in S_m} tau(z_j, z_i); LDS_j is the Spearman
+retrained per (subset, seed) with the run's recipe, and the task's measurement f_j(S_m) (the
+correct-class margin by default) of every test example j. A method predicts g_j(S_m) = sum_{i in S_m} tau(z_j, z_i); LDS_j is the Spearman
 correlation over m of (g_j, f_j), reported as a mean over queries with its standard error.
 
 The ground truth is stored under runs/<id>/groundtruth/<key>/: masks.npy first, then one
@@ -13,9 +13,7 @@ the same mask and seed wherever it runs, so sharding never changes the result.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -27,12 +25,14 @@ from scipy.stats import rankdata
 
 from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
-from ..methods.base import ProgressFn, no_progress
-from ..projection import check_settings
+from ..inputs import batches
+from ..progress import ProgressFn, no_progress
+from ..run import Run, load_run
 from ..scores import Scores
-from ..store import Artifact, atomic_save_npy, content_key, load_npy
-from ..task import correct_class_margin
-from ..training import Run, load_run, retrain
+from ..settings import check_settings
+from ..store import Artifact, atomic_save_npy, load_npy
+from ..task import Task
+from ..training import one_thread, retrain
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,9 @@ def subset_masks(n_train: int, settings: LdsSettings) -> np.ndarray:
     return masks
 
 
-def groundtruth_key(run: Run, settings: LdsSettings) -> str:
-    """The content key of a run's ground truth under these settings."""
-    return content_key({"run": run.run_id, "created": run.created, "settings": dataclasses.asdict(settings)})
-
-
-def _artifact(run: Run, settings: LdsSettings) -> Artifact:
-    return run.workspace.artifact(run.run_id, "groundtruth", groundtruth_key(run, settings))
+def groundtruth_artifact(run: Run, settings: LdsSettings, task: Task | None = None) -> Artifact:
+    """Where a run's ground truth under these settings and task is stored."""
+    return run.artifact("groundtruth", settings=dataclasses.asdict(settings), task=(task or Task()).key())
 
 
 def _model_file(subset: int, seed_offset: int) -> str:
@@ -118,35 +114,15 @@ def _all_models(settings: LdsSettings) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def margins_on_test_set(model: torch.nn.Module, run: Run, *, batch_size: int = 1024) -> np.ndarray:
-    """(n_test,) float32 correct-class margin of every test example under a model."""
+def measurements_on_test_set(model: torch.nn.Module, run: Run, task: Task, *, batch_size: int = 1024) -> np.ndarray:
+    """(n_test,) float32 measurement of every test example under a model (the correct-class margin by default)."""
     _, test_set = run.datasets()
-    device = next(model.parameters()).device
     model.eval()
-    chunks = [
-        correct_class_margin(model(test_set.x[start : start + batch_size].to(device)), test_set.y[start : start + batch_size].to(device))
-        for start in range(0, len(test_set), batch_size)
-    ]
-    return torch.cat(chunks).float().cpu().numpy()
+    chunks = batches(test_set.x, test_set.y, batch_size, next(model.parameters()).device)
+    return torch.cat([task.measurement(model, x, y) for _, x, y in chunks]).float().cpu().numpy()
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block.
-
-    Float sums then do not depend on the thread count, and the small models that evaluation
-    retrains many times train as fast or faster: on 2 cores an idle machine gains nothing from a
-    second thread, and a busy one made threaded retraining 10-100x slower in our measurements.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _compute_model(run: Run, artifact: Artifact, mask: np.ndarray, subset: int, seed_offset: int, device: str) -> None:
+def _compute_model(run: Run, task: Task, artifact: Artifact, mask: np.ndarray, subset: int, seed_offset: int, device: str) -> None:
     """Retrain one model on one subset and store its test margins.
 
     Always single-threaded, wherever it runs (this process, a worker, a torchrun rank), so that
@@ -154,37 +130,37 @@ def _compute_model(run: Run, artifact: Artifact, mask: np.ndarray, subset: int, 
     """
     with one_thread():
         model = retrain(run, mask, seed=run.recipe.seed + seed_offset, device=device)
-        atomic_save_npy(artifact.path(_model_file(subset, seed_offset)), margins_on_test_set(model, run))
+        atomic_save_npy(artifact.path(_model_file(subset, seed_offset)), measurements_on_test_set(model, run, task))
 
 
-_WORKER_RUN: Run | None = None
+_WORKER_RUN: tuple[Run, Task] | None = None
 
 
-def _init_worker(workspace_root: str, run_id: str) -> None:
-    """Per worker process: the run, loaded once."""
+def _init_worker(workspace_root: str, run_id: str, task: Task) -> None:
+    """Per worker process: the run (loaded once) and the task."""
     global _WORKER_RUN
-    _WORKER_RUN = load_run(workspace_root, run_id)
+    _WORKER_RUN = load_run(workspace_root, run_id), task
 
 
 def _worker_model(directory: str, mask: np.ndarray, subset: int, seed_offset: int, device: str) -> None:
     """One model, in a worker process (the artifact is passed by path: workers share no objects)."""
     if _WORKER_RUN is None:
         raise RuntimeError("ground-truth worker used before _init_worker ran")
-    _compute_model(_WORKER_RUN, Artifact(Path(directory)), mask, subset, seed_offset, device)
+    _compute_model(*_WORKER_RUN, Artifact(Path(directory)), mask, subset, seed_offset, device)
 
 
-def _compute_missing(run: Run, artifact: Artifact, masks: np.ndarray, todo: list[tuple[int, int]], *,
+def _compute_missing(run: Run, task: Task, artifact: Artifact, masks: np.ndarray, todo: list[tuple[int, int]], *,
                      done: int, total: int, progress: ProgressFn, workers: int, device: str) -> None:
     """Compute the listed models, in this process or a spawned pool, reporting each one finished."""
     if workers <= 1:
         for subset, seed_offset in todo:
-            _compute_model(run, artifact, masks[subset], subset, seed_offset, device)
+            _compute_model(run, task, artifact, masks[subset], subset, seed_offset, device)
             done += 1
             progress(done, total)
         return
     context = get_context("spawn")  # fork would copy torch's thread pools and locks
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(run.workspace.root), run.run_id)) as pool:
+                             initargs=(str(run.workspace.root), run.run_id, task)) as pool:
         futures = [pool.submit(_worker_model, str(artifact.directory), masks[m], m, s, device) for m, s in todo]
         for future in as_completed(futures):
             future.result()
@@ -192,31 +168,32 @@ def _compute_missing(run: Run, artifact: Artifact, masks: np.ndarray, todo: list
             progress(done, total)
 
 
-def _merge(artifact: Artifact, run: Run, settings: LdsSettings, key: str) -> None:
-    """Average each subset's seeds into margins.npy and commit the artifact."""
+def _merge(artifact: Artifact, settings: LdsSettings) -> None:
+    """Average each subset's seeds into margins.npy (committed by compute_once)."""
     margins = np.stack([
         np.mean([load_npy(artifact.path(_model_file(m, s))) for s in range(settings.seeds_per_subset)], axis=0)
         for m in range(settings.n_subsets)
     ]).astype(np.float32)
     atomic_save_npy(artifact.path("margins.npy"), margins)
-    artifact.commit({"key": key, "run": run.run_id, "settings": dataclasses.asdict(settings)})
 
 
 def groundtruth(
     run: Run,
     settings: LdsSettings = LdsSettings(),
     *,
+    task: Task | None = None,
     progress: ProgressFn = no_progress,
     workers: int = 1,
     device: str = "cpu",
 ) -> GroundTruth:
-    """The run's LDS ground truth: computed (or resumed) once, stored, then loaded."""
+    """The run's LDS ground truth under the task's measurement: computed (or resumed) once, stored, then loaded."""
     if workers < 1:
         raise SettingsError(f"workers={workers}: use at least 1 process")
-    stored = load_groundtruth(run, settings)
+    task = task or Task()
+    stored = load_groundtruth(run, settings, task)
     if stored is not None:
         return stored
-    artifact, key = _artifact(run, settings), groundtruth_key(run, settings)
+    artifact = groundtruth_artifact(run, settings, task)
     train_set, _ = run.datasets()
     masks = subset_masks(len(train_set), settings)
     if not artifact.path("masks.npy").exists():
@@ -225,30 +202,34 @@ def groundtruth(
     models = _all_models(settings)
     mine = [(m, s) for m, s in models if m % world == rank]
     todo = [(m, s) for m, s in mine if not artifact.path(_model_file(m, s)).exists()]
-    _compute_missing(run, artifact, masks, todo, done=len(mine) - len(todo), total=len(mine),
+    _compute_missing(run, task, artifact, masks, todo, done=len(mine) - len(todo), total=len(mine),
                      progress=progress, workers=workers, device=device)
     wait_for_files(artifact.path(_model_file(m, s)) for m, s in models)  # the other ranks' shares
-    with artifact.lock():
-        if not artifact.is_complete():
-            _merge(artifact, run, settings, key)
-    return GroundTruth(masks, load_npy(artifact.path("margins.npy")), settings, key)
+    artifact.compute_once(lambda stored: _merge(stored, settings))
+    return GroundTruth(masks, load_npy(artifact.path("margins.npy")), settings, artifact.directory.name)
 
 
-def groundtruth_status(run: Run, settings: LdsSettings) -> tuple[int, int]:
+def groundtruth_status(run: Run, settings: LdsSettings, task: Task | None = None) -> tuple[int, int]:
     """(models done, models total) of a run's ground truth, from the files present."""
-    artifact, total = _artifact(run, settings), settings.n_subsets * settings.seeds_per_subset
+    artifact, total = groundtruth_artifact(run, settings, task), settings.n_subsets * settings.seeds_per_subset
     if artifact.is_complete():
         return total, total
     return sum(artifact.path(_model_file(m, s)).exists() for m, s in _all_models(settings)), total
 
 
-def load_groundtruth(run: Run, settings: LdsSettings) -> GroundTruth | None:
+def load_groundtruth(run: Run, settings: LdsSettings, task: Task | None = None) -> GroundTruth | None:
     """The stored ground truth, or None when it is not complete."""
-    artifact = _artifact(run, settings)
+    artifact = groundtruth_artifact(run, settings, task)
     if not artifact.is_complete():
         return None
-    return GroundTruth(load_npy(artifact.path("masks.npy")), load_npy(artifact.path("margins.npy")), settings,
-                       groundtruth_key(run, settings))
+    return GroundTruth(load_npy(artifact.path("masks.npy")), load_npy(artifact.path("margins.npy")), settings, artifact.directory.name)
+
+
+def stored_groundtruth_settings(run: Run, task: Task | None = None) -> list[LdsSettings]:
+    """LdsSettings of every complete ground truth stored for the run under the task, oldest first."""
+    key = (task or Task()).key()
+    return [LdsSettings(**artifact.inputs["settings"]) for artifact in run.workspace.artifacts(run.run_id, "groundtruth")
+            if artifact.inputs.get("task") == key]
 
 
 def rowwise_spearman(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:

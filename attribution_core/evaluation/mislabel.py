@@ -13,30 +13,33 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from cleanlab.rank import get_label_quality_scores
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
-from torch.nn import functional as F
 
-from ..api import default_checkpoints, self_influence
+from ..api import self_influence
 from ..errors import SettingsError
-from ..methods.base import ProgressFn, no_progress
-from ..store import atomic_save_npy, content_key, load_npy
-from ..task import correct_class_margin
-from ..training import Run, fit_model
-from .lds import one_thread
-
-SELF_INFLUENCE_METHODS = ("trak", "ekfac", "tracin", "source")
+from ..inputs import batches
+from ..inspection import model_probabilities
+from ..methods import METHODS
+from ..progress import ProgressFn, no_progress
+from ..run import Run
+from ..store import Artifact, atomic_save_npy, load_npy
+from ..task import Task
+from ..training import fit_model, one_thread
 
 RANKINGS: dict[str, str] = {
-    **{f"self_influence:{method}": f"self-influence τ(z, z) of {method}: examples only their own gradient explains"
-       for method in SELF_INFLUENCE_METHODS},
+    **{f"self_influence:{name}": f"self-influence τ(z, z) of {method.label}: examples only their own gradient explains"
+       for name, method in METHODS.items() if method.has_self_influence},
     "loss": "training loss at the chosen checkpoints (default: the last)",
     "loss_avg": "training loss averaged over the chosen checkpoints (default: all; AUM-style)",
     "margin_avg": "minus the correct-class margin averaged over the chosen checkpoints (default: all)",
     "cleanlab": "confident learning (cleanlab self-confidence) on k-fold cross-validated probabilities",
 }
 """Every mislabel ranking by name, with what it measures."""
+
+
+def rankings_for(run: Run) -> dict[str, str]:
+    """The rankings a run supports (RANKINGS less the self-influence of methods that cannot attribute it): name -> description."""
+    return {name: text for name, text in RANKINGS.items()
+            if (method := _self_influence_method(name)) is None or METHODS[method].unsupported_reason(run) is None}
 
 
 @dataclass
@@ -69,33 +72,31 @@ def ranking_checkpoints(run: Run, ranking: str, checkpoints: list[int] | None) -
     n = len(run.checkpoints)
     if ranking == "cleanlab":
         return []
-    if checkpoints is None:
-        method = _self_influence_method(ranking)
-        return default_checkpoints(run, method) if method else ([n - 1] if ranking == "loss" else list(range(n)))
-    chosen = sorted({index + n if index < 0 else index for index in checkpoints})
-    if not chosen or chosen[0] < 0 or chosen[-1] >= n:
-        raise SettingsError(f"checkpoints {checkpoints} out of range: run {run.run_id!r} has checkpoints 0..{n - 1}")
-    return chosen
+    method = _self_influence_method(ranking)
+    default = METHODS[method].default_checkpoints(n) if method else ([n - 1] if ranking == "loss" else list(range(n)))
+    return run.resolve_checkpoints(checkpoints, default)
 
 
 @torch.no_grad()
-def checkpoint_outputs(run: Run, checkpoints: list[int], *, batch_size: int = 1024,
+def checkpoint_outputs(run: Run, checkpoints: list[int], task: Task, *, batch_size: int = 1024,
                        progress: ProgressFn = no_progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per chosen checkpoint, on the training set: losses (C, N), margins (C, N), probabilities (C, N, K)."""
+    """Per chosen checkpoint, on the training set: the task's losses (C, N), measurements (C, N) and probabilities (C, N, K)."""
     train_set, _ = run.datasets()
     losses, margins, probabilities = [], [], []
     for done, index in enumerate(checkpoints, start=1):
         model = run.load_model(index)
-        logits = torch.cat([model(train_set.x[start : start + batch_size]) for start in range(0, len(train_set), batch_size)])
-        losses.append(F.cross_entropy(logits, train_set.y, reduction="none").numpy())
-        margins.append(correct_class_margin(logits, train_set.y).numpy())
-        probabilities.append(torch.softmax(logits, dim=1).numpy())
+        chunks = list(batches(train_set.x, train_set.y, batch_size, torch.device("cpu")))
+        losses.append(torch.cat([task.train_loss(model, x, y) for _, x, y in chunks]).numpy())
+        margins.append(torch.cat([task.measurement(model, x, y) for _, x, y in chunks]).numpy())
+        probabilities.append(model_probabilities(model, task, train_set.x, batch_size=batch_size))
         progress(done, len(checkpoints))
     return np.stack(losses), np.stack(margins), np.stack(probabilities)
 
 
 def fold_masks(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """Held-out masks of a stratified k-fold split: folds arrays of (N,) bool, a partition."""
+    from sklearn.model_selection import StratifiedKFold  # imported on use: sklearn and cleanlab take seconds to load
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     masks = []
     for _, held_out in splitter.split(np.zeros(len(labels)), labels):
@@ -105,37 +106,38 @@ def fold_masks(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     return masks
 
 
-@torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    model.eval()
-    return torch.cat([torch.softmax(model(x[start : start + batch_size]), dim=1) for start in range(0, len(x), batch_size)]).numpy()
-
-
-def cross_validated_probabilities(run: Run, *, folds: int, progress: ProgressFn = no_progress) -> np.ndarray:
+def cross_validated_probabilities(run: Run, task: Task, *, folds: int, progress: ProgressFn = no_progress) -> np.ndarray:
     """(N, K) out-of-sample probabilities: row i from a model retrained (run's recipe) without example i's fold."""
     train_set, _ = run.datasets()
     labels = train_set.y.numpy()
     probabilities = np.zeros((len(train_set), train_set.n_classes), dtype=np.float64)
     for done, held_out in enumerate(fold_masks(labels, folds, run.recipe.seed), start=1):
-        with one_thread():  # see lds.one_thread: small models retrain faster on one thread
+        with one_thread():  # see training.one_thread: small models retrain faster on one thread
             model = fit_model(train_set, run.model, run.recipe, keep_mask=~held_out, keep_checkpoints=False).model
-        probabilities[held_out] = _predict(model, train_set.x[torch.as_tensor(held_out)])
+        probabilities[held_out] = model_probabilities(model, task, train_set.x[torch.as_tensor(held_out)])
         progress(done, folds)
     return probabilities
 
 
-def _compute(run: Run, ranking: str, checkpoints: list[int], folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+def label_quality_scores(labels: np.ndarray, probabilities: np.ndarray, **options) -> np.ndarray:
+    """cleanlab's label quality (N,) of labels (N,) given out-of-sample probabilities (N, K); low = suspicious."""
+    from cleanlab.rank import get_label_quality_scores  # imported on use, as sklearn above
+
+    return get_label_quality_scores(labels, probabilities, **options)
+
+
+def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
     """(scores (N,), suggested labels (N,)) of one ranking."""
     train_set, _ = run.datasets()
     if ranking == "cleanlab":
-        probabilities = cross_validated_probabilities(run, folds=folds, progress=progress)
-        quality = get_label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
+        probabilities = cross_validated_probabilities(run, task, folds=folds, progress=progress)
+        quality = label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
         return 1.0 - quality, probabilities.argmax(1)
     method = _self_influence_method(ranking)
-    losses, margins, probabilities = checkpoint_outputs(run, checkpoints, progress=progress if method is None else no_progress)
+    losses, margins, probabilities = checkpoint_outputs(run, checkpoints, task, progress=progress if method is None else no_progress)
     suggested = probabilities.mean(0).argmax(1)
     if method is not None:
-        return np.asarray(self_influence(run, method, checkpoints=checkpoints, progress=progress), dtype=np.float64), suggested
+        return np.asarray(self_influence(run, method, checkpoints=checkpoints, progress=progress, task=task), dtype=np.float64), suggested
     if ranking == "margin_avg":
         return -margins.mean(0).astype(np.float64), suggested
     return losses.mean(0).astype(np.float64), suggested
@@ -146,25 +148,27 @@ def rank_mislabels(
     ranking: str,
     *,
     checkpoints: list[int] | None = None,
+    task: Task | None = None,
     progress: ProgressFn = no_progress,
     folds: int = 5,
 ) -> MislabelRanking:
-    """A run's training set ranked by one of RANKINGS, computed once and then loaded."""
+    """A run's training set ranked by one of RANKINGS (under the task's loss and measurement), computed once and then loaded."""
     if ranking not in RANKINGS:
         raise SettingsError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
     if folds < 2:
         raise SettingsError(f"folds={folds}: cross-validation needs at least 2 folds")
-    checkpoints = ranking_checkpoints(run, ranking, checkpoints)
-    inputs = {"run": run.run_id, "created": run.created, "ranking": ranking, "checkpoints": checkpoints,
-              "folds": folds if ranking == "cleanlab" else None}
-    artifact = run.workspace.artifact(run.run_id, "mislabels", content_key(inputs))
-    with artifact.lock():
-        if not artifact.is_complete():
-            started = time.perf_counter()
-            scores, suggested = _compute(run, ranking, checkpoints, folds, progress)
-            atomic_save_npy(artifact.path("scores.npy"), scores)
-            atomic_save_npy(artifact.path("suggested.npy"), suggested.astype(np.int64))
-            artifact.commit(inputs, extra={"seconds": time.perf_counter() - started})
+    checkpoints, task = ranking_checkpoints(run, ranking, checkpoints), task or Task()
+    artifact = run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if ranking == "cleanlab" else None,
+                            task=task.key())
+
+    def compute(stored: Artifact) -> dict[str, float]:
+        started = time.perf_counter()
+        scores, suggested = _compute(run, ranking, checkpoints, task, folds, progress)
+        atomic_save_npy(stored.path("scores.npy"), scores)
+        atomic_save_npy(stored.path("suggested.npy"), suggested.astype(np.int64))
+        return {"seconds": time.perf_counter() - started}
+
+    artifact.compute_once(compute)
     return MislabelRanking(ranking, load_npy(artifact.path("scores.npy")), load_npy(artifact.path("suggested.npy")),
                            checkpoints, float(artifact.manifest()["seconds"]))
 
@@ -182,5 +186,17 @@ def mislabel_metrics(scores: np.ndarray, flipped: np.ndarray) -> dict[str, float
     def recall(fraction: float) -> float:
         return float(flipped[order[: round(fraction * len(scores))]].sum() / n_flipped) if n_flipped else float("nan")
 
+    from sklearn.metrics import roc_auc_score
+
     auc = float(roc_auc_score(flipped, scores)) if 0 < n_flipped < len(scores) else float("nan")
     return {"top10": recall(0.10), "top20": recall(0.20), "auc": auc}
+
+
+def recall_curve(order: np.ndarray, flipped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction inspected, fraction of flipped labels found) walking a ranking's order: (N,) each.
+
+    order: (N,) training indices, most suspicious first; flipped: (N,) bool, the labels flipped on purpose.
+    """
+    found = np.cumsum(np.asarray(flipped, dtype=bool)[order]) / max(1, int(np.sum(flipped)))
+    inspected = np.arange(1, len(order) + 1) / len(order)
+    return inspected, found

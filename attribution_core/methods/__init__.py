@@ -1,0 +1,28 @@
+"""Every attribution method, by the name the CLI, the app, stored results and the benchmarks use.
+
+Adding a method: one module with a `Method` subclass (methods/base.py says what it declares),
+one line below, and its test against a direct computation.
+"""
+from __future__ import annotations
+
+from ..errors import SettingsError
+from .base import Method
+from .baselines import GradientCosine, GradientDot, RepresentationSimilarity
+from .exact import ExactInfluence
+from .influence import Influence, KfacInfluence
+from .source import Source
+from .tracin import TracIn
+from .trak import Trak
+
+METHODS: dict[str, type[Method]] = {
+    method.name: method
+    for method in (Trak, Source, Influence, KfacInfluence, TracIn, GradientDot, GradientCosine, RepresentationSimilarity, ExactInfluence)
+}
+"""Every method the front door knows, in the order the CLI and the app list them."""
+
+
+def method_class(name: str) -> type[Method]:
+    """The method class of a name, or a SettingsError listing the names there are."""
+    if name not in METHODS:
+        raise SettingsError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,88 +1,104 @@
-"""What every attribution method receives and returns.
+"""The method class: the unit of extension. A method declares what it is and computes in two phases.
 
-A method is a class with a typed `Settings` dataclass and two phases:
+Declarations (class attributes), read by the front door, the CLI, the app, the mislabel
+rankings and the benchmarks, so that adding a method is one module, one line in METHODS
+(methods/__init__.py) and its test:
+- `name` (the key everywhere: CLI, URL, stored manifests), `label` (how people read it),
+  `Settings` (a dataclass whose fields have defaults and help), `preset` (settings fixed by
+  this method, e.g. K-FAC is influence with curvature="kfac");
+- `checkpoint_policy`: the checkpoints it uses by default ("last", "last5" or "all");
+- `has_self_influence`, `self_influence_at_fit` (the fitted state holds it, so it is free to
+  show beside every score), `has_segments` (per-segment contributions, `score_segments`);
+- `max_parameters`: the largest model it accepts (None: no limit).
+
+Phases:
 - `fit(inputs) -> TrainState`: the train-side work (features, curvature, preconditioned
-  gradients), done once per (run, method, settings, checkpoints) and stored in the workspace;
-- `score(state, inputs, query_x, query_y) -> (n_queries, n_train)` scores in the project's
-  one sign convention: positive = proponent (including the training example raises the
-  query's measurement). Scoring new queries costs their gradients and a product.
-`self_influence(state, inputs) -> (n_train,)` where the method defines it, else None.
+  gradients), done once per (run, task, method, settings, checkpoints) and stored;
+- `score(state, inputs, query_x, query_y) -> (n_queries, n_train)` in the project's one sign
+  convention: positive = proponent (including the training example raises the query's
+  measurement). Scoring new queries costs their gradients and a product.
+- `self_influence(state, inputs) -> (n_train,)` where `has_self_influence`.
+`prepare_inputs(inputs, run, checkpoints)` is the hook for inputs only some methods need
+(SOURCE plans its segments there).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from ..task import Task
+from ..errors import SettingsError
+from ..inputs import AttributionInputs, TrainState
+from ..run import Run
 
-ProgressFn = Callable[[int, int], None]
-"""progress(done, total): called as work advances; the CLI passes tqdm, the app st.progress."""
-
-TrainState = dict[str, torch.Tensor]
-"""Train-side results of `fit`, saved as safetensors: flat names to tensors."""
+CHECKPOINT_POLICIES = ("last", "last5", "all")
 
 
-def no_progress(done: int, total: int) -> None:
-    """The default progress callback: report nothing."""
-
-
-@dataclass
-class Segment:
-    """A stretch of training treated as stationary by SOURCE.
-
-    checkpoints: models at the segment's checkpoints (eval mode).
-    lr_sum: eta_bar * K, the summed learning rates of the segment's optimizer steps, already
-        scaled by 1/(1 - momentum) for SGD with momentum.
-    """
-
-    checkpoints: list[nn.Module]
-    lr_sum: float
-
-
-@dataclass
-class AttributionInputs:
-    """Everything a method may use: models, training data, task, device, chunking, progress.
-
-    checkpoints: models at the chosen checkpoints, oldest first, eval mode, on `device`.
-    checkpoint_lrs: learning rate in force at each checkpoint (TracIn's eta_c).
-    train_x: (n_train, ...) model-ready inputs; train_y: (n_train,) int64 labels.
-    segments: SOURCE's segments (oldest first); None for the other methods.
-    """
-
-    checkpoints: list[nn.Module]
-    checkpoint_lrs: list[float]
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    task: Task = field(default_factory=Task)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    batch_size: int = 256
-    progress: ProgressFn = no_progress
-    segments: list[Segment] | None = None
-
-    def train_batches(self, rows: slice | None = None):
-        """(start, x, y) chunks of the training set (or of its rows) on the device, batch_size at a time.
-
-        start is the chunk's index in the whole training set.
-        """
-        first, stop = (0, len(self.train_y)) if rows is None else (rows.start, rows.stop)
-        for start in range(first, stop, self.batch_size):
-            end = min(start + self.batch_size, stop)
-            yield start, self.train_x[start:end].to(self.device), self.train_y[start:end].to(self.device)
-
-
-class Method(Protocol):
-    """The protocol every method class follows (see the module docstring)."""
+class Method(ABC):
+    """Base class of every attribution method (see the module docstring)."""
 
     name: ClassVar[str]
+    label: ClassVar[str]
+    Settings: ClassVar[type]
+    preset: ClassVar[Mapping[str, Any]] = {}
+    checkpoint_policy: ClassVar[str] = "last"
+    has_self_influence: ClassVar[bool] = False
+    self_influence_at_fit: ClassVar[bool] = False
+    has_segments: ClassVar[bool] = False
+    max_parameters: ClassVar[int | None] = None
 
-    def fit(self, inputs: AttributionInputs) -> TrainState: ...
+    def __init__(self, settings: Any = None):
+        self.settings = self.make_settings(settings)
 
-    def score(
-        self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor
-    ) -> torch.Tensor: ...
+    @classmethod
+    def make_settings(cls, settings: Any = None) -> Any:
+        """The method's settings from an instance, a mapping of overrides, or None (defaults), with the preset applied."""
+        if isinstance(settings, cls.Settings):
+            return dataclasses.replace(settings, **cls.preset) if cls.preset else settings
+        if settings is not None and not isinstance(settings, Mapping):
+            raise SettingsError(f"{cls.name}: settings must be a {cls.Settings.__name__} or a mapping of its fields, not {type(settings).__name__}")
+        known = [f.name for f in dataclasses.fields(cls.Settings)]
+        unknown = set(settings or {}) - set(known)
+        if unknown:
+            raise SettingsError(f"{cls.name}: unknown settings {sorted(unknown)}; known settings: {', '.join(known)}")
+        return cls.Settings(**(dict(settings or {}) | dict(cls.preset)))
 
-    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor | None: ...
+    @classmethod
+    def default_checkpoints(cls, n_checkpoints: int) -> list[int]:
+        """The checkpoint indices the method uses when the caller does not choose."""
+        if cls.checkpoint_policy == "last":
+            return [n_checkpoints - 1]
+        if cls.checkpoint_policy == "last5":
+            return list(range(max(0, n_checkpoints - 5), n_checkpoints))
+        return list(range(n_checkpoints))
+
+    @classmethod
+    def unsupported_reason(cls, run: Run) -> str | None:
+        """Why the method cannot attribute this run (e.g. the model is too large), or None when it can."""
+        n_parameters = run.metrics.get("n_parameters")
+        if cls.max_parameters is not None and n_parameters is not None and n_parameters > cls.max_parameters:
+            return f"{cls.label} handles models of up to {cls.max_parameters:,} parameters; this one has {n_parameters:,}"
+        return None
+
+    def prepare_inputs(self, inputs: AttributionInputs, run: Run, checkpoints: list[int]) -> tuple[AttributionInputs, list[str]]:
+        """The inputs with anything this method needs beyond the common ones, and notes for the user."""
+        return inputs, []
+
+    @abstractmethod
+    def fit(self, inputs: AttributionInputs) -> TrainState:
+        """The train-side state, stored once per run, task, settings and checkpoints."""
+
+    @abstractmethod
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_queries, n_train), positive = proponent."""
+
+    def score_segments(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Per-segment contributions (n_segments, n_queries, n_train) that sum to `score` (methods with has_segments)."""
+        raise SettingsError(f"method {self.name!r} has no per-segment contributions")
+
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
+        """τ(z_m, z_m) of every training example (n_train,) (methods with has_self_influence)."""
+        raise SettingsError(f"method {self.name!r} defines no self-influence")

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import SettingsError
-from ..projection import Progress, batches, check_settings, layer_batches, n_chunks, state_tensor
+from ..gradients import layer_batches
+from ..inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..progress import Progress, n_chunks
+from ..settings import check_settings
 from ..task import Task
-from .base import AttributionInputs, TrainState
+from .base import Method
 from .tracin import TracIn, TracInSettings, squared_norms
 
 
 def final_checkpoint(inputs: AttributionInputs) -> AttributionInputs:
-    """The inputs reduced to the last checkpoint, with η = 1."""
-    return replace(inputs, checkpoints=inputs.checkpoints[-1:], checkpoint_lrs=[1.0])
+    """The inputs reduced to the last checkpoint (on its view of the inputs), with η = 1 and no draw weights."""
+    return replace(inputs, models=inputs.models[-1:], checkpoint_lrs=[1.0], weights=None,
+                   views=None if inputs.views is None else inputs.views[-1:])
 
 
 def _divide_safely(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -36,13 +39,17 @@ class GradientSimilaritySettings(TracInSettings):
     """Knobs of gradient dot and cosine: TracIn's (projection or exact), at the final checkpoint."""
 
 
-class GradientDot:
+class GradientDot(Method):
     """−∇f(z_q)ᵀ∇L(z_m) at the final checkpoint; self-influence ‖∇L(z_m)‖²."""
 
-    name: ClassVar[str] = "graddot"
+    name = "graddot"
+    label = "gradient dot"
+    Settings = GradientSimilaritySettings
+    has_self_influence = True
+    self_influence_at_fit = True
 
     def __init__(self, settings: GradientSimilaritySettings | None = None):
-        self.settings = settings or GradientSimilaritySettings()
+        super().__init__(settings)
         self._tracin = TracIn(self.settings)
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
@@ -53,7 +60,7 @@ class GradientDot:
         """Scores (n_queries, n_train), positive = proponent."""
         return self._tracin.score(state, final_checkpoint(inputs), query_x, query_y)
 
-    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor | None:
+    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
         """‖∇L(z_m)‖² at the final checkpoint (n_train,)."""
         return state["self_influence"]
 
@@ -61,7 +68,10 @@ class GradientDot:
 class GradientCosine(GradientDot):
     """−cos(∇f(z_q), ∇L(z_m)) at the final checkpoint."""
 
-    name: ClassVar[str] = "gradcos"
+    name = "gradcos"
+    label = "gradient cosine"
+    has_self_influence = self_influence_at_fit = False  # the cosine of an example's gradient with itself is 1: it ranks nothing
+    self_influence = Method.self_influence  # not gradient dot's ‖∇L‖²
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_queries, n_train) in [-1, 1], positive = proponent."""
@@ -73,19 +83,15 @@ class GradientCosine(GradientDot):
     def _query_norms(self, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """‖∇f(z_q)‖ at the final checkpoint (n_queries,) on the CPU."""
         chunks = batches(query_x, query_y, inputs.batch_size, inputs.device)
-        norms = [squared_norms(layers) for _, layers in layer_batches(inputs.checkpoints[-1], inputs.task, "measurement", chunks)]
+        norms = [squared_norms(layers) for _, layers in layer_batches(inputs.models[-1], inputs.task, "measurement", chunks)]
         return torch.cat(norms).sqrt().cpu()
-
-    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> None:
-        """Not defined: the cosine of an example's gradients with themselves carries no ranking."""
-        return None
 
 
 @dataclass
 class RepresentationSettings:
     """Knobs of representation similarity."""
 
-    layer: str | None = field(default=None, metadata={"help": "tracked layer whose inputs are the representation; None: the last tracked nn.Linear"})
+    layer: str | None = field(default=None, metadata={"help": "tracked layer whose inputs are the representation; None: the task's representation layer (the last tracked nn.Linear)"})
 
     def __post_init__(self) -> None:
         check_settings(self, layer=self.layer is None or bool(self.layer))
@@ -111,28 +117,24 @@ def representations(
     return torch.cat(captured).float()
 
 
-class RepresentationSimilarity:
+class RepresentationSimilarity(Method):
     """Cosine similarity of penultimate-layer features at the final checkpoint."""
 
-    name: ClassVar[str] = "repsim"
-
-    def __init__(self, settings: RepresentationSettings | None = None):
-        self.settings = settings or RepresentationSettings()
+    name = "repsim"
+    label = "representation similarity"
+    Settings = RepresentationSettings
 
     def _module(self, model: nn.Module, task: Task) -> nn.Module:
+        if self.settings.layer is None:
+            return task.representation_layer(model)
         modules = task.tracked_modules(model)
-        if self.settings.layer is not None:
-            if self.settings.layer not in modules:
-                raise SettingsError(f"layer={self.settings.layer!r} is not a tracked layer; tracked: {list(modules)}")
-            return modules[self.settings.layer]
-        linear = [module for module in modules.values() if isinstance(module, nn.Linear)]
-        if not linear:
-            raise SettingsError(f"no tracked nn.Linear layer to read features from (tracked: {list(modules)}); set layer")
-        return linear[-1]
+        if self.settings.layer not in modules:
+            raise SettingsError(f"layer={self.settings.layer!r} is not a tracked layer; tracked: {list(modules)}")
+        return modules[self.settings.layer]
 
     def _features(self, inputs: AttributionInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Unit-norm representations (n, d) at the final checkpoint, on the device."""
-        model = inputs.checkpoints[-1]
+        model = inputs.models[-1]
         progress = Progress(inputs.progress, n_chunks(len(y), inputs.batch_size))
         chunks = batches(x, y, inputs.batch_size, inputs.device)
         features = representations(model, inputs.task, self._module(model, inputs.task), chunks, progress.step)
@@ -140,13 +142,10 @@ class RepresentationSimilarity:
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
         """'train_features': unit-norm train representations (N, d)."""
-        return {"train_features": self._features(inputs, inputs.train_x, inputs.train_y).cpu()}
+        return {"train_features": self._features(inputs, inputs.train_view(inputs.models[-1]), inputs.train_y).cpu()}
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Cosine similarities (n_queries, n_train): similar examples count as proponents."""
         train_features = state_tensor(state, "train_features", inputs.device)
         return (self._features(inputs, query_x, query_y) @ train_features.T).cpu()
 
-    def self_influence(self, state: TrainState, inputs: AttributionInputs) -> None:
-        """Not defined: every example is its own nearest neighbour."""
-        return None

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from ..errors import SettingsError
-from ..projection import Progress, batches, check_settings, n_chunks, objective_function, state_tensor
+from ..gradients import objective_function
+from ..inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..linalg import damped_inverse
+from ..progress import Progress, n_chunks
+from ..settings import check_settings
 from ..task import Task
-from .base import AttributionInputs, TrainState
+from .base import Method
 
 CURVATURES = ("gauss_newton", "hessian")
 
@@ -38,10 +41,9 @@ class ExactSettings:
     curvature: str = field(default="gauss_newton", metadata={"help": "gauss_newton (PSD, the curvature EK-FAC approximates) or hessian (true Hessian of the mean loss)"})
     damping: float = field(default=0.01, metadata={"help": "λ added to every eigenvalue of the curvature (>= 0)"})
     absolute_eigenvalues: bool = field(default=True, metadata={"help": "hessian: replace eigenvalues by their absolute values (negative curvature would make G + λI indefinite)"})
-    max_parameters: int = field(default=20_000, metadata={"help": "refuse models with more tracked parameters: the method holds P x P and N x P matrices"})
 
     def __post_init__(self) -> None:
-        check_settings(self, curvature=self.curvature in CURVATURES, damping=self.damping >= 0, max_parameters=self.max_parameters >= 1)
+        check_settings(self, curvature=self.curvature in CURVATURES, damping=self.damping >= 0)
 
 
 def _parameter_names(modules: dict[str, nn.Module]) -> dict[str, list[str]]:
@@ -169,46 +171,33 @@ def hessian_matrix(
     return _mean_over_chunks(lambda x_chunk, y_chunk: _hessian(summed_loss)(flat, x_chunk, y_chunk).double(), model, x, y, batch_size, on_chunk)
 
 
-def damped_inverse(curvature: torch.Tensor, damping: float, absolute_eigenvalues: bool = False) -> torch.Tensor:
-    """(G + λI)⁻¹ (P, P) of a symmetric G; absolute_eigenvalues uses |eigenvalues| of G instead."""
-    not_definite = SettingsError(f"G + λI with λ={damping:.3g} is not positive definite: raise the damping")
-    if absolute_eigenvalues:
-        eigenvalues, eigenvectors = torch.linalg.eigh(curvature)
-        damped = eigenvalues.abs() + damping
-        if damped.min() <= 0:
-            raise not_definite
-        return (eigenvectors / damped) @ eigenvectors.T
-    identity = torch.eye(len(curvature), dtype=curvature.dtype, device=curvature.device)
-    factor, info = torch.linalg.cholesky_ex(curvature + damping * identity)  # cheaper than eigh
-    if info.item() != 0:
-        raise not_definite
-    return torch.cholesky_inverse(factor)
-
-
-class ExactInfluence:
+class ExactInfluence(Method):
     """Influence functions with the explicit curvature matrix: small models only."""
 
-    name: ClassVar[str] = "exact_if"
-
-    def __init__(self, settings: ExactSettings | None = None):
-        self.settings = settings or ExactSettings()
+    name = "exact_if"
+    label = "exact influence (small models)"
+    Settings = ExactSettings
+    has_self_influence = True
+    self_influence_at_fit = True
+    max_parameters = 20_000
+    """It holds P x P and N x P matrices."""
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
         """'preconditioned_train' = (G + λI)⁻¹∇L(z_m) (N, P) and 'self_influence' (N,)."""
-        model, s = inputs.checkpoints[-1], self.settings
+        model, s = inputs.models[-1], self.settings
         n_parameters = sum(p.numel() for p in tracked_parameters(model, inputs.task).values())
-        if n_parameters > s.max_parameters:
+        if n_parameters > self.max_parameters:
             raise SettingsError(
                 f"exact influence builds a {n_parameters} x {n_parameters} curvature matrix: this model is too large "
-                f"(max_parameters={s.max_parameters}); use ekfac, which approximates the same quantity"
+                f"(at most {self.max_parameters} tracked parameters); use ekfac, which approximates the same quantity"
             )
         n_batches = n_chunks(len(inputs.train_y), inputs.batch_size)
         progress = Progress(inputs.progress, 2 * n_batches)
         build = gauss_newton_matrix if s.curvature == "gauss_newton" else hessian_matrix
-        curvature = build(model, inputs.task, inputs.train_x, inputs.train_y, batch_size=inputs.batch_size, on_chunk=progress.step)
+        curvature = build(model, inputs.task, inputs.train_view(model), inputs.train_y, batch_size=inputs.batch_size, on_chunk=progress.step)
         inverse = damped_inverse(curvature, s.damping, absolute_eigenvalues=s.absolute_eigenvalues and s.curvature == "hessian")
         preconditioned, self_influence = [], []
-        for _, x, y in inputs.train_batches():
+        for _, x, y in inputs.train_batches(model=model):
             gradients = flat_gradients(model, inputs.task, x, y, "loss").double()
             chunk = gradients @ inverse
             preconditioned.append(chunk.float())
@@ -218,7 +207,7 @@ class ExactInfluence:
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_queries, n_train), positive = proponent."""
-        model = inputs.checkpoints[-1]
+        model = inputs.models[-1]
         preconditioned = state_tensor(state, "preconditioned_train", inputs.device)
         progress = Progress(inputs.progress, n_chunks(len(query_y), inputs.batch_size))
         scores = []

@@ -1,7 +1,7 @@
 """Influence functions with Kronecker-factored curvature: EK-FAC (default) and K-FAC.
 
     τ(z_q, z_m) = −∇f(z_q; θ)ᵀ (G + λI)⁻¹ ∇L(z_m; θ)      (positive = proponent)
-at the final checkpoint θ (the last of inputs.checkpoints), with G the curvature of the MEAN
+at the final checkpoint θ (the last of inputs.models), with G the curvature of the MEAN
 training loss, block-diagonal over the tracked layers and Kronecker-factored within each layer
 (curvature.py), and λ a per-layer damping. Same scale as exact influence (methods/exact.py): no
 extra 1/N. Removing z_m changes f(z_q) by about −τ / N.
@@ -10,7 +10,7 @@ extra 1/N. Removing z_m changes f(z_q) by about −τ / N.
 works in the Kronecker eigenbasis (curvature.py): the queries' rotated measurement gradients are
 weighted by 1 / (Λ + λ) once, and one pass over the training set (per block of queries, a block
 being as many as QUERY_BUDGET holds) dots them with the rotated training gradients, one matrix
-product per layer and chunk. With `projection` = k, fit also stores the k-dim Kronecker
+product per layer and chunk. With `k` set, fit also stores the k-dim Kronecker
 projections of the rotated training gradients (LoGra-style, one more data pass) and scoring is
 one (queries x k)(k x N) product, as TRAK's: an unbiased estimate of the exact score. Self-influence is ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) = Σ (Q_Sᵀ∇W_m Q_A)² /
 (Λ + λ), a positive magnitude (loss gradient on both sides, as exact influence), which ranks
@@ -19,7 +19,6 @@ suspected mislabels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
@@ -46,8 +45,11 @@ from ..curvature import (
     weighted_rotated_norms,
 )
 from ..errors import SettingsError
-from ..projection import KroneckerProjector, Progress, check_settings, n_chunks, state_tensor
-from .base import AttributionInputs, TrainState
+from ..inputs import AttributionInputs, TrainState, state_tensor
+from ..progress import Progress, n_chunks
+from ..projection import KroneckerProjector
+from ..settings import check_settings
+from .base import Method
 
 CURVATURES = ("ekfac", "kfac")
 
@@ -62,13 +64,13 @@ class InfluenceSettings:
     fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher and of the projection"})
     query_batch_size: int | None = field(default=None, metadata={"help": "queries scored per pass over the training set (memory: this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
-    projection: int | None = field(default=None, metadata={"help": "None: exact scores (each block of queries streams the training set); k: fit stores k-dim Kronecker projections of the rotated training gradients and scoring is one product (LoGra-style, approximate, far faster for many queries)"})
-    kronecker_block: int = field(default=4, metadata={"help": "projection: features per P_out ⊗ P_in block (as TRAK's)"})
+    k: int | None = field(default=None, metadata={"help": "projected dimension; None: exact scores (each block of queries streams the training set); k: fit stores k-dim Kronecker projections of the rotated training gradients and scoring is one product (LoGra-style, approximate, far faster for many queries)"})
+    kronecker_block: int = field(default=4, metadata={"help": "with k: features per P_out ⊗ P_in block (as TRAK's)"})
 
     def __post_init__(self) -> None:
         check_settings(
             self,
-            projection=self.projection is None or self.projection >= 1,
+            k=self.k is None or self.k >= 1,
             kronecker_block=self.kronecker_block >= 0,
             curvature=self.curvature in CURVATURES,
             damping=self.damping is None or self.damping > 0,
@@ -78,18 +80,18 @@ class InfluenceSettings:
         )
 
 
-class Influence:
-    """EK-FAC / K-FAC influence at the final checkpoint (see the module docstring)."""
+class Influence(Method):
+    """EK-FAC influence at the final checkpoint (see the module docstring); K-FAC is its preset below."""
 
-    name: ClassVar[str] = "ekfac_if"
-
-    def __init__(self, settings: InfluenceSettings | None = None):
-        self.settings = settings or InfluenceSettings()
+    name = "ekfac"
+    label = "EK-FAC influence"
+    Settings = InfluenceSettings
+    has_self_influence = True
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
         """Per layer '{layer}/q_in', 'q_out', 'eig_in', 'eig_out', 'eigenvalues' (d_out, d_in) and 'damping' (1,)."""
-        s, model = self.settings, inputs.checkpoints[-1]
-        passes = (2 if s.curvature == "ekfac" else 1) + (s.projection is not None)
+        s, model = self.settings, inputs.models[-1]
+        passes = (2 if s.curvature == "ekfac" else 1) + (s.k is not None)
         progress = Progress(inputs.progress, passes * local_chunks(inputs))
         bases = eigenbasis(fit_covariances([model], inputs, fisher=s.fisher, key=(s.seed,), on_chunk=progress.step))
         if s.curvature == "ekfac":  # key (seed, 0): the same sampled labels as the covariance pass
@@ -107,7 +109,7 @@ class Influence:
 
     def _projector(self, inputs: AttributionInputs) -> KroneckerProjector | None:
         s = self.settings
-        return scoring_projector(s.projection, s.kronecker_block, s.seed, inputs.checkpoints[-1], inputs.task)
+        return scoring_projector(s.k, s.kronecker_block, s.seed, inputs.models[-1], inputs.task)
 
     def _damping(self, name: str, eigenvalues: torch.Tensor) -> float:
         if self.settings.damping is not None:
@@ -122,7 +124,7 @@ class Influence:
 
     def _load(self, state: TrainState, inputs: AttributionInputs) -> tuple[dict[str, LayerBasis], LayerMatrices]:
         """Per layer, the basis and the eigenvalue weights 1 / (Λ + λ) (d_out, d_in)."""
-        names = list(inputs.task.tracked_modules(inputs.checkpoints[-1]))
+        names = list(inputs.task.tracked_modules(inputs.models[-1]))
         bases, eigenvalues = load_basis(state, names, inputs.device)
         return bases, self._weights(state, eigenvalues)
 
@@ -133,7 +135,7 @@ class Influence:
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_queries, n_train), positive = proponent."""
-        model = inputs.checkpoints[-1]
+        model = inputs.models[-1]
         bases, weights = self._load(state, inputs)
         projector = self._projector(inputs)
         if projector is not None:
@@ -159,10 +161,18 @@ class Influence:
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
         """∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,), a positive magnitude."""
-        model = inputs.checkpoints[-1]
+        model = inputs.models[-1]
         bases, weights = self._load(state, inputs)
         progress = Progress(inputs.progress, n_chunks(len(inputs.train_y), inputs.batch_size))
         result, scratch = torch.zeros(len(inputs.train_y), device=inputs.device), Scratch()
-        for rows, name, layers in layer_slices([model], inputs.task, "loss", inputs.train_batches(), progress.step):
+        for rows, name, layers in layer_slices([model], inputs.task, "loss", inputs.model_batches([model]), progress.step):
             result[rows] += weighted_rotated_norms(layers[0], bases[name], weights[name], scratch)
         return result.cpu()
+
+
+class KfacInfluence(Influence):
+    """K-FAC influence: EK-FAC's influence with the Kronecker factors' own eigenvalues (no refitting pass)."""
+
+    name = "kfac"
+    label = "K-FAC influence"
+    preset = {"curvature": "kfac"}

@@ -10,6 +10,13 @@ v_L = ∇f(z_q; θ_T), contribution_ℓ = −(1/N) v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z
 (= x at σ = 0: no damping needed), then v_ℓ₋₁ = S̄_ℓ v_ℓ. θ_T is the last checkpoint of the
 last segment.
 
+What each segment trained on (Segment.weights, from the run's record): the segment's objective is
+(1/N) Σ_m w_ℓ,m L(z_m), w_ℓ,m (mean 1) example m's share of the segment's batches, each step
+counted by its η/(1 − β) (TrainingRecord.draw_weights). So H̄_ℓ is fitted with those weights, and
+z_m's contribution to segment ℓ is w_ℓ,m times the formula above: 0 for an example the segment
+never drew (a stage training other classes), 1 for all when every step draws from the whole set.
+Gradients at a checkpoint are taken on the training inputs as its stage saw them (inputs.views).
+
 H̄_ℓ is EK-FAC (curvature.py): factors A, S averaged over the segment's checkpoints give one
 eigenbasis per layer and segment; the corrected eigenvalues are fitted at every checkpoint in
 that basis, averaged, and negatives clipped to 0. Both r and exp act on eigenvalues in the same
@@ -22,7 +29,7 @@ in ḡ_ℓ, the training side is the rotated mean gradient of z_m over the segme
 formed chunk by chunk (a sum of rank-one terms for Linear layers) and met by all queries in one
 matrix product per layer: per block of queries, one pass over the training set, with one
 forward and backward per checkpoint and chunk, and L query-by-example products per layer.
-With `projection` = k the training side is stored at fit instead: per segment, the k-dim
+With `k` set the training side is stored at fit instead: per segment, the k-dim
 Kronecker projections of the rotated mean gradients, balanced by √r(H̄_ℓ) (curvature.py), and
 each segment's contribution is one (queries x k)(k x N) product (approximate, unbiased).
 
@@ -39,9 +46,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,10 +77,13 @@ from ..curvature import (
     stream_rotated_products,
 )
 from ..errors import SettingsError
-from ..projection import KroneckerProjector, Progress, check_settings, n_chunks, state_tensor
-from ..segments import SegmentPlan
-from .base import AttributionInputs, Segment, TrainState
-from .exact import flat_gradients, gauss_newton_matrix
+from ..inputs import AttributionInputs, Segment, TrainState, state_tensor
+from ..progress import Progress, n_chunks
+from ..projection import KroneckerProjector
+from ..run import Run
+from ..segments import SegmentPlan, plan_segments
+from ..settings import check_settings
+from .base import Method
 
 EigenFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,13 +97,13 @@ class SourceSettings:
     fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher and of the projection"})
     query_batch_size: int | None = field(default=None, metadata={"help": "queries propagated per pass over the training set (memory: about 3 × this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
-    projection: int | None = field(default=None, metadata={"help": "None: exact scores (each block of queries streams the training set once per segment); k: fit stores k-dim Kronecker projections of each segment's rotated mean training gradients and scoring is one product per segment (LoGra-style, approximate)"})
-    kronecker_block: int = field(default=4, metadata={"help": "projection: features per P_out ⊗ P_in block (as TRAK's)"})
+    k: int | None = field(default=None, metadata={"help": "projected dimension; None: exact scores (each block of queries streams the training set once per segment); k: fit stores k-dim Kronecker projections of each segment's rotated mean training gradients and scoring is one product per segment (LoGra-style, approximate)"})
+    kronecker_block: int = field(default=4, metadata={"help": "with k: features per P_out ⊗ P_in block (as TRAK's)"})
 
     def __post_init__(self) -> None:
         check_settings(
             self,
-            projection=self.projection is None or self.projection >= 1,
+            k=self.k is None or self.k >= 1,
             kronecker_block=self.kronecker_block >= 0,
             n_segments=self.n_segments >= 1,
             segments=self.segments is None or (len(self.segments) >= 1 and all(len(pair) == 2 for pair in self.segments)),
@@ -123,9 +133,9 @@ def decay_factor(lr_sum: float) -> EigenFunction:
     return lambda eigenvalues: torch.exp(-lr_sum * eigenvalues)
 
 
-def build_segments(plans: Sequence[SegmentPlan], checkpoints: Sequence[nn.Module]) -> list[Segment]:
-    """AttributionInputs.segments from planned segments and the run's checkpoints (in plan index order)."""
-    return [Segment([checkpoints[index] for index in plan.checkpoint_indices], plan.lr_sum) for plan in plans]
+def build_segments(plans: Sequence[SegmentPlan], models: Sequence[nn.Module]) -> list[Segment]:
+    """AttributionInputs.segments from planned segments and the models at the planned checkpoints (in plan index order)."""
+    return [Segment([models[index] for index in plan.checkpoint_indices], plan.lr_sum) for plan in plans]
 
 
 @dataclass
@@ -157,24 +167,53 @@ def _segment_weights(vectors: LayerMatrices, operators: list[SegmentOperators]) 
             }
 
 
-class Source:
+def _weighted_rows(features: torch.Tensor, segment: Segment) -> torch.Tensor:
+    """(N, k) training-side features, row m times the segment's draw weight of example m."""
+    return features if segment.weights is None else features * segment.weights.to(features)[:, None]
+
+
+def _weighted_columns(products: torch.Tensor, segment: Segment) -> torch.Tensor:
+    """(Q, N) products with training examples, column m times the segment's draw weight of example m."""
+    return products if segment.weights is None else products * segment.weights.to(products)[None, :]
+
+
+class Source(Method):
     """SOURCE scores and their per-segment contributions (see the module docstring)."""
 
-    name: ClassVar[str] = "source"
+    name = "source"
+    label = "SOURCE"
+    Settings = SourceSettings
+    checkpoint_policy = "all"
+    has_self_influence = True
+    has_segments = True
 
-    def __init__(self, settings: SourceSettings | None = None):
-        self.settings = settings or SourceSettings()
+    def prepare_inputs(self, inputs: AttributionInputs, run: Run, checkpoints: list[int]) -> tuple[AttributionInputs, list[str]]:
+        """The inputs with SOURCE's segments over the chosen checkpoints, η̄K read from the run's trajectory."""
+        infos = [run.checkpoints[index] for index in checkpoints]
+        split = plan_segments(
+            [info.step for info in infos],
+            [info.stage for info in infos],
+            np.asarray(run.trajectory.lr),
+            np.asarray(run.trajectory.momentum),
+            list(run.trajectory.optimizer),
+            n_segments=self.settings.n_segments,
+            ranges=None if self.settings.segments is None else [tuple(pair) for pair in self.settings.segments],
+        )
+        segments = build_segments(split.segments, inputs.models)
+        for plan, segment in zip(split.segments, segments):  # an example counts in a segment as often as its batches held it
+            segment.weights = torch.as_tensor(run.draw_weights(plan.first_step, plan.last_step), dtype=torch.float32)
+        return replace(inputs, segments=segments), list(split.notes)
 
     def _segments(self, inputs: AttributionInputs) -> list[Segment]:
         segments = inputs.segments
         if not segments:
-            raise SettingsError("SOURCE needs inputs.segments (plan them with segments.plan_segments and build_segments)")
+            raise SettingsError("SOURCE needs inputs.segments (Source.prepare_inputs plans them from a run; by hand: segments.plan_segments and build_segments)")
         if len(segments) != self.settings.expected_segments:
             raise SettingsError(
                 f"inputs hold {len(segments)} segments but the settings ask for {self.settings.expected_segments}: "
                 "plan the segments with these settings"
             )
-        if any(not segment.checkpoints or segment.lr_sum < 0 for segment in segments):
+        if any(not segment.models or segment.lr_sum < 0 for segment in segments):
             raise SettingsError("every segment needs at least one checkpoint and lr_sum >= 0")
         return segments
 
@@ -182,33 +221,35 @@ class Source:
         """Per segment ℓ: 'segment{ℓ}/{layer}/…' bases and averaged eigenvalues, 'segment{ℓ}/lr_sum' (1,)."""
         s, segments = self.settings, self._segments(inputs)
         projector = self._projector(inputs)
-        n_passes = (2 + (projector is not None)) * sum(len(segment.checkpoints) for segment in segments)
+        n_passes = (2 + (projector is not None)) * sum(len(segment.models) for segment in segments)
         progress = Progress(inputs.progress, n_passes * local_chunks(inputs))
         state: TrainState = {}
         for index, segment in enumerate(segments):
-            covariances = fit_covariances(segment.checkpoints, inputs, fisher=s.fisher, key=(s.seed, index), on_chunk=progress.step)
+            covariances = fit_covariances(segment.models, inputs, fisher=s.fisher, key=(s.seed, index), weights=segment.weights,
+                                          on_chunk=progress.step)
             bases = eigenbasis(covariances)
             eigenvalues: LayerMatrices = {}
-            for c, model in enumerate(segment.checkpoints):  # key (seed, ℓ, c): the covariance pass's labels
-                fitted = fit_corrected_eigenvalues(model, bases, inputs, fisher=s.fisher, key=(s.seed, index, c), on_chunk=progress.step)
+            for c, model in enumerate(segment.models):  # key (seed, ℓ, c): the covariance pass's labels
+                fitted = fit_corrected_eigenvalues(model, bases, inputs, fisher=s.fisher, key=(s.seed, index, c), weights=segment.weights,
+                                                   on_chunk=progress.step)
                 eigenvalues = {name: values + eigenvalues.get(name, 0) for name, values in fitted.items()}
-            averaged = {name: (total / len(segment.checkpoints)).clamp_min(0) for name, total in eigenvalues.items()}
+            averaged = {name: (total / len(segment.models)).clamp_min(0) for name, total in eigenvalues.items()}
             state.update(basis_state(bases, averaged, prefix=f"segment{index}/"))
             state[f"segment{index}/lr_sum"] = torch.tensor([segment.lr_sum], dtype=torch.float64)
             if projector is not None:
                 scales = balancing_scales({name: r_factor(segment.lr_sum)(values) for name, values in averaged.items()})
-                features = projected_train_gradients(segment.checkpoints, bases, scales, inputs, projector, progress.step)
-                state[f"segment{index}/train_features"] = features.cpu()
+                features = projected_train_gradients(segment.models, bases, scales, inputs, projector, progress.step)
+                state[f"segment{index}/train_features"] = _weighted_rows(features, segment).cpu()
         return state
 
     def _projector(self, inputs: AttributionInputs) -> KroneckerProjector | None:
         s = self.settings
-        return scoring_projector(s.projection, s.kronecker_block, s.seed, inputs.checkpoints[-1], inputs.task)
+        return scoring_projector(s.k, s.kronecker_block, s.seed, inputs.models[-1], inputs.task)
 
     def _load(self, state: TrainState, inputs: AttributionInputs) -> list[SegmentOperators]:
         """Per segment, its operators from the state, checked against the inputs' lr_sum."""
         segments = self._segments(inputs)
-        names = list(inputs.task.tracked_modules(segments[-1].checkpoints[-1]))
+        names = list(inputs.task.tracked_modules(segments[-1].models[-1]))
         operators: list[SegmentOperators] = []
         for index, segment in enumerate(segments):
             bases, eigenvalues = load_basis(state, names, inputs.device, prefix=f"segment{index}/")
@@ -226,7 +267,7 @@ class Source:
     def score_segments(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Per-segment contributions (n_segments, n_queries, n_train), oldest segment first; they sum to `score`."""
         segments, operators = self._segments(inputs), self._load(state, inputs)
-        final_model, n_train = segments[-1].checkpoints[-1], len(inputs.train_y)
+        final_model, n_train = segments[-1].models[-1], len(inputs.train_y)
         projector = self._projector(inputs)
         if projector is not None:
             features = [check_projected_features(state_tensor(state, f"segment{index}/train_features", inputs.device), projector)
@@ -246,7 +287,8 @@ class Source:
                 if projector is not None:
                     products = projected_query_vectors(projector, weighted, scales[index]) @ features[index].T
                 else:
-                    products = stream_rotated_products(segments[index].checkpoints, operators[index].bases, inputs, weighted, progress.step)
+                    products = _weighted_columns(
+                        stream_rotated_products(segments[index].models, operators[index].bases, inputs, weighted, progress.step), segments[index])
                 contributions[index, start : start + block_size] = -products.cpu() / n_train
         return contributions
 
@@ -257,41 +299,17 @@ class Source:
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
         """+(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m) with v_L = ∇L(z_m; θ_T) (n_train,): the score for 'z_m's loss falls'."""
         segments, operators = self._segments(inputs), self._load(state, inputs)
-        models = list({id(model): model for segment in segments for model in segment.checkpoints}.values())
+        models = list({id(model): model for segment in segments for model in segment.models}.values())
         position = {id(model): index for index, model in enumerate(models)}
-        final, n_train = position[id(segments[-1].checkpoints[-1])], len(inputs.train_y)
+        final, n_train = position[id(segments[-1].models[-1])], len(inputs.train_y)
         progress = Progress(inputs.progress, n_chunks(n_train, inputs.batch_size))
         result, scratch = torch.zeros(n_train, device=inputs.device), Scratch()
-        for rows, name, layers in layer_slices(models, inputs.task, "loss", inputs.train_batches(), progress.step):
+        for rows, name, layers in layer_slices(models, inputs.task, "loss", inputs.model_batches(models), progress.step):
             own = {name: rotated_gradients([layers[final]], operators[-1].bases[name], scratch, "own")}  # v_L = ∇L(z_m; θ_T)
             for index, weighted in _segment_weights(own, operators):
-                checkpoints = [layers[position[id(model)]] for model in segments[index].checkpoints]
+                checkpoints = [layers[position[id(model)]] for model in segments[index].models]
                 mean_gradients = rotated_gradients(checkpoints, operators[index].bases[name], scratch, "mean")
-                result[rows] += torch.einsum("bp,bp->b", weighted[name].flatten(1), mean_gradients.flatten(1)) / n_train
+                terms = torch.einsum("bp,bp->b", weighted[name].flatten(1), mean_gradients.flatten(1)) / n_train
+                result[rows] += terms if segments[index].weights is None else terms * segments[index].weights[rows].to(terms)
         return result.cpu()
 
-
-def exact_source_scores(
-    inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor
-) -> torch.Tensor:
-    """Reference SOURCE contributions (n_segments, n_queries, n_train) float64 with explicit matrices: small models only.
-
-    H̄_ℓ is the mean over the segment's checkpoints of the Gauss–Newton matrix of the mean loss
-    (P, P), eigendecomposed with negative eigenvalues clipped; gradients are explicit per example.
-    """
-    segments, task = inputs.segments, inputs.task
-    if not segments:
-        raise SettingsError("exact SOURCE needs inputs.segments")
-    n_train = len(inputs.train_y)
-    vectors = flat_gradients(segments[-1].checkpoints[-1], task, query_x, query_y, "measurement").double()
-    contributions = []
-    for segment in reversed(segments):
-        curvature = sum(gauss_newton_matrix(m, task, inputs.train_x, inputs.train_y, batch_size=inputs.batch_size) for m in segment.checkpoints)
-        eigenvalues, eigenvectors = torch.linalg.eigh(curvature / len(segment.checkpoints))
-        eigenvalues = eigenvalues.clamp_min(0)
-        gradients = sum(flat_gradients(m, task, inputs.train_x, inputs.train_y, "loss").double() for m in segment.checkpoints)
-        mean_gradients = gradients / len(segment.checkpoints)
-        rotated = vectors @ eigenvectors
-        contributions.append(-((rotated * r_factor(segment.lr_sum)(eigenvalues)) @ eigenvectors.T) @ mean_gradients.T / n_train)
-        vectors = (rotated * decay_factor(segment.lr_sum)(eigenvalues)) @ eigenvectors.T
-    return torch.stack(contributions[::-1]).cpu()

@@ -7,7 +7,7 @@ Linear layer on 2-D inputs is (g_q · g_m)(a_q · a_m) with no per-example gradi
 positions make that dearer than forming the layer's per-example gradients (convolutions), those
 are formed for one chunk at a time.
 
-Two modes (TracInSettings.projection): exact (None), where `fit` stores only self-influence and
+Two modes (TracInSettings.k): exact (None), where `fit` stores only self-influence and
 `score` streams the training set once per checkpoint; or projected (k), where `fit` stores
 η_c Pᵀ∇L(z_m; θ_c) (N, k) per checkpoint (Kronecker projection, projection.py) and `score` costs
 the queries' gradients and a product.
@@ -24,21 +24,13 @@ import torch
 from torch import nn
 
 from ..errors import SettingsError
-from ..gradients import LayerBatch
-from ..projection import (
-    DISTRIBUTIONS,
-    Progress,
-    Projector,
-    batches,
-    check_settings,
-    layer_batches,
-    make_projector,
-    n_chunks,
-    project_gradients,
-    state_tensor,
-    tracked_layer_shapes,
-)
-from .base import AttributionInputs, TrainState
+from ..features import project_gradients
+from ..gradients import LayerBatch, layer_batches
+from ..inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..progress import Progress, n_chunks
+from ..projection import DISTRIBUTIONS, Projector, make_projector, tracked_layer_shapes
+from ..settings import check_settings
+from .base import Method
 
 
 @dataclass
@@ -48,7 +40,7 @@ class TracInSettings:
     state_version: ClassVar[int] = 3
     """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes, 3: feature order)."""
 
-    projection: int | None = field(default=None, metadata={"help": "None: exact dot products (scoring streams the training set); k: store k-dim Kronecker-projected train gradients"})
+    k: int | None = field(default=None, metadata={"help": "projected dimension; None: exact dot products (scoring streams the training set); k: store k-dim Kronecker-projected train gradients"})
     projection_kind: str = field(default="rademacher", metadata={"help": "random entries of the projection: rademacher (±1) or gaussian"})
     kronecker_block: int = field(default=1, metadata={"help": "features per P_out ⊗ P_in block; 1 = independent rank-one features, 0 = one block per layer"})
     seed: int = field(default=0, metadata={"help": "seed of the random projection"})
@@ -56,7 +48,7 @@ class TracInSettings:
     def __post_init__(self) -> None:
         check_settings(
             self,
-            projection=self.projection is None or self.projection >= 1,
+            k=self.k is None or self.k >= 1,
             projection_kind=self.projection_kind in DISTRIBUTIONS,
             kronecker_block=self.kronecker_block >= 0,
         )
@@ -104,7 +96,7 @@ def exact_dot_products(
         query_layers.append((start, layers))
         progress.step()
     dots = torch.zeros(len(query_y), len(inputs.train_y), device=inputs.device)
-    for train_start, train_layers in layer_batches(model, inputs.task, "loss", inputs.train_batches()):
+    for train_start, train_layers in layer_batches(model, inputs.task, "loss", inputs.train_batches(model=model)):
         for query_start, layers in query_layers:
             block = layer_dot_products(layers, train_layers)
             dots[query_start : query_start + block.shape[0], train_start : train_start + block.shape[1]] = block
@@ -112,43 +104,59 @@ def exact_dot_products(
     return dots
 
 
-def weighted_checkpoints(inputs: AttributionInputs) -> list[tuple[nn.Module, float]]:
-    """(model, η_c) pairs; the learning rates must match the checkpoints one to one."""
-    if len(inputs.checkpoint_lrs) != len(inputs.checkpoints):
+def weighted_checkpoints(inputs: AttributionInputs) -> list[tuple[nn.Module, torch.Tensor | float]]:
+    """(model, η_c w_c) pairs: the checkpoint's learning rate, times each example's draw weight (N,) where the inputs have them."""
+    if len(inputs.checkpoint_lrs) != len(inputs.models):
         raise SettingsError(
-            f"{len(inputs.checkpoints)} checkpoints but {len(inputs.checkpoint_lrs)} learning rates: give one η_c per checkpoint"
+            f"{len(inputs.models)} checkpoints but {len(inputs.checkpoint_lrs)} learning rates: give one η_c per checkpoint"
         )
-    return list(zip(inputs.checkpoints, inputs.checkpoint_lrs))
+    weights = [inputs.train_weights(model) for model in inputs.models]
+    return [(model, lr if w is None else lr * w.to(inputs.device)) for model, lr, w in zip(inputs.models, inputs.checkpoint_lrs, weights)]
 
 
-class TracIn:
-    """TracIn scores: −Σ_c η_c ∇f(z_q; θ_c)ᵀ ∇L(z_m; θ_c) over the checkpoints."""
+def _rows_of(weight: torch.Tensor | float, start: int, stop: int) -> torch.Tensor | float:
+    """A per-example weight's rows start..stop (as a column for (rows, k) features); a scalar as it is."""
+    return weight[start:stop] if isinstance(weight, torch.Tensor) else weight
 
-    name: ClassVar[str] = "tracin"
 
-    def __init__(self, settings: TracInSettings | None = None):
-        self.settings = settings or TracInSettings()
+class TracIn(Method):
+    """TracIn scores: −Σ_c η_c w_c,m ∇f(z_q; θ_c)ᵀ ∇L(z_m; θ_c) over the checkpoints.
+
+    w_c,m (inputs.weights, from the run's record) is how much example m was trained on in the
+    stretch of training before checkpoint c, mean 1 (1 for all without a record of the batches):
+    an example the stretch never drew contributes nothing there. Gradients at θ_c are taken on
+    the inputs as c's stage saw them (inputs.views).
+    """
+
+    name = "tracin"
+    label = "TracIn"
+    Settings = TracInSettings
+    checkpoint_policy = "all"
+    has_self_influence = True
+    self_influence_at_fit = True
 
     def _projector(self, inputs: AttributionInputs) -> Projector | None:
         s = self.settings
-        if s.projection is None:
+        if s.k is None:
             return None
-        shapes = tracked_layer_shapes(inputs.checkpoints[-1], inputs.task)
-        return make_projector("kronecker", shapes, s.projection, seed=s.seed, kind=s.projection_kind, block=s.kronecker_block)
+        shapes = tracked_layer_shapes(inputs.models[-1], inputs.task)
+        return make_projector("kronecker", shapes, s.k, seed=s.seed, kind=s.projection_kind, block=s.kronecker_block)
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
-        """'self_influence' (N,); projected mode also 'train_features_{c}' = η_c Pᵀ∇L (N, k) per checkpoint."""
+        """'self_influence' (N,); projected mode also 'train_features_{c}' = η_c w_c Pᵀ∇L (N, k) per checkpoint."""
         projector = self._projector(inputs)
-        progress = Progress(inputs.progress, len(inputs.checkpoints) * n_chunks(len(inputs.train_y), inputs.batch_size))
+        progress = Progress(inputs.progress, len(inputs.models) * n_chunks(len(inputs.train_y), inputs.batch_size))
         state: TrainState = {}
         self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
         for c, (model, lr) in enumerate(weighted_checkpoints(inputs)):
             features = None if projector is None else torch.empty(len(inputs.train_y), projector.k, device=inputs.device)
-            for start, layers in layer_batches(model, inputs.task, "loss", inputs.train_batches()):
+            for start, layers in layer_batches(model, inputs.task, "loss", inputs.train_batches(model=model)):
                 norms = squared_norms(layers)
-                self_influence[start : start + len(norms)] += lr * norms
+                rows_lr = _rows_of(lr, start, start + len(norms))
+                self_influence[start : start + len(norms)] += rows_lr * norms
                 if features is not None:
-                    projector.project(layers, out=features[start : start + len(norms)]).mul_(lr)
+                    projected = projector.project(layers, out=features[start : start + len(norms)])
+                    projected.mul_(rows_lr[:, None] if isinstance(rows_lr, torch.Tensor) else rows_lr)
                 progress.step()
             if features is not None:
                 state[f"train_features_{c}"] = features.cpu()
@@ -161,11 +169,11 @@ class TracIn:
         steps_per_checkpoint = n_chunks(len(query_y), inputs.batch_size)
         if projector is None:
             steps_per_checkpoint += n_chunks(len(inputs.train_y), inputs.batch_size)
-        progress = Progress(inputs.progress, len(inputs.checkpoints) * steps_per_checkpoint)
+        progress = Progress(inputs.progress, len(inputs.models) * steps_per_checkpoint)
         scores = torch.zeros(len(query_y), len(inputs.train_y), device=inputs.device)
         for c, (model, lr) in enumerate(weighted_checkpoints(inputs)):
             if projector is None:
-                scores -= lr * exact_dot_products(model, inputs, query_x, query_y, progress)
+                scores -= exact_dot_products(model, inputs, query_x, query_y, progress) * lr
             else:
                 train_features = state_tensor(state, f"train_features_{c}", inputs.device)
                 queries = batches(query_x, query_y, inputs.batch_size, inputs.device)
@@ -173,5 +181,5 @@ class TracIn:
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
-        """Σ_c η_c ‖∇L(z_m; θ_c)‖² (n_train,), a positive magnitude."""
+        """Σ_c η_c w_c,m ‖∇L(z_m; θ_c)‖² (n_train,), a positive magnitude."""
         return state["self_influence"]

@@ -1,7 +1,7 @@
 """TRAK (Park et al. 2023): random-projected gradients, a ridge regression, ensembled over checkpoints.
 
 Per checkpoint s, with φ_i = Pᵀ∇θ f(z_i; θ_s) the projected measurement gradients (Φ: (N, k)) and
-Q_ii = 1 − p_i (p_i = exp(−loss_i): the model's probability of z_i's label under cross-entropy):
+Q_ii = 1 − p_i (p_i the model's probability of z_i's label; Task.residual_weights):
     τ_s(z_q, z_i) = φ(z_q)ᵀ (ΦᵀΦ + λI)⁻¹ φ_i Q_ii,    τ = mean over the checkpoints s,
 already proponent-positive. λ = damping_ratio × mean diagonal of ΦᵀΦ, so one ratio fits any
 gradient scale. `fit` stores the preconditioned train features ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i / S per
@@ -19,24 +19,15 @@ from torch import nn
 
 from ..distributed import local_rows
 from ..errors import SettingsError
-from ..projection import (
-    AMP_DTYPES,
-    DISTRIBUTIONS,
-    PROJECTIONS,
-    Progress,
-    Projector,
-    batches,
-    check_settings,
-    make_projector,
-    n_chunks,
-    project_gradients,
-    projected_features,
-    state_tensor,
-    tracked_layer_shapes,
-)
+from ..features import project_gradients, projected_features
+from ..gradients import AMP_DTYPES
+from ..inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..linalg import damped_inverse
+from ..progress import Progress, n_chunks
+from ..projection import DISTRIBUTIONS, PROJECTIONS, Projector, make_projector, tracked_layer_shapes
+from ..settings import check_settings
 from ..task import Task
-from .base import AttributionInputs, TrainState
-from .exact import damped_inverse
+from .base import Method
 
 
 @dataclass
@@ -69,23 +60,25 @@ class TrakSettings:
         )
 
 
-def label_probabilities(model: nn.Module, task: Task, chunks) -> torch.Tensor:
-    """p_i = exp(−loss_i) (the label's probability under cross-entropy): (n_examples,)."""
+def residual_weights(model: nn.Module, task: Task, chunks) -> torch.Tensor:
+    """Q_ii of every example (n_examples,): the task's residual weights (1 − p_i for cross-entropy)."""
     with torch.no_grad():
-        return torch.cat([torch.exp(-task.train_loss(model, x, y)).float() for _, x, y in chunks])
+        return torch.cat([task.residual_weights(model, x, y).float() for _, x, y in chunks])
 
 
-class Trak:
+class Trak(Method):
     """TRAK scores: projected-gradient ridge regression per checkpoint, averaged over checkpoints."""
 
-    name: ClassVar[str] = "trak"
-
-    def __init__(self, settings: TrakSettings | None = None):
-        self.settings = settings or TrakSettings()
+    name = "trak"
+    label = "TRAK"
+    Settings = TrakSettings
+    checkpoint_policy = "last5"
+    has_self_influence = True
+    self_influence_at_fit = True
 
     def projector(self, inputs: AttributionInputs) -> Projector:
         """The random projection the settings name, for the checkpoints' tracked layers."""
-        shapes = tracked_layer_shapes(inputs.checkpoints[-1], inputs.task)
+        shapes = tracked_layer_shapes(inputs.models[-1], inputs.task)
         s = self.settings
         return make_projector(
             s.projection, shapes, s.k, seed=s.seed, kind=s.projection_kind, block=s.kronecker_block, chunk=s.dense_chunk
@@ -98,12 +91,12 @@ class Trak:
         """
         projector = self.projector(inputs)
         rows = local_rows(len(inputs.train_y))
-        progress = Progress(inputs.progress, len(inputs.checkpoints) * n_chunks(rows.stop - rows.start, inputs.batch_size))
+        progress = Progress(inputs.progress, len(inputs.models) * n_chunks(rows.stop - rows.start, inputs.batch_size))
         state: TrainState = {}
         self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
-        for s, model in enumerate(inputs.checkpoints):
+        for s, model in enumerate(inputs.models):
             phi = self.train_features(model, inputs, projector, progress.step)
-            preconditioned = self._precondition(model, inputs, phi) / len(inputs.checkpoints)
+            preconditioned = self._precondition(model, inputs, phi) / len(inputs.models)
             self_influence += (phi * preconditioned).sum(dim=1)
             state[f"preconditioned_{s}"] = preconditioned.cpu()
         state["self_influence"] = self_influence.cpu()
@@ -127,15 +120,15 @@ class Trak:
         inverse = damped_inverse(gram, damping).float()
         preconditioned = phi @ inverse
         if self.settings.use_q:
-            preconditioned *= 1 - label_probabilities(model, inputs.task, inputs.train_batches())[:, None]
+            preconditioned *= residual_weights(model, inputs.task, inputs.train_batches(model=model))[:, None]
         return preconditioned
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_queries, n_train), positive = proponent."""
         projector = self.projector(inputs)
-        progress = Progress(inputs.progress, len(inputs.checkpoints) * n_chunks(len(query_y), inputs.batch_size))
+        progress = Progress(inputs.progress, len(inputs.models) * n_chunks(len(query_y), inputs.batch_size))
         scores = torch.zeros(len(query_y), len(inputs.train_y), device=inputs.device)
-        for s, model in enumerate(inputs.checkpoints):
+        for s, model in enumerate(inputs.models):
             preconditioned = state_tensor(state, f"preconditioned_{s}", inputs.device)
             if preconditioned.shape[1] != projector.k:
                 raise SettingsError(f"state has {preconditioned.shape[1]} features per example, settings give k={projector.k}: refit")

@@ -27,7 +27,7 @@ import pytest
 from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 
 from attribution_core.annotations import FLAG_KINDS, Annotations
-from attribution_core.training import load_run
+from attribution_core.run import load_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 playwright_api = pytest.importorskip("playwright.async_api")

@@ -1,0 +1,60 @@
+"""How Explore, Compare and Map begin: the current run with its data and test predictions, and the chosen method's scores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+
+from attribution_core.data import Dataset
+from attribution_core.run import Run
+from attribution_core.scores import Scores
+
+from .core_calls import call_or_report, require_run, scores, test_predictions
+from .methods import checkpoint_range, method_selectbox
+
+
+@dataclass(frozen=True)
+class Prelude:
+    """What a page about the current run starts from: the run, its training and test sets, the test predictions."""
+
+    run: Run
+    train_set: Dataset
+    test_set: Dataset
+    predictions: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The chosen method, the checkpoints it uses, and its scores of the whole test set."""
+
+    method: str
+    checkpoints: tuple[int, ...]
+    scores: Scores
+
+
+def page_prelude(title: str) -> Prelude:
+    """The current run, its data and the final model's test predictions, then the page title.
+
+    Stops the page when there is no run or a part of it cannot be loaded, after saying why.
+    """
+    run = require_run()
+    train_set, test_set = run.datasets()
+    predictions = call_or_report(test_predictions, run)
+    if predictions is None:
+        st.stop()
+    st.title(title)
+    return Prelude(run, train_set, test_set, predictions)
+
+
+def chosen_attribution(run: Run, method_container, checkpoint_container) -> Attribution:
+    """The method selector and checkpoint range (drawn in the given containers) and the scores they give.
+
+    Stops the page after showing the error when the scores cannot be computed (e.g. a missing checkpoint).
+    """
+    method = method_selectbox(run, method_container)
+    checkpoints = checkpoint_range(run, method, checkpoint_container)
+    method_scores = call_or_report(scores, run, method, checkpoints)
+    if method_scores is None:
+        st.stop()
+    return Attribution(method, checkpoints, method_scores)
