@@ -253,7 +253,8 @@ def cmd_lds(args: argparse.Namespace) -> None:
     from .evaluation.lds import LdsSettings, groundtruth, lds
 
     run = _load_run(args)
-    settings = LdsSettings(n_subsets=args.subsets, alpha=args.alpha, seed=args.seed, seeds_per_subset=args.seeds_per_subset)
+    alpha = args.alpha if args.alpha is not None else (0.95 if args.mode == "order_keeping" else 0.5)
+    settings = LdsSettings(n_subsets=args.subsets, alpha=alpha, seed=args.seed, seeds_per_subset=args.seeds_per_subset, mode=args.mode)
     with tqdm_progress(f"ground truth {args.run_id}") as progress:
         truth = groundtruth(run, settings, progress=progress, workers=args.workers)
     for method in args.methods.split(","):
@@ -379,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     lds_parser.add_argument("run_id")
     lds_parser.add_argument("--methods", default="trak,ekfac,tracin", help=f"comma-separated, each one of {METHOD_HELP}")
     lds_parser.add_argument("--subsets", type=int, default=100)
-    lds_parser.add_argument("--alpha", type=float, default=0.5)
+    lds_parser.add_argument("--alpha", type=float, default=None, help="fraction kept per subset (default 0.5; 0.95 with --mode order_keeping)")
+    lds_parser.add_argument("--mode", default="reshuffled", choices=("reshuffled", "order_keeping"),
+                            help="reshuffled: retrain each subset from scratch; order_keeping: replay the recorded batch order "
+                                 "with the removed examples weighted 0 (the question replay answers)")
     lds_parser.add_argument("--seed", type=int, default=0)
     lds_parser.add_argument("--seeds-per-subset", type=int, default=1)
     lds_parser.add_argument("--workers", type=int, default=1, help="retraining processes")

@@ -114,11 +114,23 @@ class TrainingRecord:
         )
 
 
-class RecordWriter:
-    """Appends steps to a run's record, writing a chunk file every `flush_every` steps (and on flush)."""
+def cross_entropy_margins(losses: torch.Tensor) -> torch.Tensor:
+    """Correct-class margins logit_y − logsumexp_{j≠y} logit_j of cross-entropy losses: −log(e^loss − 1), computed stably.
 
-    def __init__(self, directory: Path, *, flush_every: int = 256):
-        self.directory, self.flush_every = Path(directory), flush_every
+    The loss is log(1 + Σ_{j≠y} e^{logit_j − logit_y}), so e^loss − 1 = e^{−margin}: the margin needs no logits.
+    """
+    return -losses - torch.log(-torch.expm1(-losses))
+
+
+class RecordWriter:
+    """Appends steps to a run's record, writing a chunk file every `flush_every` steps (and on flush).
+
+    With margins_from_losses, steps given cross-entropy losses and no margins get their margins
+    from the losses at flush time (cross_entropy_margins), so a training step pays nothing for them.
+    """
+
+    def __init__(self, directory: Path, *, flush_every: int = 1024, margins_from_losses: bool = False):
+        self.directory, self.flush_every, self.margins_from_losses = Path(directory), flush_every, margins_from_losses
         self.steps_written = 0
         self._pending: list[dict] = []
         for stale in self.directory.glob("steps_*.safetensors"):  # a run trained again starts a fresh record
@@ -127,15 +139,11 @@ class RecordWriter:
     def append(self, *, stage: int, lr: float, momentum: float, beta2: float, weight_decay: float, optimizer: str,
                indices: Sequence[int] | torch.Tensor, losses: torch.Tensor | None = None, margins: torch.Tensor | None = None) -> None:
         """Record one optimizer step: its hyperparameters, the rows of its batch and (optionally) their losses and margins."""
-        rows = torch.as_tensor(indices).detach().reshape(-1).to("cpu", torch.int32)
-        missing = torch.full((len(rows),), float("nan"))
-        self._pending.append({
-            "stage": stage, "lr": lr, "momentum": momentum, "beta2": beta2, "weight_decay": weight_decay,
-            "batch_size": len(rows), "optimizer": OPTIMIZERS.index(optimizer if optimizer in OPTIMIZERS else "other"),
-            "indices": rows,
-            "losses": missing if losses is None else losses.detach().reshape(-1).to("cpu", torch.float32),
-            "margins": missing if margins is None else margins.detach().reshape(-1).to("cpu", torch.float32),
-        })
+        rows = torch.as_tensor(indices).detach().reshape(-1)  # conversions wait for the flush: a step pays only for references
+        code = OPTIMIZERS.index(optimizer if optimizer in OPTIMIZERS else "other")
+        self._pending.append((stage, lr, momentum, beta2, weight_decay, len(rows), code, rows,
+                              None if losses is None else losses.detach().reshape(-1),
+                              None if margins is None else margins.detach().reshape(-1)))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -143,14 +151,25 @@ class RecordWriter:
         """Write the pending steps as one chunk file (atomically); nothing to do when none are pending."""
         if not self._pending:
             return
-        steps = self._pending
+        columns = list(zip(*self._pending))
+
+        def per_example(values: tuple, sizes: tuple) -> torch.Tensor:
+            return torch.cat([torch.full((size,), float("nan")) if value is None else value.to("cpu", torch.float32)
+                              for value, size in zip(values, sizes)])
+
+        losses = per_example(columns[8], columns[5])
+        margins = cross_entropy_margins(losses) if self.margins_from_losses and all(m is None for m in columns[9]) else \
+            per_example(columns[9], columns[5])
         tensors = {
-            "stage": torch.tensor([s["stage"] for s in steps], dtype=torch.int32),
-            **{name: torch.tensor([s[name] for s in steps], dtype=torch.float64) for name in ("lr", "momentum", "beta2", "weight_decay")},
-            "batch_size": torch.tensor([s["batch_size"] for s in steps], dtype=torch.int32),
-            "optimizer": torch.tensor([s["optimizer"] for s in steps], dtype=torch.int32),
-            **{name: torch.cat([s[name] for s in steps]) for name in _EXAMPLE_FIELDS},
+            "stage": torch.tensor(columns[0], dtype=torch.int32),
+            **{name: torch.tensor(columns[position], dtype=torch.float64)
+               for position, name in enumerate(("lr", "momentum", "beta2", "weight_decay"), start=1)},
+            "batch_size": torch.tensor(columns[5], dtype=torch.int32),
+            "optimizer": torch.tensor(columns[6], dtype=torch.int32),
+            "indices": torch.cat([rows.to("cpu", torch.int32) for rows in columns[7]]),
+            "losses": losses,
+            "margins": margins,
         }
         save_tensors(self.directory / _PART.format(self.steps_written + 1), tensors)
-        self.steps_written += len(steps)
+        self.steps_written += len(self._pending)
         self._pending = []

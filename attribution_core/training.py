@@ -28,7 +28,6 @@ from .progress import ProgressFn, no_progress
 from .record import RECORD_DIR, RecordWriter, TrainingRecord, optimizer_hyperparameters
 from .run import CheckpointInfo, Recipe, Run, Stage, Trajectory
 from .store import Workspace, atomic_write_json, file_sha256, save_tensors
-from .task import correct_class_margin
 
 
 def learning_rate(stage: Stage, step_in_stage: int, steps_per_epoch: int) -> float:
@@ -129,8 +128,8 @@ def fit_model(
 ) -> TrainingResult:
     """Train a fresh model through every stage of the recipe; same inputs give identical weights.
 
-    With a record writer, every step's hyperparameters, batch rows and per-example losses and
-    margins are appended to it (flushed at every checkpoint and at the end).
+    With a record writer, every step's hyperparameters, batch rows and per-example losses are
+    appended to it (flushed at every checkpoint and at the end; margins follow from the losses).
     """
     seed = recipe.seed if seed is None else seed
     device = torch.device(device)
@@ -172,8 +171,7 @@ def fit_model(
                     trajectory.record(stage_index, stage, optimizer.param_groups[0]["lr"], len(batch))
                     step = trajectory.n_steps
                     if record is not None:
-                        record.append(stage=stage_index, indices=indices[batch], losses=losses,
-                                      margins=correct_class_margin(logits.detach(), labels), **optimizer_hyperparameters(optimizer))
+                        record.append(stage=stage_index, indices=indices[batch], losses=losses, **optimizer_hyperparameters(optimizer))
                     progress(step, total_steps)
                     if keep_checkpoints and step in save_steps:
                         info = CheckpointInfo(len(checkpoints), step, stage_index, epoch + 1, f"ckpt_{len(checkpoints):04d}.safetensors")
@@ -216,7 +214,7 @@ def train(
     directory = workspace.run_dir(run_id, must_exist=False)
     train_set, test_set = load_dataset(data)
     started = time.perf_counter()
-    record = RecordWriter(directory / RECORD_DIR)
+    record = RecordWriter(directory / RECORD_DIR, margins_from_losses=True)  # the trainer's loss is cross-entropy
     result = fit_model(train_set, model_spec, recipe, device=device, progress=progress, record=record)
     seconds = time.perf_counter() - started
     infos = []

@@ -260,7 +260,7 @@ def test_compare_computes_missing_ground_truth_with_a_button():
 # --- Runs --------------------------------------------------------------------------------------------------------
 
 
-def test_runs_page_lists_runs_and_shows_the_current_run():
+def test_runs_page_lists_runs_and_shows_the_current_run(workspace):
     app = open_app("runs", run="fmnist-two-stage")
     table = table_with(app, "run")
     assert {"fmnist-mlp", "fmnist-mlp-early", "fmnist-two-stage", "fmnist-noisy"} <= set(table["run"])
@@ -268,6 +268,8 @@ def test_runs_page_lists_runs_and_shows_the_current_run():
     stages = table_with(app, "stage")
     assert list(stages["stage"]) == ["pretrain", "finetune"]
     assert app.get("plotly_chart"), "the learning-rate timeline"
+    steps = load_run(workspace, "fmnist-two-stage").record.n_steps
+    assert f"Training record: {steps:,} optimizer steps" in texts(app) and "un-augmented image" in texts(app)
 
 
 def submit_training_form(app: AppTest) -> None:

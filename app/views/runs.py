@@ -84,6 +84,7 @@ def render_details(run: Run) -> None:
         "schedule": stage.schedule, "batch": stage.batch_size,
         "classes": "all" if stage.classes is None else ",".join(map(str, stage.classes)), "transform": stage.transform,
     } for stage in run.recipe.stages]), hide_index=True)
+    st.caption(record_text(run))
     left, right = st.columns([1, 1.6], gap="large")
     left.dataframe(pd.DataFrame([{
         "checkpoint": checkpoint_label(run, info.index), "epoch": info.epoch, "test accuracy": info.test_accuracy,
@@ -91,6 +92,17 @@ def render_details(run: Run) -> None:
         "test accuracy": st.column_config.NumberColumn(format="percent")})
     with right:
         st.plotly_chart(charts.training_timeline(run), key="timeline")
+
+
+def record_text(run: Run) -> str:
+    """What the attribution of this run rests on: its per-step record, or the recipe when it has none."""
+    if run.record is None:
+        return ("No per-step training record (a run from before records existed, or imported): which examples each stretch "
+                "of training drew is taken from the recipe's stage classes, so SOURCE's and TracIn's scores are approximate.")
+    return (f"Training record: {run.record.n_steps:,} optimizer steps, every batch and each example's loss and margin there. "
+            "Attribution takes each checkpoint's gradients on the images as its stage saw them (stage transforms applied "
+            "exactly) and weighs each example by how often that stretch of training drew it; random augmentation in a "
+            "training loop is attributed on the un-augmented image.")
 
 
 def stage_from_form(prefix: str, values: dict, classes: list[int] | None) -> Stage:

@@ -27,12 +27,16 @@ from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
 from ..inputs import batches
 from ..progress import ProgressFn, no_progress
+from ..replay import retrain_by_replay
 from ..run import Run, load_run
 from ..scores import Scores
 from ..settings import check_settings
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
 from ..training import one_thread, retrain
+
+MODES = ("reshuffled", "order_keeping")
+"""How a subset's model is retrained: the question each ground truth asks (see LdsSettings.mode)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class LdsSettings:
     n_subsets: int = field(default=100, metadata={"help": "M, the number of random training subsets (>= 2)"})
     alpha: float = field(default=0.5, metadata={"help": "fraction of the training set each subset keeps (0 < alpha < 1)"})
     seed: int = field(default=0, metadata={"help": "numpy seed of the subset masks"})
-    seeds_per_subset: int = field(default=1, metadata={"help": "retraining seeds per subset; their margins are averaged"})
+    seeds_per_subset: int = field(default=1, metadata={"help": "retraining seeds per subset; their margins are averaged (reshuffled mode)"})
+    mode: str = field(default="reshuffled", metadata={"help": "reshuffled: each subset retrained from scratch by the recipe, its batches drawn anew; order_keeping: the recorded run replayed in its batch order with the removed examples weighted 0 in their batch slots (MAGIC's evaluation; use alpha 0.95, i.e. 5 % removed)"})
 
     def __post_init__(self) -> None:
         check_settings(
@@ -50,7 +55,8 @@ class LdsSettings:
             n_subsets=self.n_subsets >= 2,
             alpha=0 < self.alpha < 1,
             seed=self.seed >= 0,
-            seeds_per_subset=self.seeds_per_subset >= 1,
+            seeds_per_subset=self.seeds_per_subset >= 1 and (self.mode == "reshuffled" or self.seeds_per_subset == 1),
+            mode=self.mode in MODES,
         )
 
 
@@ -122,24 +128,28 @@ def measurements_on_test_set(model: torch.nn.Module, run: Run, task: Task, *, ba
     return torch.cat([task.measurement(model, x, y) for _, x, y in chunks]).float().cpu().numpy()
 
 
-def _compute_model(run: Run, task: Task, artifact: Artifact, mask: np.ndarray, subset: int, seed_offset: int, device: str) -> None:
+def _compute_model(run: Run, task: Task, settings: LdsSettings, artifact: Artifact, mask: np.ndarray, subset: int, seed_offset: int,
+                   device: str) -> None:
     """Retrain one model on one subset and store its test margins.
 
     Always single-threaded, wherever it runs (this process, a worker, a torchrun rank), so that
     sharding never changes a bit of the result; parallelism comes from workers instead.
     """
     with one_thread():
-        model = retrain(run, mask, seed=run.recipe.seed + seed_offset, device=device)
+        if settings.mode == "order_keeping":
+            model = retrain_by_replay(run, torch.as_tensor(mask, dtype=torch.float32), task=task)
+        else:
+            model = retrain(run, mask, seed=run.recipe.seed + seed_offset, device=device)
         atomic_save_npy(artifact.path(_model_file(subset, seed_offset)), measurements_on_test_set(model, run, task))
 
 
-_WORKER_RUN: tuple[Run, Task] | None = None
+_WORKER_RUN: tuple[Run, Task, LdsSettings] | None = None
 
 
-def _init_worker(workspace_root: str, run_id: str, task: Task) -> None:
-    """Per worker process: the run (loaded once) and the task."""
+def _init_worker(workspace_root: str, run_id: str, task: Task, settings: LdsSettings) -> None:
+    """Per worker process: the run (loaded once), the task and the ground truth's settings."""
     global _WORKER_RUN
-    _WORKER_RUN = load_run(workspace_root, run_id), task
+    _WORKER_RUN = load_run(workspace_root, run_id), task, settings
 
 
 def _worker_model(directory: str, mask: np.ndarray, subset: int, seed_offset: int, device: str) -> None:
@@ -149,18 +159,18 @@ def _worker_model(directory: str, mask: np.ndarray, subset: int, seed_offset: in
     _compute_model(*_WORKER_RUN, Artifact(Path(directory)), mask, subset, seed_offset, device)
 
 
-def _compute_missing(run: Run, task: Task, artifact: Artifact, masks: np.ndarray, todo: list[tuple[int, int]], *,
+def _compute_missing(run: Run, task: Task, settings: LdsSettings, artifact: Artifact, masks: np.ndarray, todo: list[tuple[int, int]], *,
                      done: int, total: int, progress: ProgressFn, workers: int, device: str) -> None:
     """Compute the listed models, in this process or a spawned pool, reporting each one finished."""
     if workers <= 1:
         for subset, seed_offset in todo:
-            _compute_model(run, task, artifact, masks[subset], subset, seed_offset, device)
+            _compute_model(run, task, settings, artifact, masks[subset], subset, seed_offset, device)
             done += 1
             progress(done, total)
         return
     context = get_context("spawn")  # fork would copy torch's thread pools and locks
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(run.workspace.root), run.run_id, task)) as pool:
+                             initargs=(str(run.workspace.root), run.run_id, task, settings)) as pool:
         futures = [pool.submit(_worker_model, str(artifact.directory), masks[m], m, s, device) for m, s in todo]
         for future in as_completed(futures):
             future.result()
@@ -202,7 +212,7 @@ def groundtruth(
     models = _all_models(settings)
     mine = [(m, s) for m, s in models if m % world == rank]
     todo = [(m, s) for m, s in mine if not artifact.path(_model_file(m, s)).exists()]
-    _compute_missing(run, task, artifact, masks, todo, done=len(mine) - len(todo), total=len(mine),
+    _compute_missing(run, task, settings, artifact, masks, todo, done=len(mine) - len(todo), total=len(mine),
                      progress=progress, workers=workers, device=device)
     wait_for_files(artifact.path(_model_file(m, s)) for m, s in models)  # the other ranks' shares
     artifact.compute_once(lambda stored: _merge(stored, settings))

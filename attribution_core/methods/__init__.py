@@ -10,13 +10,15 @@ from .base import Method
 from .baselines import GradientCosine, GradientDot, RepresentationSimilarity
 from .exact import ExactInfluence
 from .influence import Influence, KfacInfluence
+from .replay import Replay
 from .source import Source
 from .tracin import TracIn
 from .trak import Trak
 
 METHODS: dict[str, type[Method]] = {
     method.name: method
-    for method in (Trak, Source, Influence, KfacInfluence, TracIn, GradientDot, GradientCosine, RepresentationSimilarity, ExactInfluence)
+    for method in (Trak, Source, Influence, KfacInfluence, TracIn, GradientDot, GradientCosine, RepresentationSimilarity, ExactInfluence,
+                   Replay)
 }
 """Every method the front door knows, in the order the CLI and the app list them."""
 

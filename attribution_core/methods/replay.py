@@ -1,0 +1,90 @@
+"""Replay: exact attribution by differentiating through the recorded training run (MAGIC, Ilyas & Engstrom 2025).
+
+    τ(z_q, z_i) = d f(z_q; θ_T) / d w_i  at w = at_weight (1: the run as trained)
+with w_i example i's weight in its batches' losses (replay.py): positive = proponent (removing i,
+w_i 1 -> 0, lowers f by about τ, to first order). Computed by reverse mode through every recorded
+optimizer step, the queries of a block carried backward together. Exact for the run as it was
+trained: no Hessian approximation, no stationarity assumption; the matching ground truth is the
+order-keeping LDS (evaluation/lds.py, mode "order_keeping"), which retrains in the same batch order.
+
+Runs it can replay: recorded by tdx's trainer (seeded initialisation), SGD with momentum or
+Adam, no batch-norm buffers. `fit` replays the whole run once and checks the weights against
+every stored checkpoint; `score` costs about one forward and one backward replay per block of
+queries (see benchmarks/b7_replay.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SettingsError
+from ..inputs import AttributionInputs, TrainState
+from ..progress import Progress
+from ..replay import ReplayPlan, metagradients, replay_forward, replay_plan, why_not_replayable
+from ..run import Run
+from ..settings import check_settings
+from .base import Method
+
+
+@dataclass
+class ReplaySettings:
+    """Every knob of replay."""
+
+    start_stage: int = field(default=0, metadata={"help": "attribute only from this training stage on (earlier steps held fixed; cheaper): 0 = the whole run"})
+    at_weight: float = field(default=1.0, metadata={"help": "the example weight the derivative is taken at: 1 = the run as trained; a subset ground truth keeping a fraction α of the examples is matched better at α"})
+    query_block: int = field(default=32, metadata={"help": "queries carried backward together (memory: this × parameters × optimizer moments)"})
+    stride: int | None = field(default=None, metadata={"help": "steps between kept states (memory against recomputation); None: about √(steps)"})
+
+    def __post_init__(self) -> None:
+        check_settings(self, start_stage=self.start_stage >= 0, at_weight=self.at_weight >= 0, query_block=self.query_block >= 1,
+                       stride=self.stride is None or self.stride >= 1)
+
+
+class Replay(Method):
+    """Exact metagradients through the recorded run (see the module docstring)."""
+
+    name = "replay"
+    label = "replay (exact)"
+    Settings = ReplaySettings
+    max_parameters = 5_000_000
+
+    def __init__(self, settings: ReplaySettings | None = None, plan: ReplayPlan | None = None):
+        super().__init__(settings)
+        self.plan = plan
+
+    @classmethod
+    def unsupported_reason(cls, run: Run) -> str | None:
+        """Why replay cannot attribute this run (too large, no record, an optimizer or layer it cannot replay), or None."""
+        return super().unsupported_reason(run) or why_not_replayable(run)
+
+    def prepare_inputs(self, inputs: AttributionInputs, run: Run, checkpoints: list[int]) -> tuple[AttributionInputs, list[str]]:
+        """The inputs as they are; the replay plan (every recorded step) is built from the run."""
+        self.plan = replay_plan(run, start_stage=self.settings.start_stage, device=inputs.device, task=inputs.task)
+        notes = [f"replay differentiates at example weight {self.settings.at_weight:g}"] if self.settings.at_weight != 1 else []
+        if self.settings.start_stage:
+            notes.append(f"replay attributes stage {self.settings.start_stage} on: earlier training is held fixed")
+        return inputs, notes
+
+    def _plan(self) -> ReplayPlan:
+        if self.plan is None:
+            raise SettingsError("replay needs its plan: call prepare_inputs with the run (the front door does), or pass plan=")
+        return self.plan
+
+    def fit(self, inputs: AttributionInputs) -> TrainState:
+        """Replays the run once, checking the weights at every stored checkpoint; 'replayed_steps' (1,)."""
+        plan = self._plan()
+        replay_forward(plan, progress=inputs.progress)
+        return {"replayed_steps": torch.tensor([plan.n_steps])}
+
+    def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_queries, n_train), positive = proponent: d f_q(θ_T)/d w_i."""
+        plan, s = self._plan(), self.settings
+        blocks = range(0, len(query_y), s.query_block)
+        progress = Progress(inputs.progress, len(blocks))
+        scores = []
+        for start in blocks:  # verified once by fit; a block needs only the derivative
+            scores.append(metagradients(plan, query_x[start : start + s.query_block], query_y[start : start + s.query_block],
+                                        at_weight=s.at_weight, stride=s.stride, verify=False).float().cpu())
+            progress.step()
+        return torch.cat(scores) if scores else torch.zeros(0, len(inputs.train_y))
