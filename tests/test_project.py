@@ -68,7 +68,7 @@ CORE_LAYERS = (
     ("methods.trak", "methods.influence", "methods.source", "methods.baselines", "methods.replay"),
     ("methods",),
     ("api", "inspection", "exports"),
-    ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel"),
+    ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel", "evaluation.smoothness"),
     ("demo",),
     ("cli", ""),  # "" is the package itself, whose __init__ re-exports the front door
 )

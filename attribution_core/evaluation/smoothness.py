@@ -1,0 +1,76 @@
+"""The smoothness check: do first-order predictions hold for this run and query?
+
+Every method here predicts the effect of removing training examples linearly: removing a set S
+changes the query's measurement by about −Σ_{i∈S} τ(z_q, z_i). Whether that holds depends on the
+run (ReLU networks are only piecewise smooth in the example weights). For a few random removals
+of a small fraction of the training set, this check compares the prediction with the actual
+change after an order-keeping retrain (the recorded run replayed with the removed examples
+weighted 0 in their batch slots: replay.py), which is exactly what replay's derivative predicts
+to first order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from ..errors import SettingsError
+from ..progress import ProgressFn, no_progress
+from ..replay import replay_forward, replay_plan
+from ..run import Run
+from ..scores import Scores
+from ..settings import check_settings
+
+
+@dataclass(frozen=True)
+class SmoothnessSettings:
+    """How many random removals, of what size."""
+
+    n_removals: int = field(default=3, metadata={"help": "random removals, each retrained by replay"})
+    fraction: float = field(default=0.01, metadata={"help": "fraction of the training set each removal takes out (0 < fraction < 1)"})
+    seed: int = field(default=0, metadata={"help": "numpy seed of the removals"})
+
+    def __post_init__(self) -> None:
+        check_settings(self, n_removals=self.n_removals >= 1, fraction=0 < self.fraction < 1, seed=self.seed >= 0)
+
+
+@dataclass
+class SmoothnessResult:
+    """Per removal: the removed training indices, the predicted and the actual change of the query's measurement."""
+
+    query: int
+    removed: list[list[int]]
+    predicted: list[float]
+    actual: list[float]
+
+
+def smoothness_check(run: Run, scores: Scores, query: int, settings: SmoothnessSettings = SmoothnessSettings(), *,
+                     progress: ProgressFn = no_progress) -> SmoothnessResult:
+    """Predicted (−Σ of the removed examples' scores) against actual (order-keeping retrain) changes of one test query's measurement."""
+    if scores.query_indices is None or query not in set(scores.query_indices.tolist()):
+        raise SettingsError(f"the scores hold no row for test query {query}: attribute it first")
+    row = scores.values[list(scores.query_indices).index(query)]
+    plan = replay_plan(run)
+    _, test_set = run.datasets()
+    x, y = test_set.x[query : query + 1].to(plan.train_y.device), test_set.y[query : query + 1].to(plan.train_y.device)
+
+    def measured(weights: torch.Tensor | None) -> float:
+        final, _ = replay_forward(plan, weights, verify=False)
+        with torch.no_grad():
+            return float(plan.task.measurement(lambda inputs: functional_call(plan.model, final, (inputs,)), x, y)[0])
+
+    n_train, generator = len(row), np.random.default_rng(settings.seed)
+    count = max(1, round(settings.fraction * n_train))
+    base = measured(None)
+    removed, predicted, actual = [], [], []
+    for done in range(1, settings.n_removals + 1):
+        chosen = np.sort(generator.choice(n_train, size=count, replace=False))
+        weights = torch.ones(n_train)
+        weights[torch.as_tensor(chosen)] = 0
+        removed.append(chosen.tolist())
+        predicted.append(-float(row[chosen].sum()))
+        actual.append(measured(weights) - base)
+        progress(done, settings.n_removals)
+    return SmoothnessResult(query, removed, predicted, actual)
