@@ -13,7 +13,9 @@ Layout, bottom up (tests/test_project.py checks that no module imports from a la
   callbacks, settings validation, the atomic workspace, the Task extension point, models, data;
 - gradients (layer capture), inputs (AttributionInputs, chunking), run (Run, its recipe and
   checkpoints), projection (projectors only), features (a data set's projected gradients),
-  training (train / retrain), curvature (K-FAC / EK-FAC), segments (SOURCE's plan), linalg;
+  training (train / retrain), record (what every step trained on), replay (the recorded run
+  as a differentiable function), recorder (a user's own loop recorded as a run), importing
+  (finished checkpoints as a run), curvature (K-FAC / EK-FAC), segments (SOURCE's plan), linalg;
 - methods/: one module per method, each a `Method` subclass declaring what it is (base.py);
   METHODS in methods/__init__.py is the registry;
 - api (the front door: attribute, self_influence, prepare), inspection, scores;
@@ -27,6 +29,8 @@ from typing import Any
 _EXPORTS = {
     "load_run": "run", "list_runs": "run", "Run": "run", "Recipe": "run", "Stage": "run", "CheckpointPolicy": "run",
     "train": "training", "retrain": "training",
+    "Recorder": "recorder", "RecorderSettings": "recorder", "ArrayData": "recorder", "list_incomplete": "recorder",
+    "import_run": "importing",
     "attribute": "api", "self_influence": "api", "prepare": "api", "QueryBatch": "api", "METHODS": "api",
     "Scores": "scores", "Task": "task", "Workspace": "store",
     "DataSpec": "data", "ModelSpec": "models",

@@ -21,6 +21,7 @@ from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
 from .evaluation.mislabel import RANKINGS
 from .exports import FLAG_FORMATS, export_flags, save_scores, score_suffix
+from .importing import add_import_command
 from .methods import METHODS
 from .progress import ProgressFn
 from .store import Workspace
@@ -100,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
+    from .recorder import describe_incomplete, list_incomplete
     from .run import list_runs
 
     runs = list_runs(Workspace(args.workspace))
@@ -114,6 +116,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
             f"{run.run_id:24s} {run.model.name:8s} {run.data.source:14s} stages: {stages:20s} "
             f"test acc {run.metrics.get('test_accuracy', float('nan')):.3f}  checkpoints {len(run.checkpoints)}"
         )
+    for run_id in list_incomplete(args.workspace):
+        print("incomplete: " + describe_incomplete(args.workspace, run_id))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -409,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     mislabels.add_argument("--top", type=int, default=20)
     mislabels.set_defaults(handler=cmd_mislabels)
 
+    add_import_command(commands)
     return parser
 
 

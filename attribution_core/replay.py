@@ -77,7 +77,9 @@ class ReplayPlan:
 def why_not_replayable(run: Run) -> str | None:
     """Why a run cannot be replayed exactly, or None when it can."""
     if run.record is None:
-        return "the run has no per-step training record (train it with tdx, or record it)"
+        return "the run has no per-step training record (train it with tdx)"
+    if run.metrics.get("origin", "trained") != "trained":  # a user's loop: its augmentation and initial weights are not recorded
+        return f"the run was {run.metrics['origin']} outside tdx's trainer, whose steps replay knows"
     others = sorted(set(run.record.optimizer) - set(REPLAYABLE_OPTIMIZERS))
     if others:
         return f"its optimizer ({', '.join(others)}) is not one replay knows (SGD with momentum, Adam)"

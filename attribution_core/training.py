@@ -248,6 +248,15 @@ def train(
     return run
 
 
+def why_not_retrainable(run: Run) -> str | None:
+    """Why tdx cannot retrain this run (LDS ground truth, counterfactual checks, out-of-fold probabilities), or None when it can."""
+    origin = run.metrics.get("origin", "trained")
+    if origin == "trained":
+        return None
+    return (f"run {run.run_id!r} was {origin} outside tdx's trainer: its recipe only describes the training, so tdx cannot "
+            "retrain it (LDS ground truth, counterfactual checks, out-of-fold mislabel probabilities)")
+
+
 def retrain(
     run: Run,
     keep_mask: np.ndarray,
@@ -257,6 +266,9 @@ def retrain(
     progress: ProgressFn = no_progress,
 ) -> nn.Module:
     """The run's whole pipeline (every stage) re-run on the kept examples; returns the final model."""
+    reason = why_not_retrainable(run)
+    if reason is not None:
+        raise SettingsError(reason)
     train_set, _ = run.datasets()
     keep_mask = np.asarray(keep_mask, dtype=bool)
     if keep_mask.shape != (len(train_set),):

@@ -62,6 +62,8 @@ CORE_LAYERS = (
     ("run", "projection"),
     ("training", "features"),
     ("replay",),
+    ("recorder",),  # a user's own loop recorded as a run (run, record, training.evaluate)
+    ("importing",),  # finished checkpoints made a run (the recorder's checks)
     ("curvature",),
     ("methods.base",),
     ("methods.tracin", "methods.exact"),
