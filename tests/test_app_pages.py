@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -225,7 +226,7 @@ def test_mislabels_shows_recall_of_flipped_labels_on_the_noisy_run():
     app = open_app("mislabels", run="fmnist-noisy")
     assert "How well the rankings find the flipped labels" in texts(app)
     recall = table_with(app, "ranking")
-    assert list(recall["ranking"]) == ["loss"]
+    assert list(recall["ranking"]) == ["dynamics"]
     assert 0 <= recall["found in top 10 %"].iloc[0] <= 1 and 0 <= recall["ROC-AUC"].iloc[0] <= 1
 
 
@@ -242,6 +243,8 @@ def test_compare_states_agreement_and_lds_with_stored_ground_truth():
     text = texts(app)
     assert "**TRAK** and **TracIn** agree on" in text and "of the top 10" in text
     assert app.number_input(key="lds_subsets").value == GROUND_TRUTH.n_subsets
+    if button_keys(app, "lds_score"):  # the first test samples' scores are computed on request only
+        app.button(key="lds_score").click().run()
     lds_table = table_with(app, "LDS")
     assert list(lds_table["method"]) == ["TRAK", "TracIn"]
     assert lds_table["LDS"].between(-1, 1).all()
@@ -253,6 +256,8 @@ def test_compare_computes_missing_ground_truth_with_a_button():
     app.number_input(key="lds_subsets").set_value(3).run()
     assert "0 of 3 exist" in texts(app)
     app.button(key="lds_compute").click().run()
+    assert not app.exception
+    app.button(key="lds_score").click().run()  # the first test samples' scores, on request only
     assert not app.exception
     assert list(table_with(app, "LDS")["method"]) == ["TRAK", "TracIn"]
 
@@ -308,3 +313,67 @@ def test_map_colours_by_label_flag_and_influence():
     app.segmented_control(key="map_colour").set_value("influence on a test sample").run()
     assert not app.exception
     assert app.selectbox(key="query").value is not None and app.get("plotly_chart")
+
+
+# --- Mislabels: training dynamics ----------------------------------------------------------------------------------
+
+
+def test_mislabels_opens_on_the_dynamics_ranking_with_data_map_curve_and_why(workspace):
+    app = open_app("mislabels", run="fmnist-noisy")
+    assert app.selectbox(key="ranking").value == "dynamics"
+    text = texts(app)
+    assert "Draw a box or lasso on the map to review the examples inside it." in text
+    assert "**Why suspected**" in text
+    assert len(app.get("plotly_chart")) == 3  # the data map, the suspect's training curve, the recall curves
+    app.segmented_control(key="mislabels_curve").set_value("margin").run()
+    assert not app.exception and len(app.get("plotly_chart")) == 3
+
+
+def test_mislabels_map_selection_is_the_review_queue_until_cleared(workspace):
+    app = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT)
+    app.query_params.update(run="fmnist-noisy")
+    app.run()
+    app.switch_page("views/mislabels.py")
+    app.session_state["mislabels_selection_fmnist-noisy"] = [3, 5, 7]  # what a lasso around three examples stores
+    app.run()
+    assert not app.exception
+    assert "Suspect 1 of 3" in texts(app) and "Reviewing the 3 examples selected on the map" in texts(app)
+    assert sorted(int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")) == [3, 5, 7]
+    app.button(key="mislabels_clear_selection").click().run()
+    assert "Suspect 1 of 600" in texts(app)
+
+
+def test_mislabels_filters_by_verdict_and_not_yet_reviewed(workspace):
+    app = open_app("mislabels", run="fmnist-noisy")
+    flags = Annotations(workspace.annotations_path).flags("fmnist-noisy")
+    app.pills(key="mislabels_show").set_value(["not yet reviewed"]).run()
+    assert f"Suspect 1 of {600 - len(flags)}" in texts(app)
+    app.button(key=verdict_button(app, "ambiguous")).click().run()
+    assert f"Suspect 1 of {599 - len(flags)}" in texts(app), "the flagged suspect left the queue, the next took its place"
+    app.pills(key="mislabels_show").set_value(["ambiguous"]).run()
+    ambiguous = sum(flag.kind == "ambiguous" for flag in Annotations(workspace.annotations_path).flags("fmnist-noisy").values())
+    assert f"Suspect 1 of {ambiguous}" in texts(app)
+
+
+def test_mislabels_of_a_run_without_a_record_rank_by_checkpoints_and_say_why(workspace, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    root = tmp_path / "old"
+    shutil.copytree(workspace.root / "runs" / "fmnist-noisy", root / "runs" / "fmnist-noisy", ignore=shutil.ignore_patterns("mislabels"))
+    run = load_run(workspace, "fmnist-noisy")
+    run_file = root / "runs" / "fmnist-noisy" / "run.json"
+    payload = json.loads(run_file.read_text())
+    payload.pop("record")  # as written before runs had a training record
+    payload["trajectory"] = {"stage": run.trajectory.stage, "lr": run.trajectory.lr, "momentum": run.trajectory.momentum,
+                             "batch_size": run.trajectory.batch_size, "optimizer": run.trajectory.optimizer}
+    run_file.write_text(json.dumps(payload))
+    shutil.rmtree(root / "runs" / "fmnist-noisy" / "record")
+    monkeypatch.setenv("TDX_WORKSPACE", str(root))
+    app = open_app("mislabels", run="fmnist-noisy")
+    assert app.selectbox(key="ranking").value == "loss_avg"
+    assert "dynamics" not in app.selectbox(key="ranking").options
+    text = texts(app)
+    assert "has no training record" in text and "Ranking by loss_avg" in text
+    assert "Draw a box or lasso" not in text and "Why suspected" not in text
+    assert "Suspect 1 of 600" in text

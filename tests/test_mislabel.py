@@ -1,6 +1,7 @@
-"""Mislabel rankings: hand-checked metrics, out-of-sample cleanlab, checkpoint choice, storage and reuse."""
+"""Mislabel rankings: hand-checked metrics, out-of-sample cleanlab, checkpoint choice, the record's dynamics, storage and reuse."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from types import SimpleNamespace
 
@@ -12,8 +13,16 @@ from torch.nn import functional as F
 from attribution_core.api import attribute
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
-from attribution_core.evaluation import mislabel
-from attribution_core.evaluation.mislabel import RANKINGS, fold_masks, mislabel_metrics, rank_mislabels
+from attribution_core.evaluation import dynamics, mislabel
+from attribution_core.evaluation.mislabel import (
+    DYNAMICS_RANKINGS,
+    RANKINGS,
+    default_ranking,
+    fold_masks,
+    mislabel_metrics,
+    rank_mislabels,
+    rankings_for,
+)
 from attribution_core.models import ModelSpec
 from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.store import Workspace
@@ -141,3 +150,43 @@ def test_unknown_ranking_lists_the_known_ones(noisy_run):
     with pytest.raises(SettingsError, match="cleanlab"):
         rank_mislabels(noisy_run, "vibes")
     assert set(RANKINGS) >= {"self_influence:trak", "self_influence:ekfac", "self_influence:tracin", "loss", "loss_avg", "cleanlab"}
+
+
+def test_dynamics_rankings_are_the_records_signals_stored_without_checkpoints(noisy_run, monkeypatch):
+    train_set, _ = noisy_run.datasets()
+    n = len(train_set)
+    combined = rank_mislabels(noisy_run, "dynamics")
+    np.testing.assert_array_equal(combined.scores, dynamics.combined(noisy_run.record, n))
+    assert combined.checkpoints == [] and combined.suggested_labels is None
+    for name in dynamics.SIGNALS:
+        np.testing.assert_array_equal(rank_mislabels(noisy_run, name).scores, dynamics.signal_scores(noisy_run.record, n, name))
+    assert default_ranking(noisy_run) == ("dynamics", None) and set(DYNAMICS_RANKINGS) <= set(rankings_for(noisy_run))
+    metrics = mislabel_metrics(combined.scores, train_set.flipped)
+    assert metrics["auc"] > 0.8 and metrics["top20"] > 0.5
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a stored ranking was recomputed")
+
+    monkeypatch.setattr(mislabel, "_compute", must_not_run)
+    np.testing.assert_array_equal(rank_mislabels(noisy_run, "dynamics").scores, combined.scores)
+
+
+def test_dynamics_rankings_are_deterministic_across_workspaces(noisy_run, tmp_path):
+    shutil.copytree(noisy_run.workspace.root, tmp_path / "ws", ignore=shutil.ignore_patterns("mislabels"))
+    again = load_run(tmp_path / "ws", "noisy")
+    assert not (again.directory / "mislabels").exists()
+    for name in DYNAMICS_RANKINGS:
+        np.testing.assert_array_equal(rank_mislabels(again, name).scores, rank_mislabels(noisy_run, name).scores)
+
+
+@pytest.mark.badinput
+def test_a_run_without_a_record_falls_back_to_checkpoints_and_says_what_is_missing(noisy_run):
+    old = dataclasses.replace(noisy_run, record=None)  # as a run trained before records existed
+    ranking, reason = default_ranking(old)
+    assert ranking == "loss_avg" and "no training record" in reason and "loss_avg" in reason
+    assert not set(DYNAMICS_RANKINGS) & set(rankings_for(old)) and "loss_avg" in rankings_for(old)
+    with pytest.raises(SettingsError, match="no training record .*record/"):
+        rank_mislabels(old, "dynamics")
+    silent = dataclasses.replace(noisy_run.record, losses=np.full_like(noisy_run.record.losses, np.nan))
+    with pytest.raises(SettingsError, match="no per-example losses"):
+        rank_mislabels(dataclasses.replace(noisy_run, record=silent), "early_loss")

@@ -69,7 +69,7 @@ CORE_LAYERS = (
     ("methods.tracin", "methods.exact"),
     ("methods.trak", "methods.influence", "methods.source", "methods.baselines", "methods.replay"),
     ("methods",),
-    ("api", "inspection", "exports"),
+    ("api", "inspection", "exports", "evaluation.dynamics"),
     ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel", "evaluation.smoothness"),
     ("demo",),
     ("cli", ""),  # "" is the package itself, whose __init__ re-exports the front door

@@ -1,4 +1,4 @@
-"""Plotly figures of the pages: training timeline, segment contributions, counterfactual, LDS, recall, map."""
+"""Plotly figures of the pages: training timeline, segment contributions, counterfactual, LDS, recall, map, data map, training curve."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -124,24 +124,48 @@ class PointGroup:
     show_legend: bool = True
 
 
+def _point_trace(group: PointGroup, colour_title: str) -> go.Scatter:
+    """One group's markers; each point's customdata is (split, index), so a selection names its examples."""
+    marker = dict(size=group.size, symbol=group.symbol, line=dict(width=0.5, color="white"), opacity=0.85)
+    if group.values is not None:
+        bound = float(np.abs(group.values).max()) or 1.0
+        marker |= dict(color=group.values, colorscale="RdBu", cmin=-bound, cmax=bound, colorbar=dict(title=colour_title, thickness=12))
+    else:
+        marker["color"] = group.colour
+    return go.Scatter(
+        x=group.positions[:, 0], y=group.positions[:, 1], mode="markers", name=group.name, marker=marker,
+        legendgroup=group.legend_group, showlegend=group.show_legend,
+        text=group.hover, hovertemplate="%{text}<extra></extra>",
+        customdata=[[group.split, int(index)] for index in group.indices],
+    )
+
+
 def embedding_map(groups: list[PointGroup], *, colour_title: str = "") -> go.Figure:
     """Scatter of the map; each point's customdata is (split, index), so a selection names its examples."""
-    figure = go.Figure()
-    for group in groups:
-        marker = dict(size=group.size, symbol=group.symbol, line=dict(width=0.5, color="white"), opacity=0.85)
-        if group.values is not None:
-            bound = float(np.abs(group.values).max()) or 1.0
-            marker |= dict(color=group.values, colorscale="RdBu", cmin=-bound, cmax=bound,
-                           colorbar=dict(title=colour_title, thickness=12))
-        else:
-            marker["color"] = group.colour
-        figure.add_trace(go.Scatter(
-            x=group.positions[:, 0], y=group.positions[:, 1], mode="markers", name=group.name, marker=marker,
-            legendgroup=group.legend_group, showlegend=group.show_legend,
-            text=group.hover, hovertemplate="%{text}<extra></extra>",
-            customdata=[[group.split, int(index)] for index in group.indices],
-        ))
+    figure = go.Figure([_point_trace(group, colour_title) for group in groups])
     _compact(figure, 520)
     figure.update_layout(dragmode="lasso", xaxis=dict(visible=False), yaxis=dict(visible=False),
                          legend=dict(orientation="v", x=1.0, y=1.0))
     return figure
+
+
+def data_map(groups: list[PointGroup]) -> go.Figure:
+    """Dataset cartography (Swayamdipta et al. 2020): each group's positions are (variability, confidence) of training examples."""
+    figure = go.Figure([_point_trace(group, "") for group in groups])
+    _compact(figure, 440)
+    figure.update_layout(dragmode="lasso", xaxis=dict(title="variability (std of p(label) over the epochs)", rangemode="tozero"),
+                         yaxis=dict(title="confidence (mean p(label))", range=[-0.02, 1.02]), legend=dict(orientation="v", x=1.0, y=1.0))
+    return figure
+
+
+def training_curve(epochs: np.ndarray, values: np.ndarray, *, label: str, early: tuple[int, int] | None = None) -> go.Figure:
+    """One example's recorded value per epoch (epochs, values: (n,)), its early-training window (first, last epoch) shaded."""
+    figure = go.Figure(go.Scatter(x=epochs + 1, y=values, mode="lines+markers", name=label, marker=dict(size=5),
+                                  line=dict(width=2, color=QUALITATIVE[0]), hovertemplate="epoch %{x}: %{y:.3f}<extra></extra>"))
+    if early is not None:
+        figure.add_vrect(x0=early[0] + 0.5, x1=early[1] + 1.5, fillcolor=STAGE_SHADES[1], line_width=0,
+                         annotation_text="early training", annotation_position="top left")
+    if label == "margin":
+        figure.add_hline(y=0, line_dash="dot", line_color="#8A8F98")  # above 0 the label has p > 1/2: learned
+    figure.update_layout(xaxis_title="epoch", yaxis_title=label, showlegend=False)
+    return _compact(figure, 240)

@@ -1,10 +1,12 @@
 """Mislabel detection: rank training examples by how suspicious their label is.
 
-Rankings: self-influence of an attribution method (an example that only its own gradient
-explains), the training loss at chosen checkpoints (or averaged over them, AUM-style), and
-confident learning (cleanlab) on out-of-sample probabilities from k-fold cross-validated
-retraining. Each ranking is stored under runs/<id>/mislabels/<key>/ and reused. With labels
-flipped on purpose, `mislabel_metrics` says how many flips each ranking finds.
+Rankings: from the training record's dynamics (dynamics.py: early-training loss, AUM,
+forgetting, data-map confidence and variability, cleanlab's self-confidence on early-training
+probabilities, and "dynamics", their chosen combination), self-influence of an attribution
+method (an example that only its own gradient explains), the training loss at chosen checkpoints
+(or averaged over them), and confident learning (cleanlab) on out-of-sample probabilities from
+k-fold cross-validated retraining. Each ranking is stored under runs/<id>/mislabels/<key>/ and
+reused. With labels flipped on purpose, `mislabel_metrics` says how many flips each ranking finds.
 """
 from __future__ import annotations
 
@@ -24,8 +26,20 @@ from ..run import Run
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
 from ..training import fit_model, one_thread
+from .dynamics import COMBINED, SIGNALS, combined, has_dynamics, signal_scores
+from .dynamics import settings as dynamics_settings
+
+DYNAMICS_RANKINGS: dict[str, str] = {
+    "dynamics": "rank average of " + " and ".join(COMBINED) + ": the training record's strongest signals (default)",
+    **{name: text for name, (text, _) in SIGNALS.items()},
+}
+"""The rankings read from the training record alone (no model is run): name -> what it measures."""
+
+FALLBACK_RANKING = "loss_avg"
+"""The ranking of a run without training dynamics: the loss averaged over its checkpoints."""
 
 RANKINGS: dict[str, str] = {
+    **DYNAMICS_RANKINGS,
     **{f"self_influence:{name}": f"self-influence τ(z, z) of {method.label}: examples only their own gradient explains"
        for name, method in METHODS.items() if method.has_self_influence},
     "loss": "training loss at the chosen checkpoints (default: the last)",
@@ -37,9 +51,34 @@ RANKINGS: dict[str, str] = {
 
 
 def rankings_for(run: Run) -> dict[str, str]:
-    """The rankings a run supports (RANKINGS less the self-influence of methods that cannot attribute it): name -> description."""
+    """The rankings a run supports: name -> description.
+
+    RANKINGS less the self-influence of methods that cannot attribute the run, and less the
+    dynamics rankings where the run has no record of per-example losses (missing_dynamics).
+    """
+    dynamic = missing_dynamics(run) is None
     return {name: text for name, text in RANKINGS.items()
-            if (method := _self_influence_method(name)) is None or METHODS[method].unsupported_reason(run) is None}
+            if (dynamic or name not in DYNAMICS_RANKINGS)
+            and ((method := _self_influence_method(name)) is None or METHODS[method].unsupported_reason(run) is None)}
+
+
+def missing_dynamics(run: Run) -> str | None:
+    """Why the run's training dynamics cannot be ranked (what is missing), or None when they can."""
+    if run.record is None:
+        return (f"run {run.run_id!r} has no training record (runs/{run.run_id}/record/): it was trained before records "
+                "existed, so nothing says how each example's loss went through training; train it again to record one")
+    if not has_dynamics(run.record):
+        return (f"run {run.run_id!r}'s training record holds no per-example losses (they are NaN): it records batches but "
+                "not how each example's loss went; train it again to record them")
+    return None
+
+
+def default_ranking(run: Run) -> tuple[str, str | None]:
+    """(the ranking to open with, why it is not "dynamics" or None): "dynamics" when the run has a record, else FALLBACK_RANKING."""
+    reason = missing_dynamics(run)
+    if reason is None:
+        return "dynamics", None
+    return FALLBACK_RANKING, f"{reason}. Ranking by {FALLBACK_RANKING} ({RANKINGS[FALLBACK_RANKING]}) instead."
 
 
 @dataclass
@@ -47,8 +86,9 @@ class MislabelRanking:
     """A suspicion score per training example.
 
     scores: (N,) higher = more likely mislabelled.
-    suggested_labels: (N,) the class the evidence points to, None where a ranking gives none.
-    checkpoints: the checkpoints the ranking used (empty for cleanlab, which retrains).
+    suggested_labels: (N,) the class the evidence points to, None where a ranking gives none (the
+    dynamics rankings: the record holds no other class's probability).
+    checkpoints: the checkpoints the ranking used (empty for cleanlab, which retrains, and for the dynamics rankings).
     seconds: time the computation took (when it was computed, even if loaded now).
     """
 
@@ -70,7 +110,7 @@ def _self_influence_method(ranking: str) -> str | None:
 def ranking_checkpoints(run: Run, ranking: str, checkpoints: list[int] | None) -> list[int]:
     """The checkpoints a ranking uses: the caller's (sorted, negatives from the end) or its default."""
     n = len(run.checkpoints)
-    if ranking == "cleanlab":
+    if ranking == "cleanlab" or ranking in DYNAMICS_RANKINGS:
         return []
     method = _self_influence_method(ranking)
     default = METHODS[method].default_checkpoints(n) if method else ([n - 1] if ranking == "loss" else list(range(n)))
@@ -126,9 +166,15 @@ def label_quality_scores(labels: np.ndarray, probabilities: np.ndarray, **option
     return get_label_quality_scores(labels, probabilities, **options)
 
 
-def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (N,), suggested labels (N,)) of one ranking."""
+def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int,
+             progress: ProgressFn) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores (N,), suggested labels (N,) or None) of one ranking."""
     train_set, _ = run.datasets()
+    if ranking in DYNAMICS_RANKINGS:
+        scores = (combined(run.record, len(train_set)) if ranking == "dynamics"
+                  else signal_scores(run.record, len(train_set), ranking))
+        progress(1, 1)
+        return scores, None
     if ranking == "cleanlab":
         probabilities = cross_validated_probabilities(run, task, folds=folds, progress=progress)
         quality = label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
@@ -157,19 +203,26 @@ def rank_mislabels(
         raise SettingsError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
     if folds < 2:
         raise SettingsError(f"folds={folds}: cross-validation needs at least 2 folds")
+    if ranking in DYNAMICS_RANKINGS and (missing := missing_dynamics(run)) is not None:
+        raise SettingsError(f"ranking {ranking!r} reads the training record, but {missing}; "
+                            f"or rank by the checkpoints instead ({FALLBACK_RANKING}, cleanlab, self-influence)")
     checkpoints, task = ranking_checkpoints(run, ranking, checkpoints), task or Task()
+    # the dynamics rankings' settings are in their key, so that a change to them is not answered by a stale ranking
+    dynamic = {"dynamics": dynamics_settings()} if ranking in DYNAMICS_RANKINGS else {}
     artifact = run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if ranking == "cleanlab" else None,
-                            task=task.key())
+                            task=task.key(), **dynamic)
 
     def compute(stored: Artifact) -> dict[str, float]:
         started = time.perf_counter()
         scores, suggested = _compute(run, ranking, checkpoints, task, folds, progress)
         atomic_save_npy(stored.path("scores.npy"), scores)
-        atomic_save_npy(stored.path("suggested.npy"), suggested.astype(np.int64))
+        if suggested is not None:
+            atomic_save_npy(stored.path("suggested.npy"), suggested.astype(np.int64))
         return {"seconds": time.perf_counter() - started}
 
     artifact.compute_once(compute)
-    return MislabelRanking(ranking, load_npy(artifact.path("scores.npy")), load_npy(artifact.path("suggested.npy")),
+    suggested = artifact.path("suggested.npy")
+    return MislabelRanking(ranking, load_npy(artifact.path("scores.npy")), load_npy(suggested) if suggested.exists() else None,
                            checkpoints, float(artifact.manifest()["seconds"]))
 
 
