@@ -19,7 +19,7 @@ Layout, bottom up (tests/test_project.py checks that no module imports from a la
 - methods/: one module per method, each a `Method` subclass declaring what it is (base.py);
   METHODS in methods/__init__.py is the registry;
 - api (the front door: attribute, self_influence, prepare), inspection, scores;
-- evaluation/ (lds, counterfactual, mislabel), demo, cli.
+- evaluation/ (lds, counterfactual, mislabel, dynamics, smoothness), exports, demo, cli.
 """
 from __future__ import annotations
 
