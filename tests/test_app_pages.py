@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import pytest
@@ -243,8 +242,6 @@ def test_compare_states_agreement_and_lds_with_stored_ground_truth():
     text = texts(app)
     assert "**TRAK** and **TracIn** agree on" in text and "of the top 10" in text
     assert app.number_input(key="lds_subsets").value == GROUND_TRUTH.n_subsets
-    if button_keys(app, "lds_score"):  # the first test samples' scores are computed on request only
-        app.button(key="lds_score").click().run()
     lds_table = table_with(app, "LDS")
     assert list(lds_table["method"]) == ["TRAK", "TracIn"]
     assert lds_table["LDS"].between(-1, 1).all()
@@ -256,8 +253,6 @@ def test_compare_computes_missing_ground_truth_with_a_button():
     app.number_input(key="lds_subsets").set_value(3).run()
     assert "0 of 3 exist" in texts(app)
     app.button(key="lds_compute").click().run()
-    assert not app.exception
-    app.button(key="lds_score").click().run()  # the first test samples' scores, on request only
     assert not app.exception
     assert list(table_with(app, "LDS")["method"]) == ["TRAK", "TracIn"]
 
