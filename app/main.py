@@ -15,6 +15,28 @@ if str(ROOT) not in sys.path:
 
 from app.components.context import run_picker, workspace_root  # noqa: E402
 
+GRID_CSS = """<style>
+/* Image grids (app/components/images.py draws each inside a container keyed grid_ and the grid key). */
+/* Captions wrap between words, never inside one; a word wider than its cell is clipped, not split. */
+/* Badges (a flag, a flipped label) wrap too, rather than end in an ellipsis. */
+[class*="st-key-grid_"] [data-testid="stCaptionContainer"] { overflow: hidden; font-size: 0.8rem; }
+[class*="st-key-grid_"] [data-testid="stCaptionContainer"] p { word-break: normal; overflow-wrap: normal; }
+[class*="st-key-grid_"] [data-testid="stCaptionContainer"] .stMarkdownBadge { white-space: normal; }
+/* A cell's button shows its icon only; its label stays for screen readers (and tests), out of sight. */
+[class*="st-key-grid_"] .stButton button [data-testid="stMarkdownContainer"] {
+    position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap;
+}
+/* Every cell as tall as its row, its button (the cell's one keyed element) at the bottom: a row's buttons line up
+   whatever the captions' lengths. */
+[class*="st-key-grid_"] [data-testid="stColumn"] > [data-testid="stVerticalBlock"] > [data-testid="stLayoutWrapper"],
+[class*="st-key-grid_"] [data-testid="stColumn"] > [data-testid="stVerticalBlock"] > [data-testid="stLayoutWrapper"] > [data-testid="stVerticalBlock"] {
+    flex: 1 1 auto;
+}
+[class*="st-key-grid_"] [data-testid="stColumn"] [data-testid="stElementContainer"][class*="st-key-"] { margin-top: auto; }
+</style>"""
+"""The few style rules Streamlit has no option for, injected once per page run (no '<' anywhere in it: the
+browser's HTML sanitizer drops a style element whose text holds one)."""
+
 # One script per page. Not named pages/: Streamlit would serve a pages/ folder's scripts without running main.py.
 VIEWS_DIR = Path(__file__).resolve().parent / "views"
 
@@ -34,6 +56,7 @@ def main() -> None:
     """Set up the page, the sidebar and the navigation, then run the chosen page."""
     st.set_page_config(page_title="tda-explorer", page_icon=":material/manage_search:", layout="wide")
     navigation = st.navigation(pages())
+    st.html(GRID_CSS)
     st.sidebar.caption(f"Workspace `{workspace_root()}`")
     run_picker()
     navigation.run()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,8 @@ def test_compare_states_agreement_and_lds_with_stored_ground_truth():
     text = texts(app)
     assert "**TRAK** and **TracIn** agree on" in text and "of the top 10" in text
     assert app.number_input(key="lds_subsets").value == GROUND_TRUTH.n_subsets
+    if button_keys(app, "lds_score"):  # the first test samples' scores are computed on request only
+        app.button(key="lds_score").click().run()
     lds_table = table_with(app, "LDS")
     assert list(lds_table["method"]) == ["TRAK", "TracIn"]
     assert lds_table["LDS"].between(-1, 1).all()
@@ -253,6 +256,8 @@ def test_compare_computes_missing_ground_truth_with_a_button():
     app.number_input(key="lds_subsets").set_value(3).run()
     assert "0 of 3 exist" in texts(app)
     app.button(key="lds_compute").click().run()
+    assert not app.exception
+    app.button(key="lds_score").click().run()  # the first test samples' scores, on request only
     assert not app.exception
     assert list(table_with(app, "LDS")["method"]) == ["TRAK", "TracIn"]
 
@@ -372,3 +377,67 @@ def test_mislabels_of_a_run_without_a_record_rank_by_checkpoints_and_say_why(wor
     assert "has no training record" in text and "Ranking by loss_avg" in text
     assert "Draw a box or lasso" not in text and "Why suspected" not in text
     assert "Suspect 1 of 600" in text
+
+
+# --- Scores on demand, replay, the LDS ground truth's mode ----------------------------------------------------------
+
+
+def test_explore_scores_only_the_block_of_the_query(workspace, monkeypatch):
+    from app.components import core_calls
+
+    calls = []
+    real_attribute = core_calls.attribute
+
+    def recording(run, method, *, queries=None, **options):
+        calls.append((run.run_id, method, None if queries is None else [int(query) for query in queries]))
+        return real_attribute(run, method, queries=queries, **options)
+
+    monkeypatch.setattr(core_calls, "attribute", recording)
+    app = open_app(run="fmnist-two-stage", method="graddot", query="70")  # no other test scores this run with graddot
+    block = list(range(64, 96))
+    assert core_calls.QUERY_BLOCK == 32 and calls == [("fmnist-two-stage", "graddot", block)]
+    assert len(button_keys(app, "results_proponents_")) == 10
+    stored = [artifact.inputs["queries"] for artifact in workspace.artifacts("fmnist-two-stage", "scores")]
+    assert block in stored
+    assert all(queries == list(range(queries[0], queries[0] + len(queries))) and queries[0] % core_calls.QUERY_BLOCK == 0
+               and len(queries) <= core_calls.QUERY_BLOCK for queries in stored), "only whole blocks are stored, never the test set"
+    open_app(run="fmnist-two-stage", method="graddot", query="90")
+    assert len(calls) == 1, "another sample of the same block is served from the block"
+
+
+def test_replay_is_offered_for_the_demo_runs_and_explains_one_query(workspace):
+    from app.components.core_calls import method_choices
+
+    for run_id in ("fmnist-mlp", "fmnist-mlp-early", "fmnist-two-stage", "fmnist-noisy"):
+        assert "replay" in method_choices(load_run(workspace, run_id)), run_id
+    started = time.monotonic()
+    app = open_app(run="fmnist-two-stage", method="replay", query="3")
+    seconds = time.monotonic() - started
+    assert app.selectbox(key="method").value == "replay"
+    assert "replay (exact)" in app.selectbox(key="method").options
+    assert len(button_keys(app, "results_proponents_")) == 10 and not app.error
+    assert "Scores: replay (exact)'s estimate" in texts(app) and "positive = raised the margin of" in texts(app)
+    assert seconds < 60, f"replay of one block took {seconds:.0f} s"
+
+
+def test_compare_lds_explains_the_mode_and_computes_a_small_order_keeping_ground_truth():
+    app = open_app("compare", run="fmnist-two-stage")
+    assert "Reshuffled: retrain from scratch on random halves of the training set." in texts(app)
+    app.segmented_control(key="lds_mode").set_value("order_keeping").run()
+    assert app.number_input(key="lds_subsets").value == 20 and app.slider(key="lds_alpha").value == pytest.approx(0.95)
+    assert "Order-keeping: the same batches with 5% of the examples weighted 0 — what replay differentiates." in texts(app)
+    app.number_input(key="lds_subsets").set_value(3).run()
+    app.button(key="lds_compute").click().run()
+    assert not app.exception and not app.error
+    assert "order-keeping, 3 subsets of 95%" in texts(app), "listed among the stored ground truths"
+    app.multiselect(key="compare_methods").set_value(["trak", "replay"]).run()
+    assert not app.get("plotly_chart") and button_keys(app, "lds_score"), "no scoring of the LDS queries on page load"
+    app.button(key="lds_score").click().run()
+    assert not app.exception and not app.error
+    assert list(table_with(app, "LDS")["method"]) == ["TRAK", "replay (exact)"]
+    assert len(app.get("plotly_chart")) == 2
+    again = open_app("compare", run="fmnist-two-stage")  # a new session: the scores are stored now, the ground truth too
+    again.segmented_control(key="lds_mode").set_value("order_keeping").run()
+    again.number_input(key="lds_subsets").set_value(3).run()
+    again.multiselect(key="compare_methods").set_value(["trak", "replay"]).run()
+    assert not button_keys(again, "lds_score") and list(table_with(again, "LDS")["method"]) == ["TRAK", "replay (exact)"]

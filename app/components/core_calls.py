@@ -1,13 +1,17 @@
 """Cached calls into the attribution core, and how their errors reach the page.
 
-Runs and small tables use Streamlit's caches. Scores are remembered in a process-wide store
-keyed by workspace, run (id and creation time), method and checkpoints: a Streamlit cache
-would replay the progress bar drawn while computing, so the progress bar is drawn here, outside
-any cached function, and only on a miss. The core also stores every score on disk, so a
-restart recomputes nothing either.
+Runs and small tables use Streamlit's caches. Scores are computed on demand, in fixed blocks of
+QUERY_BLOCK test samples: a page that shows test sample q asks for the block holding q, never
+for the whole test set (that stays a CLI/API job: `tdx attribute`, `tdx lds`). A block is
+remembered in a process-wide store keyed by workspace, run (id and creation time), method,
+checkpoints and block; a Streamlit cache would replay the progress bar drawn while computing, so
+the progress bar is drawn here, outside any cached function, and only on a miss. The core stores
+the scores of every list of test indices on disk (api.attribute), so a revisited block, or one
+computed before a restart, is loaded rather than computed again.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import traceback
 from collections import OrderedDict
@@ -21,19 +25,35 @@ import torch
 
 from attribution_core import inspection
 from attribution_core.annotations import Annotations
-from attribution_core.api import METHODS, attribute, default_checkpoints
+from attribution_core.api import METHODS, attribute, default_checkpoints, state_artifact
 from attribution_core.errors import TdxError
 from attribution_core.run import Run, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
+from attribution_core.task import Task
 
 from .context import current_run_id, workspace_root
-from .progress import progress_bar
+from .progress import ProgressFn, progress_bar
 
 T = TypeVar("T")
 
 _REMEMBERED_RESULTS = 48
-"""How many computed results (scores, rankings, embeddings) the process keeps in memory."""
+"""How many computed results (score blocks, rankings, embeddings) the process keeps in memory."""
+
+_REMEMBERED_BLOCKS = 16
+"""How many of those may be blocks of scores (each QUERY_BLOCK × training set floats, ~8 MB for 60,000 examples)."""
+
+QUERY_BLOCK = 32
+"""Test samples scored together: block b holds test indices [b × QUERY_BLOCK, (b + 1) × QUERY_BLOCK).
+
+Asking for one test sample scores its whole block (the neighbours come almost free: replay
+carries up to 32 queries backward in one replay, influence streams the training set once per
+block), and the block's scores are stored by the core under the block's indices, so any sample
+of a block visited before opens at once.
+"""
+
+SCORES = "scores"
+"""The first element of the store keys of score blocks."""
 
 
 def call_or_report(call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
@@ -139,8 +159,18 @@ def remembered(key: tuple, compute: Callable[[], T]) -> T:
             results.values[key] = value
             while len(results.values) > _REMEMBERED_RESULTS:
                 results.values.popitem(last=False)
+            blocks = [stored for stored in results.values if stored[:1] == (SCORES,)]
+            for stored in blocks[: max(0, len(blocks) - _REMEMBERED_BLOCKS)]:  # oldest first
+                del results.values[stored]
             results.key_locks.pop(key, None)
     return value
+
+
+def is_remembered(key: tuple) -> bool:
+    """Whether the process holds a result under this key (without marking it used)."""
+    results = _results()
+    with results.lock:
+        return key in results.values
 
 
 def run_key(run: Run) -> tuple[str, str, str]:
@@ -195,11 +225,95 @@ def default_checkpoint_range(run: Run, method: str) -> tuple[int, int]:
     return chosen[0], chosen[-1]
 
 
-def scores(run: Run, method: str, checkpoints: tuple[int, ...]) -> Scores:
-    """Scores of every test sample under a method and checkpoints, with a progress bar on a miss."""
+def query_block(query: int, n_test: int) -> tuple[int, ...]:
+    """The block of test indices scored together with `query` (see QUERY_BLOCK), cut at the end of the test set."""
+    start = query // QUERY_BLOCK * QUERY_BLOCK
+    return tuple(range(start, min(start + QUERY_BLOCK, n_test)))
+
+
+def blocks_covering(n_queries: int, n_test: int) -> list[tuple[int, ...]]:
+    """The blocks that hold the first n_queries test samples (the last one may reach past them)."""
+    return [query_block(start, n_test) for start in range(0, min(n_queries, n_test), QUERY_BLOCK)]
+
+
+def _block_key(run: Run, method: str, checkpoints: tuple[int, ...], block: tuple[int, ...]) -> tuple:
+    return (SCORES, *run_key(run), method, tuple(checkpoints), tuple(block))
+
+
+def block_scores(run: Run, method: str, checkpoints: tuple[int, ...], block: tuple[int, ...]) -> Scores:
+    """Scores of one block of test samples under a method and checkpoints, with a progress bar on a miss.
+
+    The core stores them on disk under the block's indices, so a miss here is a load from disk
+    when the block was computed before (in this process or another).
+    """
 
     def compute() -> Scores:
-        with progress_bar(f"{method_label(method)}: scoring the test set against the training set") as progress:
-            return attribute(run, method, queries=None, checkpoints=list(checkpoints), progress=progress)
+        label = f"{method_label(method)}: scoring test samples {block[0]}–{block[-1]} against the training set"
+        with progress_bar(label, show_time=True) as progress:
+            return attribute(run, method, queries=list(block), checkpoints=list(checkpoints), progress=progress)
 
-    return remembered(("scores", *run_key(run), method, tuple(checkpoints)), compute)
+    return remembered(_block_key(run, method, checkpoints, block), compute)
+
+
+def block_is_stored(run: Run, method: str, checkpoints: tuple[int, ...], block: tuple[int, ...]) -> bool:
+    """Whether a block's scores exist already (in this process, or on disk), so that showing them computes nothing.
+
+    The disk check rebuilds the keys api.attribute stores under (the method's default settings,
+    the default task, the block's indices): keep it in step with api.attribute.
+    """
+    if is_remembered(_block_key(run, method, checkpoints, block)):
+        return True
+    state = state_artifact(run, METHODS[method](), list(checkpoints), Task())
+    return state.is_complete() and run.artifact("scores", state=state.directory.name, queries=list(block)).is_complete()
+
+
+def rows_of(scores_: Scores, queries: list[int]) -> Scores:
+    """The rows of these test indices (each must be among the scores' queries), in that order."""
+    position = {int(index): row for row, index in enumerate(scores_.query_indices)}
+    rows = [position[int(query)] for query in queries]
+    return dataclasses.replace(
+        scores_, values=scores_.values[rows], query_labels=scores_.query_labels[rows],
+        query_names=[scores_.query_names[row] for row in rows], query_indices=scores_.query_indices[rows],
+        segment_values=None if scores_.segment_values is None else scores_.segment_values[:, rows],
+    )
+
+
+def stacked(parts: list[Scores]) -> Scores:
+    """Scores of several blocks of one method as one Scores, queries in the blocks' order."""
+    first = parts[0]
+    return dataclasses.replace(
+        first, values=np.concatenate([part.values for part in parts]),
+        query_labels=np.concatenate([part.query_labels for part in parts]),
+        query_names=[name for part in parts for name in part.query_names],
+        query_indices=np.concatenate([part.query_indices for part in parts]),
+        segment_values=None if first.segment_values is None else np.concatenate([part.segment_values for part in parts], axis=1),
+        seconds=sum(part.seconds for part in parts),
+    )
+
+
+def query_scores(run: Run, method: str, checkpoints: tuple[int, ...], query: int) -> Scores:
+    """Scores of one test sample (one row), computed with its block (see QUERY_BLOCK) on a miss."""
+    _, test_set = run.datasets()
+    return rows_of(block_scores(run, method, checkpoints, query_block(query, len(test_set))), [query])
+
+
+def first_queries_scores(run: Run, method: str, checkpoints: tuple[int, ...], n_queries: int, *,
+                         progress: ProgressFn | None = None) -> Scores:
+    """Scores of the first n_queries test samples, block by block (each computed with its progress bar on a miss).
+
+    progress(blocks done, blocks) after each block, for a bar over the whole job.
+    """
+    _, test_set = run.datasets()
+    blocks = blocks_covering(n_queries, len(test_set))
+    parts = []
+    for done, block in enumerate(blocks, start=1):
+        parts.append(block_scores(run, method, checkpoints, block))
+        if progress is not None:
+            progress(done, len(blocks))
+    return rows_of(stacked(parts), list(range(min(n_queries, len(test_set)))))
+
+
+def first_queries_stored(run: Run, method: str, checkpoints: tuple[int, ...], n_queries: int) -> bool:
+    """Whether first_queries_scores would compute nothing (every block it needs exists already)."""
+    _, test_set = run.datasets()
+    return all(block_is_stored(run, method, checkpoints, block) for block in blocks_covering(n_queries, len(test_set)))

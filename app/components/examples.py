@@ -43,6 +43,12 @@ def train_item(train_set: Dataset, index: int, score: float | None, flag: Flag |
     return GridItem(int(index), train_set.images[index], caption)
 
 
+def score_legend(method_label: str, class_label: str) -> str:
+    """What the scores under a grid of training examples mean: their unit and their sign (the core's one convention)."""
+    return (f"Scores: {method_label}'s estimate of the change in the margin of *{class_label}* (its log-odds) from training on "
+            f"the example; positive = raised the margin of *{class_label}*, negative = lowered it.")
+
+
 def train_items(train_set: Dataset, indices: np.ndarray, values: np.ndarray | None, flags: dict) -> list[GridItem]:
     """Grid cells for training examples (indices, and their scores or None) with their flags by example id."""
     return [

@@ -1,4 +1,10 @@
-"""Image grids: dataset images enlarged with sharp pixels, a caption and a button per cell."""
+"""Image grids: dataset images enlarged with sharp pixels, a caption and a button per cell.
+
+A cell of a dense grid is 50 to 120 pixels wide between 1280 and 1920 pixels of window, too
+narrow for a word on a button: a cell's button shows an icon, its label is there for screen
+readers only (main.py's GRID_CSS hides it from view), and "label #index" is its tooltip. Captions
+wrap between words only (GRID_CSS too).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -35,12 +41,20 @@ def current_page(n_items: int, per_page: int, *, key: str, max_visible_pages: in
     return range((page - 1) * per_page, min(page * per_page, n_items))
 
 
+GRID_KEY_PREFIX = "grid_"
+"""Every grid is drawn in a container keyed `grid_<key>` (main.py's GRID_CSS styles what is inside)."""
+
+OPEN_ICON = ":material/open_in_full:"
+"""The cell button's icon when the caller names none: open this example."""
+
+
 def image_grid(
     items: Sequence[GridItem],
     *,
     columns: int,
     key: str,
     button_label: str | None = None,
+    button_icon: str = OPEN_ICON,
     on_click: Callable[[int], None] | None = None,
     selected: int | None = None,
     image_size: int = 112,
@@ -48,22 +62,26 @@ def image_grid(
 ) -> int | None:
     """Draw items in rows of `columns` cells; returns the index whose button was pressed, if any.
 
-    With button_label, each cell gets a button (keyed `{key}_{index}`); `on_click(index)` runs as
-    its callback, before the next run of the page. The `selected` item's button is highlighted.
+    With button_label, each cell gets a button (keyed `{key}_{index}`) that shows `button_icon`
+    (the label is its accessible name) and has "{button_label} #{index}" as its tooltip;
+    `on_click(index)` runs as its callback, before the next run of the page. The `selected`
+    item's button is highlighted. (A button with a tooltip is drawn twice, once hidden: a
+    browser test finds it as `.st-key-<key>_<index> button:visible`.)
     """
     pressed = None
-    for start in range(0, len(items), columns):
-        cells = st.columns(columns, gap="small")
-        for cell, item in zip(cells, items[start : start + columns]):
-            with cell.container(border=bordered, gap="xsmall"):
-                st.image(enlarged(item.image, image_size), width="stretch")
-                st.caption(item.caption)
-                if button_label is not None:
-                    clicked = st.button(
-                        button_label, key=f"{key}_{item.index}", width="stretch",
-                        type="primary" if item.index == selected else "secondary",
-                        on_click=on_click, args=(item.index,) if on_click else None,
-                    )
-                    if clicked:
-                        pressed = item.index
+    with st.container(key=f"{GRID_KEY_PREFIX}{key}", gap="small"):
+        for start in range(0, len(items), columns):
+            cells = st.columns(columns, gap="small")
+            for cell, item in zip(cells, items[start : start + columns]):
+                with cell.container(border=bordered, gap="xsmall"):
+                    st.image(enlarged(item.image, image_size), width="stretch")
+                    st.caption(item.caption)
+                    if button_label is not None:
+                        clicked = st.button(
+                            button_label, icon=button_icon, help=f"{button_label} #{item.index}", key=f"{key}_{item.index}",
+                            width="stretch", type="primary" if item.index == selected else "secondary",
+                            on_click=on_click, args=(item.index,) if on_click else None,
+                        )
+                        if clicked:
+                            pressed = item.index
     return pressed

@@ -1,4 +1,4 @@
-"""How Explore, Compare and Map begin: the current run with its data and test predictions, and the chosen method's scores."""
+"""How Explore, Compare and Map begin: the current run with its data and test predictions, and the chosen method's scores of the query."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from attribution_core.data import Dataset
 from attribution_core.run import Run
 from attribution_core.scores import Scores
 
-from .core_calls import call_or_report, require_run, scores, test_predictions
+from .core_calls import call_or_report, query_scores, require_run, test_predictions
 from .methods import checkpoint_range, method_selectbox
 
 
@@ -26,7 +26,7 @@ class Prelude:
 
 @dataclass(frozen=True)
 class Attribution:
-    """The chosen method, the checkpoints it uses, and its scores of the whole test set."""
+    """The chosen method, the checkpoints it uses, and its scores of the chosen test sample (one row, computed with its block)."""
 
     method: str
     checkpoints: tuple[int, ...]
@@ -47,14 +47,16 @@ def page_prelude(title: str) -> Prelude:
     return Prelude(run, train_set, test_set, predictions)
 
 
-def chosen_attribution(run: Run, method_container, checkpoint_container) -> Attribution:
-    """The method selector and checkpoint range (drawn in the given containers) and the scores they give.
+def chosen_attribution(run: Run, query: int, method_container, checkpoint_container) -> Attribution:
+    """The method selector and checkpoint range (drawn in the given containers) and the scores they give test sample `query`.
 
-    Stops the page after showing the error when the scores cannot be computed (e.g. a missing checkpoint).
+    Only the query's block of test samples is scored (core_calls.QUERY_BLOCK), and only when
+    neither this process nor the workspace holds it yet. Stops the page after showing the error
+    when the scores cannot be computed (e.g. a missing checkpoint).
     """
     method = method_selectbox(run, method_container)
     checkpoints = checkpoint_range(run, method, checkpoint_container)
-    method_scores = call_or_report(scores, run, method, checkpoints)
+    method_scores = call_or_report(query_scores, run, method, checkpoints, query)
     if method_scores is None:
         st.stop()
     return Attribution(method, checkpoints, method_scores)

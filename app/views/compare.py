@@ -9,8 +9,17 @@ import streamlit as st
 
 from app.components import charts
 from app.components.agreement import agreement_sentence
-from app.components.core_calls import annotations, call_or_report, method_choices, method_label, scores
-from app.components.examples import train_items
+from app.components.core_calls import (
+    annotations,
+    call_or_report,
+    first_queries_scores,
+    first_queries_stored,
+    method_choices,
+    method_label,
+    query_scores,
+    unsupported_methods,
+)
+from app.components.examples import class_name, score_legend, train_items
 from app.components.images import image_grid
 from app.components.methods import checkpoint_label
 from app.components.page import page_prelude
@@ -18,6 +27,7 @@ from app.components.progress import progress_bar
 from app.components.queries import query_card, query_selectbox
 from attribution_core.api import METHODS, default_checkpoints
 from attribution_core.evaluation.lds import (
+    MODES,
     LdsSettings,
     groundtruth,
     groundtruth_status,
@@ -25,9 +35,22 @@ from attribution_core.evaluation.lds import (
     load_groundtruth,
     stored_groundtruth_settings,
 )
+from attribution_core.replay import why_not_replayable
 from attribution_core.run import Run
+from attribution_core.scores import Scores
 
-DEFAULT_SUBSETS = 50
+LDS_QUERIES = 100
+"""The LDS section covers the first this many test samples: the whole test set is a job for the command line (`tdx lds`)."""
+
+MODE_NAMES = {"reshuffled": "reshuffled", "order_keeping": "order-keeping"}
+"""How the page names each ground-truth mode."""
+
+NEW_GROUND_TRUTH = {"reshuffled": LdsSettings(n_subsets=50), "order_keeping": LdsSettings(n_subsets=20, alpha=0.95, mode="order_keeping")}
+"""What the controls open with in a mode the run stores no ground truth of (order-keeping: small, 5 % of the examples removed)."""
+
+MODE_KEY, SUBSETS_KEY, ALPHA_KEY = "lds_mode", "lds_subsets", "lds_alpha"
+PRESET_KEY = "lds_preset_for"
+"""Session state: the (run, mode) the subset and share controls were last preset for."""
 
 
 def default_methods(choices: list[str]) -> list[str]:
@@ -39,18 +62,18 @@ def default_methods(choices: list[str]) -> list[str]:
     return [name for name in choices if METHODS[name].self_influence_at_fit][:2]
 
 
-def method_scores(run: Run, methods: list[str]) -> dict:
-    """Each method's scores of the whole test set at its default checkpoints (methods that fail are left out)."""
+def method_scores(run: Run, methods: list[str], query: int) -> dict[str, Scores]:
+    """Each method's scores of the query (one row; its block is scored on a miss) at its default checkpoints; failures left out."""
     computed = {}
     for method in methods:
-        result = call_or_report(scores, run, method, tuple(default_checkpoints(run, method)))
+        result = call_or_report(query_scores, run, method, tuple(default_checkpoints(run, method)), query)
         if result is not None:
             computed[method] = result
     return computed
 
 
-def render_method_rows(run: Run, computed: dict, query: int, k: int) -> None:
-    """One row per method: its top-k proponents of the query."""
+def render_method_rows(run: Run, computed: dict[str, Scores], k: int) -> None:
+    """One row per method: its top-k proponents of the query, with what the scores mean."""
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
     for method, method_result in computed.items():
@@ -58,69 +81,170 @@ def render_method_rows(run: Run, computed: dict, query: int, k: int) -> None:
         span = checkpoint_label(run, first) if first == last else f"{checkpoint_label(run, first)} to {checkpoint_label(run, last)}"
         with st.container(border=True):
             st.markdown(f"**{method_label(method)}** · top {k} proponents · {span}")
-            indices, values = method_result.top_proponents(query, k)
+            st.caption(score_legend(method_label(method), class_name(train_set, int(method_result.query_labels[0]))))
+            indices, values = method_result.top_proponents(0, k)
             image_grid(train_items(train_set, indices, values, flags), columns=k, key=f"compare_{method}", image_size=64,
                        bordered=False)
 
 
-def render_agreement(computed: dict, query: int, k: int) -> None:
-    """Top-k overlap and rank correlation of every pair of methods, in words."""
+def render_agreement(computed: dict[str, Scores], k: int) -> None:
+    """Top-k overlap and rank correlation of every pair of methods on the query, in words."""
     for first, second in itertools.combinations(computed, 2):
         st.markdown("- " + agreement_sentence(method_label(first), method_label(second),
-                                              computed[first].values[query], computed[second].values[query], k))
+                                              computed[first].values[0], computed[second].values[0], k))
 
 
-def lds_settings_controls(run: Run) -> LdsSettings:
-    """The ground truth's settings, preset to one already stored for the run."""
+def mode_question(settings: LdsSettings) -> str:
+    """The question a ground truth asks, in one sentence."""
+    if settings.mode == "order_keeping":
+        return (f"Order-keeping: the same batches with {1 - settings.alpha:.0%} of the examples weighted 0 — "
+                "what replay differentiates.")
+    kept = "random halves" if settings.alpha == 0.5 else f"random subsets of {settings.alpha:.0%}"
+    return f"Reshuffled: retrain from scratch on {kept} of the training set."
+
+
+def describe(settings: LdsSettings) -> str:
+    """'reshuffled, 50 subsets of 50 %' (with the seed and seeds per subset where they are not the defaults)."""
+    extras = ([f"seed {settings.seed}"] if settings.seed else []) + (
+        [f"{settings.seeds_per_subset} seeds per subset"] if settings.seeds_per_subset > 1 else [])
+    return f"{MODE_NAMES[settings.mode]}, {settings.n_subsets} subsets of {settings.alpha:.0%}" + "".join(f", {extra}" for extra in extras)
+
+
+def preset_controls(run: Run, stored: list[LdsSettings]) -> None:
+    """Give the mode, subsets and share controls their values before they draw: kept, unless the run or the mode changed."""
+    state = st.session_state
+    if state.get(PRESET_KEY, (None,))[0] != run.run_id or state.get(MODE_KEY) not in MODES:
+        state[MODE_KEY] = stored[0].mode if stored else MODES[0]
+
+
+def preset_sizes(run: Run, stored: list[LdsSettings], mode: str) -> LdsSettings:
+    """The ground truth the mode opens with (the run's first stored one of that mode, else NEW_GROUND_TRUTH); presets the size controls."""
+    preset = next((settings for settings in stored if settings.mode == mode), NEW_GROUND_TRUTH[mode])
+    state = st.session_state
+    if state.get(PRESET_KEY) != (run.run_id, mode) or SUBSETS_KEY not in state or ALPHA_KEY not in state:
+        state[SUBSETS_KEY], state[ALPHA_KEY], state[PRESET_KEY] = preset.n_subsets, float(preset.alpha), (run.run_id, mode)
+    return preset
+
+
+def lds_settings_controls(run: Run) -> LdsSettings | None:
+    """The ground truth's mode and size, preset to one stored for the run; None when the mode cannot be computed for it."""
     stored = stored_groundtruth_settings(run)
-    preset = stored[0] if stored else LdsSettings(n_subsets=DEFAULT_SUBSETS)
-    left, right = st.columns(2)
-    n_subsets = left.number_input("Random subsets (retrained models)", 2, 1000, preset.n_subsets, key="lds_subsets")
-    alpha = right.slider("Share of the training set each subset keeps", 0.1, 0.9, float(preset.alpha), 0.05, key="lds_alpha")
-    return LdsSettings(n_subsets=int(n_subsets), alpha=float(alpha), seed=preset.seed, seeds_per_subset=preset.seeds_per_subset)
+    st.markdown("**Stored ground truths of this run:** " + ("; ".join(describe(settings) for settings in stored) if stored else "none yet."))
+    preset_controls(run, stored)
+    mode_column, subsets_column, alpha_column = st.columns([1.2, 1, 1], vertical_alignment="bottom")
+    mode = mode_column.segmented_control(
+        "Ground truth", MODES, format_func=MODE_NAMES.get, key=MODE_KEY, required=True,
+        help="Reshuffled: each subset retrained from scratch by the recipe, its batches drawn anew (the classic LDS). "
+             "Order-keeping: the recorded run replayed in its own batch order with the removed examples weighted 0, "
+             "the question replay answers exactly.")
+    preset = preset_sizes(run, stored, mode)
+    n_subsets = subsets_column.number_input("Random subsets (retrained models)", 2, 1000, key=SUBSETS_KEY)
+    alpha = alpha_column.slider("Share kept per subset", 0.05, 0.95, step=0.05, key=ALPHA_KEY,
+                                help="The fraction of the training set each random subset keeps.")
+    settings = LdsSettings(n_subsets=int(n_subsets), alpha=round(float(alpha), 6), seed=preset.seed,
+                           seeds_per_subset=preset.seeds_per_subset if mode == "reshuffled" else 1, mode=mode)
+    st.caption(mode_question(settings))
+    reason = why_not_replayable(run) if mode == "order_keeping" else None
+    if reason is not None:
+        st.info(f"An order-keeping ground truth replays the recorded run, and this run cannot be replayed: {reason}.")
+        return None
+    return settings
 
 
 def render_groundtruth_job(run: Run, settings: LdsSettings) -> None:
     """Progress of the ground truth so far, and a button that computes (or resumes) it."""
     done, total = groundtruth_status(run, settings)
-    st.info(f"LDS needs the ground truth: {total} models retrained on random subsets. {done} of {total} exist"
-            + (" (computing resumes from there)." if done else "."))
+    models = ("models retrained on random subsets" if settings.mode == "reshuffled" else
+              f"replays of the recorded run, each with a random {1 - settings.alpha:.0%} of the examples weighted 0")
+    st.info(f"LDS needs the ground truth: {total} {models}. {done} of {total} exist" + (" (computing resumes from there)." if done else "."))
     if st.button(f"Compute the ground truth ({total - done} retrainings)", icon=":material/model_training:", key="lds_compute"):
-        with progress_bar("Retraining on random subsets") as progress:
+        with progress_bar("Retraining on random subsets" if settings.mode == "reshuffled" else "Replaying with examples removed") as progress:
             truth = call_or_report(groundtruth, run, settings, progress=progress)
         if truth is not None:
             st.rerun()
 
 
-def render_lds(run: Run, computed: dict, query: int) -> None:
-    """LDS of each method with its standard error, and the scatter of the chosen test sample."""
+def lds_scores(run: Run, methods: list[str], n_queries: int) -> dict[str, Scores]:
+    """Each method's scores of the first n_queries test samples where they exist already, or after the button that scores the rest."""
+    checkpoints = {method: tuple(default_checkpoints(run, method)) for method in methods}
+    ready = {method for method in methods if call_or_report(first_queries_stored, run, method, checkpoints[method], n_queries)}
+    missing = [method for method in methods if method not in ready]
+    if missing:
+        names = ", ".join(method_label(method) for method in missing)
+        st.info(f"The LDS needs the scores of the first {n_queries} test samples, and {names} "
+                f"{'has' if len(missing) == 1 else 'have'} not scored them all yet: the page computes them on request only.")
+        if st.button(f"Score the first {n_queries} test samples with {names}", icon=":material/calculate:", key="lds_score"):
+            failed = False
+            with progress_bar(f"Scoring the first {n_queries} test samples") as overall:
+                for number, method in enumerate(missing):
+                    def progress(done: int, total: int, number: int = number) -> None:
+                        overall(number * total + done, len(missing) * total)
+                    failed |= call_or_report(first_queries_scores, run, method, checkpoints[method], n_queries, progress=progress) is None
+            if not failed:  # otherwise the errors stay on the page, and the button for another try
+                st.rerun()  # redrawn without the button: the scores are stored now
+    computed = {method: call_or_report(first_queries_scores, run, method, checkpoints[method], n_queries)
+                for method in methods if method in ready}
+    return {method: scores_ for method, scores_ in computed.items() if scores_ is not None}
+
+
+def render_lds(run: Run, methods: list[str], query: int) -> None:
+    """LDS of each method with its standard error, and the scatter of the chosen test sample, over the first test samples."""
     st.subheader("Linear datamodeling score")
+    st.caption("How well a method's scores predict retraining: per test sample, the Spearman correlation over the subsets of "
+               "the summed scores of the examples each subset keeps against the margin the model trained on it measures.")
     settings = lds_settings_controls(run)
+    if settings is None:
+        return
     truth = call_or_report(load_groundtruth, run, settings)
     if truth is None:
         render_groundtruth_job(run, settings)
         return
+    _, test_set = run.datasets()
+    n_queries = min(LDS_QUERIES, len(test_set))
+    if n_queries < len(test_set):
+        st.caption(f"Over the first {n_queries} of the {len(test_set):,} test samples. The whole test set is a job for the "
+                   f"command line: `tdx lds {run.run_id} --methods {','.join(methods)} --subsets {settings.n_subsets} "
+                   f"--alpha {settings.alpha:g} --mode {settings.mode}`.")
+    computed = lds_scores(run, methods, n_queries)
     results = {method: call_or_report(lds, method_result, truth) for method, method_result in computed.items()}
     results = {method: result for method, result in results.items() if result is not None}
     if not results:
         return
     labels = [method_label(method) for method in results]
+    question = mode_question(settings)
+    covered = query < n_queries
     left, right = st.columns(2, gap="large")
     with left:
-        st.markdown(f"**Mean over the test set** ({settings.n_subsets} subsets of {settings.alpha:.0%})")
+        over = f"the first {n_queries} test samples" if n_queries < len(test_set) else "the test set"
+        st.markdown(f"**Mean over {over}** ({describe(settings)})")
+        st.caption(question)
         st.plotly_chart(charts.lds_bars(labels, [r.mean for r in results.values()], [r.stderr for r in results.values()]), key="lds_bars")
     series, rows = {}, []
     for method, result in results.items():
-        row = int(np.flatnonzero(result.query_indices == query)[0])
-        correlation = result.per_query[row]
-        series[f"{method_label(method)} (ρ = {correlation:.2f})"] = (result.predicted[row], result.actual[row])
-        rows.append({"method": method_label(method), "LDS": result.mean, "± s.e.": result.stderr,
-                     f"test {query}": correlation, "queries": result.n_valid})
+        row = {"method": method_label(method), "LDS": result.mean, "± s.e.": result.stderr, "queries": result.n_valid}
+        if covered:
+            position = int(np.flatnonzero(result.query_indices == query)[0])
+            correlation = result.per_query[position]
+            series[f"{method_label(method)} (ρ = {correlation:.2f})"] = (result.predicted[position], result.actual[position])
+            row[f"test {query}"] = correlation
+        rows.append(row)
     with right:
-        st.markdown(f"**Test {query}: predicted effect against the retrained margin**")
-        st.plotly_chart(charts.lds_scatter(series), key="lds_scatter")
+        if covered:
+            st.markdown(f"**Test {query}: predicted effect against the retrained margin**")
+            st.caption(question)
+            st.plotly_chart(charts.lds_scatter(series), key="lds_scatter")
+        else:
+            st.caption(f"Test {query} is not among the first {n_queries} test samples the LDS covers: choose one of them to see "
+                       "its predicted effects against the retrained margins.")
     st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
         column: st.column_config.NumberColumn(format="%.3f") for column in ("LDS", "± s.e.", f"test {query}")})
+
+
+def methods_help(run: Run) -> str:
+    """The method selector's help: the checkpoints used, and why the methods not offered are missing."""
+    unsupported = unsupported_methods(run)
+    missing = f" Not offered for this run: {'; '.join(unsupported.values())}." if unsupported else ""
+    return "Each method at its default checkpoints." + missing
 
 
 def render() -> None:
@@ -132,17 +256,17 @@ def render() -> None:
     query = query_selectbox(test_set, predictions, controls[0])
     methods = controls[1].multiselect(
         "Methods (two to four)", choices, default=default_methods(choices), max_selections=4, format_func=method_label,
-        key="compare_methods", help="Each method at its default checkpoints.")
+        key="compare_methods", help=methods_help(run))
     k = controls[2].slider("Top k", 5, 15, 10, key="compare_k")
     with st.columns([1, 2])[0]:
         query_card(test_set, predictions, query, size=120)
     if len(methods) < 2:
         st.info("Choose at least two methods to compare.")
         return
-    computed = method_scores(run, methods)
-    render_method_rows(run, computed, query, k)
+    computed = method_scores(run, methods, query)
+    render_method_rows(run, computed, k)
     st.subheader("Agreement")
-    render_agreement(computed, query, k)
-    render_lds(run, computed, query)
+    render_agreement(computed, k)
+    render_lds(run, list(computed), query)
 
 render()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from app.components import charts
 from app.components.core_calls import annotations, call_or_report, method_label, predict, remembered, run_key
-from app.components.examples import class_name, flipped_from, train_items
+from app.components.examples import class_name, flipped_from, score_legend, train_items
 from app.components.flagging import flag_controls
 from app.components.images import current_page, enlarged, image_grid
 from app.components.methods import segment_labels, segment_range, segmented_methods
@@ -34,7 +34,7 @@ REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
 def filtered_queries(test_set, predictions: pd.DataFrame) -> list[int]:
     """Test indices that pass the picker's filters, mispredictions first."""
     classes = list(range(len(test_set.class_names)))
-    columns = st.columns([1.3, 2, 2, 2], vertical_alignment="bottom")
+    columns = st.columns([1.7, 1.8, 1.8, 2], vertical_alignment="bottom")
     wrong_only = columns[0].toggle("Mispredictions only", key="filter_wrong")
     true_classes = columns[1].multiselect("True class", classes, format_func=lambda c: class_name(test_set, c),
                                           key="filter_true", placeholder="any")
@@ -62,8 +62,8 @@ def render_picker(test_set, predictions: pd.DataFrame, selected: int) -> None:
             return
         shown = current_page(len(candidates), PICKER_COLUMNS * PICKER_ROWS, key="picker_page", max_visible_pages=9)
         image_grid([query_grid_item(test_set, predictions, candidates[position]) for position in shown],
-                   columns=PICKER_COLUMNS, key="pick",
-                   button_label="Explain", on_click=select_query, selected=selected, image_size=84, bordered=False)
+                   columns=PICKER_COLUMNS, key="pick", button_label="Explain", button_icon=":material/manage_search:",
+                   on_click=select_query, selected=selected, image_size=84, bordered=False)
 
 
 def close_inspector() -> None:
@@ -77,10 +77,11 @@ def open_inspector(grid: str, index: int) -> None:
 
 
 @st.dialog("Training example", width="large", on_dismiss=close_inspector)
-def inspector(run: Run, scores_: Scores, query: int, index: int) -> None:
-    """A training example large, with its label, score and rank for the query, and the verdict buttons."""
+def inspector(run: Run, scores_: Scores, row: int, index: int) -> None:
+    """A training example large, with its label, score and rank for the query in row `row` of the scores, and the verdict buttons."""
     train_set, _ = run.datasets()
-    values = scores_.values[query]
+    values = scores_.values[row]
+    label = class_name(train_set, int(scores_.query_labels[row]))
     rank = int((values > values[index]).sum()) + 1
     left, right = st.columns([1, 1.6], gap="large")
     left.image(enlarged(train_set.images[index], 260))
@@ -90,8 +91,8 @@ def inspector(run: Run, scores_: Scores, query: int, index: int) -> None:
         original = flipped_from(train_set, index)
         if original is not None:
             st.warning(f"This label was flipped on purpose; the true class is {class_name(train_set, original)}.")
-        st.markdown(f"**Score for {scores_.query_names[query]}** {values[index]:+.4g} "
-                    f"(rank {rank} of {len(values)}; positive = proponent)")
+        st.markdown(f"**Score for {scores_.query_names[row]}** {values[index]:+.4g} "
+                    f"(rank {rank} of {len(values)}; positive = raised the margin of *{label}*)")
         if scores_.self_influence is not None:
             st.markdown(f"**Self-influence** {scores_.self_influence[index]:.4g}")
     if flag_controls(run.run_id, train_set, index, key=f"inspect_{index}") is not None:
@@ -99,35 +100,37 @@ def inspector(run: Run, scores_: Scores, query: int, index: int) -> None:
         st.rerun()
 
 
-def render_results(run: Run, query_scores: Scores, query: int, k: int, *, key: str) -> None:
-    """Top proponents and opponents of one query row as image grids with score, label and marks.
+def render_results(run: Run, query_scores: Scores, row: int, k: int, *, key: str) -> None:
+    """Top proponents and opponents of one row of the scores as image grids with score, label and marks.
 
-    A cell's Open button shows that training example in a dialog, where it can be flagged.
+    A cell's open button shows that training example in a dialog, where it can be flagged.
     """
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
-    label = class_name(train_set, int(query_scores.query_labels[query]))
+    label = class_name(train_set, int(query_scores.query_labels[row]))
+    legend = score_legend(method_label(query_scores.method), label)
     for side, title, (indices, values) in (
-        ("proponents", f"Proponents: training examples that raised the margin of *{label}*", query_scores.top_proponents(query, k)),
-        ("opponents", "Opponents: training examples that lowered it", query_scores.top_opponents(query, k)),
+        ("proponents", f"Proponents: training examples that raised the margin of *{label}*", query_scores.top_proponents(row, k)),
+        ("opponents", "Opponents: training examples that lowered it", query_scores.top_opponents(row, k)),
     ):
         st.markdown(f"#### {title}")
+        st.caption(legend)
         image_grid(train_items(train_set, indices, values, flags), columns=RESULT_COLUMNS, key=f"{key}_{side}",
                    button_label="Open", on_click=lambda index: open_inspector(key, index), bordered=False)
     grid, index = st.session_state.get(INSPECT_KEY, (None, None))
     if grid == key:
-        inspector(run, query_scores, query, index)
+        inspector(run, query_scores, row, index)
 
 
-def render_segments(run: Run, query_scores: Scores, query: int, labels: list[str], k: int) -> None:
+def render_segments(run: Run, query_scores: Scores, row: int, labels: list[str], k: int) -> None:
     """How each training segment contributed to the shown proponents' and opponents' scores (methods with segments)."""
     if not METHODS[query_scores.method].has_segments:
         st.info(f"Only {segmented_methods()} splits its scores by training segment: choose it as the method to see them.")
         return
-    indices = np.concatenate([query_scores.top_proponents(query, k)[0], query_scores.top_opponents(query, k)[0]])
-    contributions = query_scores.segment_values[:, query, indices]
+    indices = np.concatenate([query_scores.top_proponents(row, k)[0], query_scores.top_opponents(row, k)[0]])
+    contributions = query_scores.segment_values[:, row, indices]
     st.plotly_chart(charts.segment_contributions(labels, [f"#{i}" for i in indices], contributions), key="segments_chart")
-    totals = query_scores.segment_values[:, query, :].sum(axis=1)
+    totals = query_scores.segment_values[:, row, :].sum(axis=1)
     st.caption("Sum over all training examples, per segment: " + " · ".join(
         f"{label.split(' · ')[0]} {total:+.3g}" for label, total in zip(labels, totals)))
 
@@ -232,24 +235,24 @@ def render() -> None:
     card_column, range_column = st.columns([1.1, 2], gap="large", vertical_alignment="center")
     with card_column:
         query_card(test_set, predictions, query)
-    chosen = chosen_attribution(run, method_column, range_column)
-    method, checkpoints, all_scores = chosen.method, chosen.checkpoints, chosen.scores
+    chosen = chosen_attribution(run, query, method_column, range_column)
+    method, checkpoints, query_scores = chosen.method, chosen.checkpoints, chosen.scores  # one row: the query's
     labels: list[str] = []
     if METHODS[method].has_segments:
-        labels = segment_labels(run, all_scores.segment_values.shape[0])
+        labels = segment_labels(run, query_scores.segment_values.shape[0])
         chosen_segments = segment_range(method, labels, range_column)
         if len(chosen_segments) < len(labels):
-            all_scores = all_scores.restricted_to_segments(chosen_segments)
+            query_scores = query_scores.restricted_to_segments(chosen_segments)
             labels = [labels[number] for number in chosen_segments]
-    for note in all_scores.notes:
+    for note in query_scores.notes:
         st.caption(f":material/info: {note}")
-    render_results(run, all_scores, query, k, key="results")
+    render_results(run, query_scores, 0, k, key="results")
     counterfactual_tab, segments_tab, upload_tab = st.tabs(
         ["Counterfactual check", f"Segments ({segmented_methods()})", "Query your own image"])
     with counterfactual_tab:
         render_counterfactual(run, query, method, checkpoints)
     with segments_tab:
-        render_segments(run, all_scores, query, labels, k)
+        render_segments(run, query_scores, 0, labels, k)
     with upload_tab:
         render_upload(run, method, checkpoints, k)
 

@@ -5,9 +5,9 @@ import numpy as np
 import streamlit as st
 
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
-from app.components.core_calls import annotations, call_or_report
+from app.components.core_calls import annotations, call_or_report, method_label
 from app.components.embedding import Embedding, embedding
-from app.components.examples import FLAG_COLOURS, class_name, train_items
+from app.components.examples import FLAG_COLOURS, class_name, score_legend, train_items
 from app.components.images import image_grid
 from app.components.methods import checkpoint_label
 from app.components.page import chosen_attribution, page_prelude
@@ -78,8 +78,8 @@ def selected_examples(event) -> tuple[list[int], list[int]]:
     return train, test
 
 
-def render_selection(run: Run, event, values: np.ndarray | None) -> None:
-    """The selected training examples as a grid (with their score on the query when coloured by influence)."""
+def render_selection(run: Run, event, values: np.ndarray | None, legend: str | None) -> None:
+    """The selected training examples as a grid (with their score on the query and its legend when coloured by influence)."""
     train, test = selected_examples(event)
     if not train and not test:
         st.caption("Draw a box or lasso on the map to see the examples inside it.")
@@ -87,6 +87,8 @@ def render_selection(run: Run, event, values: np.ndarray | None) -> None:
     train_set, _ = run.datasets()
     st.markdown(f"**Selection:** {len(train)} training examples, {len(test)} test samples"
                 + (f" (showing the first {MAX_SELECTION_SHOWN})" if len(train) > MAX_SELECTION_SHOWN else ""))
+    if legend is not None:
+        st.caption(legend)
     shown = np.array(train[:MAX_SELECTION_SHOWN], dtype=int)
     image_grid(train_items(train_set, shown, None if values is None else values[shown], annotations().flags(run.run_id)),
                columns=10, key="map_selection", image_size=72, bordered=False)
@@ -103,11 +105,13 @@ def render() -> None:
     checkpoint = controls[1].selectbox("Features of checkpoint", range(len(run.checkpoints)), index=len(run.checkpoints) - 1,
                                        format_func=lambda index: checkpoint_label(run, index), key="map_checkpoint")
     show_test = controls[2].toggle("Show test samples", value=True, key="map_show_test", disabled=colouring != "label")
-    values, query = None, None
+    values, query, legend = None, None, None
     if colouring == "influence on a test sample":
         row = st.columns([1.5, 1, 1.5])
         query = query_selectbox(test_set, predictions, row[0])
-        values = chosen_attribution(run, row[1], row[2]).scores.values[query]
+        chosen = chosen_attribution(run, query, row[1], row[2])  # the query's scores only (one row)
+        values = chosen.scores.values[0]
+        legend = score_legend(method_label(chosen.method), class_name(test_set, int(chosen.scores.query_labels[0])))
     layout = call_or_report(embedding, run, checkpoint)
     if layout is None:
         return
@@ -124,10 +128,12 @@ def render() -> None:
     with side_column:
         if query is not None:
             query_card(test_set, predictions, query, size=120)
+        if legend is not None:
+            st.caption(f"Colour: blue = proponents, red = opponents. {legend}")
         st.caption(f"UMAP of the inputs of the last linear layer at {checkpoint_label(run, checkpoint)}: "
                    f"{len(train_set)} training examples (circles) and {len(test_set)} test samples (diamonds). "
                    "Nearby points look alike to the model.")
-    render_selection(run, event, values)
+    render_selection(run, event, values, legend)
 
 
 render()

@@ -65,7 +65,7 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
     print(f"\nExplore opened on a fresh server, scores computed, in {time.monotonic() - started:.1f} s")
 
     misprediction = keys(page, "pick_")[1]  # mispredictions come first in the picker
-    page.locator(f".st-key-{misprediction} button").click()
+    page.locator(f".st-key-{misprediction} button:visible").click()  # a button with a tooltip is drawn twice, once hidden
     query = misprediction.removeprefix("pick_")
     page.wait_for_url(f"**query={query}**", timeout=TIMEOUT_MS)
     settle(page)
@@ -75,7 +75,7 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
     assert page.locator("[data-testid=stImage] img").count() >= 12 + 20, "picker, proponents and opponents images"
 
     flagged = proponents[0]
-    page.locator(f".st-key-{flagged} button").click()
+    page.locator(f".st-key-{flagged} button:visible").click()
     dialog = page.get_by_role("dialog")
     index = int(flagged.removeprefix("results_proponents_"))
     dialog.get_by_text(f"Training example #{index}").wait_for(timeout=TIMEOUT_MS)
@@ -110,6 +110,8 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
 
     open_page(page, "Compare")
     page.get_by_text("agree on").first.wait_for(timeout=TIMEOUT_MS)
+    if page.locator(".st-key-lds_score").count():  # the LDS's test samples are scored on request, never on page load
+        page.locator(".st-key-lds_score button").click()
     page.locator(".st-key-lds_scatter .scatterlayer .point").first.wait_for(timeout=TIMEOUT_MS)
     assert page.locator(".st-key-lds_scatter .scatterlayer .point").count() == 2 * 10, "ten subsets, two methods"
     screenshot(page, screenshots / "compare.png")
@@ -140,3 +142,24 @@ def test_map_selection_shows_the_selected_examples(page, app_url, screenshots: P
     page.locator("[data-testid=stImage] img").first.wait_for(timeout=TIMEOUT_MS)
     settle(page)
     screenshot(page, screenshots / "map.png")
+
+
+GRID_BUTTONS = """() => [...document.querySelectorAll('[class*="st-key-grid_"] .stButton button')]
+    .filter(button => button.checkVisibility())
+    .map(button => ({height: button.getBoundingClientRect().height, overflowing: button.scrollWidth > button.clientWidth + 1,
+                     label: button.querySelector('[data-testid=stMarkdownContainer]')?.getBoundingClientRect().width ?? 0}))"""
+"""Every visible button of the page's image grids: its height, whether its content overflows it, the width its label takes."""
+
+
+@pytest.mark.parametrize("width", [1280, 1920])
+def test_grid_buttons_keep_to_one_line_at_common_widths(page, app_url, screenshots: Path, width: int):
+    page.set_viewport_size({"width": width, "height": 1000})
+    for path, name in (("/?run=fmnist-mlp", "explore"), ("/mislabels?run=fmnist-noisy", "mislabels")):
+        page.goto(app_url + path)
+        page.locator('[class*="st-key-grid_"] .stButton button').first.wait_for(timeout=TIMEOUT_MS)
+        settle(page)
+        buttons = page.evaluate(GRID_BUTTONS)
+        assert buttons, f"{name}: the grids have buttons"
+        assert all(button["height"] < 44 and not button["overflowing"] for button in buttons), f"{name} at {width} px: {buttons[:3]}"
+        assert all(button["label"] <= 1 for button in buttons), "icons only: no words to break"
+        screenshot(page, screenshots / f"grids-{name}-{width}.png")

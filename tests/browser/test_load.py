@@ -173,7 +173,7 @@ class Context:
         index = int(key.rsplit("_", 1)[1])
         kind = kind_for(index)
         cell = page.locator(f".st-key-{key}").locator("xpath=..")
-        await page.locator(f".st-key-{key} button").click()
+        await page.locator(f".st-key-{key} button:visible").click()  # a grid button has a tooltip: drawn twice, once hidden
         if target.page == "explore":
             panel = page.get_by_role("dialog")
             await panel.get_by_text(f"Training example #{index}", exact=False).wait_for()
