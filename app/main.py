@@ -34,8 +34,10 @@ GRID_CSS = """<style>
 }
 [class*="st-key-grid_"] [data-testid="stColumn"] [data-testid="stElementContainer"][class*="st-key-"] { margin-top: auto; }
 </style>"""
-"""The few style rules Streamlit has no option for, injected once per page run (no '<' anywhere in it: the
-browser's HTML sanitizer drops a style element whose text holds one)."""
+"""The few style rules Streamlit has no option for, drawn at the foot of the sidebar on every run (no '<' in the
+rules or comments: an HTML sanitizer drops a style element whose text holds one). Drawn as a page element, not
+with st.html's style-only path: that one goes to an event container, and a browser test caught a page drawn
+without it."""
 
 # One script per page. Not named pages/: Streamlit would serve a pages/ folder's scripts without running main.py.
 VIEWS_DIR = Path(__file__).resolve().parent / "views"
@@ -56,9 +58,9 @@ def main() -> None:
     """Set up the page, the sidebar and the navigation, then run the chosen page."""
     st.set_page_config(page_title="tda-explorer", page_icon=":material/manage_search:", layout="wide")
     navigation = st.navigation(pages())
-    st.html(GRID_CSS)
     st.sidebar.caption(f"Workspace `{workspace_root()}`")
     run_picker()
+    st.sidebar.markdown(GRID_CSS, unsafe_allow_html=True)
     navigation.run()
 
 
