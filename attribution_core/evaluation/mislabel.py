@@ -207,10 +207,7 @@ def rank_mislabels(
         raise SettingsError(f"ranking {ranking!r} reads the training record, but {missing}; "
                             f"or rank by the checkpoints instead ({FALLBACK_RANKING}, cleanlab, self-influence)")
     checkpoints, task = ranking_checkpoints(run, ranking, checkpoints), task or Task()
-    # the dynamics rankings' settings are in their key, so that a change to them is not answered by a stale ranking
-    dynamic = {"dynamics": dynamics_settings()} if ranking in DYNAMICS_RANKINGS else {}
-    artifact = run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if ranking == "cleanlab" else None,
-                            task=task.key(), **dynamic)
+    artifact = _ranking_artifact(run, ranking, checkpoints, task, folds)
 
     def compute(stored: Artifact) -> dict[str, float]:
         started = time.perf_counter()
@@ -220,7 +217,25 @@ def rank_mislabels(
             atomic_save_npy(stored.path("suggested.npy"), suggested.astype(np.int64))
         return {"seconds": time.perf_counter() - started}
 
-    artifact.compute_once(compute)
+    return _load_ranking(ranking, artifact.compute_once(compute), checkpoints)
+
+
+def stored_ranking(run: Run, ranking: str, *, checkpoints: list[int] | None = None, task: Task | None = None,
+                   folds: int = 5) -> MislabelRanking | None:
+    """The ranking `rank_mislabels` would return when it is stored already, else None (nothing is computed)."""
+    checkpoints = ranking_checkpoints(run, ranking, checkpoints)
+    artifact = _ranking_artifact(run, ranking, checkpoints, task or Task(), folds)
+    return _load_ranking(ranking, artifact, checkpoints) if artifact.is_complete() else None
+
+
+def _ranking_artifact(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int) -> Artifact:
+    # the dynamics rankings' settings are in their key, so that a change to them is not answered by a stale ranking
+    dynamic = {"dynamics": dynamics_settings()} if ranking in DYNAMICS_RANKINGS else {}
+    return run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if ranking == "cleanlab" else None,
+                        task=task.key(), **dynamic)
+
+
+def _load_ranking(ranking: str, artifact: Artifact, checkpoints: list[int]) -> MislabelRanking:
     suggested = artifact.path("suggested.npy")
     return MislabelRanking(ranking, load_npy(artifact.path("scores.npy")), load_npy(suggested) if suggested.exists() else None,
                            checkpoints, float(artifact.manifest()["seconds"]))
