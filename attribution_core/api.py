@@ -33,7 +33,8 @@ from .task import Task
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
     from typing_extensions import Unpack
 
-__all__ = ["METHODS", "MethodSettings", "Prepared", "QueryBatch", "attribute", "default_checkpoints", "prepare", "resolve_device", "self_influence", "state_artifact"]
+__all__ = ["METHODS", "MethodSettings", "Prepared", "QueryBatch", "attribute", "default_checkpoints", "prepare", "resolve_device",
+           "self_influence", "state_artifact", "stored_scores"]
 
 
 class SettingsDataclass(Protocol):
@@ -104,6 +105,12 @@ def state_artifact(run: Run, method: Method, checkpoints: list[int], task: Task)
     )
 
 
+def _method_at(run: Run, method: str, checkpoints: list[int] | None, settings: MethodSettings) -> tuple[Method, list[int]]:
+    """The method object with its settings, and the checkpoints it uses on this run (its default when None)."""
+    method_object = method_class(method)(settings)
+    return method_object, run.resolve_checkpoints(checkpoints, method_object.default_checkpoints(len(run.checkpoints)))
+
+
 def _inputs(run: Run, checkpoints: list[int], device: torch.device, progress: ProgressFn, task: Task, batch_size: int) -> AttributionInputs:
     """The common inputs: the models at the checkpoints, each with its stage's view of the training set and its draw weights."""
     train_set, _ = run.datasets()
@@ -144,8 +151,7 @@ def prepare(
     batch_size: int = 512,
 ) -> Prepared:
     """Load the method's stored train-side state for the run, or fit and store it (once)."""
-    method_object = method_class(method)(settings)
-    checkpoints = run.resolve_checkpoints(checkpoints, method_object.default_checkpoints(len(run.checkpoints)))
+    method_object, checkpoints = _method_at(run, method, checkpoints, settings)
     task = task or Task()
     inputs, notes = method_object.prepare_inputs(_inputs(run, checkpoints, resolve_device(device), progress, task, batch_size), run, checkpoints)
     notes = _record_notes(run) + notes
@@ -169,15 +175,18 @@ def attribute(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray
     options: checkpoints, settings, progress, device, task, batch_size (see PrepareOptions).
     """
     started = time.perf_counter()
+    if not isinstance(queries, QueryBatch):
+        stored = stored_scores(run, method, queries=queries, checkpoints=options.get("checkpoints"),
+                               settings=options.get("settings"), task=options.get("task"))
+        if stored is not None:
+            return stored
     prepared = prepare(run, method, **options)
     train_set, test_set = run.datasets()
     if isinstance(queries, QueryBatch):
         values, segment_values = _score(prepared, queries.x, queries.y)
         query_y, names, key, query_indices = queries.y, list(queries.names), "", None
     else:
-        query_indices = np.arange(len(test_set)) if queries is None else np.asarray(queries, dtype=int)
-        if len(query_indices) and (query_indices.min() < 0 or query_indices.max() >= len(test_set)):
-            raise SettingsError(f"query indices must lie in 0..{len(test_set) - 1} (the test set of {run.run_id!r})")
+        query_indices = _test_indices(run, queries)
         query_y, names = test_set.y[query_indices], [f"test {i}" for i in query_indices]
         artifact = run.artifact("scores", state=prepared.state_key, queries=query_indices.tolist())
         values, segment_values = _stored_scores(artifact, prepared, test_set.x[query_indices], query_y)
@@ -188,6 +197,44 @@ def attribute(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray
         self_influence=_free_self_influence(run, prepared), segment_values=segment_values,
         notes=prepared.notes, key=key, seconds=time.perf_counter() - started,
     )
+
+
+def stored_scores(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray | None = None,
+                  checkpoints: list[int] | None = None, settings: MethodSettings = None, task: Task | None = None) -> Scores | None:
+    """The scores `attribute` would return for these test-set queries when they are stored already, else None.
+
+    Nothing is fitted, scored or even loaded beyond the stored arrays: a page can ask this on every
+    click and hand the work to a job when the answer is None.
+    """
+    started = time.perf_counter()
+    method_object, checkpoints = _method_at(run, method, checkpoints, settings)
+    task = task or Task()
+    state = state_artifact(run, method_object, checkpoints, task)
+    query_indices = _test_indices(run, queries)
+    artifact = run.artifact("scores", state=state.directory.name, queries=query_indices.tolist())
+    if not (state.is_complete() and artifact.is_complete()):
+        return None
+    train_set, test_set = run.datasets()
+    segments_path = artifact.path("segments.npy")
+    self_influence_artifact = run.artifact("self_influence", state=state.directory.name)
+    return Scores(
+        values=load_npy(artifact.path("scores.npy")), method=method, settings=dataclasses.asdict(method_object.settings),
+        checkpoints=checkpoints, train_ids=train_set.ids, query_labels=test_set.y[query_indices].numpy(),
+        query_names=[f"test {i}" for i in query_indices], query_indices=query_indices,
+        self_influence=load_npy(self_influence_artifact.path("self_influence.npy")) if self_influence_artifact.is_complete() else None,
+        segment_values=load_npy(segments_path) if segments_path.exists() else None,
+        notes=artifact.manifest().get("notes", _record_notes(run)), key=artifact.directory.name,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _test_indices(run: Run, queries: list[int] | np.ndarray | None) -> np.ndarray:
+    """Test-set indices (None: the whole test set), checked against the run's test set."""
+    _, test_set = run.datasets()
+    indices = np.arange(len(test_set)) if queries is None else np.asarray(queries, dtype=int)
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(test_set)):
+        raise SettingsError(f"query indices must lie in 0..{len(test_set) - 1} (the test set of {run.run_id!r})")
+    return indices
 
 
 def self_influence(run: Run, method: str = "trak", **options: Unpack[PrepareOptions]) -> np.ndarray:
@@ -231,11 +278,12 @@ def _score(prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> 
 
 
 def _stored_scores(artifact: Artifact, prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    def compute(stored: Artifact) -> None:
+    def compute(stored: Artifact) -> dict[str, Any]:
         values, segment_values = _score(prepared, query_x, query_y)
         atomic_save_npy(stored.path("scores.npy"), values.astype(np.float32))
         if segment_values is not None:
             atomic_save_npy(stored.path("segments.npy"), segment_values.astype(np.float32))
+        return {"notes": prepared.notes}  # read back by stored_scores, which never prepares the method
 
     artifact.compute_once(compute)
     segments_path = artifact.path("segments.npy")

@@ -98,6 +98,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     with tqdm_progress(f"train {args.run_id}") as progress:
         run = train(data, model, recipe, workspace, args.run_id, device=args.device, progress=progress)
     print(f"run {run.run_id}: test accuracy {run.metrics['test_accuracy']:.3f}, {len(run.checkpoints)} checkpoints")
+    _queue_ready(workspace, [run], with_groundtruth=False)
+
+
+def _queue_ready(workspace: Workspace, runs: list, *, with_groundtruth: bool) -> None:
+    """Queue what the app's first pages will show of these runs (the app's workers compute it); say so in one line."""
+    from .jobs.ready import queue_ready_jobs
+
+    queued = queue_ready_jobs(workspace, runs, with_groundtruth=with_groundtruth)
+    if queued:
+        print(f"queued {len(queued)} jobs for the app's first pages (its workers run them; `tdx jobs` lists them, "
+              "`tdx jobs run` runs them here)")
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -122,6 +133,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import build_demo
+    from .run import load_run
 
     bars: list = []
 
@@ -135,12 +147,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         return update
 
+    workspace = Workspace(args.workspace)
     try:
-        run_ids = build_demo(Workspace(args.workspace), tiny=args.tiny, progress_for=progress_for)
+        run_ids = build_demo(workspace, tiny=args.tiny, progress_for=progress_for)
     finally:
         for bar in bars:
             bar.close()
-    print(f"demo workspace {Path(args.workspace).resolve()}: runs {', '.join(run_ids)}")
+    print(f"demo workspace {workspace.root}: runs {', '.join(run_ids)}")
+    _queue_ready(workspace, [load_run(workspace, run_id) for run_id in run_ids], with_groundtruth=True)
 
 
 APP_ENTRY = Path(__file__).resolve().parent.parent / "app" / "main.py"
@@ -186,11 +200,40 @@ def cmd_app(args: argparse.Namespace) -> None:
         # A wildcard bind address is not one a browser can visit; this machine's loopback is.
         host = "127.0.0.1" if args.address in ("0.0.0.0", "::", "") else args.address  # noqa: S104 (a comparison)
         threading.Thread(target=_open_when_ready, args=(f"http://{host}:{args.port}",), daemon=True).start()
+    # The workers start now, not at the first page view: the queued jobs run before anyone opens the app.
+    from .jobs.worker import ensure_workers
+
+    ensure_workers(workspace.root)
     # stdin from /dev/null: nothing Streamlit starts can wait on a terminal (or fail for lack of one).
     code = subprocess.call(  # noqa: S603 (fixed argv, no shell)
         streamlit_command(args), env=env, cwd=APP_ENTRY.parent.parent, stdin=subprocess.DEVNULL
     )
     raise SystemExit(code)
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from .jobs.queue import JobQueue
+    from .jobs.worker import LANES, work
+
+    queue = JobQueue(Workspace(args.workspace).root)
+    if args.jobs_command == "run":
+        queue.requeue_stale()
+        count = work(args.workspace, "background", idle_exit=None, until_empty=True)
+        print(f"ran {count} jobs" if count or not queue.jobs(states=("queued",)) else
+              f"another worker serves {args.workspace}: its jobs run there (lanes: {', '.join(LANES)})")
+    elif args.jobs_command == "cancel":
+        if not args.key or queue.get(args.key) is None:
+            raise SettingsError(f"no job {args.key!r}; `tdx jobs` lists them")
+        queue.cancel(args.key)
+        print(f"cancel requested for job {args.key}")
+    else:
+        rows = queue.jobs(states=None if args.all else ("queued", "running", "failed"))
+        for job in rows:
+            progress = f"{job.done}/{job.total}" if job.total else ""
+            print(f"{job.key}  {job.state:9s} {progress:>9s}  {job.spec.run_id:20s} {job.spec.title}"
+                  + (f"  ({job.error})" if job.error else ""))
+        if not rows:
+            print("no jobs waiting, running or failed" + ("" if args.all else " (--all lists finished ones too)"))
 
 
 def _load_run(args: argparse.Namespace):
@@ -412,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     mislabels.add_argument("--checkpoints", default=None)
     mislabels.add_argument("--top", type=int, default=20)
     mislabels.set_defaults(handler=cmd_mislabels)
+
+    jobs = commands.add_parser("jobs", help="the workspace's background jobs (fits, scores, ground truths, maps): list, run, cancel")
+    _add_workspace(jobs)
+    jobs.add_argument("jobs_command", nargs="?", default="list", choices=("list", "run", "cancel"),
+                      help="list (default) the queued, running and failed jobs; run the queued ones here until none is left; "
+                           "cancel one")
+    jobs.add_argument("key", nargs="?", help="the job to cancel, by the key `tdx jobs` lists")
+    jobs.add_argument("--all", action="store_true", help="list finished jobs too")
+    jobs.set_defaults(handler=cmd_jobs)
 
     add_import_command(commands)
     return parser

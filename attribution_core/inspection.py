@@ -1,6 +1,8 @@
 """What a run's model says about examples: predicted probabilities, penultimate features, a 2-D map."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -8,8 +10,13 @@ from torch import nn
 from .errors import SettingsError
 from .inputs import batches
 from .methods.baselines import representations
+from .progress import ProgressFn, no_progress
 from .run import Run
+from .store import Artifact, atomic_save_npy, load_npy
 from .task import Task
+
+LAYOUT_VERSION = 1
+"""Bump when map_layout computes positions differently: stored maps then get new keys."""
 
 
 def _split(run: Run, split: str):
@@ -47,3 +54,56 @@ def umap_layout(features: np.ndarray, *, seed: int = 0) -> np.ndarray:
 
     n_neighbors = int(min(15, len(features) - 1))
     return umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(features)
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """2-D positions of the training set, (N, 2), and of the test set, (n_test, 2), laid out together."""
+
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _layout_artifact(run: Run, checkpoint: int) -> Artifact:
+    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    return run.artifact("layouts", checkpoint=index, version=LAYOUT_VERSION)
+
+
+def stored_map_layout(run: Run, checkpoint: int = -1) -> MapLayout | None:
+    """The map of a checkpoint when it is stored already, else None (nothing is computed)."""
+    artifact = _layout_artifact(run, checkpoint)
+    if not artifact.is_complete():
+        return None
+    return MapLayout(load_npy(artifact.path("train.npy")), load_npy(artifact.path("test.npy")))
+
+
+def map_layout(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_progress) -> MapLayout:
+    """UMAP of a checkpoint's penultimate features of train and test examples together, computed once and stored.
+
+    Seeded, so the same run gives the same map. progress(done, 3): features of each split, then the layout.
+    """
+
+    def compute(stored: Artifact) -> None:
+        train_features = penultimate_features(run, split="train", checkpoint=checkpoint)
+        progress(1, 3)
+        test_features = penultimate_features(run, split="test", checkpoint=checkpoint)
+        progress(2, 3)
+        positions = umap_layout(np.concatenate([train_features, test_features])).astype(np.float32)
+        atomic_save_npy(stored.path("train.npy"), positions[: len(train_features)])
+        atomic_save_npy(stored.path("test.npy"), positions[len(train_features) :])
+        progress(3, 3)
+
+    _layout_artifact(run, checkpoint).compute_once(compute)
+    return stored_map_layout(run, checkpoint)
+
+
+def query_order(predicted: np.ndarray, confidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Test indices (n,) in the order the app lists them: mispredictions first, most confident first; then correct ones, least confident first.
+
+    predicted, confidence, labels: (n,) the predicted class, its probability and the true class of each test sample.
+    """
+    wrong = np.asarray(predicted) != np.asarray(labels)
+    indices = np.arange(len(wrong))
+    mistaken = indices[wrong][np.argsort(-np.asarray(confidence)[wrong], kind="stable")]
+    right = indices[~wrong][np.argsort(np.asarray(confidence)[~wrong], kind="stable")]
+    return np.concatenate([mistaken, right])

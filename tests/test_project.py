@@ -57,7 +57,7 @@ def test_security_lint_finds_nothing():
 CORE_LAYERS = (
     ("errors", "progress", "distributed", "scores"),
     ("settings", "store", "task", "models", "annotations", "segments", "linalg"),
-    ("record",),
+    ("record", "jobs.queue"),
     ("data", "gradients", "inputs"),
     ("run", "projection"),
     ("training", "features"),
@@ -71,8 +71,10 @@ CORE_LAYERS = (
     ("methods",),
     ("api", "inspection", "exports", "evaluation.dynamics"),
     ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel", "evaluation.smoothness"),
+    ("jobs.kinds",),  # what each kind of job computes: calls into api and evaluation
+    ("jobs.ready", "jobs.worker"),
     ("demo",),
-    ("cli", ""),  # "" is the package itself, whose __init__ re-exports the front door
+    ("cli", "", "jobs"),  # "" is the package itself, whose __init__ re-exports the front door
 )
 """attribution_core's modules from the bottom up: each imports only modules of lower layers."""
 

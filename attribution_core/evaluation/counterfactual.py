@@ -19,6 +19,7 @@ import torch
 from ..api import MethodSettings, attribute
 from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
+from ..methods import method_class
 from ..progress import ProgressFn, no_progress
 from ..run import Run
 from ..settings import check_settings
@@ -113,6 +114,29 @@ def _retrained_outcome(run: Run, task: Task, artifact: Artifact, name: str, keep
     atomic_write_json(artifact.path(f"{name}.json"), {"margin": margin, "prediction": prediction})
 
 
+def _artifact(run: Run, query: int, method: str, settings: CounterfactualSettings, checkpoints: list[int] | None,
+              method_settings: MethodSettings, task: Task) -> Artifact:
+    """Where the check of one query is stored: keyed by the method with its settings and checkpoints, the removal and the task."""
+    train_set, test_set = run.datasets()
+    if not 0 <= query < len(test_set):
+        raise SettingsError(f"query {query} is not a test index of run {run.run_id!r} (0..{len(test_set) - 1})")
+    method_object = method_class(method)(method_settings)
+    checkpoints = run.resolve_checkpoints(checkpoints, method_object.default_checkpoints(len(run.checkpoints)))
+    return run.artifact(
+        "counterfactual", query=query, method=method, method_settings=dataclasses.asdict(method_object.settings),
+        checkpoints=checkpoints, k=settings.removal_count(len(train_set)), seeds=list(settings.seeds), n_random=settings.n_random,
+        random_seed=settings.random_seed, task=task.key(),
+    )
+
+
+def stored_counterfactual(run: Run, query: int, method: str = "trak", *, settings: CounterfactualSettings = CounterfactualSettings(),
+                          checkpoints: list[int] | None = None, method_settings: MethodSettings = None,
+                          task: Task | None = None) -> CounterfactualResult | None:
+    """The check `counterfactual` would return when it is stored already, else None (nothing is scored or retrained)."""
+    artifact = _artifact(run, query, method, settings, checkpoints, method_settings, task or Task())
+    return CounterfactualResult(**read_json(artifact.path("result.json"))) if artifact.is_complete() else None
+
+
 def counterfactual(
     run: Run,
     query: int,
@@ -126,18 +150,13 @@ def counterfactual(
 ) -> CounterfactualResult:
     """Remove the query's top-k proponents / opponents / k random examples, retrain, measure the query (the task's measurement)."""
     train_set, test_set = run.datasets()
-    if not 0 <= query < len(test_set):
-        raise SettingsError(f"query {query} is not a test index of run {run.run_id!r} (0..{len(test_set) - 1})")
     task = task or Task()
+    artifact = _artifact(run, query, method, settings, checkpoints, method_settings, task)
+    if artifact.is_complete():
+        return CounterfactualResult(**read_json(artifact.path("result.json")))
     scores = attribute(run, method, queries=[query], checkpoints=checkpoints, settings=method_settings, task=task)
     count = settings.removal_count(len(train_set))
     removed = removals(scores.values[0], count, settings)
-    artifact = run.artifact(
-        "counterfactual", query=query, method=method, method_settings=scores.settings, checkpoints=scores.checkpoints,
-        k=count, seeds=list(settings.seeds), n_random=settings.n_random, random_seed=settings.random_seed, task=task.key(),
-    )
-    if artifact.is_complete():
-        return CounterfactualResult(**read_json(artifact.path("result.json")))
 
     x, label = test_set.x[query : query + 1], int(test_set.y[query])
     everything = np.ones(len(train_set), dtype=bool)

@@ -1,0 +1,6 @@
+"""Long work as jobs: a queue in the workspace (queue.py), what each kind computes (kinds.py), the workers that
+run them beside the app (worker.py), and what the first pages need, queued when a run is trained (ready.py).
+
+The app submits a job instead of computing in a page, shows its progress, and reads the stored
+result once the job is done; `tdx jobs` lists and runs the queue from the command line.
+"""

@@ -1,0 +1,237 @@
+"""Workers: processes that take jobs from the workspace's queue and run them, beside the app's server.
+
+Two lanes per workspace, one worker process each (a lock file keeps it to one):
+- "interactive" takes only the jobs a page waits on (a score block, the fit it needs), so that a
+  click is answered while a long job runs;
+- "background" takes everything, most urgent first, and yields a resumable job (a ground truth)
+  to a more urgent one between its progress reports.
+Workers run niced below the server, so pages stay quick while they work. The app's server starts
+them (ensure_workers) and they stop when it goes: a running job goes back to the queue, and the
+next worker resumes it from what its artifacts hold. `tdx jobs run` works through the queue in
+the foreground instead.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import TdxError
+from ..run import Run, load_run
+from ..store import Workspace
+from .kinds import job_kind
+from .queue import CANCELLED, DONE, FAILED, INTERACTIVE, PREFETCH, QUEUED, Job, JobQueue
+
+LANES: dict[str, int] = {"interactive": INTERACTIVE, "background": PREFETCH}
+"""Each lane's worker takes the queued jobs of priority <= this."""
+
+NICENESS = {"interactive": 5, "background": 12}
+"""How far below the server each lane runs (Linux nice): the page the user looks at comes first."""
+
+POLL_SECONDS = 0.2
+"""How often an idle worker looks at the queue."""
+
+REPORT_SECONDS = 0.5
+"""The least time between two progress reports written to the queue (and cancel checks)."""
+
+BEAT_SECONDS = 5.0
+"""How often a worker tells the queue it is alive while a job runs (and checks that its parent server is)."""
+
+IDLE_EXIT_SECONDS = 900.0
+"""A worker started by the app ends after this long without work; the app starts another when it needs one."""
+
+
+class JobStopped(Exception):
+    """Raised from a progress report to stop a job: cancelled by a user, or yielding to a more urgent job."""
+
+    def __init__(self, state: str):
+        super().__init__(state)
+        self.state = state
+
+
+def _lock_path(root: Path, lane: str) -> Path:
+    return root / "jobs" / f"{lane}.lock"
+
+
+@contextlib.contextmanager
+def _lane_lock(root: Path, lane: str) -> Iterator[bool]:
+    """Hold the lane's lock while the block runs; yields False (holding nothing) when another worker has it."""
+    path = _lock_path(root, lane)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def lane_busy(root: str | os.PathLike, lane: str) -> bool:
+    """Whether a worker holds the lane's lock for this workspace."""
+    with _lane_lock(Path(root).expanduser().resolve(), lane) as acquired:
+        return not acquired
+
+
+class _Runs:
+    """Runs opened by this worker, reused while their run.json is unchanged (datasets load once)."""
+
+    def __init__(self, root: Path):
+        self.workspace, self.cache = Workspace(root), {}
+
+    def get(self, run_id: str, created: str) -> Run:
+        run = self.cache.get(run_id)
+        if run is None or run.created != created:
+            run = load_run(self.workspace, run_id)
+            self.cache[run_id] = run
+        if run.created != created:
+            raise TdxError(f"run {run_id!r} was trained again since this job was asked for: ask again on the page")
+        return run
+
+
+def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int) -> str:
+    """Run one claimed job to its end; returns the state it ends in (done, failed, cancelled, or queued when it yielded)."""
+    kind = job_kind(job.spec.kind)
+    last = {"report": 0.0}
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last["report"] < REPORT_SECONDS and done < total:
+            return
+        last["report"] = now
+        if queue.report(job.key, done, total):
+            raise JobStopped(CANCELLED)
+        if kind.resumable and queue.more_urgent_waiting(job.spec.priority, max_priority):
+            raise JobStopped(QUEUED)
+
+    try:
+        kind.run(runs.get(job.spec.run_id, job.spec.run_created), job.spec.params, progress)
+    except JobStopped as stop:
+        if stop.state == QUEUED:
+            queue.requeue(job.key)
+        else:
+            queue.finish(job.key, CANCELLED)
+        return stop.state
+    except TdxError as exc:
+        queue.finish(job.key, FAILED, str(exc))
+        return FAILED
+    except Exception as exc:  # noqa: BLE001 (a bug in one job must not end the worker; its message reaches the page)
+        traceback.print_exc()
+        queue.finish(job.key, FAILED, f"Internal error: {type(exc).__name__}: {exc}")
+        return FAILED
+    queue.finish(job.key, DONE)
+    return DONE
+
+
+def _watch(queue: JobQueue, current: dict, parent_pid: int | None, stop: threading.Event) -> None:
+    """Keep the running job's heartbeat fresh; when the parent server is gone, queue the job again and end the process."""
+    while not stop.wait(BEAT_SECONDS):
+        key = current.get("key")
+        if parent_pid is not None and os.getppid() != parent_pid:
+            if key is not None:
+                queue.requeue(key)
+            os._exit(0)  # the job's own thread may be deep in a computation: end now, it resumes from its artifacts
+        if key is not None:
+            queue.beat(key)
+
+
+def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int | None = None,
+         idle_exit: float | None = IDLE_EXIT_SECONDS, until_empty: bool = False, threads: int | None = None) -> int:
+    """Take and run the lane's jobs until idle for idle_exit seconds (or the queue is empty, with until_empty); returns jobs run.
+
+    Returns 0 at once when another worker already serves this lane of the workspace.
+    """
+    root_path = Path(root).expanduser().resolve()
+    if lane not in LANES:
+        raise TdxError(f"unknown lane {lane!r}; lanes: {', '.join(LANES)}")
+    with _lane_lock(root_path, lane) as acquired:
+        if not acquired:
+            return 0
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        queue, runs, current, stop = JobQueue(root_path), _Runs(root_path), {}, threading.Event()
+        watcher = threading.Thread(target=_watch, args=(queue, current, parent_pid, stop), daemon=True)
+        watcher.start()
+        count, idle_since = 0, time.monotonic()
+        try:
+            while True:
+                queue.requeue_stale()
+                job = queue.claim(LANES[lane], os.getpid())
+                if job is None:
+                    if until_empty or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                        return count
+                    time.sleep(POLL_SECONDS)
+                    continue
+                current["key"] = job.key
+                try:
+                    execute(queue, job, runs, LANES[lane])
+                except BaseException:  # KeyboardInterrupt, SystemExit: leave the job for the next worker
+                    queue.requeue(job.key)
+                    raise
+                finally:
+                    current.pop("key", None)
+                count, idle_since = count + 1, time.monotonic()
+        finally:
+            stop.set()
+
+
+_spawned: dict[tuple[str, str], tuple[subprocess.Popen, float]] = {}
+_spawn_lock = threading.Lock()
+SPAWN_GRACE_SECONDS = 30.0
+"""A worker just started needs a few seconds (importing torch) before it holds its lock: do not start another meanwhile."""
+
+
+def ensure_workers(root: str | os.PathLike) -> None:
+    """Start the workspace's lane workers that are not running, as children of this process (which they outlive by at most a beat)."""
+    root_path = Path(root).expanduser().resolve()
+    with _spawn_lock:
+        for lane in LANES:
+            process, started = _spawned.get((str(root_path), lane), (None, 0.0))
+            if process is not None and process.poll() is None and time.monotonic() - started < SPAWN_GRACE_SECONDS:
+                continue
+            if lane_busy(root_path, lane):
+                continue
+            _spawned[(str(root_path), lane)] = (_spawn(root_path, lane), time.monotonic())
+
+
+def _spawn(root: Path, lane: str) -> subprocess.Popen:
+    log = root / "jobs" / f"{lane}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # Passive OpenMP threads: two workers and the server share the cores without spinning on each other.
+    env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+    with open(log, "a") as output:
+        return subprocess.Popen(  # noqa: S603 (fixed argv: this interpreter and this module)
+            [sys.executable, "-m", "attribution_core.jobs.worker", "--workspace", str(root), "--lane", lane,
+             "--parent", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m attribution_core.jobs.worker --workspace W --lane L [--parent PID]`: one lane's worker (started by ensure_workers)."""
+    parser = argparse.ArgumentParser(description="a tda-explorer job worker (the app starts these itself)")
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--lane", default="background", choices=list(LANES))
+    parser.add_argument("--parent", type=int, default=None, help="end when this process is gone")
+    args = parser.parse_args(argv)
+    os.nice(NICENESS[args.lane])
+    threads = max(1, (os.cpu_count() or 2) // (1 if args.lane == "interactive" else 2))
+    with contextlib.suppress(KeyboardInterrupt):
+        work(args.workspace, args.lane, parent_pid=args.parent, threads=threads)
+
+
+if __name__ == "__main__":
+    main()

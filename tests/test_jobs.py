@@ -1,0 +1,281 @@
+"""The job queue and its workers: one job per piece of work, the most urgent first, cancel, yield, resume after a kill."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from attribution_core.api import attribute, stored_scores
+from attribution_core.errors import SettingsError
+from attribution_core.evaluation.lds import LdsSettings, groundtruth_status, load_groundtruth
+from attribution_core.jobs import kinds
+from attribution_core.jobs.kinds import JobKind, fit_job, groundtruth_job, load_result, scores_job
+from attribution_core.jobs.queue import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    INTERACTIVE,
+    PREFETCH,
+    QUEUED,
+    REQUESTED,
+    RUNNING,
+    JobQueue,
+    JobSpec,
+)
+from attribution_core.jobs.ready import LDS_QUERIES, QUERY_BLOCK, blocks_covering, query_block, queue_ready_jobs, ready_jobs
+from attribution_core.jobs.worker import lane_busy, work
+from attribution_core.run import load_run
+from attribution_core.store import Workspace
+
+
+def spec(name: str = "a", priority: int = INTERACTIVE, kind: str = "fake") -> JobSpec:
+    return JobSpec(kind, "run", "created", {"name": name}, title=f"job {name}", priority=priority)
+
+
+@pytest.fixture
+def queue(tmp_path) -> JobQueue:
+    return JobQueue(tmp_path)
+
+
+@pytest.fixture
+def workspace(demo_workspace, tmp_path) -> Workspace:
+    """A private copy of the tiny demo workspace."""
+    shutil.copytree(demo_workspace.root, tmp_path / "workspace")
+    return Workspace(tmp_path / "workspace")
+
+
+def test_the_same_work_asked_twice_is_one_job_whose_priority_can_only_rise(queue):
+    first = queue.submit(spec("a", PREFETCH))
+    again = queue.submit(spec("a", INTERACTIVE))
+    assert first.key == again.key and len(queue.jobs()) == 1
+    assert again.state == QUEUED and again.spec.priority == INTERACTIVE
+    assert queue.submit(spec("a", PREFETCH)).spec.priority == INTERACTIVE
+
+
+def test_a_job_key_depends_on_the_run_creation_time_and_parameters():
+    assert spec("a").key != spec("b").key
+    assert spec("a").key != JobSpec("fake", "run", "retrained later", {"name": "a"}).key
+
+
+def test_claims_go_most_urgent_first_then_oldest_and_never_twice(queue):
+    for name, priority in [("late", PREFETCH), ("asked", REQUESTED), ("waited on", INTERACTIVE), ("waited on too", INTERACTIVE)]:
+        queue.submit(spec(name, priority))
+    claimed = []
+    lock = threading.Lock()
+
+    def claim_all():
+        while (job := queue.claim(PREFETCH, os.getpid())) is not None:
+            with lock:
+                claimed.append(job.spec.params["name"])
+
+    threads = [threading.Thread(target=claim_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(["late", "asked", "waited on", "waited on too"])
+    assert all(job.state == RUNNING for job in queue.jobs())
+
+
+def test_the_interactive_lane_takes_only_jobs_a_page_waits_on(queue):
+    queue.submit(spec("ground truth", REQUESTED))
+    assert queue.claim(INTERACTIVE, os.getpid()) is None
+    queue.submit(spec("score block", INTERACTIVE))
+    assert queue.claim(INTERACTIVE, os.getpid()).spec.params["name"] == "score block"
+
+
+def test_cancel_stops_a_queued_job_at_once_and_flags_a_running_one(queue):
+    waiting = queue.submit(spec("waiting"))
+    running = queue.submit(spec("running"))
+    queue.claim(INTERACTIVE, os.getpid())  # the older one
+    queue.cancel(waiting.key)
+    queue.cancel(running.key)
+    assert queue.get(waiting.key).state == RUNNING and queue.report(waiting.key, 1, 2)  # running: told at its next report
+    assert queue.get(running.key).state == CANCELLED
+
+
+def test_a_finished_job_is_queued_again_when_asked_for_again(queue):
+    job = queue.submit(spec())
+    queue.claim(INTERACTIVE, os.getpid())
+    queue.report(job.key, 3, 4)
+    queue.finish(job.key, FAILED, "disk full")
+    again = queue.submit(spec())
+    assert (again.state, again.done, again.error) == (QUEUED, 0, None)
+
+
+def test_running_jobs_of_a_dead_worker_are_queued_again(queue):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    job = queue.submit(spec())
+    queue.claim(INTERACTIVE, gone.pid)
+    assert queue.requeue_stale() == [job.key]
+    assert queue.get(job.key).state == QUEUED
+    queue.claim(INTERACTIVE, os.getpid())
+    assert queue.requeue_stale() == [] and queue.get(job.key).state == RUNNING  # this process is alive and beating
+
+
+def test_remaining_time_follows_the_pace_so_far(queue):
+    job = queue.submit(spec())
+    queue.claim(INTERACTIVE, os.getpid())
+    queue.report(job.key, 1, 4)
+    running = queue.get(job.key)
+    assert running.remaining(now=running.started + 10) == pytest.approx(30)
+    assert running.fraction == 0.25
+
+
+def fake_kinds(monkeypatch, log: list, *, stop_after: int | None = None, fail: Exception | None = None, resumable: bool = False):
+    """Register a 'fake' kind whose run reports four steps (logged), optionally failing or pausing."""
+
+    def run(run_, params, progress):
+        for step in range(1, 5):
+            log.append((params["name"], step))
+            if fail is not None:
+                raise fail
+            progress(step, 4)
+
+    monkeypatch.setitem(kinds.KINDS, "fake", JobKind("fake", run, lambda run_, params: None, resumable=resumable))
+    monkeypatch.setattr("attribution_core.jobs.worker._Runs.get", lambda self, run_id, created: None)
+    monkeypatch.setattr("attribution_core.jobs.worker.REPORT_SECONDS", 0.0)
+
+
+def test_a_worker_runs_the_queue_and_records_each_end(monkeypatch, tmp_path, queue):
+    log: list = []
+    fake_kinds(monkeypatch, log)
+    first, second = queue.submit(spec("first")), queue.submit(spec("second", PREFETCH))
+    assert work(tmp_path, "background", until_empty=True) == 2
+    assert [name for name, _ in log] == ["first"] * 4 + ["second"] * 4
+    assert {queue.get(first.key).state, queue.get(second.key).state} == {DONE}
+    assert (queue.get(first.key).done, queue.get(first.key).total) == (4, 4)
+
+
+def test_a_failing_job_keeps_its_message_and_the_worker_goes_on(monkeypatch, tmp_path, queue):
+    fake_kinds(monkeypatch, [], fail=SettingsError("k=0 removes nothing"))
+    job = queue.submit(spec())
+    work(tmp_path, "background", until_empty=True)
+    failed = queue.get(job.key)
+    assert (failed.state, failed.error) == (FAILED, "k=0 removes nothing")
+
+
+def test_a_bug_in_a_job_is_reported_as_an_internal_error(monkeypatch, tmp_path, queue):
+    fake_kinds(monkeypatch, [], fail=ZeroDivisionError("division by zero"))
+    job = queue.submit(spec())
+    work(tmp_path, "background", until_empty=True)
+    assert queue.get(job.key).error == "Internal error: ZeroDivisionError: division by zero"
+
+
+def test_a_cancelled_running_job_stops_at_its_next_report(monkeypatch, tmp_path, queue):
+    log: list = []
+    fake_kinds(monkeypatch, log)
+    job = queue.submit(spec())
+    original = JobQueue.report
+
+    def report_then_cancel(self, key, done, total):
+        if done == 2:
+            self.cancel(key)
+        return original(self, key, done, total)
+
+    monkeypatch.setattr(JobQueue, "report", report_then_cancel)
+    work(tmp_path, "background", until_empty=True)
+    assert queue.get(job.key).state == CANCELLED and log == [("a", 1), ("a", 2)]
+
+
+def test_a_resumable_job_yields_to_a_more_urgent_one_and_resumes_after_it(monkeypatch, tmp_path, queue):
+    log: list = []
+    fake_kinds(monkeypatch, log, resumable=True)
+    long_job = queue.submit(spec("ground truth", PREFETCH))
+    original = JobQueue.report
+
+    def report_and_ask(self, key, done, total):
+        if key == long_job.key and done == 2 and not any(name == "click" for name, _ in log):
+            self.submit(spec("click", INTERACTIVE))
+        return original(self, key, done, total)
+
+    monkeypatch.setattr(JobQueue, "report", report_and_ask)
+    work(tmp_path, "background", until_empty=True)
+    names = [name for name, _ in log]
+    assert names[:2] == ["ground truth"] * 2 and names[2:6] == ["click"] * 4 and names[6:] == ["ground truth"] * 4
+    assert queue.get(long_job.key).state == DONE
+
+
+def test_one_worker_per_lane_and_workspace(tmp_path):
+    done = threading.Event()
+    results = {}
+
+    def hold_lane():
+        results["first"] = work(tmp_path, "interactive", idle_exit=1.0)
+        done.set()
+
+    thread = threading.Thread(target=hold_lane)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not lane_busy(tmp_path, "interactive") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lane_busy(tmp_path, "interactive") and not lane_busy(tmp_path, "background")
+    assert work(tmp_path, "interactive", until_empty=True) == 0  # the lane is served already
+    thread.join()
+    assert not lane_busy(tmp_path, "interactive")
+
+
+def test_score_and_fit_jobs_store_what_the_front_door_then_loads(workspace):
+    run = load_run(workspace, "fmnist-mlp")
+    fit, block = fit_job(run, "trak"), scores_job(run, "trak", query_block(40, 100))
+    assert block.params["queries"] == list(range(32, 64))
+    assert load_result(run, fit) is None and load_result(run, block) is None
+    queue = JobQueue(workspace.root)
+    queue.submit(fit)
+    queue.submit(block)
+    assert work(workspace.root, "background", until_empty=True) == 2
+    assert load_result(run, fit) is True
+    stored = load_result(run, block)
+    direct = attribute(run, "trak", queries=list(range(32, 64)))
+    assert stored.values.shape == (32, 600) and (stored.values == direct.values).all()
+    assert stored.self_influence is not None and stored.key == direct.key
+
+
+def test_stored_scores_compute_nothing(workspace, monkeypatch):
+    run = load_run(workspace, "fmnist-mlp")
+    assert stored_scores(run, "tracin", queries=[0, 1]) is None
+    computed = attribute(run, "tracin", queries=[0, 1])
+    monkeypatch.setattr("attribution_core.api.prepare", lambda *args, **kwargs: pytest.fail("stored scores were recomputed"))
+    again = attribute(run, "tracin", queries=[0, 1])
+    assert (again.values == computed.values).all() and again.notes == computed.notes and again.query_names == ["test 0", "test 1"]
+
+
+def test_a_killed_worker_loses_no_finished_retraining_and_the_next_one_resumes(workspace):
+    run = load_run(workspace, "fmnist-mlp-early")
+    settings = LdsSettings(n_subsets=6)
+    queue = JobQueue(workspace.root)
+    job = queue.submit(groundtruth_job(run, settings))
+    worker = subprocess.Popen([sys.executable, "-m", "attribution_core.jobs.worker", "--workspace", str(workspace.root)])
+    try:
+        deadline = time.monotonic() + 120
+        while groundtruth_status(run, settings)[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    finished_before, _ = groundtruth_status(run, settings)
+    assert 2 <= finished_before and queue.get(job.key).state in (RUNNING, DONE)
+    assert queue.requeue_stale() == ([job.key] if finished_before < 6 else [])
+    work(workspace.root, "background", until_empty=True)
+    assert queue.get(job.key).state == DONE and load_groundtruth(run, settings).margins.shape == (6, 100)
+
+
+def test_ready_jobs_cover_what_the_first_pages_open_with(workspace):
+    run = load_run(workspace, "fmnist-noisy")
+    specs = ready_jobs(run, with_groundtruth=True)
+    kinds_queued = [spec_.kind for spec_ in specs]
+    assert kinds_queued[:4] == ["fit", "scores", "layout", "ranking"] and kinds_queued[-1] == "groundtruth"
+    lds_blocks = [spec_.params["queries"] for spec_ in specs if spec_.kind == "scores"][1:]
+    assert lds_blocks == 2 * blocks_covering(LDS_QUERIES, 100)  # the two compared methods, first LDS_QUERIES samples
+    assert all(len(block) <= QUERY_BLOCK for block in lds_blocks)
+    rows = queue_ready_jobs(workspace, [run])
+    assert len(rows) == len(specs) - 1 and all(row.spec.priority == PREFETCH for row in rows)
