@@ -46,6 +46,23 @@ def test_forgetting_counts_correct_to_incorrect_and_never_learned_is_infinite():
     np.testing.assert_array_equal(scores, [1, 2, 0, 1, 0])  # never learned above every count; never drawn lowest
 
 
+def test_learning_time_is_the_share_of_draws_before_the_margin_stays_positive():
+    # 0: + - + (learned for good at draw 3: 2 of 3 draws before); 1: never > 0 (all 3); 2: + + + (none);
+    # 3: + - - (wrong at its last draw: all 3); 4: never drawn.
+    np.testing.assert_array_equal(dynamics.learning_time(hand_record(), N), [2 / 3, 1, 0, 1, np.nan])
+
+
+def test_a_draw_whose_loss_rounded_to_zero_counts_as_fitted_at_the_largest_resolved_margin():
+    record = hand_record()
+    last = np.flatnonzero(record.indices == 2)[-1]  # example 2's third draw: p(label) 0.3, margin 1
+    record.losses[last], record.margins[last] = 0.0, np.inf  # a float32 loss below its resolution, as a memorised example's
+    largest = 2.0  # the record's largest finite margin: example 0's third draw
+    np.testing.assert_allclose(dynamics.area_under_margin(record, N)[2], (1 + 1 + largest) / 3, rtol=1e-6)
+    confidence, _ = dynamics.data_map(record, N)
+    np.testing.assert_allclose(confidence[2], (0.9 + 0.6 + 1.0) / 3, rtol=1e-6)
+    assert dynamics.forgetting_events(record, N)[2] == 0 and dynamics.learning_time(record, N)[2] == 0
+
+
 def test_data_map_is_the_mean_and_population_std_of_p_label_by_hand():
     confidence, variability = dynamics.data_map(hand_record(), N)
     np.testing.assert_allclose(confidence[:4], [0.5, 0.1, 0.6, 0.6], rtol=1e-6)

@@ -21,6 +21,7 @@ from attribution_core.evaluation.mislabel import (
     fold_masks,
     mislabel_metrics,
     rank_mislabels,
+    ranking_label,
     rankings_for,
 )
 from attribution_core.models import ModelSpec
@@ -150,6 +151,15 @@ def test_unknown_ranking_lists_the_known_ones(noisy_run):
     with pytest.raises(SettingsError, match="cleanlab"):
         rank_mislabels(noisy_run, "vibes")
     assert set(RANKINGS) >= {"self_influence:trak", "self_influence:ekfac", "self_influence:tracin", "loss", "loss_avg", "cleanlab"}
+
+
+def test_every_ranking_has_its_own_label_for_people():
+    labels = [ranking_label(name) for name in RANKINGS]
+    assert len(set(labels)) == len(labels) and all(label and label != name for label, name in zip(labels, RANKINGS))
+    assert ranking_label("self_influence:trak") == "Self-influence (TRAK)"
+    assert ranking_label("early_aum") == dynamics.SIGNALS["early_aum"].label
+    with pytest.raises(SettingsError, match="loss_avg"):
+        ranking_label("self_influence:vibes")
 
 
 def test_dynamics_rankings_are_the_records_signals_stored_without_checkpoints(noisy_run, monkeypatch):

@@ -54,15 +54,22 @@ class Draws:
 
 
 def draws(record: TrainingRecord, n_train: int) -> Draws:
-    """The record's draws with a finite loss and margin, grouped by training row (N rows)."""
-    keep = np.isfinite(record.losses) & np.isfinite(record.margins)
+    """The record's draws with a recorded (not NaN) loss and margin, grouped by training row (N rows).
+
+    A fitted example's float32 loss can round to 0, which makes its margin +inf: such a draw is
+    kept (dropping it would drop every fully fitted draw: 9 % of B4's memorising record) with its
+    margin set to the record's largest finite one, the most the float32 loss resolves.
+    """
+    keep = ~np.isnan(record.losses) & ~np.isnan(record.margins)
     rows, steps = record.indices[keep], record.example_steps()[keep]
     order = np.argsort(rows, kind="stable")  # the record is in step order, so a stable sort keeps each example's draws in order
     rows, steps = rows[order], steps[order]
     counts = np.bincount(rows, minlength=n_train)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return Draws(rows, steps, record.losses[keep][order].astype(np.float64), record.margins[keep][order].astype(np.float64),
-                 np.arange(len(rows)) - starts[rows], counts)
+    margins = record.margins[keep][order].astype(np.float64)
+    resolved = np.isfinite(margins)
+    margins = np.where(np.isposinf(margins), margins[resolved].max() if resolved.any() else 0.0, margins)
+    return Draws(rows, steps, record.losses[keep][order].astype(np.float64), margins, np.arange(len(rows)) - starts[rows], counts)
 
 
 def has_dynamics(record: TrainingRecord | None) -> bool:
@@ -98,6 +105,8 @@ def area_under_margin(record: TrainingRecord, n_train: int) -> np.ndarray:
 
     Pleiss et al. average logit_y − max_{j≠y} logit_j; the record's margin puts logsumexp in place
     of the max, the soft version (never larger). A low, negative AUM: training pulls against the label.
+    The paper's threshold samples (a share of examples moved to a fake extra class, whose AUMs set
+    the cut-off) cost an extra training and only place a cut in this order, so a ranking gains nothing from them.
     """
     seen = draws(record, n_train)
     return seen.mean(seen.margins)
@@ -126,6 +135,24 @@ def forgetting_events(record: TrainingRecord, n_train: int) -> np.ndarray:
     return np.where(seen.counts == 0, np.nan, np.where(learned, events, np.inf))
 
 
+def learning_time(record: TrainingRecord, n_train: int) -> np.ndarray:
+    """(N,) the share of each example's draws before it is learned for good: 0 = correct from its first draw, 1 = wrong at its last.
+
+    Maini et al. 2022 ("Characterizing datapoints via second-split forgetting") call the first
+    epoch after which an example is always classified correctly its first-split learning time;
+    Jiang et al. 2021 ("Characterizing structural regularities of labeled data") find that
+    examples learned late are the atypical and the mislabelled ones. Correct: margin > 0, as in
+    forgetting_events. Divided by the example's draws, so that stages of different lengths compare.
+    NaN for an example never drawn.
+    """
+    seen = draws(record, n_train)
+    last_wrong = np.full(n_train, -1)
+    wrong = seen.margins <= 0
+    np.maximum.at(last_wrong, seen.rows[wrong], seen.position[wrong])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (last_wrong + 1) / seen.counts
+
+
 def data_map(record: TrainingRecord, n_train: int) -> tuple[np.ndarray, np.ndarray]:
     """(confidence (N,), variability (N,)) of dataset cartography (Swayamdipta et al. 2020, "Dataset cartography").
 
@@ -149,7 +176,10 @@ def early_self_confidence(record: TrainingRecord, n_train: int, fraction: float 
     with extra trainings. (Over all draws it is the data map's confidence.) cleanlab's other
     scores need every class's probability; replaying B4's training to capture them, normalized
     margin and confidence-weighted entropy on the same early probabilities found fewer flipped
-    labels (memorising: 0.76 and 0.80 top-10 % recall against 0.83).
+    labels (memorising: 0.76 and 0.80 top-10 % recall against 0.83). So do cleanlab's per-class
+    thresholds, even on out-of-fold probabilities of models trained on the true labels (B4 notes):
+    dividing p(label) by its class's mean, or flagging confident-joint issues first, loses ROC-AUC
+    (0.004) and gains no top-10 % recall there.
     """
     seen = draws(record, n_train)
     return seen.mean(np.exp(-seen.losses), seen.early(fraction, min_draws))
@@ -198,48 +228,68 @@ def _forgetting_score(record: TrainingRecord, n_train: int) -> np.ndarray:
     return np.where(np.isposinf(events), (finite.max() if len(finite) else 0.0) + 1, events)  # never learned: above every count
 
 
-SIGNALS: dict[str, tuple[str, Callable[[TrainingRecord, int], np.ndarray]]] = {
-    "early_loss": ("training loss averaged over each example's early draws (its first tenth, at least 10 epochs, less the first)",
-                   early_loss),
-    "early_aum": ("minus the margin averaged over each example's early draws: AUM (Pleiss et al. 2020) before memorisation",
-                  lambda record, n: -early_margin(record, n)),
-    "cleanlab_early": ("cleanlab self-confidence, 1 − p(label), on each example's early draws: no extra training",
-                       lambda record, n: 1 - early_self_confidence(record, n)),
-    "aum": ("minus the area under the margin (Pleiss et al. 2020): the margin averaged over every draw",
-            lambda record, n: -area_under_margin(record, n)),
-    "confidence": ("1 − data-map confidence (Swayamdipta et al. 2020): hard-to-learn examples first",
-                   lambda record, n: 1 - data_map(record, n)[0]),
-    "variability": ("data-map variability (Swayamdipta et al. 2020): ambiguous examples first, rather than mislabels",
-                    lambda record, n: data_map(record, n)[1]),
-    "forgetting": ("forgetting events (Toneva et al. 2019) between successive draws; never-learned examples first",
-                   _forgetting_score),
+@dataclass(frozen=True)
+class Signal:
+    """A suspicion score read from the record alone: a label for people, a one-line description and score(record, N) -> (N,), higher = more suspicious."""
+
+    label: str
+    description: str
+    score: Callable[[TrainingRecord, int], np.ndarray]
+
+
+SIGNALS: dict[str, Signal] = {
+    "early_loss": Signal("Early-training loss", "training loss averaged over each example's early draws (its first tenth, "
+                         "at least 10 epochs, less the first)", early_loss),
+    "early_aum": Signal("Early-training margin (AUM)", "minus the margin averaged over each example's early draws: AUM "
+                        "(Pleiss et al. 2020) before memorisation", lambda record, n: -early_margin(record, n)),
+    "cleanlab_early": Signal("Early-training self-confidence (cleanlab)", "cleanlab self-confidence, 1 − p(label), on each "
+                             "example's early draws: no extra training", lambda record, n: 1 - early_self_confidence(record, n)),
+    "aum": Signal("Area under the margin (AUM)", "minus the area under the margin (Pleiss et al. 2020): the margin averaged "
+                  "over every draw", lambda record, n: -area_under_margin(record, n)),
+    "confidence": Signal("Data-map confidence", "1 − data-map confidence (Swayamdipta et al. 2020): hard-to-learn examples first",
+                         lambda record, n: 1 - data_map(record, n)[0]),
+    "variability": Signal("Data-map variability", "data-map variability (Swayamdipta et al. 2020): ambiguous examples first, "
+                          "rather than mislabels", lambda record, n: data_map(record, n)[1]),
+    "forgetting": Signal("Forgetting events", "forgetting events (Toneva et al. 2019) between successive draws; never-learned "
+                         "examples first", _forgetting_score),
+    "learning_time": Signal("Learning time", "share of its draws before an example is learned for good (Maini et al. 2022): "
+                            "late learners first; weak once a model memorises", learning_time),
 }
-"""Suspicion scores read from the record alone, higher = more suspicious: name -> (description, score(record, N) -> (N,))."""
+"""The suspicion scores read from the record alone, by name."""
 
 COMBINED = ("early_loss", "early_aum")
-"""The signals `combined` rank-averages, chosen once on B4 (benchmarks/RESULTS.md), not per run.
+"""The signals `combined` rank-averages, fixed for every run: early training's two summaries in the literature's two units.
 
-Top-10 % recall / ROC-AUC on the demo setting; the memorising one: early_loss 0.837 / 0.979;
-0.830 / 0.980, early_aum 0.837 / 0.979; 0.833 / 0.978, the two 0.837 / 0.979; 0.833 / 0.979
-(each 0.800 / 0.984 on the --quick memorising run). All the record's signals are functions of
-p_y, so they overlap: AUM, confidence and loss over every draw find as many on the demo
-(0.837-0.840) but collapse once the model memorises (0.48-0.72), and adding any of them,
-variability (whose sign flips between the settings) or forgetting to the two lowers the memorising
-recall. A fixed share of training alone misses on one setting or the other (a tenth: demo 0.777;
+Principle: a wrong label shows before the model memorises it (Arpit et al. 2017), so the default
+reads only the early window, in the two units the methods it comes from use: the loss (the
+small-loss criterion) and the margin (AUM, Pleiss et al. 2020). Every signal of the record is a
+function of p(label) at its draws, so a signal over all draws (AUM, confidence, learning time,
+forgetting) adds the memorised draws, and with them the memorising setting's collapse: on B4's
+runs and four held-out seeds of each setting (benchmarks/RESULTS.md, B4 notes) adding learning
+time costs 0.27 of the memorising top-10 % recall, and no added signal gains more than the
+seed-to-seed spread. Early loss alone ranks within one or two examples of the pair.
+A fixed share of training alone misses on one setting or the other (a tenth: demo 0.777;
 a third: memorising 0.747), hence MIN_EARLY_DRAWS.
+"""
+
+SCORES_REVISION = 2
+"""Raised when a signal's values change for the same record, so that stored rankings are computed again.
+
+2: draws whose float32 loss rounded to 0 (margin +inf) are kept, no longer dropped.
 """
 
 
 def signal_scores(record: TrainingRecord, n_train: int, name: str) -> np.ndarray:
     """(N,) one of SIGNALS' scores, finite: an example the record never drew gets the lowest (nothing to suspect it of)."""
-    scores = np.asarray(SIGNALS[name][1](record, n_train), dtype=np.float64)
+    scores = np.asarray(SIGNALS[name].score(record, n_train), dtype=np.float64)
     seen = np.isfinite(scores)
     return np.where(seen, scores, scores[seen].min() if seen.any() else 0.0)
 
 
 def settings() -> dict[str, object]:
     """The choices the rankings depend on (early window, combination), for stored rankings' keys."""
-    return {"early_fraction": EARLY_FRACTION, "min_early_draws": MIN_EARLY_DRAWS, "combined": list(COMBINED)}
+    return {"early_fraction": EARLY_FRACTION, "min_early_draws": MIN_EARLY_DRAWS, "combined": list(COMBINED),
+            "revision": SCORES_REVISION}
 
 
 def combined(record: TrainingRecord, n_train: int) -> np.ndarray:

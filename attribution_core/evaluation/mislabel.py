@@ -30,8 +30,9 @@ from .dynamics import COMBINED, SIGNALS, combined, has_dynamics, signal_scores
 from .dynamics import settings as dynamics_settings
 
 DYNAMICS_RANKINGS: dict[str, str] = {
-    "dynamics": "rank average of " + " and ".join(COMBINED) + ": the training record's strongest signals (default)",
-    **{name: text for name, (text, _) in SIGNALS.items()},
+    "dynamics": "rank average of " + " and ".join(SIGNALS[name].label[0].lower() + SIGNALS[name].label[1:] for name in COMBINED)
+                + ": what the training record says before the model memorises (default)",
+    **{name: signal.description for name, signal in SIGNALS.items()},
 }
 """The rankings read from the training record alone (no model is run): name -> what it measures."""
 
@@ -48,6 +49,26 @@ RANKINGS: dict[str, str] = {
     "cleanlab": "confident learning (cleanlab self-confidence) on k-fold cross-validated probabilities",
 }
 """Every mislabel ranking by name, with what it measures."""
+
+RANKING_LABELS: dict[str, str] = {
+    "dynamics": "Training dynamics (early loss and margin)",
+    **{name: signal.label for name, signal in SIGNALS.items()},
+    # a method label's own parenthesis ("exact influence (small models)") would nest in this one
+    **{f"self_influence:{name}": f"Self-influence ({method.label.split(' (')[0]})"
+       for name, method in METHODS.items() if method.has_self_influence},
+    "loss": "Loss at chosen checkpoints",
+    "loss_avg": "Mean loss over checkpoints",
+    "margin_avg": "Mean margin over checkpoints",
+    "cleanlab": "Confident learning (cleanlab, cross-validated)",
+}
+"""Every mislabel ranking's name for people (RANKINGS says what it measures)."""
+
+
+def ranking_label(name: str) -> str:
+    """A ranking's name for people: "Self-influence (TRAK)" for "self_influence:trak"."""
+    if name not in RANKING_LABELS:
+        raise SettingsError(f"unknown ranking {name!r}; choose one of {', '.join(RANKINGS)}")
+    return RANKING_LABELS[name]
 
 
 def rankings_for(run: Run) -> dict[str, str]:
