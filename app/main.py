@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `streamlit run app/main.py` from a checkout that is not pip-installed
 
 from app.components.context import run_picker, workspace_root  # noqa: E402
+from app.components.jobs import jobs_overview, start_workers  # noqa: E402
 
 GRID_CSS = """<style>
 /* Image grids (app/components/images.py draws each inside a container keyed grid_ and the grid key). */
@@ -58,8 +59,11 @@ def main() -> None:
     """Set up the page, the sidebar and the navigation, then run the chosen page."""
     st.set_page_config(page_title="tda-explorer", page_icon=":material/manage_search:", layout="wide")
     navigation = st.navigation(pages())
+    start_workers()
     st.sidebar.caption(f"Workspace `{workspace_root()}`")
     run_picker()
+    with st.sidebar:
+        jobs_overview()
     st.sidebar.markdown(GRID_CSS, unsafe_allow_html=True)
     navigation.run()
 

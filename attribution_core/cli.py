@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -205,9 +206,15 @@ def cmd_app(args: argparse.Namespace) -> None:
 
     ensure_workers(workspace.root)
     # stdin from /dev/null: nothing Streamlit starts can wait on a terminal (or fail for lack of one).
-    code = subprocess.call(  # noqa: S603 (fixed argv, no shell)
+    server = subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
         streamlit_command(args), env=env, cwd=APP_ENTRY.parent.parent, stdin=subprocess.DEVNULL
     )
+    # A TERM sent to `tdx app` (a service manager, kill) stops the server too, not only this process.
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server as well (same process group): let it finish stopping
+        code = server.wait()
     raise SystemExit(code)
 
 

@@ -28,8 +28,9 @@ def workspace(demo_copy) -> Workspace:
 
 @pytest.fixture(autouse=True)
 def workspace_env(workspace, monkeypatch):
-    """The app reads its workspace from TDX_WORKSPACE."""
+    """The app reads its workspace from TDX_WORKSPACE; its jobs run inline, in the page (tests/test_app_jobs.py covers workers)."""
     monkeypatch.setenv("TDX_WORKSPACE", str(workspace.root))
+    monkeypatch.setenv("TDX_JOBS", "inline")
 
 
 def open_app(page: str | None = None, **query_params: str) -> AppTest:
@@ -243,8 +244,6 @@ def test_compare_states_agreement_and_lds_with_stored_ground_truth():
     text = texts(app)
     assert "**TRAK** and **TracIn** agree on" in text and "of the top 10" in text
     assert app.number_input(key="lds_subsets").value == GROUND_TRUTH.n_subsets
-    if button_keys(app, "lds_score"):  # the first test samples' scores are computed on request only
-        app.button(key="lds_score").click().run()
     lds_table = table_with(app, "LDS")
     assert list(lds_table["method"]) == ["TRAK", "TracIn"]
     assert lds_table["LDS"].between(-1, 1).all()
@@ -256,9 +255,7 @@ def test_compare_computes_missing_ground_truth_with_a_button():
     app.number_input(key="lds_subsets").set_value(3).run()
     assert "0 of 3 exist" in texts(app)
     app.button(key="lds_compute").click().run()
-    assert not app.exception
-    app.button(key="lds_score").click().run()  # the first test samples' scores, on request only
-    assert not app.exception
+    assert not app.exception  # the first test samples' scores follow without a button
     assert list(table_with(app, "LDS")["method"]) == ["TRAK", "TracIn"]
 
 
@@ -297,7 +294,7 @@ def test_training_form_trains_a_run_and_refuses_bad_names(workspace):
     submit_training_form(app)
     assert not app.error
     assert "tiny-new" in workspace.run_ids()
-    app.button(key="open_trained").click().run()
+    app.button(key="open_trained_tiny-new").click().run()
     assert app.selectbox(key="run").value == "tiny-new"
 
 
@@ -383,24 +380,25 @@ def test_mislabels_of_a_run_without_a_record_rank_by_checkpoints_and_say_why(wor
 
 
 def test_explore_scores_only_the_block_of_the_query(workspace, monkeypatch):
-    from app.components import core_calls
+    from attribution_core.jobs import kinds
+    from attribution_core.jobs.ready import QUERY_BLOCK
 
     calls = []
-    real_attribute = core_calls.attribute
+    real_attribute = kinds.attribute_scores
 
     def recording(run, method, *, queries=None, **options):
         calls.append((run.run_id, method, None if queries is None else [int(query) for query in queries]))
         return real_attribute(run, method, queries=queries, **options)
 
-    monkeypatch.setattr(core_calls, "attribute", recording)
+    monkeypatch.setattr(kinds, "attribute_scores", recording)
     app = open_app(run="fmnist-two-stage", method="graddot", query="70")  # no other test scores this run with graddot
     block = list(range(64, 96))
-    assert core_calls.QUERY_BLOCK == 32 and calls == [("fmnist-two-stage", "graddot", block)]
+    assert QUERY_BLOCK == 32 and calls == [("fmnist-two-stage", "graddot", block)]
     assert len(button_keys(app, "results_proponents_")) == 10
     stored = [artifact.inputs["queries"] for artifact in workspace.artifacts("fmnist-two-stage", "scores")]
     assert block in stored
-    assert all(queries == list(range(queries[0], queries[0] + len(queries))) and queries[0] % core_calls.QUERY_BLOCK == 0
-               and len(queries) <= core_calls.QUERY_BLOCK for queries in stored), "only whole blocks are stored, never the test set"
+    assert all(queries == list(range(queries[0], queries[0] + len(queries))) and queries[0] % QUERY_BLOCK == 0
+               and len(queries) <= QUERY_BLOCK for queries in stored), "only whole blocks are stored, never the test set"
     open_app(run="fmnist-two-stage", method="graddot", query="90")
     assert len(calls) == 1, "another sample of the same block is served from the block"
 
@@ -430,9 +428,7 @@ def test_compare_lds_explains_the_mode_and_computes_a_small_order_keeping_ground
     app.button(key="lds_compute").click().run()
     assert not app.exception and not app.error
     assert "order-keeping, 3 subsets of 95%" in texts(app), "listed among the stored ground truths"
-    app.multiselect(key="compare_methods").set_value(["trak", "replay"]).run()
-    assert not app.get("plotly_chart") and button_keys(app, "lds_score"), "no scoring of the LDS queries on page load"
-    app.button(key="lds_score").click().run()
+    app.multiselect(key="compare_methods").set_value(["trak", "replay"]).run()  # replay's LDS queries are scored as jobs
     assert not app.exception and not app.error
     assert list(table_with(app, "LDS")["method"]) == ["TRAK", "replay (exact)"]
     assert len(app.get("plotly_chart")) == 2
@@ -440,4 +436,4 @@ def test_compare_lds_explains_the_mode_and_computes_a_small_order_keeping_ground
     again.segmented_control(key="lds_mode").set_value("order_keeping").run()
     again.number_input(key="lds_subsets").set_value(3).run()
     again.multiselect(key="compare_methods").set_value(["trak", "replay"]).run()
-    assert not button_keys(again, "lds_score") and list(table_with(again, "LDS")["method"]) == ["TRAK", "replay (exact)"]
+    assert list(table_with(again, "LDS")["method"]) == ["TRAK", "replay (exact)"]

@@ -92,10 +92,62 @@ def test_streamlit_is_always_started_headless(flags):
 
 def test_streamlit_gets_no_terminal_stdin(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda argv, **kwargs: calls.append((argv, kwargs)) or 0)
+
+    class Server:
+        def __init__(self, argv, **kwargs):
+            calls.append((argv, kwargs))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Server)
+    monkeypatch.setattr("attribution_core.jobs.worker.ensure_workers", lambda root: None)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["app", "--no-demo", "--workspace", str(tmp_path)])
     assert exit_info.value.code == 0
     (argv, kwargs), = calls
     assert kwargs["stdin"] is subprocess.DEVNULL
     assert argv == cli.streamlit_command(cli.build_parser().parse_args(["app", "--no-demo", "--workspace", str(tmp_path)]))
+
+
+def _listening(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_term_signal_to_tdx_app_stops_the_server_and_its_workers(workspace, tmp_path):
+    log = tmp_path / "app.log"
+    server, url = _start(workspace, log)
+    try:
+        wait_until_healthy(url, server, log)
+        workers = _workers_of(workspace)
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline:  # `tdx app` starts both lanes' workers at once
+            time.sleep(0.2)
+            workers = _workers_of(workspace)
+        assert len(workers) == 2
+        os.kill(server.pid, signal.SIGTERM)  # only `tdx app`, as a service manager or `kill` would
+        assert server.wait(timeout=30) is not None
+        deadline = time.monotonic() + 30  # workers notice their parent is gone within a heartbeat
+        while (_listening(url) or _workers_of(workspace)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _listening(url) and not _workers_of(workspace)
+    finally:
+        _stop(server)
+
+
+def _workers_of(workspace: Workspace) -> list[int]:
+    """Process ids of the job workers serving this workspace."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"attribution_core.jobs.worker" in argv and str(workspace.root).encode() in argv:
+                found.append(int(entry.name))
+    return found

@@ -1,13 +1,9 @@
 """Cached calls into the attribution core, and how their errors reach the page.
 
-Runs and small tables use Streamlit's caches. Scores are computed on demand, in fixed blocks of
-QUERY_BLOCK test samples: a page that shows test sample q asks for the block holding q, never
-for the whole test set (that stays a CLI/API job: `tdx attribute`, `tdx lds`). A block is
-remembered in a process-wide store keyed by workspace, run (id and creation time), method,
-checkpoints and block; a Streamlit cache would replay the progress bar drawn while computing, so
-the progress bar is drawn here, outside any cached function, and only on a miss. The core stores
-the scores of every list of test indices on disk (api.attribute), so a revisited block, or one
-computed before a restart, is loaded rather than computed again.
+Runs and small tables use Streamlit's caches. Scores are never computed in a page: a page that
+shows test sample q reads the stored scores of the block holding q (jobs.ready.QUERY_BLOCK), and
+when they are not stored the block is handed to a job (components/jobs.py) whose progress the page
+shows meanwhile. The whole test set stays a CLI/API job (`tdx attribute`, `tdx lds`).
 """
 from __future__ import annotations
 
@@ -25,35 +21,22 @@ import torch
 
 from attribution_core import inspection
 from attribution_core.annotations import Annotations
-from attribution_core.api import METHODS, attribute, default_checkpoints, state_artifact
+from attribution_core.api import METHODS, default_checkpoints
 from attribution_core.errors import TdxError
+from attribution_core.jobs.kinds import scores_job
+from attribution_core.jobs.queue import INTERACTIVE, REQUESTED
+from attribution_core.jobs.ready import blocks_covering, offered_methods, query_block
 from attribution_core.run import Run, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
-from attribution_core.task import Task
 
 from .context import current_run_id, workspace_root
-from .progress import ProgressFn, progress_bar
+from .jobs import job_result
 
 T = TypeVar("T")
 
 _REMEMBERED_RESULTS = 48
-"""How many computed results (score blocks, rankings, embeddings) the process keeps in memory."""
-
-_REMEMBERED_BLOCKS = 16
-"""How many of those may be blocks of scores (each QUERY_BLOCK × training set floats, ~8 MB for 60,000 examples)."""
-
-QUERY_BLOCK = 32
-"""Test samples scored together: block b holds test indices [b × QUERY_BLOCK, (b + 1) × QUERY_BLOCK).
-
-Asking for one test sample scores its whole block (the neighbours come almost free: replay
-carries up to 32 queries backward in one replay, influence streams the training set once per
-block), and the block's scores are stored by the core under the block's indices, so any sample
-of a block visited before opens at once.
-"""
-
-SCORES = "scores"
-"""The first element of the store keys of score blocks."""
+"""How many computed results (predictions, tables) the process keeps in memory."""
 
 
 def call_or_report(call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
@@ -159,9 +142,6 @@ def remembered(key: tuple, compute: Callable[[], T]) -> T:
             results.values[key] = value
             while len(results.values) > _REMEMBERED_RESULTS:
                 results.values.popitem(last=False)
-            blocks = [stored for stored in results.values if stored[:1] == (SCORES,)]
-            for stored in blocks[: max(0, len(blocks) - _REMEMBERED_BLOCKS)]:  # oldest first
-                del results.values[stored]
             results.key_locks.pop(key, None)
     return value
 
@@ -210,7 +190,7 @@ def method_label(method: str) -> str:
 
 def method_choices(run: Run) -> list[str]:
     """The methods the app offers for this run, in the core's display order: those that can attribute it."""
-    return [name for name, method in METHODS.items() if method.unsupported_reason(run) is None]
+    return offered_methods(run)
 
 
 def unsupported_methods(run: Run) -> dict[str, str]:
@@ -225,46 +205,10 @@ def default_checkpoint_range(run: Run, method: str) -> tuple[int, int]:
     return chosen[0], chosen[-1]
 
 
-def query_block(query: int, n_test: int) -> tuple[int, ...]:
-    """The block of test indices scored together with `query` (see QUERY_BLOCK), cut at the end of the test set."""
-    start = query // QUERY_BLOCK * QUERY_BLOCK
-    return tuple(range(start, min(start + QUERY_BLOCK, n_test)))
-
-
-def blocks_covering(n_queries: int, n_test: int) -> list[tuple[int, ...]]:
-    """The blocks that hold the first n_queries test samples (the last one may reach past them)."""
-    return [query_block(start, n_test) for start in range(0, min(n_queries, n_test), QUERY_BLOCK)]
-
-
-def _block_key(run: Run, method: str, checkpoints: tuple[int, ...], block: tuple[int, ...]) -> tuple:
-    return (SCORES, *run_key(run), method, tuple(checkpoints), tuple(block))
-
-
-def block_scores(run: Run, method: str, checkpoints: tuple[int, ...], block: tuple[int, ...]) -> Scores:
-    """Scores of one block of test samples under a method and checkpoints, with a progress bar on a miss.
-
-    The core stores them on disk under the block's indices, so a miss here is a load from disk
-    when the block was computed before (in this process or another).
-    """
-
-    def compute() -> Scores:
-        label = f"{method_label(method)}: scoring test samples {block[0]}–{block[-1]} against the training set"
-        with progress_bar(label, show_time=True) as progress:
-            return attribute(run, method, queries=list(block), checkpoints=list(checkpoints), progress=progress)
-
-    return remembered(_block_key(run, method, checkpoints, block), compute)
-
-
-def block_is_stored(run: Run, method: str, checkpoints: tuple[int, ...], block: tuple[int, ...]) -> bool:
-    """Whether a block's scores exist already (in this process, or on disk), so that showing them computes nothing.
-
-    The disk check rebuilds the keys api.attribute stores under (the method's default settings,
-    the default task, the block's indices): keep it in step with api.attribute.
-    """
-    if is_remembered(_block_key(run, method, checkpoints, block)):
-        return True
-    state = state_artifact(run, METHODS[method](), list(checkpoints), Task())
-    return state.is_complete() and run.artifact("scores", state=state.directory.name, queries=list(block)).is_complete()
+def block_scores(run: Run, method: str, checkpoints: tuple[int, ...], block: list[int], *, container=None,
+                 priority: int = INTERACTIVE) -> Scores | None:
+    """Scores of one block of test samples under a method and checkpoints, or None while its job runs (its panel shown)."""
+    return job_result(run, scores_job(run, method, block, list(checkpoints), priority=priority), container=container)
 
 
 def rows_of(scores_: Scores, queries: list[int]) -> Scores:
@@ -291,29 +235,21 @@ def stacked(parts: list[Scores]) -> Scores:
     )
 
 
-def query_scores(run: Run, method: str, checkpoints: tuple[int, ...], query: int) -> Scores:
-    """Scores of one test sample (one row), computed with its block (see QUERY_BLOCK) on a miss."""
+def query_scores(run: Run, method: str, checkpoints: tuple[int, ...], query: int, *, container=None) -> Scores | None:
+    """Scores of one test sample (one row), read from its block; None while the block's job runs (its panel shown)."""
     _, test_set = run.datasets()
-    return rows_of(block_scores(run, method, checkpoints, query_block(query, len(test_set))), [query])
+    scores_ = block_scores(run, method, checkpoints, query_block(query, len(test_set)), container=container)
+    return None if scores_ is None else rows_of(scores_, [query])
 
 
-def first_queries_scores(run: Run, method: str, checkpoints: tuple[int, ...], n_queries: int, *,
-                         progress: ProgressFn | None = None) -> Scores:
-    """Scores of the first n_queries test samples, block by block (each computed with its progress bar on a miss).
+def first_queries_scores(run: Run, method: str, checkpoints: tuple[int, ...], n_queries: int, *, container=None) -> Scores | None:
+    """Scores of the first n_queries test samples, from their blocks; None while any block's job runs (their panels shown).
 
-    progress(blocks done, blocks) after each block, for a bar over the whole job.
+    The blocks are work a user asked for, not one a page waits on: they queue behind the clicks.
     """
     _, test_set = run.datasets()
-    blocks = blocks_covering(n_queries, len(test_set))
-    parts = []
-    for done, block in enumerate(blocks, start=1):
-        parts.append(block_scores(run, method, checkpoints, block))
-        if progress is not None:
-            progress(done, len(blocks))
+    parts = [block_scores(run, method, checkpoints, block, container=container, priority=REQUESTED)
+             for block in blocks_covering(n_queries, len(test_set))]
+    if any(part is None for part in parts):
+        return None
     return rows_of(stacked(parts), list(range(min(n_queries, len(test_set)))))
-
-
-def first_queries_stored(run: Run, method: str, checkpoints: tuple[int, ...], n_queries: int) -> bool:
-    """Whether first_queries_scores would compute nothing (every block it needs exists already)."""
-    _, test_set = run.datasets()
-    return all(block_is_stored(run, method, checkpoints, block) for block in blocks_covering(n_queries, len(test_set)))

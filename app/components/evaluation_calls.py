@@ -1,11 +1,11 @@
-"""Cached calls into the core's mislabel rankings."""
+"""The core's mislabel rankings, read from the store or computed by a job."""
 from __future__ import annotations
 
-from attribution_core.evaluation.mislabel import MislabelRanking, rank_mislabels, rankings_for
+from attribution_core.evaluation.mislabel import MislabelRanking, rankings_for
+from attribution_core.jobs.kinds import ranking_job
 from attribution_core.run import Run
 
-from .core_calls import remembered, run_key
-from .progress import progress_bar
+from .jobs import job_result
 
 
 def ranking_choices(run: Run) -> dict[str, str]:
@@ -13,11 +13,6 @@ def ranking_choices(run: Run) -> dict[str, str]:
     return rankings_for(run)
 
 
-def mislabel_ranking(run: Run, ranking: str) -> MislabelRanking:
-    """The run's training set ranked by `ranking`, with a progress bar on a miss."""
-
-    def compute() -> MislabelRanking:
-        with progress_bar(f"Ranking the training set by {ranking}") as progress:
-            return rank_mislabels(run, ranking, progress=progress)
-
-    return remembered(("mislabels", *run_key(run), ranking), compute)
+def mislabel_ranking(run: Run, ranking: str, *, container=None) -> MislabelRanking | None:
+    """The run's training set ranked by `ranking`, or None while its job runs (its progress panel shown)."""
+    return job_result(run, ranking_job(run, ranking), container=container)

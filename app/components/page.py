@@ -47,16 +47,14 @@ def page_prelude(title: str) -> Prelude:
     return Prelude(run, train_set, test_set, predictions)
 
 
-def chosen_attribution(run: Run, query: int, method_container, checkpoint_container) -> Attribution:
+def chosen_attribution(run: Run, query: int, method_container, checkpoint_container, *, container=None) -> Attribution | None:
     """The method selector and checkpoint range (drawn in the given containers) and the scores they give test sample `query`.
 
-    Only the query's block of test samples is scored (core_calls.QUERY_BLOCK), and only when
-    neither this process nor the workspace holds it yet. Stops the page after showing the error
-    when the scores cannot be computed (e.g. a missing checkpoint).
+    The scores are read from the query's stored block of test samples (jobs.ready.QUERY_BLOCK).
+    When the block is not stored its job runs in the background and None comes back, after its
+    progress panel is drawn in `container` (or where the page is); an error is shown the same way.
     """
     method = method_selectbox(run, method_container)
     checkpoints = checkpoint_range(run, method, checkpoint_container)
-    method_scores = call_or_report(query_scores, run, method, checkpoints, query)
-    if method_scores is None:
-        st.stop()
-    return Attribution(method, checkpoints, method_scores)
+    method_scores = call_or_report(query_scores, run, method, checkpoints, query, container=container)
+    return None if method_scores is None else Attribution(method, checkpoints, method_scores)

@@ -13,7 +13,6 @@ from app.components.core_calls import (
     annotations,
     call_or_report,
     first_queries_scores,
-    first_queries_stored,
     method_choices,
     method_label,
     query_scores,
@@ -21,45 +20,34 @@ from app.components.core_calls import (
 )
 from app.components.examples import class_name, score_legend, train_items
 from app.components.images import image_grid
+from app.components.jobs import job_mode, job_queue, job_result
 from app.components.methods import checkpoint_label
 from app.components.page import page_prelude
-from app.components.progress import progress_bar
 from app.components.queries import query_card, query_selectbox
-from attribution_core.api import METHODS, default_checkpoints
+from attribution_core.api import default_checkpoints
 from attribution_core.evaluation.lds import (
     MODES,
+    GroundTruth,
     LdsSettings,
-    groundtruth,
     groundtruth_status,
     lds,
-    load_groundtruth,
     stored_groundtruth_settings,
 )
+from attribution_core.jobs.kinds import groundtruth_job
+from attribution_core.jobs.ready import FIRST_GROUND_TRUTH, LDS_QUERIES, compared_methods
 from attribution_core.replay import why_not_replayable
 from attribution_core.run import Run
 from attribution_core.scores import Scores
 
-LDS_QUERIES = 100
-"""The LDS section covers the first this many test samples: the whole test set is a job for the command line (`tdx lds`)."""
-
 MODE_NAMES = {"reshuffled": "reshuffled", "order_keeping": "order-keeping"}
 """How the page names each ground-truth mode."""
 
-NEW_GROUND_TRUTH = {"reshuffled": LdsSettings(n_subsets=50), "order_keeping": LdsSettings(n_subsets=20, alpha=0.95, mode="order_keeping")}
+NEW_GROUND_TRUTH = {"reshuffled": FIRST_GROUND_TRUTH, "order_keeping": LdsSettings(n_subsets=20, alpha=0.95, mode="order_keeping")}
 """What the controls open with in a mode the run stores no ground truth of (order-keeping: small, 5 % of the examples removed)."""
 
 MODE_KEY, SUBSETS_KEY, ALPHA_KEY = "lds_mode", "lds_subsets", "lds_alpha"
 PRESET_KEY = "lds_preset_for"
 """Session state: the (run, mode) the subset and share controls were last preset for."""
-
-
-def default_methods(choices: list[str]) -> list[str]:
-    """The two methods Compare opens with: the first offered ones whose fitted state holds self-influence (TRAK, TracIn).
-
-    No declaration names a default pair; this one keeps the pair the page has always opened on
-    without a list of names in the app.
-    """
-    return [name for name in choices if METHODS[name].self_influence_at_fit][:2]
 
 
 def method_scores(run: Run, methods: list[str], query: int) -> dict[str, Scores]:
@@ -151,39 +139,24 @@ def lds_settings_controls(run: Run) -> LdsSettings | None:
     return settings
 
 
-def render_groundtruth_job(run: Run, settings: LdsSettings) -> None:
-    """Progress of the ground truth so far, and a button that computes (or resumes) it."""
+def render_groundtruth(run: Run, settings: LdsSettings) -> GroundTruth | None:
+    """The stored ground truth; else its job's progress, or what it needs and a button that queues it (resumes what exists)."""
+    spec = groundtruth_job(run, settings)
+    truth = call_or_report(job_result, run, spec, submit=False)  # stored, or the panel of the job asked for before
+    if truth is not None or (job_mode() != "inline" and job_queue().get(spec.key) is not None):
+        return truth
     done, total = groundtruth_status(run, settings)
     models = ("models retrained on random subsets" if settings.mode == "reshuffled" else
               f"replays of the recorded run, each with a random {1 - settings.alpha:.0%} of the examples weighted 0")
     st.info(f"LDS needs the ground truth: {total} {models}. {done} of {total} exist" + (" (computing resumes from there)." if done else "."))
-    if st.button(f"Compute the ground truth ({total - done} retrainings)", icon=":material/model_training:", key="lds_compute"):
-        with progress_bar("Retraining on random subsets" if settings.mode == "reshuffled" else "Replaying with examples removed") as progress:
-            truth = call_or_report(groundtruth, run, settings, progress=progress)
-        if truth is not None:
-            st.rerun()
+    pressed = st.button(f"Compute the ground truth ({total - done} retrainings)", icon=":material/model_training:", key="lds_compute")
+    return call_or_report(job_result, run, spec, submit=True) if pressed else None
 
 
 def lds_scores(run: Run, methods: list[str], n_queries: int) -> dict[str, Scores]:
-    """Each method's scores of the first n_queries test samples where they exist already, or after the button that scores the rest."""
-    checkpoints = {method: tuple(default_checkpoints(run, method)) for method in methods}
-    ready = {method for method in methods if call_or_report(first_queries_stored, run, method, checkpoints[method], n_queries)}
-    missing = [method for method in methods if method not in ready]
-    if missing:
-        names = ", ".join(method_label(method) for method in missing)
-        st.info(f"The LDS needs the scores of the first {n_queries} test samples, and {names} "
-                f"{'has' if len(missing) == 1 else 'have'} not scored them all yet: the page computes them on request only.")
-        if st.button(f"Score the first {n_queries} test samples with {names}", icon=":material/calculate:", key="lds_score"):
-            failed = False
-            with progress_bar(f"Scoring the first {n_queries} test samples") as overall:
-                for number, method in enumerate(missing):
-                    def progress(done: int, total: int, number: int = number) -> None:
-                        overall(number * total + done, len(missing) * total)
-                    failed |= call_or_report(first_queries_scores, run, method, checkpoints[method], n_queries, progress=progress) is None
-            if not failed:  # otherwise the errors stay on the page, and the button for another try
-                st.rerun()  # redrawn without the button: the scores are stored now
-    computed = {method: call_or_report(first_queries_scores, run, method, checkpoints[method], n_queries)
-                for method in methods if method in ready}
+    """Each method's scores of the first n_queries test samples: stored ones, the others queued as jobs (their panels shown)."""
+    computed = {method: call_or_report(first_queries_scores, run, method, tuple(default_checkpoints(run, method)), n_queries)
+                for method in methods}
     return {method: scores_ for method, scores_ in computed.items() if scores_ is not None}
 
 
@@ -195,9 +168,8 @@ def render_lds(run: Run, methods: list[str], query: int) -> None:
     settings = lds_settings_controls(run)
     if settings is None:
         return
-    truth = call_or_report(load_groundtruth, run, settings)
+    truth = render_groundtruth(run, settings)
     if truth is None:
-        render_groundtruth_job(run, settings)
         return
     _, test_set = run.datasets()
     n_queries = min(LDS_QUERIES, len(test_set))
@@ -255,7 +227,7 @@ def render() -> None:
     controls = st.columns([1.5, 2, 1])
     query = query_selectbox(test_set, predictions, controls[0])
     methods = controls[1].multiselect(
-        "Methods (two to four)", choices, default=default_methods(choices), max_selections=4, format_func=method_label,
+        "Methods (two to four)", choices, default=compared_methods(run), max_selections=4, format_func=method_label,
         key="compare_methods", help=methods_help(run))
     k = controls[2].slider("Top k", 5, 15, 10, key="compare_k")
     with st.columns([1, 2])[0]:

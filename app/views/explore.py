@@ -14,13 +14,15 @@ from app.components.core_calls import annotations, call_or_report, method_label,
 from app.components.examples import class_name, flipped_from, score_legend, train_items
 from app.components.flagging import flag_controls
 from app.components.images import current_page, enlarged, image_grid
+from app.components.jobs import job_result
 from app.components.methods import segment_labels, segment_range, segmented_methods
 from app.components.page import chosen_attribution, page_prelude
 from app.components.progress import progress_bar
 from app.components.queries import query_card, query_grid_item, query_order, query_selectbox, select_query
 from attribution_core.api import METHODS, QueryBatch, attribute
 from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
-from attribution_core.evaluation.counterfactual import CounterfactualSettings, counterfactual
+from attribution_core.evaluation.counterfactual import CounterfactualSettings
+from attribution_core.jobs.kinds import counterfactual_job, fit_job
 from attribution_core.run import Run
 from attribution_core.scores import Scores
 
@@ -157,16 +159,9 @@ def render_counterfactual(run: Run, query: int, method: str, checkpoints: tuple[
     left, right = st.columns([2, 1], vertical_alignment="bottom")
     fraction = left.segmented_control("Examples removed (share of the training set)", list(REMOVAL_FRACTIONS), default="5 %",
                                       key="counterfactual_k", required=True)
-    key = (run.run_id, run.created, query, method, checkpoints, fraction)
-    results = st.session_state.setdefault("counterfactual_results", {})
-    if right.button("Remove and retrain", icon=":material/replay:", key="counterfactual_run", type="primary"):
-        settings = CounterfactualSettings(k=REMOVAL_FRACTIONS[fraction])
-        with progress_bar(f"Retraining without the removed examples ({method_label(method)})") as progress:
-            result = call_or_report(counterfactual, run, query, method, settings=settings,
-                                    checkpoints=list(checkpoints), progress=progress)
-        if result is not None:
-            results[key] = result
-    result = results.get(key)
+    spec = counterfactual_job(run, query, method, list(checkpoints), CounterfactualSettings(k=REMOVAL_FRACTIONS[fraction]))
+    pressed = right.button("Remove and retrain", icon=":material/replay:", key="counterfactual_run", type="primary")
+    result = call_or_report(job_result, run, spec, submit=pressed)  # stored, or the job's panel once asked for
     if result is None:
         return
     _, test_set = run.datasets()
@@ -187,8 +182,14 @@ def read_upload(uploaded) -> Image.Image | None:
     return call_or_report(read_uploaded_image, uploaded.name, uploaded.getvalue(), UPLOAD_LIMIT_MB)
 
 
-def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x: torch.Tensor, label: int, uploaded) -> Scores:
-    """Scores of an uploaded image for one class, computed once per (run, method, checkpoints, file content, class)."""
+def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x: torch.Tensor, label: int, uploaded) -> Scores | None:
+    """Scores of an uploaded image for one class, computed once per (run, method, checkpoints, file content, class).
+
+    The method's fit is a job (None while it runs, its panel shown); the image's own scores are one
+    gradient and a product against the stored fit, computed here.
+    """
+    if job_result(run, fit_job(run, method, list(checkpoints))) is None:
+        return None
 
     def compute() -> Scores:
         with progress_bar(f"{method_label(method)}: scoring the uploaded image") as progress:
@@ -236,6 +237,8 @@ def render() -> None:
     with card_column:
         query_card(test_set, predictions, query)
     chosen = chosen_attribution(run, query, method_column, range_column)
+    if chosen is None:  # its job's panel is shown: the picker above stays usable meanwhile
+        return
     method, checkpoints, query_scores = chosen.method, chosen.checkpoints, chosen.scores  # one row: the query's
     labels: list[str] = []
     if METHODS[method].has_segments:

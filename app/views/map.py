@@ -6,12 +6,13 @@ import streamlit as st
 
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
 from app.components.core_calls import annotations, call_or_report, method_label
-from app.components.embedding import Embedding, embedding
+from app.components.embedding import embedding
 from app.components.examples import FLAG_COLOURS, class_name, score_legend, train_items
 from app.components.images import image_grid
 from app.components.methods import checkpoint_label
 from app.components.page import chosen_attribution, page_prelude
 from app.components.queries import query_card, query_selectbox
+from attribution_core.inspection import MapLayout
 from attribution_core.run import Run
 
 COLOURINGS = ("label", "flag", "influence on a test sample")
@@ -23,7 +24,7 @@ def hover_texts(dataset, split: str, indices: np.ndarray) -> list[str]:
     return [f"{split} #{index} · {class_name(dataset, int(dataset.y[index]))}" for index in indices]
 
 
-def groups_by_label(run: Run, layout: Embedding, show_test: bool) -> list[PointGroup]:
+def groups_by_label(run: Run, layout: MapLayout, show_test: bool) -> list[PointGroup]:
     """One trace per class and split (test samples as diamonds); one legend entry per class."""
     groups = []
     for split, dataset, positions, symbol in zip(("train", "test"), run.datasets(), (layout.train, layout.test), ("circle", "diamond")):
@@ -39,7 +40,7 @@ def groups_by_label(run: Run, layout: Embedding, show_test: bool) -> list[PointG
     return groups
 
 
-def groups_by_flag(run: Run, layout: Embedding) -> list[PointGroup]:
+def groups_by_flag(run: Run, layout: MapLayout) -> list[PointGroup]:
     """Training examples grouped by their verdict (grey when none), flipped labels outlined separately."""
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
@@ -59,7 +60,7 @@ def groups_by_flag(run: Run, layout: Embedding) -> list[PointGroup]:
     return groups
 
 
-def groups_by_influence(run: Run, layout: Embedding, values: np.ndarray, query: int) -> list[PointGroup]:
+def groups_by_influence(run: Run, layout: MapLayout, values: np.ndarray, query: int) -> list[PointGroup]:
     """Training examples coloured by their score for the query (red opponents, blue proponents), the query as a star."""
     train_set, test_set = run.datasets()
     indices = np.arange(len(train_set))
@@ -109,9 +110,10 @@ def render() -> None:
     if colouring == "influence on a test sample":
         row = st.columns([1.5, 1, 1.5])
         query = query_selectbox(test_set, predictions, row[0])
-        chosen = chosen_attribution(run, query, row[1], row[2])  # the query's scores only (one row)
-        values = chosen.scores.values[0]
-        legend = score_legend(method_label(chosen.method), class_name(test_set, int(chosen.scores.query_labels[0])))
+        chosen = chosen_attribution(run, query, row[1], row[2])  # the query's scores only (one row); None while they are computed
+        if chosen is not None:
+            values = chosen.scores.values[0]
+            legend = score_legend(method_label(chosen.method), class_name(test_set, int(chosen.scores.query_labels[0])))
     layout = call_or_report(embedding, run, checkpoint)
     if layout is None:
         return

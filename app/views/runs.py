@@ -7,17 +7,20 @@ import streamlit as st
 from app.components import charts
 from app.components.context import current_run_id, select_run
 from app.components.core_calls import call_or_report, list_runs_cached, load_run_cached, workspace
+from app.components.jobs import job_result
 from app.components.methods import checkpoint_label
-from app.components.progress import progress_bar
-from attribution_core.api import resolve_device
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
+from attribution_core.jobs.kinds import train_job
+from attribution_core.jobs.queue import JobSpec
 from attribution_core.models import ModelSpec
 from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage
-from attribution_core.training import train
 
 DATA_SOURCES = {"sample": "Fashion-MNIST sample (shipped)", "digits": "scikit-learn digits (8×8)"}
 """Data the training form offers: both ship with the project, nothing is downloaded."""
+
+TRAINING_KEY = "training_jobs"
+"""Session state: the training jobs started from the form in this session (their panels and Open buttons)."""
 
 
 def stages_text(run: Run) -> str:
@@ -112,8 +115,8 @@ def stage_from_form(prefix: str, values: dict, classes: list[int] | None) -> Sta
                  classes=tuple(classes) if classes else None)
 
 
-def train_new_run(values: dict) -> Run:
-    """Train the run the form describes, with progress in an expanded st.status."""
+def training_job(values: dict) -> JobSpec:
+    """The job that trains the run the form describes (refused when the name is taken)."""
     run_id = values["run_id"].strip()
     if run_id in workspace().run_ids():
         raise SettingsError(f"run {run_id!r} already exists in this workspace: choose another name")
@@ -124,11 +127,17 @@ def train_new_run(values: dict) -> Run:
     if values["second_epochs"] > 0:
         stages.append(stage_from_form("second", values, values["second_classes"]))
     recipe = Recipe(tuple(stages), seed=values["seed"], checkpoints=CheckpointPolicy(every_epochs=None, count=values["checkpoints"]))
-    with st.status(f"Training {run_id}…", expanded=True) as status:
-        with progress_bar("optimizer steps", container=status) as progress:
-            run = train(data, model, recipe, workspace(), run_id, device=resolve_device("auto"), progress=progress)
-        status.update(label=f"Trained {run_id}: test accuracy {run.metrics['test_accuracy']:.1%}", state="complete")
-    return run
+    return train_job(workspace(), run_id, data, model, recipe)
+
+
+def render_training_jobs() -> None:
+    """Runs being trained in the background (started from the form), each with its progress panel or an Open button."""
+    for spec in st.session_state.get(TRAINING_KEY, []):
+        run = call_or_report(job_result, workspace(), spec)
+        if run is not None:
+            st.success(f"Trained {run.run_id}: test accuracy {run.metrics['test_accuracy']:.1%}", icon=":material/check_circle:")
+            st.button(f"Open {run.run_id}", on_click=select_run, args=(run.run_id,), type="primary", icon=":material/open_in_new:",
+                      key=f"open_trained_{run.run_id}")
 
 
 def render_training_form() -> None:
@@ -160,10 +169,11 @@ def render_training_form() -> None:
         values["seed"] = bottom[1].number_input("Seed", 0, 2**31 - 1, 0)
         submitted = st.form_submit_button("Train", type="primary", icon=":material/play_arrow:")
     if submitted:
-        run = call_or_report(train_new_run, values)
-        if run is not None:
-            st.button(f"Open {run.run_id}", on_click=select_run, args=(run.run_id,), type="primary", icon=":material/open_in_new:",
-                      key="open_trained")
+        spec = call_or_report(training_job, values)
+        if spec is not None:
+            started = st.session_state.setdefault(TRAINING_KEY, [])
+            started[:] = [earlier for earlier in started if earlier.key != spec.key] + [spec]
+    render_training_jobs()
 
 
 def render() -> None:

@@ -9,21 +9,26 @@ core directly.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..api import attribute as attribute_scores
-from ..api import prepare, state_artifact, stored_scores
+from ..api import prepare, resolve_device, state_artifact, stored_scores
+from ..data import DataSpec
 from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
 from ..evaluation.lds import LdsSettings, groundtruth, load_groundtruth
 from ..evaluation.mislabel import rank_mislabels, stored_ranking
 from ..inspection import map_layout, stored_map_layout
 from ..methods import method_class
+from ..models import ModelSpec
 from ..progress import ProgressFn
-from ..run import Run
+from ..run import Recipe, Run, load_run
+from ..store import Workspace, check_name
 from ..task import Task
+from ..training import train
 from .queue import INTERACTIVE, REQUESTED, JobSpec
 
 Params = Mapping[str, Any]
@@ -31,14 +36,19 @@ Params = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class JobKind:
-    """One kind of job: how it runs, how its result is loaded, and whether it may pause for more urgent work."""
+    """One kind of job: how it runs, how its result is loaded, and whether it may pause for more urgent work.
+
+    `run` and `load` take the job's run, or the workspace for a kind that makes the run (new_run).
+    """
 
     name: str
-    run: Callable[[Run, Params, ProgressFn], None]
-    load: Callable[[Run, Params], Any]
+    run: Callable[[Any, Params, ProgressFn], None]
+    load: Callable[[Any, Params], Any]
     resumable: bool = False
     """True when the computation keeps its finished parts (a ground truth model by model): the worker may then stop it
     between progress reports to run a more urgent job first, and it continues where it stopped."""
+    new_run: bool = False
+    """True for the kind that trains the run it names: it gets the workspace, and the run's ready jobs follow it."""
 
 
 def _checkpoints(params: Params) -> list[int] | None:
@@ -96,6 +106,15 @@ def _ranking(run: Run, params: Params, progress: ProgressFn) -> None:
     rank_mislabels(run, params["ranking"], progress=progress)
 
 
+def _train(workspace: Workspace, params: Params, progress: ProgressFn) -> None:
+    train(DataSpec(**params["data"]), ModelSpec(**params["model"]), Recipe.from_dict(params["recipe"]), workspace, params["run_id"],
+          device=resolve_device("auto"), progress=progress)
+
+
+def _trained(workspace: Workspace, params: Params) -> Run | None:
+    return load_run(workspace, params["run_id"]) if params["run_id"] in workspace.run_ids() else None
+
+
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("fit", _fit, _fitted),
     JobKind("scores", _score, _scored),
@@ -103,6 +122,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("counterfactual", _counterfactual, _counterfactual_stored, resumable=True),
     JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"]))),
     JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"])),
+    JobKind("train", _train, _trained, new_run=True),
 )}
 """Every kind of job by name."""
 
@@ -114,28 +134,35 @@ def job_kind(name: str) -> JobKind:
     return KINDS[name]
 
 
-def load_result(run: Run, spec: JobSpec) -> Any:
-    """The stored result of a job's work, or None when it is not stored (yet)."""
-    return job_kind(spec.kind).load(run, spec.params)
+def load_result(target: Run | Workspace, spec: JobSpec) -> Any:
+    """The stored result of a job's work, or None when it is not stored (yet); target: the job's run (the workspace for a new run)."""
+    return job_kind(spec.kind).load(target, spec.params)
 
 
 def _spec(run: Run, kind: str, params: dict[str, Any], title: str, priority: int) -> JobSpec:
     return JobSpec(kind, run.run_id, run.created, params, title, priority)
 
 
+def _resolved(run: Run, method: str, checkpoints: list[int] | None) -> list[int]:
+    """The checkpoints a method uses, spelled out (None: its default), so that the same work always has the same job key."""
+    return run.resolve_checkpoints(None if checkpoints is None else [int(index) for index in checkpoints],
+                                   method_class(method).default_checkpoints(len(run.checkpoints)))
+
+
 def fit_job(run: Run, method: str, checkpoints: list[int] | None = None, *, priority: int = INTERACTIVE) -> JobSpec:
     """Fit a method's train-side state (features, curvature) on the run."""
     label = method_class(method).label
-    return _spec(run, "fit", {"method": method, "checkpoints": checkpoints}, f"{label}: fit on the training set", priority)
+    return _spec(run, "fit", {"method": method, "checkpoints": _resolved(run, method, checkpoints)},
+                 f"{label}: fit on the training set", priority)
 
 
 def scores_job(run: Run, method: str, queries: list[int], checkpoints: list[int] | None = None, *,
                priority: int = INTERACTIVE) -> JobSpec:
-    """Score test samples (a block) against the training set with a method."""
+    """Score test samples (a block) against the training set with a method (fitting it first when it is not)."""
+    params = {"method": method, "queries": [int(q) for q in queries], "checkpoints": _resolved(run, method, checkpoints)}
     label = method_class(method).label
     span = f"test sample {queries[0]}" if len(queries) == 1 else f"test samples {queries[0]}–{queries[-1]}"
-    return _spec(run, "scores", {"method": method, "queries": [int(q) for q in queries], "checkpoints": checkpoints},
-                 f"{label}: scoring {span}", priority)
+    return _spec(run, "scores", params, f"{label}: scoring {span} against the training set", priority)
 
 
 def groundtruth_job(run: Run, settings: LdsSettings, *, priority: int = REQUESTED) -> JobSpec:
@@ -148,7 +175,7 @@ def groundtruth_job(run: Run, settings: LdsSettings, *, priority: int = REQUESTE
 def counterfactual_job(run: Run, query: int, method: str, checkpoints: list[int] | None, settings: CounterfactualSettings, *,
                        priority: int = REQUESTED) -> JobSpec:
     """The counterfactual check of one test sample: remove its top proponents, retrain, measure."""
-    return _spec(run, "counterfactual", {"query": int(query), "method": method, "checkpoints": checkpoints,
+    return _spec(run, "counterfactual", {"query": int(query), "method": method, "checkpoints": _resolved(run, method, checkpoints),
                                          "settings": _settings_dict(settings)},
                  f"Counterfactual check of test sample {query}: retraining without its top proponents", priority)
 
@@ -162,6 +189,14 @@ def layout_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> Job
 def ranking_job(run: Run, ranking: str, *, priority: int = INTERACTIVE) -> JobSpec:
     """A mislabel ranking of the training set."""
     return _spec(run, "ranking", {"ranking": ranking}, f"Mislabels: ranking the training set by {ranking}", priority)
+
+
+def train_job(workspace: Workspace, run_id: str, data: DataSpec, model: ModelSpec, recipe: Recipe, *,
+              priority: int = REQUESTED) -> JobSpec:
+    """Train a new run (then queue its ready jobs)."""
+    check_name(run_id, "run id")
+    params = {"run_id": run_id, "data": dataclasses.asdict(data), "model": dataclasses.asdict(model), "recipe": dataclasses.asdict(recipe)}
+    return JobSpec("train", run_id, "", json.loads(json.dumps(params)), f"Training run {run_id}", priority)
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:

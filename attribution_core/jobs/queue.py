@@ -256,6 +256,16 @@ class JobQueue:
                 connection.execute("UPDATE jobs SET state = ?, worker_pid = NULL WHERE key = ?", (QUEUED, key))
         return stale
 
+    def ahead(self, key: str) -> int:
+        """How many jobs run or wait before this queued one (0 once it runs)."""
+        with self._connect() as connection:
+            row = connection.execute("SELECT state, priority, submitted FROM jobs WHERE key = ?", (key,)).fetchone()
+            if row is None or row["state"] != QUEUED:
+                return 0
+            return connection.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = ? OR (state = ? AND (priority < ? OR (priority = ? AND submitted < ?)))",
+                (RUNNING, QUEUED, row["priority"], row["priority"], row["submitted"])).fetchone()[0]
+
     def typical_seconds(self, kind: str, run_id: str) -> float | None:
         """The median duration of this kind's finished jobs on this run (an estimate before a job reports progress)."""
         with self._connect() as connection:

@@ -29,6 +29,7 @@ from ..run import Run, load_run
 from ..store import Workspace
 from .kinds import job_kind
 from .queue import CANCELLED, DONE, FAILED, INTERACTIVE, PREFETCH, QUEUED, Job, JobQueue
+from .ready import queue_ready_jobs
 
 LANES: dict[str, int] = {"interactive": INTERACTIVE, "background": PREFETCH}
 """Each lane's worker takes the queued jobs of priority <= this."""
@@ -90,6 +91,10 @@ class _Runs:
     def __init__(self, root: Path):
         self.workspace, self.cache = Workspace(root), {}
 
+    def target(self, job: Job) -> Run | Workspace:
+        """What the job's kind works on: its run, or the workspace for a kind that makes the run."""
+        return self.workspace if job_kind(job.spec.kind).new_run else self.get(job.spec.run_id, job.spec.run_created)
+
     def get(self, run_id: str, created: str) -> Run:
         run = self.cache.get(run_id)
         if run is None or run.created != created:
@@ -116,7 +121,9 @@ def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int) -> str:
             raise JobStopped(QUEUED)
 
     try:
-        kind.run(runs.get(job.spec.run_id, job.spec.run_created), job.spec.params, progress)
+        kind.run(runs.target(job), job.spec.params, progress)
+        if kind.new_run:  # what the new run's first pages will show, computed before anyone opens them
+            queue_ready_jobs(runs.workspace, [runs.get(job.spec.run_id, load_run(runs.workspace, job.spec.run_id).created)])
     except JobStopped as stop:
         if stop.state == QUEUED:
             queue.requeue(job.key)
