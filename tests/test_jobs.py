@@ -28,7 +28,14 @@ from attribution_core.jobs.queue import (
     JobQueue,
     JobSpec,
 )
-from attribution_core.jobs.ready import LDS_QUERIES, QUERY_BLOCK, blocks_covering, query_block, queue_ready_jobs, ready_jobs
+from attribution_core.jobs.ready import (
+    LDS_QUERIES,
+    QUERY_BLOCK,
+    blocks_covering,
+    query_block,
+    queue_ready_jobs,
+    ready_jobs,
+)
 from attribution_core.jobs.worker import lane_busy, work
 from attribution_core.run import load_run
 from attribution_core.store import Workspace
