@@ -6,12 +6,12 @@ its progress, an estimate and a cancel button, refreshed by a fragment while the
 stays usable. When the job ends the whole page reruns and finds the result stored. The same work
 asked from a second tab, or after a reload, is the same job: it is never started twice.
 
-TDX_JOBS chooses who runs the jobs: "process" (default) the workers beside the server;
-"inline" the page itself, with a progress bar (AppTest); "manual" nobody until a test runs them.
+TDX_JOBS chooses who runs the jobs (attribution_core.jobs.worker.job_mode): "process" (default) the
+workers beside the server; "inline" the page itself, with a progress bar (AppTest); "manual" nobody
+until a test runs them.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -19,15 +19,12 @@ import streamlit as st
 
 from attribution_core.jobs.kinds import job_kind, load_result
 from attribution_core.jobs.queue import ACTIVE, CANCELLED, DONE, FAILED, QUEUED, Job, JobQueue, JobSpec
-from attribution_core.jobs.worker import ensure_workers
+from attribution_core.jobs.worker import ensure_workers, job_mode
 from attribution_core.run import Run
 from attribution_core.store import Workspace
 
 from .context import workspace_root
 from .progress import progress_bar
-
-JOBS_ENV = "TDX_JOBS"
-"""Environment variable: process (default), inline or manual (see the module docstring)."""
 
 WAIT_SECONDS = 1.5
 """A job that ends this soon after it is asked for is shown as if computed in the page: no panel flashes by."""
@@ -50,12 +47,6 @@ HINTS = {
 """What to know while a job of each kind runs."""
 
 
-def job_mode() -> str:
-    """Who runs jobs: process, inline or manual (TDX_JOBS)."""
-    mode = os.environ.get(JOBS_ENV, "process")
-    return mode if mode in ("process", "inline", "manual") else "process"
-
-
 def job_queue() -> JobQueue:
     """The app's workspace's job queue."""
     return JobQueue(workspace_root())
@@ -63,8 +54,7 @@ def job_queue() -> JobQueue:
 
 def start_workers() -> None:
     """Make sure the workspace's workers run (process mode): called on every page run, cheap when they do."""
-    if job_mode() == "process":
-        ensure_workers(workspace_root())
+    ensure_workers(workspace_root())
 
 
 def job_result(run: Run | Workspace, spec: JobSpec, *, submit: bool = True, container=None) -> Any:
@@ -139,7 +129,7 @@ def status_line(job: Job, queue: JobQueue, now: float | None = None) -> str:
     if job.state == QUEUED:
         ahead = queue.ahead(job.key)
         resumed = f" (resumes at {job.done} of {job.total})" if job.done else ""
-        return (f"Waiting for a worker: {ahead} job{'s' if ahead != 1 else ''} ahead" if ahead else "Starting") + resumed
+        return (f"Waiting: {ahead} job{'s' if ahead != 1 else ''} ahead" if ahead else "Waiting for a worker") + resumed
     parts = [f"{job.done:,} of {job.total:,}"] if job.total else []
     parts.append(f"{duration(job.elapsed(now))} so far")
     remaining = job.remaining(now)

@@ -20,7 +20,7 @@ from app.components.core_calls import (
 )
 from app.components.examples import class_name, score_legend, train_items
 from app.components.images import image_grid
-from app.components.jobs import job_mode, job_queue, job_result
+from app.components.jobs import job_queue, job_result
 from app.components.methods import checkpoint_label
 from app.components.page import page_prelude
 from app.components.queries import query_card, query_selectbox
@@ -35,6 +35,7 @@ from attribution_core.evaluation.lds import (
 )
 from attribution_core.jobs.kinds import groundtruth_job
 from attribution_core.jobs.ready import FIRST_GROUND_TRUTH, LDS_QUERIES, compared_methods
+from attribution_core.jobs.worker import job_mode
 from attribution_core.replay import why_not_replayable
 from attribution_core.run import Run
 from attribution_core.scores import Scores

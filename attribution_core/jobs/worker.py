@@ -195,6 +195,17 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
             stop.set()
 
 
+JOBS_ENV = "TDX_JOBS"
+"""Who runs a workspace's jobs: "process" (default) the lane workers; "inline" the caller itself (the app runs a job in the
+page, for AppTest); "manual" nobody until someone calls work() (tests that look at each job state)."""
+
+
+def job_mode() -> str:
+    """process, inline or manual, from TDX_JOBS (anything else counts as process)."""
+    mode = os.environ.get(JOBS_ENV, "process")
+    return mode if mode in ("process", "inline", "manual") else "process"
+
+
 _spawned: dict[tuple[str, str], tuple[subprocess.Popen, float]] = {}
 _spawn_lock = threading.Lock()
 SPAWN_GRACE_SECONDS = 30.0
@@ -202,7 +213,12 @@ SPAWN_GRACE_SECONDS = 30.0
 
 
 def ensure_workers(root: str | os.PathLike) -> None:
-    """Start the workspace's lane workers that are not running, as children of this process (which they outlive by at most a beat)."""
+    """Start the workspace's lane workers that are not running, as children of this process (which they outlive by at most a beat).
+
+    Does nothing unless job_mode() is "process".
+    """
+    if job_mode() != "process":
+        return
     root_path = Path(root).expanduser().resolve()
     with _spawn_lock:
         for lane in LANES:

@@ -110,8 +110,6 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
 
     open_page(page, "Compare")
     page.get_by_text("agree on").first.wait_for(timeout=TIMEOUT_MS)
-    if page.locator(".st-key-lds_score").count():  # the LDS's test samples are scored on request, never on page load
-        page.locator(".st-key-lds_score button").click()
     page.locator(".st-key-lds_scatter .scatterlayer .point").first.wait_for(timeout=TIMEOUT_MS)
     assert page.locator(".st-key-lds_scatter .scatterlayer .point").count() == 2 * 10, "ten subsets, two methods"
     screenshot(page, screenshots / "compare.png")

@@ -1,0 +1,103 @@
+"""Pages hand long work to jobs: the states a user sees (waiting, running, failed, cancelled, done), headless with AppTest.
+
+TDX_JOBS=manual: pages queue jobs and nobody runs them until the test calls a worker, so each
+state can be looked at in turn.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, QUEUED, JobQueue
+from attribution_core.jobs.worker import work
+from attribution_core.store import Workspace
+
+MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
+
+
+@pytest.fixture
+def workspace(demo_workspace, tmp_path, monkeypatch) -> Workspace:
+    """A private copy of the tiny demo; the app reads it, and nobody runs its jobs until a test does."""
+    shutil.copytree(demo_workspace.root, tmp_path / "workspace")
+    monkeypatch.setenv("TDX_WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.setenv("TDX_JOBS", "manual")
+    return Workspace(tmp_path / "workspace")
+
+
+def open_app(page: str | None = None, **query_params: str) -> AppTest:
+    app = AppTest.from_file(str(MAIN), default_timeout=120)
+    app.query_params.update(query_params)
+    app.run()
+    if page is not None:
+        app.switch_page(f"views/{page}.py").run()
+    assert not app.exception, [exception.message for exception in app.exception]
+    return app
+
+
+def texts(app: AppTest) -> str:
+    """Every text of the page, progress bars' included."""
+    kinds = ("markdown", "caption", "info", "error", "warning", "success")
+    bars = [bar.proto.text for bar in app.get("progress")]
+    return "\n".join([str(element.value) for kind in kinds for element in getattr(app, kind)] + bars)
+
+
+def panel_buttons(app: AppTest, prefix: str) -> list[str]:
+    return [button.key for button in app.button if button.key and button.key.startswith(prefix)]
+
+
+def test_explore_shows_the_job_of_a_missing_block_and_stays_usable(workspace):
+    app = open_app(run="fmnist-mlp-early", method="graddot", query="3")
+    queue = JobQueue(workspace.root)
+    (job,) = queue.jobs()
+    assert job.state == QUEUED and job.spec.kind == "scores" and job.spec.params["queries"] == list(range(32))
+    assert "gradient dot: scoring test samples 0–31 against the training set" in texts(app)
+    assert "Waiting for a worker" in texts(app) and panel_buttons(app, "cancel_") == [f"cancel_{job.key}"]
+    assert not panel_buttons(app, "results_proponents_")
+    app.selectbox(key="query").set_value(40).run()  # another block: the page answers with that block's job
+    assert not app.exception and len(queue.jobs()) == 2
+
+
+def test_a_second_tab_and_a_reload_find_the_same_job_and_the_result_when_it_is_done(workspace):
+    open_app(run="fmnist-mlp-early", method="graddot", query="3")
+    second_tab = open_app(run="fmnist-mlp-early", method="graddot", query="7")
+    queue = JobQueue(workspace.root)
+    assert len(queue.jobs()) == 1, "the same block asked from two sessions is one job"
+    assert work(workspace.root, "interactive", until_empty=True) == 1
+    second_tab.run()  # what a reload or the panel's refresh does
+    assert queue.jobs()[0].state == DONE and len(panel_buttons(second_tab, "results_proponents_")) == 10
+    assert not panel_buttons(second_tab, "cancel_")
+
+
+def test_cancel_then_start_again(workspace):
+    app = open_app(run="fmnist-mlp-early", method="graddot", query="3")
+    queue = JobQueue(workspace.root)
+    (job,) = queue.jobs()
+    app.button(key=f"cancel_{job.key}").click().run()
+    assert queue.get(job.key).state == CANCELLED
+    assert "was cancelled" in texts(app) and panel_buttons(app, "again_") == [f"again_{job.key}"]
+    app.button(key=f"again_{job.key}").click().run()
+    assert queue.get(job.key).state == QUEUED and "Waiting for a worker" in texts(app)
+
+
+def test_a_failed_job_says_why_and_offers_to_try_again(workspace):
+    (workspace.root / "runs" / "fmnist-mlp-early" / "checkpoints" / "ckpt_0002.safetensors").unlink()
+    open_app(run="fmnist-mlp-early", method="tracin", query="3")  # TracIn uses every checkpoint
+    work(workspace.root, "interactive", until_empty=True)
+    app = open_app(run="fmnist-mlp-early", method="tracin", query="3")
+    (job,) = JobQueue(workspace.root).jobs()
+    assert job.state == FAILED and "missing checkpoint" in job.error
+    assert any("failed: missing checkpoint" in error.value for error in app.error)
+    assert panel_buttons(app, "again_") == [f"again_{job.key}"]
+
+
+def test_compare_queues_the_ground_truth_only_when_asked_and_shows_its_progress(workspace):
+    app = open_app("compare", run="fmnist-mlp-early")
+    queue = JobQueue(workspace.root)
+    assert not [job for job in queue.jobs() if job.spec.kind == "groundtruth"], "a ground truth is never started unasked"
+    app.button(key="lds_compute").click().run()
+    (truth,) = [job for job in queue.jobs() if job.spec.kind == "groundtruth"]
+    assert truth.spec.title == "LDS ground truth: retraining on 50 random subsets"
+    assert "Fewer subsets are faster" in texts(app)
