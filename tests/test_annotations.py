@@ -103,3 +103,43 @@ def test_concurrent_writers_lose_no_flag(tmp_path):
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(write, range(200)))
     assert sorted(Annotations(path).flags("r")) == list(range(200))
+
+
+def test_undo_restores_what_the_last_action_replaced(tmp_path):
+    store = Annotations(tmp_path / "a.sqlite")
+    store.set_flag("run", 1, "ambiguous", note="blurry")
+    store.set_flag("run", 1, "mislabeled", suggested_label=3)
+    assert store.can_undo("run") == 1
+    assert store.undo("run") == [1]
+    restored = store.flags("run")[1]
+    assert (restored.kind, restored.suggested_label, restored.note) == ("ambiguous", None, "blurry")
+    assert store.undo("run") == [1] and store.flags("run") == {}, "undoing the first flag leaves no verdict"
+    assert store.undo("run") == [] and store.can_undo("run") == 0
+
+
+def test_a_bulk_flag_is_one_action_and_one_undo(tmp_path):
+    store = Annotations(tmp_path / "a.sqlite")
+    store.set_flag("run", 2, "fine")
+    flags = store.set_flags("run", [1, 2, 3, 2], "outlier")
+    assert [flag.example_id for flag in flags] == [1, 2, 3] and store.counts("run") == (3, 3)
+    assert store.can_undo("run") == 3
+    assert sorted(store.undo("run")) == [1, 2, 3]
+    assert {example: flag.kind for example, flag in store.flags("run").items()} == {2: "fine"}
+
+
+def test_undo_is_per_run_and_per_actor_and_survives_a_reopen(tmp_path):
+    path = tmp_path / "a.sqlite"
+    store = Annotations(path)
+    store.set_flag("run", 1, "outlier", actor="tab-a")
+    store.set_flag("run", 2, "outlier", actor="tab-b")
+    store.set_flag("other", 1, "fine", actor="tab-a")
+    reopened = Annotations(path)
+    assert reopened.undo("run", actor="tab-a") == [1]
+    assert set(reopened.flags("run")) == {2} and set(reopened.flags("other")) == {1}
+
+
+def test_removing_a_flag_can_be_undone(tmp_path):
+    store = Annotations(tmp_path / "a.sqlite")
+    store.set_flag("run", 5, "mislabeled", suggested_label=0, note="n")
+    store.remove_flag("run", 5)
+    assert store.undo("run") == [5] and store.flags("run")[5].suggested_label == 0
