@@ -11,7 +11,9 @@ a run to it.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, Union
@@ -164,8 +166,35 @@ def prepare(
         if rank == 0:
             artifact.compute_once(_state_writer(lambda: fitted))
         barrier()
-    state = {name: tensor.to(inputs.device) for name, tensor in load_tensors(artifact.path("state.safetensors")).items()}
-    return Prepared(method_object, checkpoints, task, inputs, state, artifact, notes)
+    return Prepared(method_object, checkpoints, task, inputs, _loaded_state(artifact, inputs.device), artifact, notes)
+
+
+STATE_CACHE_BYTES = 4 << 30
+"""Fitted states kept loaded in this process (least recently used dropped beyond it): scoring a new block of queries
+against a 60,000-example fit then costs the queries' gradients and a product, not a read of the state from disk."""
+
+_state_cache: OrderedDict[tuple[str, int, str], dict[str, torch.Tensor]] = OrderedDict()
+_state_cache_lock = threading.Lock()
+
+
+def _loaded_state(artifact: Artifact, device: torch.device) -> dict[str, torch.Tensor]:
+    """A stored fitted state on a device, from this process's cache when its file is unchanged (methods only read states)."""
+    path = artifact.path("state.safetensors")
+    key = (str(path), path.stat().st_mtime_ns, str(device))
+    with _state_cache_lock:
+        if key in _state_cache:
+            _state_cache.move_to_end(key)
+            return _state_cache[key]
+    state = {name: tensor.to(device) for name, tensor in load_tensors(path).items()}
+    size = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    with _state_cache_lock:
+        _state_cache[key] = state
+        while len(_state_cache) > 1 and sum(
+                tensor.numel() * tensor.element_size() for cached in _state_cache.values() for tensor in cached.values()) > STATE_CACHE_BYTES:
+            _state_cache.popitem(last=False)
+        if size > STATE_CACHE_BYTES:
+            _state_cache.pop(key, None)
+    return state
 
 
 def attribute(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray | QueryBatch | None = None,

@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     workspace = Workspace(args.workspace)
     try:
-        run_ids = build_demo(workspace, tiny=args.tiny, progress_for=progress_for)
+        run_ids = build_demo(workspace, tiny=args.tiny, full=args.full, progress_for=progress_for)
     finally:
         for bar in bars:
             bar.close()
@@ -193,7 +193,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     workspace = Workspace(args.workspace)
     if not workspace.run_ids() and not args.no_demo:
         print(f"building the demo workspace in {workspace.root} (first start, about 15 seconds)…", flush=True)
-        cmd_demo(argparse.Namespace(workspace=args.workspace, tiny=False))
+        cmd_demo(argparse.Namespace(workspace=args.workspace, tiny=False, full=False))
     env = os.environ | {"TDX_WORKSPACE": str(workspace.root)}
     url = f"http://{args.address}:{args.port}"
     print(f"tda-explorer on {url}  (workspace {workspace.root})", flush=True)
@@ -391,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build the demo workspace on the shipped sample")
     _add_workspace(demo)
     demo.add_argument("--tiny", action="store_true", help="a smaller, faster demo (for tests)")
+    demo.add_argument("--full", action="store_true",
+                      help="also train a CNN on all 60,000 Fashion-MNIST images (Debian's dataset-fashion-mnist; a few minutes)")
     demo.set_defaults(handler=cmd_demo)
 
     app = commands.add_parser("app", help="serve the explorer (never prompts; --open for a browser window)")

@@ -107,3 +107,13 @@ def query_order(predicted: np.ndarray, confidence: np.ndarray, labels: np.ndarra
     mistaken = indices[wrong][np.argsort(-np.asarray(confidence)[wrong], kind="stable")]
     right = indices[~wrong][np.argsort(np.asarray(confidence)[~wrong], kind="stable")]
     return np.concatenate([mistaken, right])
+
+
+def test_probabilities(run: Run) -> np.ndarray:
+    """The final model's predicted probabilities on the test set (n_test, n_classes), computed once and stored."""
+
+    def compute(stored: Artifact) -> None:
+        atomic_save_npy(stored.path("probabilities.npy"), predict(run, split="test").astype(np.float32))
+
+    artifact = run.artifact("predictions", checkpoint=len(run.checkpoints) - 1, split="test")
+    return load_npy(artifact.compute_once(compute).path("probabilities.npy"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from attribution_core import inspection
+
 from .context import publish_to_url, seed_from_url
 from .examples import class_name
 from .images import GridItem, enlarged
@@ -14,9 +16,8 @@ QUERY_KEY = "query"
 
 def query_order(predictions: pd.DataFrame) -> list[int]:
     """Test indices with mispredictions first (most confident first), then correct ones (least confident first)."""
-    wrong = predictions[~predictions["correct"]].sort_values("confidence", ascending=False, kind="stable")
-    right = predictions[predictions["correct"]].sort_values("confidence", ascending=True, kind="stable")
-    return [int(index) for index in pd.concat([wrong, right])["index"]]
+    order = inspection.query_order(predictions["predicted"].to_numpy(), predictions["confidence"].to_numpy(), predictions["true"].to_numpy())
+    return [int(index) for index in order]
 
 
 def query_label(test_set, predictions: pd.DataFrame, index: int) -> str:

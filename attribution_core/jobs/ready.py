@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..evaluation.lds import LdsSettings
 from ..evaluation.mislabel import default_ranking
-from ..inspection import predict, query_order
+from ..inspection import query_order, test_probabilities
 from ..methods import METHODS
 from ..run import Run
 from ..store import Workspace
@@ -61,7 +61,7 @@ def blocks_covering(n_queries: int, n_test: int) -> list[list[int]]:
 def first_query(run: Run) -> int:
     """The test sample Explore opens with: the most confident misprediction (inspection.query_order)."""
     _, test_set = run.datasets()
-    probabilities = predict(run, split="test")
+    probabilities = test_probabilities(run)
     return int(query_order(probabilities.argmax(1), probabilities.max(1), test_set.y.numpy())[0])
 
 
