@@ -9,7 +9,11 @@ rankings and the benchmarks, so that adding a method is one module, one line in 
 - `checkpoint_policy`: the checkpoints it uses by default ("last", "last5" or "all");
 - `has_self_influence`, `self_influence_at_fit` (the fitted state holds it, so it is free to
   show beside every score), `has_segments` (per-segment contributions, `score_segments`);
-- `max_parameters`: the largest model it accepts (None: no limit).
+- `max_parameters`: the largest model it accepts (None: no limit);
+- `estimates_removal`: True when a score estimates the change of the query's measurement from
+  training with the example rather than without it (the one unit the app states for influence,
+  SOURCE, TRAK and replay); False for similarities (TracIn, gradient dot/cosine, representation
+  similarity), whose scale means nothing and which the app shows with a percentile instead.
 
 Phases:
 - `fit(inputs) -> TrainState`: the train-side work (features, curvature, preconditioned
@@ -49,6 +53,7 @@ class Method(ABC):
     self_influence_at_fit: ClassVar[bool] = False
     has_segments: ClassVar[bool] = False
     max_parameters: ClassVar[int | None] = None
+    estimates_removal: ClassVar[bool] = True
 
     def __init__(self, settings: Any = None):
         self.settings = self.make_settings(settings)

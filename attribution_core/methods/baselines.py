@@ -44,6 +44,7 @@ class GradientDot(Method):
 
     name = "graddot"
     label = "gradient dot"
+    estimates_removal = False  # a similarity: it ranks examples, its scale is not a change of the margin
     Settings = GradientSimilaritySettings
     has_self_influence = True
     self_influence_at_fit = True
@@ -70,6 +71,7 @@ class GradientCosine(GradientDot):
 
     name = "gradcos"
     label = "gradient cosine"
+    estimates_removal = False  # a similarity: it ranks examples, its scale is not a change of the margin
     has_self_influence = self_influence_at_fit = False  # the cosine of an example's gradient with itself is 1: it ranks nothing
     self_influence = Method.self_influence  # not gradient dot's ‖∇L‖²
 
@@ -122,6 +124,7 @@ class RepresentationSimilarity(Method):
 
     name = "repsim"
     label = "representation similarity"
+    estimates_removal = False  # a similarity: it ranks examples, its scale is not a change of the margin
     Settings = RepresentationSettings
 
     def _module(self, model: nn.Module, task: Task) -> nn.Module:

@@ -130,6 +130,7 @@ class TracIn(Method):
 
     name = "tracin"
     label = "TracIn"
+    estimates_removal = False  # a similarity: it ranks examples, its scale is not a change of the margin
     Settings = TracInSettings
     checkpoint_policy = "all"
     has_self_influence = True
