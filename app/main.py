@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `streamlit run app/main.py` from a checkout that is not pip-installed
 
 from app.components.context import run_picker, workspace_root  # noqa: E402
-from app.components.jobs import jobs_overview, start_workers  # noqa: E402
+from app.components.jobs import begin_script_run, jobs_overview, start_workers  # noqa: E402
 
 GRID_CSS = """<style>
 /* Image grids (app/components/images.py draws each inside a container keyed grid_ and the grid key). */
@@ -60,6 +60,7 @@ def main() -> None:
     st.set_page_config(page_title="tda-explorer", page_icon=":material/manage_search:", layout="wide")
     navigation = st.navigation(pages())
     start_workers()
+    begin_script_run()
     st.sidebar.caption(f"Workspace `{workspace_root()}`")
     run_picker()
     with st.sidebar:

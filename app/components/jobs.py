@@ -27,7 +27,11 @@ from .context import workspace_root
 from .progress import progress_bar
 
 WAIT_SECONDS = 1.5
-"""A job that ends this soon after it is asked for is shown as if computed in the page: no panel flashes by."""
+"""A job that ends this soon after it is asked for is shown as if computed in the page: no panel flashes by. The budget is
+per script run, shared by every job the run asks for (a page asking for eight blocks waits 1.5 s, not 12)."""
+
+_WAIT_UNTIL = "job_wait_until"
+"""Session state: when this script run stops waiting for jobs to end (set by begin_script_run)."""
 
 REFRESH_SECONDS = 1.0
 """How often a progress panel redraws."""
@@ -55,6 +59,11 @@ def job_queue() -> JobQueue:
 def start_workers() -> None:
     """Make sure the workspace's workers run (process mode): called on every page run, cheap when they do."""
     ensure_workers(workspace_root())
+
+
+def begin_script_run() -> None:
+    """Start this script run's budget for waiting on quick jobs (main.py, before the page draws)."""
+    st.session_state[_WAIT_UNTIL] = time.monotonic() + WAIT_SECONDS
 
 
 def job_result(run: Run | Workspace, spec: JobSpec, *, submit: bool = True, container=None) -> Any:
@@ -103,8 +112,8 @@ def _finished_long_ago(job: Job) -> bool:
 
 
 def _wait_briefly(queue: JobQueue, job: Job) -> Job:
-    """The job's row after waiting up to WAIT_SECONDS for it to end (a quick job then shows no panel)."""
-    deadline = time.monotonic() + WAIT_SECONDS
+    """The job's row after waiting, within this script run's budget (WAIT_SECONDS), for it to end: a quick job shows no panel."""
+    deadline = st.session_state.get(_WAIT_UNTIL, 0.0)
     while job.state in ACTIVE and time.monotonic() < deadline and job_mode() == "process":
         time.sleep(0.1)
         job = queue.get(job.key) or job

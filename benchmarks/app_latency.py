@@ -1,0 +1,183 @@
+"""App latency (issue 19): how long a user waits, from a cold start on a fresh workspace and from a warm one.
+
+Cold: `tdx app` on an empty workspace (as the README's first command ends): it builds the demo,
+queues the jobs the first pages need and starts its workers. We record the seconds since the
+command started until the server answers, until each page's main content shows in Chromium
+(Explore's proponents, the Runs table, the Mislabels review, Compare's LDS scatter, the Map), and
+until each queued job is done. Warm: the same workspace served again (everything stored): the
+seconds until each page shows, and until a new query (a block of test samples never scored) shows
+its TRAK proponents. `--full` does the same for `tdx demo --full` (the CNN on 60,000 images).
+Needs Debian's chromium and the playwright package (the dev extra).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from common import markdown_table, parser, report, workspace_root
+
+from attribution_core.jobs.queue import ACTIVE, DONE, JobQueue
+from attribution_core.jobs.ready import QUERY_BLOCK
+
+ROOT = Path(__file__).resolve().parent.parent
+TDX = Path(sys.executable).parent / "tdx"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
+PAGE_TIMEOUT_S = 900
+
+PAGES = {  # page path -> (title, the selector or text that means its main content shows)
+    "": ("Explore", "text=Proponents: training examples"),
+    "runs": ("Runs", "[data-testid=stDataFrame]"),
+    "mislabels": ("Mislabels", "text=/Suspect 1 of/"),
+    "compare": ("Compare", ".st-key-lds_scatter .scatterlayer .point"),
+    "map": ("Map", ".st-key-map_chart .scatterlayer .point"),
+}
+
+
+def _port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(workspace: Path, log: Path) -> Iterator[tuple[str, float, float]]:
+    """`tdx app` on a free port; yields (url, the command's start time, seconds until /_stcore/health answered)."""
+    port = _port()
+    started = time.monotonic()
+    with open(log, "w") as output:
+        server = subprocess.Popen([str(TDX), "app", "--port", str(port), "--workspace", str(workspace)], cwd=ROOT,  # noqa: S603
+                                  stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"tdx app exited:\n{log.read_text()}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):  # noqa: S310
+                break
+            time.sleep(0.1)
+        yield url, started, time.monotonic() - started
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def page_seconds(browser, url: str, run_id: str, started: float) -> list[tuple[str, float, float]]:
+    """(page, seconds from opening it until its main content shows, seconds since the server's start) per page, in a fresh tab."""
+    rows = []
+    tab = browser.new_page(viewport={"width": 1500, "height": 1100})
+    for path, (title, shown) in PAGES.items():
+        opened = time.monotonic()
+        tab.goto(f"{url}/{path}?run={run_id}")
+        tab.locator(shown).first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        rows.append((title, time.monotonic() - opened, time.monotonic() - started))
+    tab.close()
+    return rows
+
+
+def new_query_seconds(browser, url: str, run_id: str, query: int) -> float:
+    """Seconds from asking Explore for a query of a block never scored until its TRAK proponents show."""
+    tab = browser.new_page(viewport={"width": 1500, "height": 1100})
+    tab.goto(f"{url}/?run={run_id}")
+    tab.get_by_text("Proponents: training examples").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+    opened = time.monotonic()
+    tab.goto(f"{url}/?run={run_id}&method=trak&query={query}")
+    tab.get_by_text(f"test {query} ").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+    tab.get_by_text("Proponents: training examples").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+    seconds = time.monotonic() - opened
+    tab.close()
+    return seconds
+
+
+def wait_for_jobs(workspace: Path, started_wall: float, limit_s: float) -> list[tuple[str, str, str, float]]:
+    """Wait until the queue is empty (or limit_s); (run, kind, title, seconds after the start it was done) per finished job."""
+    queue = JobQueue(workspace)
+    deadline = time.monotonic() + limit_s
+    while queue.jobs(states=ACTIVE) and time.monotonic() < deadline:
+        time.sleep(1)
+    return sorted(((job.spec.run_id, job.spec.kind, job.spec.title, job.finished - started_wall) for job in queue.jobs(states=(DONE,))),
+                  key=lambda row: row[3])
+
+
+def job_summary(done: list[tuple[str, str, str, float]]) -> list[list[object]]:
+    """Per run and kind: how many jobs, and seconds after the start until the last of them was done."""
+    last: dict[tuple[str, str], list[float]] = {}
+    for run_id, kind, _, seconds in done:
+        last.setdefault((run_id, kind), []).append(seconds)
+    return [[run_id, kind, len(times), max(times)] for (run_id, kind), times in sorted(last.items(), key=lambda item: max(item[1]))]
+
+
+def measure(setting: str, workspace: Path, run_id: str, new_query: int, jobs_limit_s: float, browser) -> dict:
+    """The cold and the warm start of one setting."""
+    result: dict = {"setting": setting, "run": run_id}
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    started_wall = time.time()
+    if setting == "full":
+        built = time.monotonic()
+        subprocess.run([str(TDX), "demo", "--full", "--workspace", str(workspace)], check=True, cwd=ROOT,  # noqa: S603
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        result["demo_full_seconds"] = time.monotonic() - built
+    with serve(workspace, workspace.parent / f"{setting}-cold.log") as (url, started, healthy):
+        result["cold_healthy"] = healthy
+        result["cold_pages"] = page_seconds(browser, url, run_id, started)
+        result["jobs"] = wait_for_jobs(workspace, started_wall, jobs_limit_s)
+        result["jobs_left"] = len(JobQueue(workspace).jobs(states=ACTIVE))
+    with serve(workspace, workspace.parent / f"{setting}-warm.log") as (url, started, healthy):
+        result["warm_healthy"] = healthy
+        result["warm_pages"] = page_seconds(browser, url, run_id, started)
+        result["new_query"] = (new_query, new_query_seconds(browser, url, run_id, new_query))
+    return result
+
+
+def section(result: dict) -> str:
+    """The markdown of one setting."""
+    setting, run_id = result["setting"], result["run"]
+    lines = [f"### {setting}: run {run_id}"]
+    if "demo_full_seconds" in result:
+        lines.append(f"`tdx demo --full` (before the cold start): {result['demo_full_seconds']:.0f} s.")
+    rows = [["cold", "server answers (health)", "", result["cold_healthy"]]]
+    rows += [["cold", f"{title} shows", seconds, since] for title, seconds, since in result["cold_pages"]]
+    rows += [["warm", "server answers (health)", "", result["warm_healthy"]]]
+    rows += [["warm", f"{title} shows", seconds, since] for title, seconds, since in result["warm_pages"]]
+    query, seconds = result["new_query"]
+    rows += [["warm", f"Explore: a new query (test {query}, its block never scored) shows TRAK's proponents", seconds, ""]]
+    lines += ["", markdown_table(["start", "what", "seconds after opening the page", "seconds after `tdx app` started"], rows)]
+    lines += ["", "Queued jobs, seconds after the cold `tdx app` started until the last of each kind was done"
+              + (f" ({result['jobs_left']} still running or waiting at the limit)" if result["jobs_left"] else "") + ":", "",
+              markdown_table(["run", "job kind", "jobs", "done after (s)"], job_summary(result["jobs"]))]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Measure the demo (and the full run with --full) and report."""
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--full", action="store_true", help="also measure `tdx demo --full` (trains a CNN on 60,000 images)")
+    arguments.add_argument("--jobs-limit", type=float, default=3600, help="seconds to wait for the queued jobs of a cold start")
+    args = arguments.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    results = []
+    with workspace_root(args.workspace) as root, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        results.append(measure("demo", root / "demo" / "workspace", "fmnist-mlp", 7 * QUERY_BLOCK + 3, args.jobs_limit, browser))
+        if args.full:
+            results.append(measure("full", root / "full" / "workspace", "fmnist-cnn-full", 200 * QUERY_BLOCK + 3, args.jobs_limit,
+                                   browser))
+        browser.close()
+    body = ("Seconds a user waits, measured in Chromium against `tdx app` (targets, issue 19: a page opens in ≤ 5 s, a click "
+            "answers in ≤ 2 s, the Map and the LDS plot without a button press). A page shows when its main content is drawn: "
+            "Explore's proponents, the runs table, the first suspect, Compare's LDS scatter, the map's points.\n\n"
+            + "\n\n".join(section(result) for result in results))
+    report("app_latency", "App latency (cold and warm start)", body, args, {"results": results})
+
+
+if __name__ == "__main__":
+    main()
