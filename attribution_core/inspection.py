@@ -117,3 +117,88 @@ def test_probabilities(run: Run) -> np.ndarray:
 
     artifact = run.artifact("predictions", checkpoint=len(run.checkpoints) - 1, split="test")
     return load_npy(artifact.compute_once(compute).path("probabilities.npy"))
+
+
+FEATURES_VERSION = 1
+"""Bump when feature_index computes features differently: stored indexes then get new keys."""
+
+
+@dataclass(frozen=True)
+class FeatureIndex:
+    """Penultimate features of one checkpoint scaled to unit length: train (N, d), test (n_test, d); a cosine is one dot product."""
+
+    checkpoint: int
+    train: np.ndarray
+    test: np.ndarray
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """Feature rows (n, d) divided by their length (a zero row stays zero), as float32."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return (features / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _features_artifact(run: Run, checkpoint: int) -> Artifact:
+    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    return run.artifact("features", checkpoint=index, version=FEATURES_VERSION)
+
+
+def stored_feature_index(run: Run, checkpoint: int = -1) -> FeatureIndex | None:
+    """The feature index of a checkpoint when it is stored already, else None (nothing is computed)."""
+    artifact = _features_artifact(run, checkpoint)
+    if not artifact.is_complete():
+        return None
+    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    return FeatureIndex(index, load_npy(artifact.path("train.npy")), load_npy(artifact.path("test.npy")))
+
+
+def feature_index(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_progress) -> FeatureIndex:
+    """Unit-length penultimate features of the training and test sets at a checkpoint, computed once and stored.
+
+    What find-similar compares (cosine of what the classifier head sees). progress(done, 2): one step per split.
+    """
+
+    def compute(stored: Artifact) -> None:
+        for done, split in enumerate(("train", "test"), start=1):
+            atomic_save_npy(stored.path(f"{split}.npy"), unit_rows(penultimate_features(run, split=split, checkpoint=checkpoint)))
+            progress(done, 2)
+
+    _features_artifact(run, checkpoint).compute_once(compute)
+    return stored_feature_index(run, checkpoint)
+
+
+def most_similar(index: FeatureIndex, split: str, example: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices (k,), cosines (k,)) of the training examples whose features are closest to one example's, most similar first.
+
+    split: "train" or "test", the split of `example`; a training example is never its own neighbour.
+    """
+    if split not in ("train", "test"):
+        raise SettingsError(f"split {split!r}: choose train or test")
+    vector = (index.train if split == "train" else index.test)[example]
+    cosines = index.train @ vector
+    if split == "train":
+        cosines[example] = -np.inf
+    order = np.argsort(-cosines, kind="stable")[:k]
+    return order, cosines[order]
+
+
+def top_scores(values: np.ndarray, k: int, *, keep: np.ndarray | None = None, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, scores) of the k highest (largest=True) or lowest scores of one row values: (N,), among keep: (N,) bool (all when None)."""
+    candidates = np.arange(len(values)) if keep is None else np.flatnonzero(keep)
+    order = candidates[np.argsort(-values[candidates] if largest else values[candidates], kind="stable")[:k]]
+    return order, values[order]
+
+
+def score_ranks(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(len(indices),) each chosen example's rank by score among all of values: (N,), 1 = highest; ties share the best rank."""
+    ordered = np.sort(values)
+    return len(values) - np.searchsorted(ordered, values[indices], side="right") + 1
+
+
+def predicted_removal_change(values: np.ndarray, removed: list[int]) -> float:
+    """The first-order prediction of a query's measurement change when the training examples `removed` are left out.
+
+    values: (N,) one query's scores from a method that estimates removal (Method.estimates_removal): each is the
+    predicted drop when its example is removed, so removing several is predicted to change it by minus their sum.
+    """
+    return -float(np.asarray(values, dtype=np.float64)[list(removed)].sum())

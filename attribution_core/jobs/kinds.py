@@ -21,7 +21,7 @@ from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
 from ..evaluation.lds import LdsSettings, groundtruth, load_groundtruth
 from ..evaluation.mislabel import rank_mislabels, stored_ranking
-from ..inspection import map_layout, stored_map_layout
+from ..inspection import feature_index, map_layout, stored_feature_index, stored_map_layout
 from ..methods import method_class
 from ..models import ModelSpec
 from ..progress import ProgressFn
@@ -102,6 +102,10 @@ def _layout(run: Run, params: Params, progress: ProgressFn) -> None:
     map_layout(run, int(params["checkpoint"]), progress=progress)
 
 
+def _features(run: Run, params: Params, progress: ProgressFn) -> None:
+    feature_index(run, int(params["checkpoint"]), progress=progress)
+
+
 def _ranking(run: Run, params: Params, progress: ProgressFn) -> None:
     rank_mislabels(run, params["ranking"], progress=progress)
 
@@ -121,6 +125,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("groundtruth", _groundtruth, lambda run, params: load_groundtruth(run, _lds_settings(params)), resumable=True),
     JobKind("counterfactual", _counterfactual, _counterfactual_stored, resumable=True),
     JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"]))),
+    JobKind("features", _features, lambda run, params: stored_feature_index(run, int(params["checkpoint"]))),
     JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"])),
     JobKind("train", _train, _trained, new_run=True),
 )}
@@ -184,6 +189,12 @@ def layout_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> Job
     """The Map's 2-D layout of a checkpoint."""
     index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
     return _spec(run, "layout", {"checkpoint": index}, f"Map: laying out checkpoint {index} (UMAP)", priority)
+
+
+def features_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
+    """The unit-length penultimate features of a checkpoint that find-similar compares."""
+    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    return _spec(run, "features", {"checkpoint": index}, f"Find similar: features of checkpoint {index}", priority)
 
 
 def ranking_job(run: Run, ranking: str, *, priority: int = INTERACTIVE) -> JobSpec:
