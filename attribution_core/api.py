@@ -306,14 +306,22 @@ def _score(prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> 
     return method.score(state, inputs, query_x, query_y).float().cpu().numpy(), None
 
 
-def _stored_scores(artifact: Artifact, prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    def compute(stored: Artifact) -> dict[str, Any]:
-        values, segment_values = _score(prepared, query_x, query_y)
-        atomic_save_npy(stored.path("scores.npy"), values.astype(np.float32))
-        if segment_values is not None:
-            atomic_save_npy(stored.path("segments.npy"), segment_values.astype(np.float32))
-        return {"notes": prepared.notes}  # read back by stored_scores, which never prepares the method
+def _save_scores(stored: Artifact, values: np.ndarray, segment_values: np.ndarray | None, notes: list[str]) -> dict[str, Any]:
+    """Write scored values (and per-segment values) into the artifact; the manifest's extra entries."""
+    atomic_save_npy(stored.path("scores.npy"), values.astype(np.float32))
+    if segment_values is not None:
+        atomic_save_npy(stored.path("segments.npy"), segment_values.astype(np.float32))
+    return {"notes": notes}  # read back by stored_scores, which never prepares the method
 
-    artifact.compute_once(compute)
+
+def _stored_scores(artifact: Artifact, prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    rank, world = rank_and_world()
+    if world > 1 and prepared.method.shards_queries and agreed(not artifact.is_complete()):
+        scored = _score(prepared, query_x, query_y)  # every rank scores its share of the queries; all of them come back
+        if rank == 0:
+            artifact.compute_once(lambda stored: _save_scores(stored, *scored, prepared.notes))
+        barrier()
+    else:
+        artifact.compute_once(lambda stored: _save_scores(stored, *_score(prepared, query_x, query_y), prepared.notes))
     segments_path = artifact.path("segments.npy")
     return load_npy(artifact.path("scores.npy")), (load_npy(segments_path) if segments_path.exists() else None)

@@ -18,11 +18,12 @@ where the run does not replay.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call
 
 from .errors import DataError, SettingsError
 from .models import build_model
@@ -122,12 +123,13 @@ def _parameters(model: nn.Module, device: torch.device, dtype: torch.dtype) -> P
     return {name: parameter.detach().to(device=device, dtype=dtype) for name, parameter in model.named_parameters()}
 
 
-def _fresh_state(params: Params) -> OptimizerState:
-    """Optimizer state at the start of a stage: zero moments, no steps taken."""
-    zeros = {f"m.{name}": torch.zeros_like(value) for name, value in params.items()}
+def _fresh_state(params: Params, optimizer: str) -> OptimizerState:
+    """Optimizer state at the start of a stage: zero moments (Adam's second one too), no steps taken."""
+    device = next(iter(params.values())).device
+    moments = ("m", "v") if optimizer == "adam" else ("m",)
     # The step count in float64: Adam's bias corrections β^t are taken in double precision, as torch.optim computes them.
-    return zeros | {f"v.{name}": torch.zeros_like(value) for name, value in params.items()} | {
-        "t": torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)}
+    return {f"{moment}.{name}": torch.zeros_like(value) for moment in moments for name, value in params.items()} | {
+        "t": torch.zeros((), dtype=torch.float64, device=device)}
 
 
 def _safe_sqrt(values: torch.Tensor) -> torch.Tensor:
@@ -137,22 +139,29 @@ def _safe_sqrt(values: torch.Tensor) -> torch.Tensor:
 
 
 class StepFunction:
-    """One optimizer step as a pure function (params, state, batch weights) -> (params, state), as torch.optim takes it."""
+    """One optimizer step as torch.optim takes it: the batch's weighted loss gradient, then the optimizer's update.
+
+    Plain autograd on leaf tensors (not torch.func transforms): on the small models replay is for,
+    a step's cost is mostly per-operation overhead, and the functional transforms tripled it.
+    """
 
     def __init__(self, plan: ReplayPlan):
         self.plan = plan
 
-        def batch_loss(params: Params, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            losses = plan.task.train_loss(lambda inputs: functional_call(plan.model, params, (inputs,)), x, y)
-            return (weights * losses).sum() / len(y)  # the batch's size as trained: a removed example keeps its slot
-
-        self._grad = grad(batch_loss)
-
-    def __call__(self, step: Step, params: Params, state: OptimizerState, weights: torch.Tensor) -> tuple[Params, OptimizerState]:
-        """The parameters and optimizer state after `step`, its batch's examples weighted by `weights` (|B|,)."""
+    def gradients(self, step: Step, params: Params, weights: torch.Tensor, *, create_graph: bool = False) -> Params:
+        """∇_θ Σ_{i∈B} w_i ℓ_i / |B| at params; with create_graph, differentiable in params and weights (leaves requiring grad)."""
         x, y = self.plan.views[step.stage][step.rows], self.plan.train_y[step.rows]
-        gradients = self._grad(params, x, y, weights)
-        gradients = {name: g + step.weight_decay * params[name] for name, g in gradients.items()} if step.weight_decay else gradients
+        leaves = params if create_graph else {name: value.detach().requires_grad_() for name, value in params.items()}
+        with torch.enable_grad():
+            losses = self.plan.task.train_loss(lambda inputs: functional_call(self.plan.model, leaves, (inputs,)), x, y)
+            loss = (weights * losses).sum() / len(y)  # the batch's size as trained: a removed example keeps its slot
+            return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)))
+
+    @staticmethod
+    def update(step: Step, params: Params, state: OptimizerState, gradients: Params) -> tuple[Params, OptimizerState]:
+        """The parameters and optimizer state after the step, from the batch's loss gradients (plain tensor arithmetic)."""
+        if step.weight_decay:  # torch.optim adds the decay to the gradient
+            gradients = {name: g + step.weight_decay * params[name] for name, g in gradients.items()}
         if step.optimizer == "sgd":  # torch.optim.SGD, dampening 0: buf = μ buf + g (buf = g on the first step), p -= lr buf
             moments = {name: step.momentum * state[f"m.{name}"] + g for name, g in gradients.items()}
             new_params = {name: params[name] - step.lr * moments[name] for name in params}
@@ -167,9 +176,97 @@ class StepFunction:
         return new_params, ({f"m.{name}": value for name, value in first.items()} | {f"v.{name}": value for name, value in second.items()}
                             | {"t": t})
 
+    def __call__(self, step: Step, params: Params, state: OptimizerState, weights: torch.Tensor) -> tuple[Params, OptimizerState]:
+        """The parameters and optimizer state after `step`, its batch's examples weighted by `weights` (|B|,); no graph kept."""
+        gradients = self.gradients(step, params, weights)
+        with torch.no_grad():
+            return self.update(step, params, state, gradients)
+
+    def traced(self, step: Step, params: Params, state: OptimizerState, weights: torch.Tensor) -> TracedStep:
+        """The step taken with its autograd graph kept (leaves: params, moments, batch weights), to be walked back once."""
+        leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
+        moments = {key: value.detach().requires_grad_() for key, value in state.items() if key != "t"}
+        batch_weights = weights.detach().requires_grad_()
+        with torch.enable_grad():
+            gradients = self.gradients(step, leaves, batch_weights, create_graph=True)
+            new_params, new_state = self.update(step, leaves, moments | {"t": state["t"]}, gradients)
+        return TracedStep(leaves, moments, batch_weights, new_params, new_state)
+
+
+@dataclass
+class TracedStep:
+    """One step with its graph: leaves (params, moments, batch weights) -> outputs (params, state) after the step."""
+
+    params: Params
+    moments: OptimizerState
+    weights: torch.Tensor
+    new_params: Params
+    new_state: OptimizerState
+
+    def after(self) -> tuple[Params, OptimizerState]:
+        """The parameters and optimizer state after the step, detached."""
+        return ({name: value.detach() for name, value in self.new_params.items()},
+                {key: value.detach() for key, value in self.new_state.items()})
+
+    def pull_back(self, adjoint_params: Params, adjoint_state: OptimizerState | None) -> tuple[Params, OptimizerState, torch.Tensor]:
+        """(adjoint of params, of moments, of batch weights (Q, |B|)) before the step from the adjoints (Q, ...) after it.
+
+        adjoint_state None: nothing flows back into the state after the step (a fresh stage
+        follows, or it is the last step). One reverse pass through the step's gradient, for all
+        Q adjoints together (unbatched for one: vmap's overhead is not free on small models).
+        """
+        outputs = list(self.new_params.values()) + ([self.new_state[key] for key in self.moments] if adjoint_state is not None else [])
+        cotangents = list(adjoint_params.values()) + ([adjoint_state[key] for key in self.moments] if adjoint_state is not None else [])
+        inputs = [*self.params.values(), *self.moments.values(), self.weights]
+        n_queries = len(cotangents[0])
+        if n_queries == 1:
+            grads = [None if g is None else g.unsqueeze(0)
+                     for g in torch.autograd.grad(outputs, inputs, [c[0] for c in cotangents], allow_unused=True)]
+        else:
+            grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, is_grads_batched=True)
+        # An input the outputs do not reach (a parameter the loss does not use) has a zero adjoint.
+        grads = [torch.zeros((n_queries, *leaf.shape), dtype=leaf.dtype, device=leaf.device) if g is None else g
+                 for g, leaf in zip(grads, inputs)]
+        n_params = len(self.params)
+        return (dict(zip(self.params, grads[:n_params])), dict(zip(self.moments, grads[n_params:-1])), grads[-1])
+
 
 def _starts_stage(plan: ReplayPlan, index: int) -> bool:
     return index == 0 or plan.steps[index].stage != plan.steps[index - 1].stage
+
+
+@dataclass
+class ReplayedStates:
+    """The run replayed once at some example weights: the final parameters and the states kept before every `stride`-th step.
+
+    kept: step index (from the plan's start) -> (params, optimizer state) before that step.
+    What a reverse pass starts from; `metagradients` computes it when not given one (Replay's fit
+    stores it, so a block of queries costs the reverse pass only).
+    """
+
+    final: Params
+    kept: dict[int, tuple[Params, OptimizerState]]
+    stride: int
+    weights: torch.Tensor
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat named tensors (for a safetensors file)."""
+        tensors = {f"final.{name}": value for name, value in self.final.items()} | {"weights": self.weights, "stride": torch.tensor(self.stride)}
+        for index, (params, state) in self.kept.items():
+            tensors |= {f"kept.{index}.p.{name}": value for name, value in params.items()}
+            tensors |= {f"kept.{index}.s.{key}": value for key, value in state.items()}
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ReplayedStates:
+        """The states back from `to_tensors`' flat names."""
+        final = {name.removeprefix("final."): value for name, value in tensors.items() if name.startswith("final.")}
+        kept: dict[int, tuple[Params, OptimizerState]] = {}
+        for name, value in tensors.items():
+            if name.startswith("kept."):
+                _, index, kind, key = name.split(".", 3)
+                kept.setdefault(int(index), ({}, {}))[kind == "s"][key] = value
+        return cls(final, kept, int(tensors["stride"]), tensors["weights"])
 
 
 def replay_forward(plan: ReplayPlan, weights: torch.Tensor | None = None, *, keep_every: int = 0, verify: bool = True,
@@ -178,16 +275,16 @@ def replay_forward(plan: ReplayPlan, weights: torch.Tensor | None = None, *, kee
 
     keep_every > 0 keeps the state before every keep_every-th step (by step index from the plan's
     start), for `metagradients`. With verify, the weights after every stored checkpoint's step must
-    match it (relative error ≤ tolerance), else a DataError names the step.
+    match it (relative error ≤ tolerance), else a DataError names the step. progress(done, total)
+    after every step: a callback that raises stops the replay there.
     """
     step_function, params = StepFunction(plan), dict(plan.initial)
-    dtype, device = next(iter(params.values())).dtype, next(iter(params.values())).device
-    weights = torch.ones(len(plan.train_y), dtype=dtype, device=device) if weights is None else weights.to(device=device, dtype=dtype)
-    state, kept = _fresh_state(params), {}
+    weights = _example_weights(plan, weights)
+    state, kept = {}, {}
     with torch.no_grad(), one_thread(is_small(plan.model)):  # as the trainer: small models step faster on one thread
         for index, step in enumerate(plan.steps):
             if _starts_stage(plan, index):  # tdx's trainer builds a new optimizer for every stage
-                state = _fresh_state(params)
+                state = _fresh_state(params, step.optimizer)
             if keep_every and index % keep_every == 0:
                 kept[index] = (params, state)
             params, state = step_function(step, params, state, weights[step.rows])
@@ -196,6 +293,23 @@ def replay_forward(plan: ReplayPlan, weights: torch.Tensor | None = None, *, kee
                 _verify(params, plan.checkpoints[number], number, tolerance)
             progress(index + 1, plan.n_steps)
     return params, kept
+
+
+def _example_weights(plan: ReplayPlan, weights: torch.Tensor | float | None) -> torch.Tensor:
+    """Example weights (N,) in the plan's dtype and device: None is 1 for every example, a number that weight for every example."""
+    dtype, device = next(iter(plan.initial.values())).dtype, plan.train_y.device
+    if weights is None or isinstance(weights, (int, float)):
+        return torch.full((len(plan.train_y),), 1.0 if weights is None else float(weights), dtype=dtype, device=device)
+    return weights.to(device=device, dtype=dtype)
+
+
+def replayed_states(plan: ReplayPlan, weights: torch.Tensor | float | None = None, *, stride: int | None = None, verify: bool = True,
+                    progress: ProgressFn = no_progress) -> ReplayedStates:
+    """The run replayed once at example weights (N,) (a number: every example's weight; None: 1), keeping every stride-th state."""
+    stride = stride or default_stride(plan.n_steps)
+    weights = _example_weights(plan, weights)
+    final, kept = replay_forward(plan, weights, keep_every=stride, verify=verify, progress=progress)
+    return ReplayedStates(final, kept, stride, weights)
 
 
 def _verify(params: Params, stored: Params, step: int, tolerance: float) -> None:
@@ -215,68 +329,65 @@ def default_stride(n_steps: int) -> int:
 
 
 def metagradients(plan: ReplayPlan, query_x: torch.Tensor, query_y: torch.Tensor, *, at_weight: float = 1.0, stride: int | None = None,
-                  verify: bool = True, progress: ProgressFn = no_progress) -> torch.Tensor:
+                  verify: bool = True, states: ReplayedStates | None = None, progress: ProgressFn = no_progress) -> torch.Tensor:
     """d f_q(θ_T) / d w_i (n_queries, n_train): each query's measurement after training, by each example's weight, at w = at_weight.
 
     Reverse mode through every step of the plan, the queries carried backward together as a
-    block of adjoints (one batched vector-Jacobian product of the step per step).
+    block of adjoints (one reverse pass through each step's gradient per step). `states` (from
+    `replayed_states` at these weights) skips the forward replay; otherwise it is computed first
+    (verified against the checkpoints when verify and at_weight is 1). progress(done, total)
+    after every replayed step, forward and backward: a callback that raises stops the work there.
     """
-    stride = stride or default_stride(plan.n_steps)
-    dtype = next(iter(plan.initial.values())).dtype
-    weights = torch.full((len(plan.train_y),), float(at_weight), dtype=dtype, device=plan.train_y.device)
-    final, kept = replay_forward(plan, weights, keep_every=stride, verify=verify and at_weight == 1,
-                                 progress=lambda done, total: progress(done, 2 * total))
+    forward_steps = 0 if states is not None else plan.n_steps
+    total = forward_steps + plan.n_steps
+    if states is None:
+        states = replayed_states(plan, at_weight, stride=stride, verify=verify and at_weight == 1, progress=lambda done, _: progress(done, total))
+    dtype = states.weights.dtype
     query_x = query_x.to(device=plan.train_y.device, dtype=dtype)
     query_y = query_y.to(plan.train_y.device)
-
-    def measurements(params: Params) -> torch.Tensor:
-        return plan.task.measurement(lambda inputs: functional_call(plan.model, params, (inputs,)), query_x, query_y)
-
-    _, pull_back = vjp(measurements, final)
-    eye = torch.eye(len(query_y), dtype=dtype, device=query_x.device)
-    adjoint_params = vmap(pull_back)(eye)[0]  # per query, ∇f_q(θ_T): (Q, ...) per parameter
+    final = {name: value.detach().requires_grad_() for name, value in states.final.items()}
+    with torch.enable_grad():
+        measurements = plan.task.measurement(lambda inputs: functional_call(plan.model, final, (inputs,)), query_x, query_y)
+        eye = torch.eye(len(query_y), dtype=dtype, device=query_x.device)
+        adjoint_params = dict(zip(final, torch.autograd.grad(measurements, list(final.values()), eye, is_grads_batched=True)))
     result = torch.zeros(len(query_y), len(plan.train_y), dtype=dtype, device=query_x.device)
-    step_function, done = StepFunction(plan), plan.n_steps
     with one_thread(is_small(plan.model)):
-        _walk_back(plan, step_function, kept, stride, weights, adjoint_params, result, done, progress)
+        _walk_back(plan, states, adjoint_params, result, lambda done: progress(forward_steps + done, total))
     return result
 
 
-def _walk_back(plan: ReplayPlan, step_function: StepFunction, kept: dict, stride: int, weights: torch.Tensor, adjoint_params: Params,
-               result: torch.Tensor, done: int, progress: ProgressFn) -> None:
-    """Carry the adjoints back from the end to the plan's first step, adding each batch's weight derivatives to result (Q, N)."""
-    adjoint_state = None
-    n_queries = len(result)
-    for start in sorted(kept, reverse=True):
-        states = _recompute(plan, step_function, kept[start], start, min(start + stride, plan.n_steps), weights)
-        for index in reversed(range(start, min(start + stride, plan.n_steps))):
+def _walk_back(plan: ReplayPlan, states: ReplayedStates, adjoint_params: Params, result: torch.Tensor, progress: Callable[[int], None]) -> None:
+    """Carry the adjoints back from the end to the plan's first step, adding each batch's weight derivatives to result (Q, N).
+
+    Segment by segment from the last: the segment's steps are recomputed from its kept state
+    with their graphs, then walked back one by one (memory: one segment's graphs).
+    """
+    step_function, adjoint_state, done = StepFunction(plan), None, 0
+    for start in sorted(states.kept, reverse=True):
+        stop = min(start + states.stride, plan.n_steps)
+        traced = _recompute(plan, step_function, states.kept[start], start, stop, states.weights)
+        for index in reversed(range(start, stop)):
             step = plan.steps[index]
-            params, state = states[index - start]
-            batch_weights = weights[step.rows]
-            _, pull_back = vjp(lambda p, s, w, step=step: step_function(step, p, s, w), params, state, batch_weights)
-            cotangent_state = adjoint_state if adjoint_state is not None else {
-                k: torch.zeros((n_queries, *v.shape), dtype=v.dtype, device=v.device) for k, v in state.items()}
-            adjoint_params, adjoint_state, adjoint_weights = vmap(pull_back)((adjoint_params, cotangent_state))
-            result.index_add_(1, step.rows, adjoint_weights)
-            if _starts_stage(plan, index):  # the stage's optimizer state was created fresh: nothing flows back through it
-                adjoint_state = None
-            done += 1
-            progress(done, 2 * plan.n_steps)
+            adjoint_params, adjoint_state, adjoint_weights = traced.pop().pull_back(adjoint_params, adjoint_state)
+            result.index_add_(1, step.rows, adjoint_weights.detach())
+            adjoint_params = {name: value.detach() for name, value in adjoint_params.items()}
+            adjoint_state = None if _starts_stage(plan, index) else {key: value.detach() for key, value in adjoint_state.items()}
+            done += 1  # the stage's optimizer state was created fresh: nothing flows back through it
+            progress(done)
 
 
 def _recompute(plan: ReplayPlan, step_function: StepFunction, kept: tuple[Params, OptimizerState], start: int, stop: int,
-               weights: torch.Tensor) -> list[tuple[Params, OptimizerState]]:
-    """The states before steps start..stop-1, recomputed from the kept one before step `start`."""
+               weights: torch.Tensor) -> list[TracedStep]:
+    """Steps start..stop-1 recomputed from the kept state before step `start`, each with its graph."""
     params, state = kept
-    states = []
-    with torch.no_grad():
-        for index in range(start, stop):
-            if _starts_stage(plan, index) and index != start:
-                state = _fresh_state(params)
-            states.append((params, state))
-            step = plan.steps[index]
-            params, state = step_function(step, params, state, weights[step.rows])
-    return states
+    traced = []
+    for index in range(start, stop):
+        step = plan.steps[index]
+        if _starts_stage(plan, index) and index != start:
+            state = _fresh_state(params, step.optimizer)
+        traced.append(step_function.traced(step, params, state, weights[step.rows]))
+        params, state = traced[-1].after()
+    return traced
 
 
 def retrain_by_replay(run: Run, weights: torch.Tensor, *, task: Task | None = None, progress: ProgressFn = no_progress) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Sharded train-side passes over two gloo processes equal one process; mixed precision stays close."""
+"""Sharded train-side passes and replay's shared query blocks over two gloo processes equal one process; mixed precision stays close."""
 from __future__ import annotations
 
 import os
@@ -14,12 +14,16 @@ import torch.multiprocessing as mp
 from helpers_methods import attribution_inputs, cnn, data, mlp
 
 from attribution_core.api import attribute
+from attribution_core.data import DataSpec
 from attribution_core.distributed import rank_and_world, shard_range, sharded_rows, torchrun_shard
 from attribution_core.inputs import AttributionInputs, Segment
 from attribution_core.methods.influence import Influence
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
-from attribution_core.run import load_run
+from attribution_core.models import ModelSpec
+from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.store import Workspace
+from attribution_core.training import train
 
 N_TRAIN = 37  # not a multiple of the world size or of the batch size
 
@@ -77,6 +81,36 @@ def test_two_gloo_processes_fit_the_state_of_one(tmp_path, method):
     query_x, query_y = inputs.train_x[:8], inputs.train_y[:8]
     expected = attributor.score(single, inputs, query_x, query_y)
     torch.testing.assert_close(attributor.score(sharded, inputs, query_x, query_y), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+REPLAY_QUERIES = [0, 1, 2, 3, 4]
+REPLAY_SETTINGS = {"query_block": 2}  # five queries in blocks of two: the ranks' shares are 3 and 2 queries, in 2 and 1 blocks
+
+
+def _replay_rank_main(rank: int, world: int, init_file: str, out_file: str, root: str) -> None:
+    """One rank: join the gloo group and attribute through the front door; every rank gets all scores, rank 0 saves them."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        scores = attribute(load_run(root, "replay"), "replay", queries=REPLAY_QUERIES, settings=REPLAY_SETTINGS, device="cpu")
+        torch.save(torch.as_tensor(scores.values), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_share_replay_query_blocks_and_score_as_one(tmp_path):
+    recipe = Recipe((Stage(epochs=2, lr=0.05, batch_size=16),), seed=0, checkpoints=CheckpointPolicy(every_epochs=1))
+    run = train(DataSpec(source="digits", test_size=20, split_seed=0, max_train=48), ModelSpec("mlp", {"hidden": [8]}), recipe,
+                Workspace(tmp_path / "sharded"), "replay")
+    shutil.copytree(tmp_path / "sharded", tmp_path / "single")
+    mp.spawn(_replay_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "scores"), str(run.workspace.root)), nprocs=2, join=True)
+    single = attribute(load_run(tmp_path / "single", "replay"), "replay", queries=REPLAY_QUERIES, settings=REPLAY_SETTINGS, device="cpu")
+    for rank in range(2):  # every rank holds every query's scores, in order
+        np.testing.assert_allclose(torch.load(f"{tmp_path / 'scores'}.{rank}").numpy(), single.values, rtol=1e-5,
+                                   atol=1e-6 * np.abs(single.values).max())
+    stored = attribute(load_run(tmp_path / "sharded", "replay"), "replay", queries=REPLAY_QUERIES, settings=REPLAY_SETTINGS)
+    assert stored.key == single.key  # rank 0 stored them where one process would have
+    np.testing.assert_allclose(stored.values, single.values, rtol=1e-5, atol=1e-6 * np.abs(single.values).max())
 
 
 def test_torchrun_environment_names_this_process_share(monkeypatch):

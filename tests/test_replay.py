@@ -1,7 +1,7 @@
 """Replay: the recorded run replays exactly, and its metagradients are the true derivative of retraining.
 
 Checked against two independent computations on a tiny two-stage run (SGD with momentum and
-weight decay, then Adam on rotated images of five classes): plain autograd through the whole
+weight decay on images with pixel noise, then Adam on rotated images of five classes): plain autograd through the whole
 unrolled run, written out here with its own optimizer arithmetic, and central finite differences
 of retraining with one example's weight moved by ±eps.
 """
@@ -18,13 +18,13 @@ from attribution_core.data import DataSpec
 from attribution_core.errors import DataError, SettingsError
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.models import ModelSpec, build_model
-from attribution_core.replay import metagradients, replay_forward, replay_plan
+from attribution_core.replay import metagradients, replay_forward, replay_plan, retrain_by_replay
 from attribution_core.run import CheckpointPolicy, Recipe, Stage
 from attribution_core.store import Workspace, save_tensors
 from attribution_core.training import train
 
 RECIPE = Recipe(
-    (Stage(name="sgd", epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=16),
+    (Stage(name="sgd", epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=16, transform="noise"),
      Stage(name="adam", epochs=3, lr=0.01, optimizer="adam", momentum=0.9, weight_decay=1e-3, batch_size=8,
            classes=(0, 1, 2, 3, 4), transform="rotate")),
     seed=4, checkpoints=CheckpointPolicy(every_epochs=1),
@@ -84,6 +84,13 @@ def test_replayed_weights_match_every_stored_checkpoint(run):
     assert {step.stage for step in plan.steps} == {0, 1}  # through both stages
 
 
+def test_the_order_keeping_retrain_with_nothing_removed_is_the_run(run):
+    # The ground truth's retrain sees each stage's inputs as the trainer did (pixel noise drawn once per example, rotation).
+    model = retrain_by_replay(run, torch.ones(len(run.datasets()[0])))
+    stored = dict(run.load_model(-1).named_parameters())
+    assert max((parameter - stored[name]).abs().max().item() for name, parameter in model.named_parameters()) < 1e-6
+
+
 def test_metagradients_equal_autograd_through_the_unrolled_run(run):
     weights = torch.ones(len(run.datasets()[0]), dtype=torch.float64, requires_grad=True)
     measurements = unrolled_measurement(run, weights)
@@ -136,6 +143,34 @@ def test_through_the_front_door_replay_is_a_method_whose_positive_scores_are_pro
                                    test_set.x[:1], test_set.y[:1])
     after = plan.task.measurement(lambda x: functional_call(plan.model, final, (x,)), test_set.x[:1], test_set.y[:1])
     assert (after - before).item() < 0 and scores.values[0, top].sum() > 0
+
+
+class Stop(Exception):
+    """What a cancelled job's progress callback raises."""
+
+
+def test_scores_report_every_replayed_step_and_a_raising_callback_stops_them_cleanly(run):
+    settings, queries = {"query_block": 2, "stride": 3}, [3, 4, 5]  # two blocks; a state of its own (fitted here)
+    n_steps, calls = run.record.n_steps, []
+    scores = api.attribute(run, "replay", queries=queries, settings=settings, device="cpu", progress=lambda done, total: calls.append((done, total)))
+    assert [call for call in calls if call[1] == n_steps] == [(step, n_steps) for step in range(1, n_steps + 1)]  # the fit's replay
+    assert [call for call in calls if call[1] != n_steps] == [(step, 2 * n_steps) for step in range(1, 2 * n_steps + 1)]  # two blocks
+    _, test_set = run.datasets()
+    expected = metagradients(replay_plan(run), test_set.x[queries], test_set.y[queries])
+    np.testing.assert_allclose(scores.values, expected.numpy(), rtol=1e-4, atol=1e-6 * np.abs(expected.numpy()).max())
+
+    def cancel(done: int, total: int) -> None:
+        if total == 2 * n_steps and done == n_steps + 3:  # three steps into the second block
+            raise Stop
+
+    threads = torch.get_num_threads()
+    with pytest.raises(Stop):
+        api.attribute(run, "replay", queries=[6, 7, 8], settings=settings, device="cpu", progress=cancel)
+    assert api.stored_scores(run, "replay", queries=[6, 7, 8], settings=settings) is None
+    assert torch.get_num_threads() == threads
+    again = api.attribute(run, "replay", queries=[6, 7, 8], settings=settings, device="cpu")
+    expected = metagradients(replay_plan(run), test_set.x[[6, 7, 8]], test_set.y[[6, 7, 8]])
+    np.testing.assert_allclose(again.values, expected.numpy(), rtol=1e-4, atol=1e-6 * np.abs(expected.numpy()).max())
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ rankings and the benchmarks, so that adding a method is one module, one line in 
   training with the example rather than without it (the one unit the app states for influence,
   SOURCE, TRAK and replay); False for similarities (TracIn, gradient dot/cosine, representation
   similarity), whose scale means nothing and which the app shows with a percentile instead.
+- `shards_queries`: `score` shares the queries between the ranks of a process group (every rank
+  calls it and gets all the scores), so the front door calls it on every rank.
 
 Phases:
 - `fit(inputs) -> TrainState`: the train-side work (features, curvature, preconditioned
@@ -53,6 +55,7 @@ class Method(ABC):
     self_influence_at_fit: ClassVar[bool] = False
     has_segments: ClassVar[bool] = False
     max_parameters: ClassVar[int | None] = None
+    shards_queries: ClassVar[bool] = False
     estimates_removal: ClassVar[bool] = True
 
     def __init__(self, settings: Any = None):

@@ -8,20 +8,22 @@ trained: no Hessian approximation, no stationarity assumption; the matching grou
 order-keeping LDS (evaluation/lds.py, mode "order_keeping"), which retrains in the same batch order.
 
 Runs it can replay: recorded by tdx's trainer (seeded initialisation), SGD with momentum or
-Adam, no batch-norm buffers. `fit` replays the whole run once and checks the weights against
-every stored checkpoint; `score` costs about one forward and one backward replay per block of
-queries (see benchmarks/b7_replay.py).
+Adam, no batch-norm buffers. `fit` replays the whole run once, checks the weights against
+every stored checkpoint and keeps every ~√T-th state; `score` then costs one reverse pass per
+block of queries (each segment recomputed from its kept state, then walked back; see
+benchmarks/b7_replay.py). Under torchrun the queries are shared between the processes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from ..distributed import sharded_rows
 from ..errors import SettingsError
 from ..inputs import AttributionInputs, TrainState
-from ..progress import Progress
-from ..replay import ReplayPlan, metagradients, replay_forward, replay_plan, why_not_replayable
+from ..replay import ReplayedStates, ReplayPlan, metagradients, replay_plan, replayed_states, why_not_replayable
 from ..run import Run
 from ..settings import check_settings
 from .base import Method
@@ -31,6 +33,7 @@ from .base import Method
 class ReplaySettings:
     """Every knob of replay."""
 
+    state_version: ClassVar[int] = 2  # 2: the fitted state holds the kept states (1 held only the step count)
     start_stage: int = field(default=0, metadata={"help": "attribute only from this training stage on (earlier steps held fixed; cheaper): 0 = the whole run"})
     at_weight: float = field(default=1.0, metadata={"help": "the example weight the derivative is taken at: 1 = the run as trained; a subset ground truth keeping a fraction α of the examples is matched better at α"})
     query_block: int = field(default=32, metadata={"help": "queries carried backward together (memory: this × parameters × optimizer moments)"})
@@ -48,6 +51,8 @@ class Replay(Method):
     label = "replay (exact)"
     Settings = ReplaySettings
     max_parameters = 5_000_000
+    shards_queries = True
+    shards_queries = True
 
     def __init__(self, settings: ReplaySettings | None = None, plan: ReplayPlan | None = None):
         super().__init__(settings)
@@ -72,19 +77,31 @@ class Replay(Method):
         return self.plan
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
-        """Replays the run once, checking the weights at every stored checkpoint; 'replayed_steps' (1,)."""
-        plan = self._plan()
-        replay_forward(plan, progress=inputs.progress)
-        return {"replayed_steps": torch.tensor([plan.n_steps])}
+        """Replays the run once at the settings' example weight (checked against every stored checkpoint at weight 1): the states kept.
+
+        The state holds ReplayedStates' tensors (final weights, every stride-th state, the
+        weights and stride), so that scoring a block of queries costs its reverse pass only.
+        """
+        plan, s = self._plan(), self.settings
+        return replayed_states(plan, s.at_weight, stride=s.stride, verify=s.at_weight == 1, progress=inputs.progress).to_tensors()
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_queries, n_train), positive = proponent: d f_q(θ_T)/d w_i."""
+        """Scores (n_queries, n_train), positive = proponent: d f_q(θ_T)/d w_i.
+
+        Under a process group every rank carries its contiguous share of the queries backward
+        (in blocks of query_block) and the shares are gathered in order. inputs.progress hears of
+        every replayed step of every block: a callback that raises stops the work between steps.
+        """
         plan, s = self._plan(), self.settings
-        blocks = range(0, len(query_y), s.query_block)
-        progress = Progress(inputs.progress, len(blocks))
-        scores = []
-        for start in blocks:  # verified once by fit; a block needs only the derivative
-            scores.append(metagradients(plan, query_x[start : start + s.query_block], query_y[start : start + s.query_block],
-                                        at_weight=s.at_weight, stride=s.stride, verify=False).float().cpu())
-            progress.step()
-        return torch.cat(scores) if scores else torch.zeros(0, len(inputs.train_y))
+        states = ReplayedStates.from_tensors(state)
+
+        def share(rows: slice) -> torch.Tensor:
+            blocks = list(range(rows.start, rows.stop, s.query_block))
+            scores = [torch.zeros(0, len(inputs.train_y), device=inputs.device)]  # on the device: NCCL gathers CUDA tensors
+            for number, start in enumerate(blocks):
+                stop = min(start + s.query_block, rows.stop)
+                reported = lambda done, _, number=number: inputs.progress(number * plan.n_steps + done, len(blocks) * plan.n_steps)  # noqa: E731
+                scores.append(metagradients(plan, query_x[start:stop], query_y[start:stop], states=states, progress=reported).float())
+            return torch.cat(scores)
+
+        return sharded_rows(len(query_y), share)
