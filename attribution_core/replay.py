@@ -10,10 +10,20 @@ query adjoints backward through every step, one batched Hessian-vector product p
 returns d f_q(θ_T) / d w_i for every query and example.
 
 Memory: states (weights and optimizer moments) are kept every `stride` steps (about √T); the
-steps between two kept states are recomputed from the earlier one before they are walked back,
-so memory grows as √T × parameters. The replayed weights are checked against every stored
-checkpoint on the way (to about 1e-5 relative in float32), with an error naming the first step
-where the run does not replay.
+steps between two kept states are recomputed from the earlier one, with their autograd graphs
+(about four parameter-sized tensors a step, plus activations), before they are walked back one
+segment at a time, so memory grows as √T × parameters. Replay's fit stores the kept states
+(`ReplayedStates`): a block of queries then costs one reverse pass (each step taken again with
+its graph, then walked back: two to three training runs for one query, shared by a block). The
+replayed weights are checked against every stored checkpoint on the way (to about 1e-5 relative
+in float32), with an error naming the first step where the run does not replay.
+
+The derivative is exact where w -> θ_T is smooth. With ReLUs it is only piecewise smooth (a
+pre-activation crossing 0 makes a step's gradient jump), and a run can amplify those jumps: on
+the demo's fmnist-two-stage (pretraining at lr 0.05 on noisy pixels) float32 and float64 replays
+end 3 % apart, and moving the weights of 5 % of the examples from 1 to 0.95 changes the test
+margins by 0.25 rms, 16 times the first-order prediction and half the effect of removing them
+(benchmarks/RESULTS.md, B7: rounding sensitivity).
 """
 from __future__ import annotations
 

@@ -7,24 +7,34 @@ trained with its record. Two ground truths per run, on random subsets of the tra
   0 in their batch slots (5 % removed per subset, MAGIC's evaluation) — the question replay answers;
 - reshuffled: each subset retrained from scratch by the recipe (50 % kept, B1's ground truth).
 Every method scores the first --queries test examples; LDS over them. Cost: seconds per query
-when scoring one query at a time and in blocks of 32, against the seconds of one training run.
+when scoring one query at a time and in blocks of 32, against the seconds of one plain training
+run of the same recipe timed in the same process just before (no record written; the run's
+recorded training time, taken when it was trained, is in the JSON as recorded_train_seconds).
+Rounding sensitivity: the first subsets of the order-keeping ground truth replayed again in
+float64; the rms change of the queries' margins from float32 rounding alone, over their spread
+across subsets. Near 0, the ground truth is a smooth function of the weights; a sizeable
+fraction means training amplifies perturbations of rounding size (ReLU kinks flipped, then
+grown), and no first-order score, replay's exact derivative included, can predict that part.
 
     python benchmarks/b7_replay.py [--quick] [--queries N] [--subsets M] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 from b1_digits_lds import DATA as B1_DATA
 from b1_digits_lds import MODEL as B1_MODEL
 from b1_digits_lds import RECIPE as B1_RECIPE
 from common import markdown_table, parser, report, timed, workspace_root
+from torch.func import functional_call
 
 from attribution_core.api import attribute
 from attribution_core.demo import demo_runs
-from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
+from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
+from attribution_core.replay import replay_forward, replay_plan
 from attribution_core.run import Run, load_run
 from attribution_core.store import Workspace
-from attribution_core.training import train
+from attribution_core.training import fit_model, one_thread, train
 
 METHODS = {"replay": {}, "source": {}, "trak": {}, "ekfac": {}, "tracin": {}}
 """The methods compared, at their defaults."""
@@ -50,6 +60,21 @@ def per_query_seconds(run: Run, method: str, queries: np.ndarray, block: int) ->
     return clock.seconds / block
 
 
+def rounding_sensitivity(run: Run, truth: GroundTruth, queries: np.ndarray, n_subsets: int = 10) -> float:
+    """rms over (subset, query) of float64 − float32 (stored) order-keeping margins, over the queries' mean std across subsets."""
+    plan = replay_plan(run, dtype=torch.float64)
+    _, test_set = run.datasets()
+    x, y = test_set.x[queries].double(), test_set.y[queries]
+    changes = []
+    with one_thread():
+        for subset in range(n_subsets):
+            final, _ = replay_forward(plan, torch.as_tensor(truth.masks[subset], dtype=torch.float64), verify=False)
+            with torch.no_grad():
+                margins = plan.task.measurement(lambda inputs, final=final: functional_call(plan.model, final, (inputs,)), x, y)
+            changes.append(margins.numpy() - truth.margins[subset, queries])
+    return float(np.sqrt(np.mean(np.square(changes))) / truth.margins[:, queries].std(axis=0).mean())
+
+
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--queries", type=int, default=None, help="test examples scored and averaged over (default 100; --quick 32)")
@@ -69,7 +94,11 @@ def main() -> None:
                 with timed() as clock:
                     ground[name] = groundtruth(run, settings, workers=1 if name == "order_keeping" else args.workers)
                 print(f"{run_id}: {name} ground truth in {clock.seconds:.1f} s", flush=True)
-            train_seconds = run.metrics["train_seconds"]
+            with timed() as clock:
+                fit_model(run.datasets()[0], run.model, run.recipe, keep_checkpoints=False)
+            train_seconds = clock.seconds
+            sensitivity = rounding_sensitivity(run, ground["order_keeping"], queries)
+            print(f"{run_id}: rounding sensitivity {sensitivity:.3g}", flush=True)
             rows, methods = [], {}
             for method, settings in METHODS.items():
                 with timed() as clock:
@@ -83,15 +112,21 @@ def main() -> None:
                              entry["seconds_per_query"] / train_seconds, entry["seconds_per_query_block32"],
                              entry["seconds_per_query_block32"] / train_seconds))
                 print(f"{run_id} {method}: {entry}", flush=True)
-            payload["runs"][run_id] = {"train_seconds": train_seconds, "steps": run.record.n_steps, "methods": methods}
+            payload["runs"][run_id] = {"train_seconds": train_seconds, "steps": run.record.n_steps, "rounding_sensitivity": sensitivity,
+                                       "recorded_train_seconds": run.metrics["train_seconds"],
+                                       "methods": methods}
             sections.append(
-                f"### {run_id}: {run.metrics['n_train']} training examples, {run.record.n_steps} optimizer steps, one training run "
-                f"{train_seconds:.2f} s; {len(queries)} queries, {n_subsets} subsets per ground truth\n\n"
+                f"### {run_id}: {run.metrics['n_train']} training examples, {run.record.n_steps} optimizer steps, one plain training run "
+                f"{train_seconds:.2f} s; {len(queries)} queries, {n_subsets} subsets per ground truth; rounding sensitivity "
+                f"{sensitivity:.2g}\n\n"
                 + markdown_table(["method", "LDS order-keeping (5 % removed)", "LDS reshuffled (50 % kept)", "s / query",
                                   "÷ training", "s / query in blocks of 32", "÷ training"], rows))
     body = ("Two questions, two ground truths: order-keeping (the same batches, the removed examples weighted 0: what "
             "replay differentiates) and reshuffled (each subset retrained from scratch). Seconds per query exclude the "
-            "train-side fit, done once per run and stored.\n\n" + "\n\n".join(sections))
+            "train-side fit, done once per run and stored; the training run they are divided by is a plain one (no record) "
+            "timed just before. Rounding sensitivity: the rms change of the queries' margins between float32 and float64 "
+            "replays of the same subsets, over their spread across subsets (near 0: a smooth ground truth; large: training "
+            "amplifies rounding-size perturbations, which no first-order score can predict).\n\n" + "\n\n".join(sections))
     report("b7", "B7 · Replay against the approximations", body, args, payload)
 
 
