@@ -176,10 +176,11 @@ def early_self_confidence(record: TrainingRecord, n_train: int, fraction: float 
     with extra trainings. (Over all draws it is the data map's confidence.) cleanlab's other
     scores need every class's probability; replaying B4's training to capture them, normalized
     margin and confidence-weighted entropy on the same early probabilities found fewer flipped
-    labels (memorising: 0.76 and 0.80 top-10 % recall against 0.83). So do cleanlab's per-class
-    thresholds, even on out-of-fold probabilities of models trained on the true labels (B4 notes):
-    dividing p(label) by its class's mean, or flagging confident-joint issues first, loses ROC-AUC
-    (0.004) and gains no top-10 % recall there.
+    labels (memorising: 0.76 and 0.80 top-10 % recall against 0.83). cleanlab's per-class
+    thresholds do not help either, even on out-of-fold probabilities of five models trained on the
+    true labels (B4 notes): p(label) over its class's mean p(label) keeps their mean top-10 %
+    recall (0.871) and loses 0.004 ROC-AUC; confident-joint issues (cleanlab's default filter)
+    ranked first lose recall (0.80-0.86 against 0.86-0.90, on three of them).
     """
     seen = draws(record, n_train)
     return seen.mean(np.exp(-seen.losses), seen.early(fraction, min_draws))
@@ -269,7 +270,7 @@ runs and four held-out seeds of each setting (benchmarks/RESULTS.md, B4 notes) a
 time costs 0.27 of the memorising top-10 % recall, and no added signal gains more than the
 seed-to-seed spread. Early loss alone ranks within one or two examples of the pair.
 A fixed share of training alone misses on one setting or the other (a tenth: demo 0.777;
-a third: memorising 0.747), hence MIN_EARLY_DRAWS.
+a third: memorising 0.750), hence MIN_EARLY_DRAWS.
 """
 
 SCORES_REVISION = 2
