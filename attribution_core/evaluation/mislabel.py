@@ -1,12 +1,13 @@
 """Mislabel detection: rank training examples by how suspicious their label is.
 
 Rankings: from the training record's dynamics (dynamics.py: early-training loss, AUM,
-forgetting, data-map confidence and variability, cleanlab's self-confidence on early-training
+forgetting, learning time, data-map confidence and variability, cleanlab's self-confidence on early-training
 probabilities, and "dynamics", their chosen combination), self-influence of an attribution
 method (an example that only its own gradient explains), the training loss at chosen checkpoints
 (or averaged over them), and confident learning (cleanlab) on out-of-sample probabilities from
 k-fold cross-validated retraining. Each ranking is stored under runs/<id>/mislabels/<key>/ and
 reused. With labels flipped on purpose, `mislabel_metrics` says how many flips each ranking finds.
+RANKINGS says what each ranking measures, RANKING_LABELS (ranking_label) what to call it on a page.
 """
 from __future__ import annotations
 
