@@ -110,11 +110,12 @@ def fit_and_score(settings, inputs, query_x, query_y, method=Influence):
 
 
 def exact_scores(inputs, query_x, query_y, damping: float) -> torch.Tensor:
-    """−∇f(q)ᵀ(G + λI)⁻¹∇L(m) (n_queries, n_train) float64 with the explicit Gauss–Newton G at the last checkpoint."""
+    """−(1/N) ∇f(q)ᵀ(G + λI)⁻¹∇L(m) (n_queries, n_train) float64 with the explicit Gauss–Newton G at the last checkpoint."""
     model, task = inputs.models[-1], inputs.task
     inverse = damped_inverse(gauss_newton_matrix(model, task, inputs.train_x, inputs.train_y), damping)
     query_grads = flat_gradients(model, task, query_x, query_y, "measurement").double()
-    return -query_grads @ inverse @ flat_gradients(model, task, inputs.train_x, inputs.train_y, "loss").double().T
+    train_grads = flat_gradients(model, task, inputs.train_x, inputs.train_y, "loss").double()
+    return -query_grads @ inverse @ train_grads.T / len(inputs.train_y)
 
 
 @pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
@@ -170,9 +171,9 @@ def test_scores_of_a_cnn_equal_the_explicit_ekfac_matrix():
     inverse = torch.block_diag(*blocks)
     query_grads = flat_gradients(model, inputs.task, query_x, query_y, "measurement")
     train_grads = flat_gradients(model, inputs.task, train_x, train_y, "loss")
-    expected = -query_grads @ inverse @ train_grads.T
-    assert torch.allclose(method.score(state, inputs, query_x, query_y).double(), expected, rtol=1e-4, atol=1e-6)
-    expected_self = ((train_grads @ inverse) * train_grads).sum(dim=1)
+    expected = -query_grads @ inverse @ train_grads.T / len(train_y)
+    assert torch.allclose(method.score(state, inputs, query_x, query_y).double(), expected, rtol=1e-4, atol=1e-7)
+    expected_self = ((train_grads @ inverse) * train_grads).sum(dim=1) / len(train_y)
     assert torch.allclose(method.self_influence(state, inputs).double(), expected_self, rtol=1e-4)
 
 

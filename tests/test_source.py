@@ -1,8 +1,8 @@
 """SOURCE: exact where EK-FAC is exact, its two limits (influence and TracIn), and its invariants.
 
 The one-segment correspondence tested: with one segment and x = η̄K,
-    N · τ_SOURCE = −∇fᵀ r(H) ∇L,   r(σ) = (1 − e^{−xσ})/σ,
-while influence with damping 1/x is −∇fᵀ (H + I/x)⁻¹ ∇L. Per eigencomponent the two differ by the
+    τ_SOURCE = −(1/N) ∇fᵀ r(H) ∇L,   r(σ) = (1 − e^{−xσ})/σ,
+while influence with damping 1/x, in the same unit, is −(1/N) ∇fᵀ (H + I/x)⁻¹ ∇L. Per eigencomponent the two differ by the
 factor (1 − e^{−u})(1 + 1/u), u = xσ, which lies in [1, 1.30] and tends to 1 as u → 0 or ∞. In the
 shared-input case every training gradient lies in the eigenspace of H's one nonzero eigenvalue
 σ₀ = |a|²/K, so the relation is exact with u = xσ₀; on an MLP the two rank alike.
@@ -63,7 +63,7 @@ def test_one_segment_is_influence_with_damping_one_over_lr_sum_times_the_r_facto
     u = lr_sum * shared_input_eigenvalue(train_x)
     ratio = -math.expm1(-u) * (1 + 1 / u)
     expected = ratio * exact_scores(inputs, query_x, query_y, damping=1 / lr_sum)
-    scores = len(train_y) * method.score(state, inputs, query_x, query_y).double()
+    scores = method.score(state, inputs, query_x, query_y).double()
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
     if lr_sum > 100:  # the long-segment limit: plain influence with damping 1/x
         assert ratio == pytest.approx(1, abs=1e-3)

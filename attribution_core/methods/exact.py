@@ -1,13 +1,17 @@
 """Exact influence functions for small models: the reference that other methods are tested against.
 
-    τ_IF(z_q, z_m) = −∇θ f(z_q)ᵀ (G + λI)⁻¹ ∇θ L(z_m)      (positive = proponent)
+    τ_IF(z_q, z_m) = −(1/N) ∇θ f(z_q)ᵀ (G + λI)⁻¹ ∇θ L(z_m)      (positive = proponent)
 at the final checkpoint, over the tracked layers' parameters in the core's layout, with G the
 curvature of the MEAN training loss (1/N) Σ_i L(z_i): the Gauss–Newton matrix
 (1/N) Σ_i J_iᵀ H_i J_i (J_i: Jacobian of the model outputs, H_i: Hessian of the loss w.r.t. the
-outputs, diag(p_i) − p_i p_iᵀ for cross-entropy) or the true Hessian. Scale: no extra 1/N, the
-convention EK-FAC shares; removing z_m changes f(z_q) by about −τ_IF / N, and rank-based
-evaluations (LDS) are unaffected. Self-influence is ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m), a positive
-magnitude with the loss gradient on both sides (as TracIn's).
+outputs, diag(p_i) − p_i p_iᵀ for cross-entropy) or the true Hessian. Unit: the change of the
+query's measurement from training with z_m rather than without it, f_q(with) − f_q(without), to
+first order. Removing z_m is up-weighting its term of the mean loss by ε = −1/N, and
+dθ/dε = −(G + λI)⁻¹∇L(z_m) at a minimum of the loss plus (λ/2)‖θ‖² (Koh & Liang 2017): with
+λ the L2 regulariser's coefficient this is the leave-one-out change exactly to first order
+(tests/test_score_units.py). Self-influence is (1/N) ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m), the score of
+z_m for the measurement −L(z_m): how much z_m's own loss would rise if it were removed (a
+positive magnitude, in loss units).
 
 Gradients here come from torch.func, independently of the layer capture in gradients.py, so
 tests comparing the two check something real. Everything holds (n, P) or (P, P) matrices: keep
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +42,10 @@ CURVATURES = ("gauss_newton", "hessian")
 @dataclass
 class ExactSettings:
     """Every knob of exact influence."""
+
+    state_version: ClassVar[int] = 2
+    """Part of the stored state's key, so that scores stored under it are never reused in another unit (2: scores and
+    self-influence divided by N, a change of the measurement)."""
 
     curvature: str = field(default="gauss_newton", metadata={"help": "gauss_newton (PSD, the curvature EK-FAC approximates) or hessian (true Hessian of the mean loss)"})
     damping: float = field(default=0.01, metadata={"help": "λ added to every eigenvalue of the curvature (>= 0)"})
@@ -183,7 +192,7 @@ class ExactInfluence(Method):
     """It holds P x P and N x P matrices."""
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
-        """'preconditioned_train' = (G + λI)⁻¹∇L(z_m) (N, P) and 'self_influence' (N,)."""
+        """'preconditioned_train' = (G + λI)⁻¹∇L(z_m) / N (N, P) and 'self_influence' (N,), in the scores' unit."""
         model, s = inputs.models[-1], self.settings
         n_parameters = sum(p.numel() for p in tracked_parameters(model, inputs.task).values())
         if n_parameters > self.max_parameters:
@@ -199,14 +208,14 @@ class ExactInfluence(Method):
         preconditioned, self_influence = [], []
         for _, x, y in inputs.train_batches(model=model):
             gradients = flat_gradients(model, inputs.task, x, y, "loss").double()
-            chunk = gradients @ inverse
+            chunk = gradients @ inverse / len(inputs.train_y)
             preconditioned.append(chunk.float())
             self_influence.append((gradients * chunk).sum(dim=1).float())
             progress.step()
         return {"preconditioned_train": torch.cat(preconditioned).cpu(), "self_influence": torch.cat(self_influence).cpu()}
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_queries, n_train), positive = proponent."""
+        """Scores (n_queries, n_train): the change of each query's measurement from training with each example, positive = proponent."""
         model = inputs.models[-1]
         preconditioned = state_tensor(state, "preconditioned_train", inputs.device)
         progress = Progress(inputs.progress, n_chunks(len(query_y), inputs.batch_size))
@@ -217,5 +226,5 @@ class ExactInfluence(Method):
         return torch.cat(scores)
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
-        """∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,), a positive magnitude."""
+        """(1/N) ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,): how much z_m's own loss would rise without it."""
         return state["self_influence"]

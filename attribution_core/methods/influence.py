@@ -1,10 +1,14 @@
 """Influence functions with Kronecker-factored curvature: EK-FAC (default) and K-FAC.
 
-    τ(z_q, z_m) = −∇f(z_q; θ)ᵀ (G + λI)⁻¹ ∇L(z_m; θ)      (positive = proponent)
+    τ(z_q, z_m) = −(1/N) ∇f(z_q; θ)ᵀ (G + λI)⁻¹ ∇L(z_m; θ)      (positive = proponent)
 at the final checkpoint θ (the last of inputs.models), with G the curvature of the MEAN
 training loss, block-diagonal over the tracked layers and Kronecker-factored within each layer
-(curvature.py), and λ a per-layer damping. Same scale as exact influence (methods/exact.py): no
-extra 1/N. Removing z_m changes f(z_q) by about −τ / N.
+(curvature.py), and λ a per-layer damping. Unit: the change of the query's measurement (the
+margin by default) from training with z_m rather than without it. Removing z_m from
+(1/N) Σ_i L(z_i) is up-weighting its term by ε = −1/N, which moves θ by (1/N)(G + λI)⁻¹∇L(z_m)
+to first order (Koh & Liang 2017), hence the 1/N (N = len(train_y)); the same quantity as exact
+influence (methods/exact.py), which tests/test_score_units.py checks against leave-one-out
+retraining.
 
 `fit` keeps only each layer's eigenbases and eigenvalues (about the size of the model). `score`
 works in the Kronecker eigenbasis (curvature.py): the queries' rotated measurement gradients are
@@ -12,13 +16,16 @@ weighted by 1 / (Λ + λ) once, and one pass over the training set (per block of
 being as many as QUERY_BUDGET holds) dots them with the rotated training gradients, one matrix
 product per layer and chunk. With `k` set, fit also stores the k-dim Kronecker
 projections of the rotated training gradients (LoGra-style, one more data pass) and scoring is
-one (queries x k)(k x N) product, as TRAK's: an unbiased estimate of the exact score. Self-influence is ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) = Σ (Q_Sᵀ∇W_m Q_A)² /
-(Λ + λ), a positive magnitude (loss gradient on both sides, as exact influence), which ranks
-suspected mislabels.
+one (queries x k)(k x N) product, as TRAK's: an unbiased estimate of the exact score.
+
+Self-influence is (1/N) ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) = (1/N) Σ (Q_Sᵀ∇W_m Q_A)² / (Λ + λ), the
+score of z_m for the measurement −L(z_m): how much z_m's own loss would rise if it were removed
+(a positive magnitude, in loss units), which ranks suspected mislabels.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -57,6 +64,10 @@ CURVATURES = ("ekfac", "kfac")
 @dataclass
 class InfluenceSettings:
     """Every knob of EK-FAC / K-FAC influence."""
+
+    state_version: ClassVar[int] = 2
+    """Part of the stored state's key, so that scores stored under it are never reused in another unit (2: scores and
+    self-influence divided by N, a change of the measurement)."""
 
     curvature: str = field(default="ekfac", metadata={"help": "ekfac (eigenvalues refitted in the Kronecker eigenbasis, one more data pass) or kfac (products of the factors' eigenvalues)"})
     damping: float | None = field(default=None, metadata={"help": "λ added to every eigenvalue (> 0); None: damping_ratio × the layer's mean eigenvalue, per layer"})
@@ -134,7 +145,7 @@ class Influence(Method):
         return {name: 1 / (values + state[f"{name}/damping"].item()) for name, values in eigenvalues.items()}
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_queries, n_train), positive = proponent."""
+        """Scores (n_queries, n_train): the change of each query's measurement from training with each example, positive = proponent."""
         model = inputs.models[-1]
         bases, weights = self._load(state, inputs)
         projector = self._projector(inputs)
@@ -156,18 +167,18 @@ class Influence(Method):
                 products = projected_query_vectors(projector, weighted, scales) @ features.T
             else:
                 products = stream_rotated_products([model], bases, inputs, weighted, progress.step)
-            scores.append(-products.cpu())
+            scores.append(-products.cpu() / len(inputs.train_y))
         return torch.cat(scores)
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
-        """∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,), a positive magnitude."""
+        """(1/N) ∇L(z_m)ᵀ (G + λI)⁻¹ ∇L(z_m) (n_train,): how much z_m's own loss would rise without it."""
         model = inputs.models[-1]
         bases, weights = self._load(state, inputs)
         progress = Progress(inputs.progress, n_chunks(len(inputs.train_y), inputs.batch_size))
         result, scratch = torch.zeros(len(inputs.train_y), device=inputs.device), Scratch()
         for rows, name, layers in layer_slices([model], inputs.task, "loss", inputs.model_batches([model]), progress.step):
             result[rows] += weighted_rotated_norms(layers[0], bases[name], weights[name], scratch)
-        return result.cpu()
+        return result.cpu() / len(inputs.train_y)
 
 
 class KfacInfluence(Influence):

@@ -33,11 +33,18 @@ With `k` set the training side is stored at fit instead: per segment, the k-dim
 Kronecker projections of the rotated mean gradients, balanced by √r(H̄_ℓ) (curvature.py), and
 each segment's contribution is one (queries x k)(k x N) product (approximate, unbiased).
 
-Scale: the 1/N of r̄ is kept, so a short segment gives TracIn's −(x/N)∇fᵀ∇L and a long one
-approaches (1/N)× influence with damping 1/x (N = len(train_y)).
+Unit: the change of the query's measurement (the margin by default) from training with z_m
+rather than without it, to first order. ε is z_m's weight w_m − 1 in the training loss
+(1/N) Σ_m w_m L(z_m), which minibatches estimate (a batch's loss Σ_{i∈B} w_i ℓ_i / |B|, each
+example in about |B|/N of the steps: the draw weights above); removing z_m takes w_m from 1 to 0,
+so the derivative is already the change a removal makes, and the 1/N of r̄ is the mean loss's.
+A short segment gives TracIn's −(x/N)∇fᵀ∇L and a long one approaches influence with damping
+1/x, in the same unit (methods/influence.py; N = len(train_y)). tests/test_score_units.py checks
+the unit against leave-one-out retraining.
 
 Self-influence is the score of z_m for the query "z_m's own loss falls": the same recursion with
-f = −L(z_m), so v_L = ∇L(z_m; θ_T) and the sign flips: +(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m). In segment
+f = −L(z_m), so v_L = ∇L(z_m; θ_T) and the sign flips: +(1/N) Σ_ℓ v_ℓᵀ r(H̄_ℓ) ḡ_ℓ(z_m), how much
+z_m's own loss would rise if it were removed (loss units). In segment
 L's basis v_L is rank one, but S̄_L v_L is not: each earlier segment costs one dense change of
 basis per example and layer, d_out·d_in·(d_out + d_in) multiply-adds (about 0.1 G for a
 784-128 Linear layer), which dominates self-influence for L > 1.
@@ -265,7 +272,7 @@ class Source(Method):
         return operators
 
     def score_segments(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Per-segment contributions (n_segments, n_queries, n_train), oldest segment first; they sum to `score`."""
+        """Per-segment contributions (n_segments, n_queries, n_train), oldest segment first, in the scores' unit; they sum to `score`."""
         segments, operators = self._segments(inputs), self._load(state, inputs)
         final_model, n_train = segments[-1].models[-1], len(inputs.train_y)
         projector = self._projector(inputs)
@@ -293,7 +300,8 @@ class Source(Method):
         return contributions
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_queries, n_train), positive = proponent: the sum of the segments' contributions."""
+        """Scores (n_queries, n_train): the change of each query's measurement from training with each example, positive =
+        proponent; the sum of the segments' contributions."""
         return self.score_segments(state, inputs, query_x, query_y).sum(dim=0)
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:

@@ -2,11 +2,26 @@
 
 Per checkpoint s, with φ_i = Pᵀ∇θ f(z_i; θ_s) the projected measurement gradients (Φ: (N, k)) and
 Q_ii = 1 − p_i (p_i the model's probability of z_i's label; Task.residual_weights):
-    τ_s(z_q, z_i) = φ(z_q)ᵀ (ΦᵀΦ + λI)⁻¹ φ_i Q_ii,    τ = mean over the checkpoints s,
+    τ_s(z_q, z_i) = φ(z_q)ᵀ (ΦᵀΦ + λI)⁻¹ φ_i Q_ii / r̄,    τ = mean over the checkpoints s,
 already proponent-positive. λ = damping_ratio × mean diagonal of ΦᵀΦ, so one ratio fits any
-gradient scale. `fit` stores the preconditioned train features ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i / S per
+gradient scale.
+
+Unit: the change of the query's measurement (the margin) from training with z_i rather than
+without it. TRAK's derivation is a one-step Newton estimate of leave-one-out retraining of the
+linearised model, a logistic regression on the features φ with the margin as its logit: for the
+sum loss Σ_i log(1 + e^{−f_i}), ∇L_i = −Q_ii φ_i and the Hessian is ΦᵀRΦ with
+R_ii = p_i(1 − p_i) = Q_ii(1 − Q_ii), so removing z_i lowers f(z_q) by about
+φ(z_q)ᵀ (ΦᵀRΦ)⁻¹ φ_i Q_ii. TRAK replaces ΦᵀRΦ by ΦᵀΦ, which sets the direction of the kernel but
+not its scale (far too large for a confident model, where R is near 0); r̄ puts the scale back:
+the R-weighted mean r̄ = Σ R_ii ‖φ_i‖² / Σ ‖φ_i‖² (so r̄ΦᵀΦ and ΦᵀRΦ have the same trace), pooled
+over the checkpoints so that it is one factor for all scores: rankings, LDS and TRAK's ensemble
+are exactly TRAK's. With use_q=False the residual Q is left out and the scores are no longer
+a change of the margin.
+
+`fit` stores the preconditioned train features ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i / (r̄ S) per
 checkpoint, so scoring costs the queries' projected gradients and a (queries x k)(k x N) product.
-Self-influence is the diagonal of the pairwise scores: mean_s φ_iᵀ ψ_i.
+Self-influence is the diagonal of the pairwise scores, mean_s φ_iᵀ ψ_i: how much z_i's own margin
+would drop if it were removed.
 Under torch.distributed, Φ is computed by index ranges, one per rank, and all-gathered.
 """
 from __future__ import annotations
@@ -34,8 +49,9 @@ from .base import Method
 class TrakSettings:
     """Every knob of TRAK."""
 
-    state_version: ClassVar[int] = 3
-    """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes, 3: feature order)."""
+    state_version: ClassVar[int] = 4
+    """Part of the stored state's key: bumped when the same settings give other features or another unit (2: Kronecker
+    block shapes, 3: feature order, 4: scores divided by r̄, a change of the margin)."""
 
     k: int = field(default=1024, metadata={"help": "projection dimension (features per example); ignored by identity"})
     projection: str = field(default="kronecker", metadata={"help": "kronecker (per-layer, fast), dense (over all parameters, slow) or identity (exact, small models)"})
@@ -94,12 +110,21 @@ class Trak(Method):
         progress = Progress(inputs.progress, len(inputs.models) * n_chunks(rows.stop - rows.start, inputs.batch_size))
         state: TrainState = {}
         self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
+        weighted_norms, norms = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for s, model in enumerate(inputs.models):
             phi = self.train_features(model, inputs, projector, progress.step)
-            preconditioned = self._precondition(model, inputs, phi) / len(inputs.models)
+            q = residual_weights(model, inputs.task, inputs.train_batches(model=model)).to(phi.device)
+            preconditioned = self._precondition(phi, q if self.settings.use_q else None) / len(inputs.models)
             self_influence += (phi * preconditioned).sum(dim=1)
             state[f"preconditioned_{s}"] = preconditioned.cpu()
-        state["self_influence"] = self_influence.cpu()
+            squared_norms = phi.double().square().sum(dim=1)
+            weighted_norms += (q.double() * (1 - q.double()) @ squared_norms).cpu()  # R_ii = Q_ii (1 − Q_ii)
+            norms += squared_norms.sum().cpu()
+        # r̄ = 0 only when every Q_ii is 0 or 1: nothing left to learn, every score 0 or undefined alike
+        scale = 1 / max((weighted_norms / norms).item(), torch.finfo(torch.float32).tiny)
+        for s in range(len(inputs.models)):
+            state[f"preconditioned_{s}"] *= scale
+        state["self_influence"] = self_influence.cpu() * scale
         return state
 
     def train_features(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, on_chunk=lambda: None) -> torch.Tensor:
@@ -111,20 +136,18 @@ class Trak(Method):
         chunks = batches(x, y, inputs.batch_size, inputs.device)
         return project_gradients(model, inputs.task, projector, "measurement", chunks, len(y), on_chunk, self.settings.amp_dtype)
 
-    def _precondition(self, model: nn.Module, inputs: AttributionInputs, phi: torch.Tensor) -> torch.Tensor:
-        """ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i: phi (N, k) -> (N, k)."""
+    def _precondition(self, phi: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i: phi (N, k), q (N,) or None (Q = 1) -> (N, k)."""
         # float32 products of 4096-row chunks (2x faster than float64 on a CPU), summed in float64:
         # relative error ~1e-7 against an all-float64 Gram matrix on the Fashion-MNIST MLP.
         gram = sum((chunk.T @ chunk).double() for chunk in phi.split(4096))
         damping = self.settings.damping_ratio * gram.diagonal().mean().item()
         inverse = damped_inverse(gram, damping).float()
         preconditioned = phi @ inverse
-        if self.settings.use_q:
-            preconditioned *= residual_weights(model, inputs.task, inputs.train_batches(model=model))[:, None]
-        return preconditioned
+        return preconditioned if q is None else preconditioned * q[:, None]
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_queries, n_train), positive = proponent."""
+        """Scores (n_queries, n_train): the change of each query's margin from training with each example, positive = proponent."""
         projector = self.projector(inputs)
         progress = Progress(inputs.progress, len(inputs.models) * n_chunks(len(query_y), inputs.batch_size))
         scores = torch.zeros(len(query_y), len(inputs.train_y), device=inputs.device)
@@ -136,5 +159,5 @@ class Trak(Method):
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:
-        """τ(z_i, z_i), the diagonal of the pairwise scores: (n_train,)."""
+        """τ(z_i, z_i), the diagonal of the pairwise scores (n_train,): how much z_i's own margin would drop without it."""
         return state["self_influence"]
