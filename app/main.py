@@ -34,6 +34,10 @@ GRID_CSS = """<style>
     flex: 1 1 auto;
 }
 [class*="st-key-grid_"] [data-testid="stColumn"] [data-testid="stElementContainer"][class*="st-key-"] { margin-top: auto; }
+/* Mislabels: a cell's tick box (keyed check_) goes down with its button, right above it, so a row's boxes line up too. */
+[class*="st-key-grid_"] [data-testid="stColumn"] [class*="st-key-check_"] + [data-testid="stElementContainer"][class*="st-key-"] {
+    margin-top: 0;
+}
 </style>"""
 """The few style rules Streamlit has no option for, drawn at the foot of the sidebar on every run (no '<' in the
 rules or comments: an HTML sanitizer drops a style element whose text holds one). Drawn as a page element, not

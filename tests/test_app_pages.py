@@ -207,33 +207,170 @@ def verdict_button(app: AppTest, kind: str) -> str:
 
 
 def test_mislabels_flags_advance_count_and_export(workspace):
+    run, order, kinds = ranked(workspace)  # other tests of this module may have flagged examples of this run already
+    ids = run.datasets()[0].ids
+    after = {int(ids[i]): kind for i, kind in enumerate(kinds) if kind is not None} | {int(ids[order[0]]): "mislabeled",
+                                                                                       int(ids[order[1]]): "fine"}
+    counts = f"{sum(kind != 'fine' for kind in after.values())} flagged of {len(after)} reviewed"
     app = open_app("mislabels", run="fmnist-noisy")
     assert "Suspect 1 of 600" in texts(app)
     app.button(key=verdict_button(app, "mislabeled")).click().run()
     assert "Suspect 2 of 600" in texts(app)
     app.button(key=verdict_button(app, "fine")).click().run()
-    assert "1 flagged of 2 reviewed" in texts(app)
+    assert counts in texts(app)
     table = table_with(app, "kind")
-    assert sorted(table["kind"]) == ["fine", "mislabeled"]
-    class_names = load_run(workspace, "fmnist-noisy").datasets()[0].class_names
-    csv_text = Annotations(workspace.annotations_path).export_csv("fmnist-noisy", class_names)
-    assert len(csv_text.strip().splitlines()) == 3
+    assert dict(zip(table["example_id"].astype(int), table["kind"])) == after
+    csv_text = Annotations(workspace.annotations_path).export_csv("fmnist-noisy", run.datasets()[0].class_names)
+    assert len(csv_text.strip().splitlines()) == len(after) + 1
     assert set(table["example_id"].astype(str)) == {line.split(",")[1] for line in csv_text.strip().splitlines()[1:]}
     again = open_app("mislabels", run="fmnist-noisy")
-    assert "1 flagged of 2 reviewed" in texts(again), "flags survive a new session"
+    assert counts in texts(again), "flags survive a new session"
 
 
-def test_mislabels_shows_recall_of_flipped_labels_on_the_noisy_run():
+def test_mislabels_recall_opens_with_the_default_and_its_companions_under_readable_names(workspace):
+    from attribution_core.evaluation import mislabel
+
+    run = load_run(workspace, "fmnist-noisy")
+    ranking_label = mislabel.ranking_label
+    stored = [name for name in mislabel.rankings_for(run) if mislabel.stored_ranking(run, name) is not None]
     app = open_app("mislabels", run="fmnist-noisy")
+    assert app.selectbox(key="ranking").options == [ranking_label(name) for name in mislabel.rankings_for(run)]
     assert "How well the rankings find the flipped labels" in texts(app)
     recall = table_with(app, "ranking")
-    assert list(recall["ranking"]) == ["dynamics"]
-    assert 0 <= recall["found in top 10 %"].iloc[0] <= 1 and 0 <= recall["ROC-AUC"].iloc[0] <= 1
+    opened = ["dynamics", "aum", "confidence", "loss_avg", "margin_avg"]
+    assert list(recall["ranking"])[: len(opened)] == [ranking_label(name) for name in opened]
+    assert set(recall["ranking"]) == {ranking_label(name) for name in {*opened, *stored}}, "rankings stored already join"
+    flipped = run.datasets()[0].flipped
+    for name in opened:
+        metrics = mislabel.mislabel_metrics(mislabel.rank_mislabels(run, name).scores, flipped)
+        row = recall[recall["ranking"] == ranking_label(name)].iloc[0]
+        assert row["found in top 10 %"] == pytest.approx(metrics["top10"]) and row["ROC-AUC"] == pytest.approx(metrics["auc"])
 
 
 def test_mislabels_on_a_clean_run_has_no_recall_section():
     app = open_app("mislabels", run="fmnist-mlp")
     assert "How well the rankings find the flipped labels" not in texts(app)
+
+
+def ranked(workspace, run_id: str = "fmnist-noisy"):
+    """(run, its default ranking's order (training indices, most suspicious first), each example's verdict or None)."""
+    from attribution_core.evaluation.mislabel import rank_mislabels
+
+    run = load_run(workspace, run_id)
+    flags = Annotations(workspace.annotations_path).flags(run_id)
+    kinds = [flags[int(i)].kind if int(i) in flags else None for i in run.datasets()[0].ids]
+    return run, rank_mislabels(run, "dynamics").order(), kinds
+
+
+def test_mislabels_ticked_thumbnails_are_flagged_at_once_and_undone_as_one_action(workspace):
+    run, _, kinds = ranked(workspace)
+    ids = run.datasets()[0].ids
+    app = open_app("mislabels", run="fmnist-noisy")
+    shown = [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")]
+    chosen = shown[1:4]
+    for index in chosen:
+        app.checkbox(key=f"check_suspect_{index}").check().run()
+    assert app.button(key="mislabels_flag_ticked").label == "Flag 3 ticked" and "as mislabeled" in app.button(key="mislabels_flag_ticked").help
+    app.segmented_control(key="mislabels_bulk_kind").set_value("outlier").run()
+    app.button(key="mislabels_flag_ticked").click().run()
+    store = Annotations(workspace.annotations_path)
+    assert [store.flags("fmnist-noisy")[int(ids[index])].kind for index in chosen] == ["outlier"] * 3
+    assert not any(app.checkbox(key=f"check_suspect_{index}").value for index in chosen), "the ticks go once flagged"
+    undo = app.button(key="mislabels_undo")
+    assert undo.label == "Undo (3 examples)" and undo.proto.shortcut.lower() == "u" and "**U** undo" in texts(app)
+    undo.click().run()
+    flags = store.flags("fmnist-noisy")
+    assert [flags[int(ids[index])].kind if int(ids[index]) in flags else None for index in chosen] == [kinds[i] for i in chosen]
+
+
+def test_mislabels_ticks_survive_the_grid_pages_and_a_whole_page_can_be_ticked(workspace):
+    app = open_app("mislabels", run="fmnist-noisy")
+    first_page = [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")]
+    app.pagination(key="suspects_page_dynamics").set_value(2).run()
+    second_page = [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")]
+    app.checkbox(key=f"check_suspect_{second_page[0]}").check().run()
+    app.pagination(key="suspects_page_dynamics").set_value(1).run()
+    app.button(key="mislabels_tick_page").click().run()
+    assert all(app.checkbox(key=f"check_suspect_{index}").value for index in first_page)
+    assert app.button(key="mislabels_flag_ticked").label == f"Flag {len(first_page) + 1} ticked"
+    app.pagination(key="suspects_page_dynamics").set_value(2).run()
+    assert [app.checkbox(key=f"check_suspect_{index}").value for index in second_page] == [True] + [False] * (len(second_page) - 1)
+    app.button(key="mislabels_untick").click().run()
+    assert app.button(key="mislabels_flag_ticked").disabled
+    assert not any(app.checkbox(key=f"check_suspect_{index}").value for index in second_page)
+
+
+def test_mislabels_top_k_asks_to_confirm_with_the_count_then_flags_the_first_k(workspace):
+    run, order, kinds = ranked(workspace)
+    ids = run.datasets()[0].ids
+    unreviewed = [int(index) for index in order if kinds[index] is None]
+    app = open_app("mislabels", run="fmnist-noisy")
+    app.pills(key="mislabels_show").set_value(["not yet reviewed"]).run()
+    app.number_input(key="mislabels_top_k").set_value(7).run()
+    app.segmented_control(key="mislabels_bulk_kind").set_value("ambiguous").run()
+    app.button(key="mislabels_ask_top").click().run()
+    assert any("Flag the first **7** suspects of this queue, ranked by Training dynamics" in warning.value
+               and "as **ambiguous**" in warning.value and "already have a verdict" not in warning.value for warning in app.warning)
+    app.button(key="mislabels_cancel_top").click().run()
+    assert not app.warning and Annotations(workspace.annotations_path).flags("fmnist-noisy").keys() == {
+        int(ids[i]) for i, kind in enumerate(kinds) if kind is not None}, "cancelled: nothing saved"
+    app.button(key="mislabels_ask_top").click().run()
+    app.button(key="mislabels_confirm_top").click().run()
+    flags = Annotations(workspace.annotations_path).flags("fmnist-noisy")
+    assert [flags[int(ids[index])].kind for index in unreviewed[:7]] == ["ambiguous"] * 7
+    assert f"Suspect 1 of {len(unreviewed) - 7}" in texts(app), "they left the not-yet-reviewed queue"
+    app.button(key="mislabels_undo").click().run()
+    assert f"Suspect 1 of {len(unreviewed)}" in texts(app)
+
+
+def test_mislabels_queue_filters_by_given_class_and_suspicion_and_sorts(workspace):
+    run, order, _ = ranked(workspace)
+    labels = run.datasets()[0].y.numpy()
+    top_tenth = order[: round(0.1 * len(order))]
+    app = open_app("mislabels", run="fmnist-noisy")
+    per_page = len(button_keys(app, "suspect_"))
+    app.select_slider(key="mislabels_share").set_value(0.1).run()
+    assert f"Suspect 1 of {len(top_tenth)}" in texts(app)
+    shirt = run.datasets()[0].class_names.index("Shirt")
+    app.multiselect(key="mislabels_classes").set_value([shirt]).run()
+    in_class = [int(index) for index in top_tenth if labels[index] == shirt]
+    assert f"Suspect 1 of {len(in_class)}" in texts(app)
+    assert [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")] == in_class[:per_page]
+    app.selectbox(key="mislabels_order").set_value("least suspicious first").run()
+    assert [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")] == in_class[::-1][:per_page]
+    app.multiselect(key="mislabels_classes").set_value([]).run()
+    app.selectbox(key="mislabels_order").set_value("given class").run()
+    shown = [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")]
+    assert shown == sorted(top_tenth, key=lambda index: labels[index])[:per_page], "by class, most suspicious first within one"
+
+
+def test_mislabels_downloads_are_cleanlab_mask_and_fiftyone_dataset(workspace):
+    import json
+    import zipfile
+
+    import numpy as np
+
+    from app.components.downloads import cleanlab_mask, fiftyone_zip
+
+    store = Annotations(workspace.annotations_path)
+    run = load_run(workspace, "fmnist-noisy")
+    train_set = run.datasets()[0]
+    store.set_flags("fmnist-noisy", [int(train_set.ids[2]), int(train_set.ids[5])], "mislabeled")
+    store.set_flag("fmnist-noisy", int(train_set.ids[8]), "outlier")
+    app = open_app("mislabels", run="fmnist-noisy")
+    assert [(button.key, button.label, button.disabled) for button in app.get("download_button")] == [
+        ("export_csv", "CSV", False), ("export_cleanlab", "cleanlab mask", False), ("export_fiftyone", "FiftyOne dataset", False)]
+    flags = store.flags("fmnist-noisy")
+    mask = np.load(io.BytesIO(cleanlab_mask(run, store)), allow_pickle=False)
+    assert mask.dtype == bool and mask.shape == (len(train_set),)
+    assert set(np.flatnonzero(mask)) == {i for i, example_id in enumerate(train_set.ids)
+                                         if flags.get(int(example_id)) and flags[int(example_id)].kind == "mislabeled"}
+    archive = zipfile.ZipFile(io.BytesIO(fiftyone_zip(run, store)))
+    names = set(archive.namelist())
+    samples = json.loads(archive.read("fmnist-noisy-flags/samples.json"))["samples"]
+    assert json.loads(archive.read("fmnist-noisy-flags/metadata.json"))["info"]["classes"] == list(train_set.class_names)
+    assert {sample["example_id"]: sample["tags"] for sample in samples} == {example_id: [flag.kind] for example_id, flag in flags.items()}
+    assert all(f"fmnist-noisy-flags/{sample['filepath']}" in names for sample in samples)
 
 
 # --- Compare -----------------------------------------------------------------------------------------------------
@@ -310,6 +447,97 @@ def test_map_colours_by_label_flag_and_influence():
     app.segmented_control(key="map_colour").set_value("influence on a test sample").run()
     assert not app.exception
     assert app.selectbox(key="query").value is not None and app.get("plotly_chart")
+
+
+def chart_points(app: AppTest, chart: int = 0) -> list[dict]:
+    """The traces of a plotly chart of the page: name, marker, and the (split, index) of each point."""
+    import base64
+    import json
+
+    import numpy as np
+
+    def array(value):
+        if isinstance(value, dict) and "bdata" in value:  # plotly's typed-array encoding
+            return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return value
+
+    spec = json.loads(app.get("plotly_chart")[chart].proto.spec)
+    return [{"name": trace["name"], "marker": {key: array(value) for key, value in trace["marker"].items()},
+             "points": [(split, int(index)) for split, index in trace["customdata"]], "layout": spec["layout"]}
+            for trace in spec["data"]]
+
+
+def map_with_selection(run_id: str, train: list[int], test: list[int] = ()) -> AppTest:
+    """The Map page of a run with examples chosen as a box or lasso around them would choose them."""
+    app = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT)
+    app.query_params.update(run=run_id)
+    app.run()
+    app.switch_page("views/map.py")
+    app.session_state[f"map_selection_{run_id}"] = {"train": list(train), "test": list(test)}
+    app.run()
+    assert not app.exception, [exception.message for exception in app.exception]
+    return app
+
+
+def test_map_selection_is_flagged_at_once_and_undone_as_one_action(workspace):
+    store = Annotations(workspace.annotations_path)
+    ids = load_run(workspace, "fmnist-mlp").datasets()[0].ids
+    chosen = [11, 12, 13, 14, 15]
+    before = {index: store.flags("fmnist-mlp").get(int(ids[index])) for index in chosen}
+    app = map_with_selection("fmnist-mlp", chosen, [0])
+    assert "**Selection:** 5 training examples, 1 test samples" in texts(app)
+    assert button_keys(app, "map_selection_") == [f"map_selection_{index}" for index in chosen]
+    app.segmented_control(key="map_bulk_kind").set_value("ambiguous").run()
+    assert app.button(key="map_flag_selection").label == "Flag 5 selected" and "as ambiguous" in app.button(key="map_flag_selection").help
+    app.button(key="map_flag_selection").click().run()
+    flags = store.flags("fmnist-mlp")
+    assert all(flags[int(ids[index])].kind == "ambiguous" for index in chosen)
+    assert app.button(key="map_undo").label == "Undo (5 examples)" and app.button(key="map_undo").proto.shortcut.lower() == "u"
+    assert open_app("map").button(key="map_undo").disabled, "another tab has nothing of its own to undo"
+    app.button(key="map_undo").click().run()
+    assert {index: store.flags("fmnist-mlp").get(int(ids[index])) for index in chosen} == before
+    assert app.button(key="map_undo").disabled
+
+
+def test_map_link_marks_one_training_example_that_opens_and_can_be_flagged(workspace):
+    app = open_app("map", example="42")
+    linked = [trace for trace in chart_points(app) if trace["name"] == "train #42 (linked)"]
+    assert len(linked) == 1 and linked[0]["points"] == [("train", 42)] and linked[0]["marker"]["symbol"] == "star"
+    assert "**Linked example:** training example #42" in texts(app)
+    app.button(key="map_selection_42").click().run()
+    assert "**Training example #42**" in texts(app)
+    app.button(key="map_open_42_outlier").click().run()
+    example_id = int(load_run(workspace, "fmnist-mlp").datasets()[0].ids[42])
+    assert Annotations(workspace.annotations_path).flags("fmnist-mlp")[example_id].kind == "outlier"
+    for wrong in ("100000", "-1", "shirt"):
+        app = open_app("map", example=wrong)
+        assert not any("linked" in trace["name"] for trace in chart_points(app)) and "Linked example" not in texts(app)
+
+
+def test_map_influence_colours_are_signed_ranks_of_the_scores_with_the_legend_under_the_map(workspace):
+    import numpy as np
+
+    from attribution_core.api import default_checkpoints
+    from attribution_core.api import stored_scores as stored
+    from attribution_core.jobs.ready import query_block
+
+    app = open_app("map")
+    app.segmented_control(key="map_colour").set_value("influence on a test sample").run()
+    query = app.selectbox(key="query").value
+    run = load_run(workspace, "fmnist-mlp")
+    block = query_block(query, len(run.datasets()[1]))
+    values = stored(run, "trak", queries=block, checkpoints=default_checkpoints(run, "trak")).values[block.index(query)]
+    trace = next(trace for trace in chart_points(app) if trace["name"] == "training examples")
+    colour = dict(zip((index for _, index in trace["points"]), trace["marker"]["color"]))
+    magnitude_order = np.argsort(np.abs(values), kind="stable")
+    expected = np.empty(len(values))
+    expected[magnitude_order] = np.arange(len(values)) / (len(values) - 1)  # the k-th smallest |score| sits at k / (n - 1)
+    assert np.allclose([colour[index] for index in range(len(values))], np.sign(values) * expected)
+    assert [index for _, index in trace["points"]][-1] == int(np.argmax(np.abs(values))), "the strongest drawn on top"
+    bar = trace["marker"]["colorbar"]
+    assert bar["ticktext"][-1] == f"+{np.abs(values).max():.2g}" and bar["tickvals"][-1] == 1
+    legend = trace["layout"]["legend"]
+    assert legend["orientation"] == "h" and legend["y"] < 0 and bar["x"] >= 1, "legend under the map, colour bar beside it"
 
 
 # --- Mislabels: training dynamics ----------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class PointGroup:
     """Map points drawn as one trace.
 
     split: "train" or "test"; indices: (n,) example indices in that split; positions: (n, 2);
-    colour: one colour for all, or values: (n,) numbers drawn on a diverging scale centred on 0.
+    colour: one colour for all, or values: (n,) scores drawn on a diverging rank scale (rank_colours).
     """
 
     name: str
@@ -124,28 +124,63 @@ class PointGroup:
     show_legend: bool = True
 
 
+RANK_TICKS = (0.5, 0.9)
+"""Ranks of |score| the colour bar labels with the score they stand for (besides 0 and the largest)."""
+
+
+def rank_colours(values: np.ndarray) -> np.ndarray:
+    """(n,) colour positions in [-1, 1] of scores (n,): the sign of each score times the rank of its magnitude among all (0 to 1).
+
+    Scores of one query are mostly tiny with a few large ones, so a linear scale centred on 0 leaves nearly
+    every point white; ranking the magnitudes (histogram equalisation) spreads the colours evenly, so the
+    strongest tenth of proponents and opponents is always the darkest tenth of blue and of red.
+    """
+    magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    ranks = np.empty(len(magnitude))
+    ranks[np.argsort(magnitude, kind="stable")] = np.arange(len(magnitude)) / max(1, len(magnitude) - 1)
+    return np.sign(values) * ranks
+
+
+def _rank_colour_bar(values: np.ndarray, title: str) -> dict:
+    """A colour bar for rank_colours: ticks at ranks 0, RANK_TICKS and 1 of |score| on each side, labelled with those scores."""
+    magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    ranks = (0.0, *RANK_TICKS, 1.0)
+    scores = np.quantile(magnitude, ranks, method="inverted_cdf")
+    tickvals = [-rank for rank in reversed(ranks[1:])] + list(ranks)
+    ticktext = [f"−{score:.2g}" for score in reversed(scores[1:])] + ["0"] + [f"+{score:.2g}" for score in scores[1:]]
+    return dict(title=dict(text=title, side="top"), thickness=12, tickvals=tickvals, ticktext=ticktext, x=1.0, xanchor="left")
+
+
 def _point_trace(group: PointGroup, colour_title: str) -> go.Scatter:
     """One group's markers; each point's customdata is (split, index), so a selection names its examples."""
     marker = dict(size=group.size, symbol=group.symbol, line=dict(width=0.5, color="white"), opacity=0.85)
+    order = np.arange(len(group.indices))
     if group.values is not None:
-        bound = float(np.abs(group.values).max()) or 1.0
-        marker |= dict(color=group.values, colorscale="RdBu", cmin=-bound, cmax=bound, colorbar=dict(title=colour_title, thickness=12))
+        colours = rank_colours(group.values)
+        order = np.argsort(np.abs(colours), kind="stable")  # the strongest drawn last, on top of the faint
+        # a grey rim keeps the faint points (near-white) visible on the white background
+        marker |= dict(color=colours[order], colorscale="RdBu", cmin=-1.0, cmax=1.0, line=dict(width=0.5, color="#9AA0A6"),
+                       colorbar=_rank_colour_bar(group.values, colour_title))
     else:
         marker["color"] = group.colour
     return go.Scatter(
-        x=group.positions[:, 0], y=group.positions[:, 1], mode="markers", name=group.name, marker=marker,
+        x=group.positions[order, 0], y=group.positions[order, 1], mode="markers", name=group.name, marker=marker,
         legendgroup=group.legend_group, showlegend=group.show_legend,
-        text=group.hover, hovertemplate="%{text}<extra></extra>",
-        customdata=[[group.split, int(index)] for index in group.indices],
+        text=[group.hover[position] for position in order], hovertemplate="%{text}<extra></extra>",
+        customdata=[[group.split, int(group.indices[position])] for position in order],
     )
 
 
 def embedding_map(groups: list[PointGroup], *, colour_title: str = "") -> go.Figure:
-    """Scatter of the map; each point's customdata is (split, index), so a selection names its examples."""
+    """Scatter of the map; each point's customdata is (split, index), so a selection names its examples.
+
+    With a colour bar (a group with values) the legend goes under the map, so the two never overlap.
+    """
     figure = go.Figure([_point_trace(group, colour_title) for group in groups])
     _compact(figure, 520)
-    figure.update_layout(dragmode="lasso", xaxis=dict(visible=False), yaxis=dict(visible=False),
-                         legend=dict(orientation="v", x=1.0, y=1.0))
+    coloured = any(group.values is not None for group in groups)
+    legend = dict(orientation="h", x=0.0, y=-0.02, yanchor="top") if coloured else dict(orientation="v", x=1.0, y=1.0)
+    figure.update_layout(dragmode="lasso", xaxis=dict(visible=False), yaxis=dict(visible=False), legend=legend)
     return figure
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from attribution_core.evaluation.mislabel import MislabelRanking, rankings_for
-from attribution_core.jobs.kinds import ranking_job
+from attribution_core.jobs.kinds import load_result, ranking_job
 from attribution_core.run import Run
 
 from .jobs import job_result
@@ -16,3 +16,8 @@ def ranking_choices(run: Run) -> dict[str, str]:
 def mislabel_ranking(run: Run, ranking: str, *, container=None) -> MislabelRanking | None:
     """The run's training set ranked by `ranking`, or None while its job runs (its progress panel shown)."""
     return job_result(run, ranking_job(run, ranking), container=container)
+
+
+def stored_rankings(run: Run, names: list[str] | dict[str, str]) -> list[str]:
+    """Those of `names` whose ranking of the run is stored already (showing them costs nothing)."""
+    return [name for name in names if load_result(run, ranking_job(run, name)) is not None]

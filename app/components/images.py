@@ -7,7 +7,7 @@ wrap between words only (GRID_CSS too).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,8 @@ def image_grid(
     selected: int | None = None,
     image_size: int = 112,
     bordered: bool = True,
+    checked: Collection[int] = (),
+    on_check: Callable[[int, bool], None] | None = None,
 ) -> int | None:
     """Draw items in rows of `columns` cells; returns the index whose button was pressed, if any.
 
@@ -67,6 +69,10 @@ def image_grid(
     `on_click(index)` runs as its callback, before the next run of the page. The `selected`
     item's button is highlighted. (A button with a tooltip is drawn twice, once hidden: a
     browser test finds it as `.st-key-<key>_<index> button:visible`.)
+
+    With on_check, each cell also gets a checkbox (keyed `check_{key}_{index}`, label "Select #index"
+    for screen readers), ticked when its index is in `checked`; `on_check(index, ticked)` runs when
+    the user changes it. `checked` is the caller's record, so ticks survive the grid's pages.
     """
     pressed = None
     with st.container(key=f"{GRID_KEY_PREFIX}{key}", gap="small"):
@@ -76,6 +82,11 @@ def image_grid(
                 with cell.container(border=bordered, gap="xsmall"):
                     st.image(enlarged(item.image, image_size), width="stretch")
                     st.caption(item.caption)
+                    if on_check is not None:
+                        check_key = f"check_{key}_{item.index}"
+                        st.session_state[check_key] = item.index in checked  # before the widget: the caller's record rules
+                        st.checkbox(f"Select #{item.index}", key=check_key, label_visibility="collapsed",
+                                    on_change=lambda index=item.index, name=check_key: on_check(index, bool(st.session_state[name])))
                     if button_label is not None:
                         clicked = st.button(
                             button_label, icon=button_icon, help=f"{button_label} #{item.index}", key=f"{key}_{item.index}",

@@ -1,14 +1,23 @@
-"""Map: training and test examples laid out by what the model sees (UMAP), coloured by label, flag or influence."""
+"""Map: training and test examples laid out by what the model sees (UMAP), coloured by label, flag or influence.
+
+A box, lasso or click selects examples: they show as a grid, each can be opened (and flagged), and
+the selected training examples can be flagged all at once. ?example=<training index> marks one
+training example on the map (Explore's "show on map" link).
+"""
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import streamlit as st
 
+from app.components.bulk import bulk_flag_button, kind_choice, undo_button
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
 from app.components.core_calls import annotations, call_or_report, method_label
 from app.components.embedding import embedding
-from app.components.examples import FLAG_COLOURS, class_name, score_legend, train_items
-from app.components.images import image_grid
+from app.components.examples import FLAG_COLOURS, class_name, flipped_from, marks, score_legend, train_items
+from app.components.flagging import flag_controls
+from app.components.images import enlarged, image_grid
 from app.components.methods import checkpoint_label
 from app.components.page import chosen_attribution, page_prelude
 from app.components.queries import query_card, query_selectbox
@@ -16,12 +25,28 @@ from attribution_core.inspection import MapLayout
 from attribution_core.run import Run
 
 COLOURINGS = ("label", "flag", "influence on a test sample")
-MAX_SELECTION_SHOWN = 30
+MAX_SELECTION_SHOWN = 32
+SELECTION_COLUMNS = 8
+"""Cells of the selection grid per row: at 1280 px each is wide enough for a whole "mislabeled" badge."""
+EXAMPLE_PARAM = "example"
+"""URL query parameter naming a training example (its index) to mark on the map."""
+CHART_KEY = "map_chart"
+OPEN_KEY = "map_open"
+"""Session-state key of the training example open in the dialog."""
 
 
 def hover_texts(dataset, split: str, indices: np.ndarray) -> list[str]:
     """'train #12 · Shirt' per point."""
     return [f"{split} #{index} · {class_name(dataset, int(dataset.y[index]))}" for index in indices]
+
+
+def linked_example(n_train: int) -> int | None:
+    """The training index named by ?example= when it is one (0 ≤ index < n_train), else None."""
+    try:
+        index = int(st.query_params.get(EXAMPLE_PARAM, ""))
+    except ValueError:
+        return None
+    return index if 0 <= index < n_train else None
 
 
 def groups_by_label(run: Run, layout: MapLayout, show_test: bool) -> list[PointGroup]:
@@ -61,38 +86,112 @@ def groups_by_flag(run: Run, layout: MapLayout) -> list[PointGroup]:
 
 
 def groups_by_influence(run: Run, layout: MapLayout, values: np.ndarray, query: int) -> list[PointGroup]:
-    """Training examples coloured by their score for the query (red opponents, blue proponents), the query as a star."""
+    """Training examples coloured by their score for the query (blue proponents, red opponents), the query as a black diamond."""
     train_set, test_set = run.datasets()
     indices = np.arange(len(train_set))
     return [
         PointGroup("training examples", "train", indices, layout.train, hover_texts(train_set, "train", indices), values=values),
         PointGroup(f"test {query}", "test", np.array([query]), layout.test[[query]], hover_texts(test_set, "test", np.array([query])),
-                   colour="#111111", symbol="star", size=18),
+                   colour="#111111", symbol="diamond", size=14),
     ]
 
 
-def selected_examples(event) -> tuple[list[int], list[int]]:
-    """(train indices, test indices) of the points chosen with the box or lasso."""
-    points = event.selection.points if event is not None else []
-    train = sorted({int(point["customdata"][1]) for point in points if point.get("customdata", [None])[0] == "train"})
-    test = sorted({int(point["customdata"][1]) for point in points if point.get("customdata", [None])[0] == "test"})
-    return train, test
-
-
-def render_selection(run: Run, event, values: np.ndarray | None, legend: str | None) -> None:
-    """The selected training examples as a grid (with their score on the query and its legend when coloured by influence)."""
-    train, test = selected_examples(event)
-    if not train and not test:
-        st.caption("Draw a box or lasso on the map to see the examples inside it.")
-        return
+def linked_group(run: Run, layout: MapLayout, index: int) -> PointGroup:
+    """The training example named in the URL, as a large black star on top of the rest."""
     train_set, _ = run.datasets()
-    st.markdown(f"**Selection:** {len(train)} training examples, {len(test)} test samples"
-                + (f" (showing the first {MAX_SELECTION_SHOWN})" if len(train) > MAX_SELECTION_SHOWN else ""))
+    return PointGroup(f"train #{index} (linked)", "train", np.array([index]), layout.train[[index]],
+                      hover_texts(train_set, "train", np.array([index])), colour="#111111", symbol="star", size=20)
+
+
+def selection_key(run: Run) -> str:
+    """Session-state key of the examples chosen on the run's map: {"train": [indices], "test": [indices]} (absent: none)."""
+    return f"map_selection_{run.run_id}"
+
+
+def take_selection(run: Run) -> None:
+    """The map's box, lasso or click callback: keep the chosen examples (kept while the colouring changes); none clears it."""
+    event = st.session_state.get(CHART_KEY)
+    points = event.selection.points if event is not None else []
+    chosen = {split: sorted({int(point["customdata"][1]) for point in points if point.get("customdata", [None])[0] == split})
+              for split in ("train", "test")}
+    if chosen["train"] or chosen["test"]:
+        st.session_state[selection_key(run)] = chosen
+    else:
+        clear_selection(run)
+
+
+def clear_selection(run: Run) -> None:
+    """Forget the map's selection (a callback)."""
+    st.session_state.pop(selection_key(run), None)
+
+
+def open_example(index: int) -> None:
+    """Open training example `index` in the dialog (a grid button callback)."""
+    st.session_state[OPEN_KEY] = index
+
+
+def close_example() -> None:
+    """Close the example dialog."""
+    st.session_state.pop(OPEN_KEY, None)
+
+
+@st.dialog("Training example", width="large", on_dismiss=close_example)
+def example_dialog(run: Run, index: int, values: np.ndarray | None, legend: str | None) -> None:
+    """A training example large, with its label, marks, its score when the map is coloured by one, and the verdict buttons."""
+    train_set, _ = run.datasets()
+    left, right = st.columns([1, 1.6], gap="large")
+    left.image(enlarged(train_set.images[index], 260))
+    with right:
+        st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])})")
+        st.markdown(f"**Label** {class_name(train_set, int(train_set.y[index]))}")
+        original = flipped_from(train_set, index)
+        if original is not None:
+            st.warning(f"This label was flipped on purpose; the true class is {class_name(train_set, original)}.")
+        if values is not None:
+            st.markdown(f"**Score** {values[index]:+.4g}")
+            st.caption(legend)
+        st.markdown(marks(train_set, index, annotations().flags(run.run_id).get(int(train_set.ids[index]))))
+    if flag_controls(run.run_id, train_set, index, key=f"map_open_{index}") is not None:
+        close_example()
+        st.rerun()
+
+
+def render_bulk(run: Run, train: list[int]) -> None:
+    """Flag every selected training example at once (one undoable action: the undo button beside the map takes it back)."""
+    train_set, _ = run.datasets()
+    with st.container(border=True, key="map_bulk"):
+        columns = st.columns([1.4, 1], vertical_alignment="bottom")
+        with columns[0]:
+            kind = kind_choice(key="map_bulk_kind", label="Flag the selected training examples as")
+        with columns[1]:
+            bulk_flag_button(run.run_id, train_set, train, kind, key="map_flag_selection", noun="selected")
+
+
+def render_selection(run: Run, values: np.ndarray | None, legend: str | None, linked: int | None) -> None:
+    """The selected training examples (or the linked one) as a grid to open, with bulk flagging; scores when coloured by influence."""
+    chosen = st.session_state.get(selection_key(run), {"train": [], "test": []})
+    train, test = list(chosen["train"]), list(chosen["test"])
+    train_set, _ = run.datasets()
+    if not train and not test:
+        if linked is None:
+            st.caption("Draw a box or lasso on the map, or click a point, to see the examples inside it.")
+            return
+        st.markdown(f"**Linked example:** training example #{linked}, the star on the map. "
+                    "Draw a box or lasso, or click a point, to see others.")
+        train = [linked]
+    else:
+        text_column, clear_column = st.columns([4, 1], vertical_alignment="center")
+        text_column.markdown(f"**Selection:** {len(train)} training examples, {len(test)} test samples"
+                             + (f" (showing the first {MAX_SELECTION_SHOWN})" if len(train) > MAX_SELECTION_SHOWN else ""))
+        clear_column.button("Clear selection", key="map_clear_selection", icon=":material/close:", on_click=clear_selection,
+                            args=(run,))
     if legend is not None:
         st.caption(legend)
+    if train:
+        render_bulk(run, train)
     shown = np.array(train[:MAX_SELECTION_SHOWN], dtype=int)
     image_grid(train_items(train_set, shown, None if values is None else values[shown], annotations().flags(run.run_id)),
-               columns=10, key="map_selection", image_size=72, bordered=False)
+               columns=SELECTION_COLUMNS, key="map_selection", image_size=72, bordered=False, button_label="Open", on_click=open_example)
     if test:
         st.caption("Test samples in the selection: " + ", ".join(f"#{index}" for index in test[:50]))
 
@@ -101,7 +200,8 @@ def render() -> None:
     """The Map page."""
     page = page_prelude("Map")
     run, train_set, test_set, predictions = page.run, page.train_set, page.test_set, page.predictions
-    controls = st.columns([1.2, 1.2, 1])
+    linked = linked_example(len(train_set))
+    controls = st.columns([1.6, 1.2, 0.8], vertical_alignment="bottom")  # the colourings' three words whole at 1280 px
     colouring = controls[0].segmented_control("Colour by", COLOURINGS, default="label", key="map_colour", required=True)
     checkpoint = controls[1].selectbox("Features of checkpoint", range(len(run.checkpoints)), index=len(run.checkpoints) - 1,
                                        format_func=lambda index: checkpoint_label(run, index), key="map_checkpoint")
@@ -123,19 +223,26 @@ def render() -> None:
         groups = groups_by_flag(run, layout)
     else:
         groups = groups_by_label(run, layout, show_test)
+    if linked is not None:
+        groups.append(linked_group(run, layout, linked))
     map_column, side_column = st.columns([2.2, 1], gap="large")
     with map_column:
-        event = st.plotly_chart(embedding_map(groups, colour_title="score"), key="map_chart", on_select="rerun",
-                                selection_mode=("box", "lasso"))
+        st.plotly_chart(embedding_map(groups, colour_title="score"), key=CHART_KEY, on_select=partial(take_selection, run),
+                        selection_mode=("points", "box", "lasso"))
     with side_column:
+        undo_button(run.run_id, key="map_undo")
         if query is not None:
             query_card(test_set, predictions, query, size=120)
         if legend is not None:
-            st.caption(f"Colour: blue = proponents, red = opponents. {legend}")
+            st.caption("Colour: blue = proponents, red = opponents; the shade is the rank of the score's size among all "
+                       "training examples: the darkest tenth are the tenth with the largest scores, near-white is near 0 "
+                       f"(the bar gives the scores). {legend}")
         st.caption(f"UMAP of the inputs of the last linear layer at {checkpoint_label(run, checkpoint)}: "
                    f"{len(train_set)} training examples (circles) and {len(test_set)} test samples (diamonds). "
                    "Nearby points look alike to the model.")
-    render_selection(run, event, values, legend)
+    render_selection(run, values, legend, linked)
+    if OPEN_KEY in st.session_state:
+        example_dialog(run, st.session_state[OPEN_KEY], values, legend)
 
 
 render()

@@ -1,7 +1,13 @@
-"""Mislabels: review the training examples a ranking suspects (all, or those chosen on the data map), flag them with keyboard shortcuts, export the flags."""
+"""Mislabels: review the training examples a ranking suspects (all, a filtered part, or those chosen on the data map).
+
+Flag them one by one with keyboard shortcuts, or many at once (ticked thumbnails, the map's
+selection, the top k of the queue), undo this tab's last action, and export the flags as CSV, as
+cleanlab's label-issues mask, or as a FiftyOne dataset.
+"""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -9,25 +15,55 @@ import pandas as pd
 import streamlit as st
 
 from app.components import charts
+from app.components.bulk import UNDO_KEY, bulk_flag_button, kind_choice, undo_button
 from app.components.context import publish_to_url, seed_from_url
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
-from app.components.evaluation_calls import mislabel_ranking, ranking_choices
+from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
+from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
 from app.components.examples import FLAG_COLOURS, class_name, marks
 from app.components.flagging import flag_controls
 from app.components.images import GridItem, current_page, enlarged, image_grid
 from attribution_core.annotations import FLAG_KINDS
 from attribution_core.evaluation import dynamics
-from attribution_core.evaluation.mislabel import MislabelRanking, default_ranking, mislabel_metrics, recall_curve
+from attribution_core.evaluation.mislabel import (
+    MislabelRanking,
+    default_ranking,
+    mislabel_metrics,
+    ranking_label,
+    recall_curve,
+)
 from attribution_core.run import Run
 
 RANKING_KEY = "ranking"
 SHORTCUTS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
 NEXT_KEY, PREVIOUS_KEY = "N", "P"
-LIST_COLUMNS, LIST_ROWS = 4, 4
+LIST_COLUMNS, LIST_ROWS = 3, 4
+"""The suspects' grid beside the review card: three cells a row keep a whole "mislabeled" badge in a cell at 1280 px."""
 UNREVIEWED = "not yet reviewed"
-SHOW_KEY, CURVE_KEY, MAP_KEY = "mislabels_show", "mislabels_curve", "mislabels_map"
+SHOW_KEY, CLASSES_KEY, SHARE_KEY, ORDER_KEY = "mislabels_show", "mislabels_classes", "mislabels_share", "mislabels_order"
+CURVE_KEY, MAP_KEY, KIND_KEY, TOP_K_KEY = "mislabels_curve", "mislabels_map", "mislabels_bulk_kind", "mislabels_top_k"
 SUSPECTED_SHARE = 0.1
 """A signal suspects an example that it ranks in its top SUSPECTED_SHARE of the training set."""
+SHARES = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""The suspicion filter's choices: the ranking's most suspicious share of the training set (1.0: all)."""
+ORDERS = ("most suspicious first", "least suspicious first", "given class", "verdict")
+"""How the queue can be sorted; ties keep the ranking's order (most suspicious first)."""
+TOP_K = 20
+"""The top-k bulk flag's preset."""
+RECALL_COMPANIONS = ("aum", "confidence", "loss_avg", "margin_avg")
+"""Shown beside the current ranking when the recall comparison opens (with every ranking already stored): the published
+detectors read from the training record (AUM, Pleiss et al. 2020; data-map confidence, Swayamdipta et al. 2020) and the
+two checkpoint baselines. None of them retrains; cleanlab's cross-validation and self-influence fits are one click away."""
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """Which suspects the queue holds and in which order: verdicts and given classes shown (empty: all), share, order."""
+
+    verdicts: tuple[str, ...] = ()
+    classes: tuple[int, ...] = ()
+    share: float = 1.0
+    order: str = ORDERS[0]
 
 
 def position_key(run: Run, ranking: str) -> str:
@@ -38,6 +74,16 @@ def position_key(run: Run, ranking: str) -> str:
 def selection_key(run: Run) -> str:
     """Session-state key of the training indices chosen on the run's data map (absent: the whole ranking is reviewed)."""
     return f"mislabels_selection_{run.run_id}"
+
+
+def ticked_key(run: Run) -> str:
+    """Session-state key of the training indices ticked in the grid (kept across the grid's pages and filters)."""
+    return f"mislabels_ticked_{run.run_id}"
+
+
+def confirm_key(run: Run) -> str:
+    """Session-state key of a top-k flag awaiting confirmation: (training indices, kind)."""
+    return f"mislabels_confirm_{run.run_id}"
 
 
 def list_page_key(ranking: str) -> str:
@@ -74,6 +120,27 @@ def clear_selection(run: Run, key: str, ranking: str) -> None:
     restart(key, ranking)
 
 
+def ticked(run: Run) -> list[int]:
+    """The training indices ticked in the grid, in the order they were ticked."""
+    return list(st.session_state.get(ticked_key(run), []))
+
+
+def tick(run: Run, index: int, on: bool) -> None:
+    """Tick or untick one training example (a checkbox callback)."""
+    chosen = [other for other in ticked(run) if other != index]
+    st.session_state[ticked_key(run)] = [*chosen, index] if on else chosen
+
+
+def tick_all(run: Run, indices: list[int]) -> None:
+    """Tick every example of a grid page (a button callback)."""
+    st.session_state[ticked_key(run)] = list(dict.fromkeys([*ticked(run), *indices]))
+
+
+def untick_all(run: Run) -> None:
+    """Untick everything (a button callback, and what follows a bulk flag of the ticked examples)."""
+    st.session_state.pop(ticked_key(run), None)
+
+
 def verdicts(run: Run) -> np.ndarray:
     """(N,) each training example's verdict kind on this run, UNREVIEWED where it has none."""
     train_set, _ = run.datasets()
@@ -81,15 +148,52 @@ def verdicts(run: Run) -> np.ndarray:
     return np.array([flags[int(i)].kind if int(i) in flags else UNREVIEWED for i in train_set.ids], dtype=object)
 
 
-def review_queue(run: Run, ranking: MislabelRanking, shown: list[str]) -> np.ndarray:
-    """The ranking's order (training indices, most suspicious first) within the data map's selection and the verdicts shown (all when none)."""
+def review_queue(run: Run, ranking: MislabelRanking, view: QueueView) -> np.ndarray:
+    """The queue: training indices of the ranking's top `view.share`, within the map's selection, verdicts and classes shown, sorted."""
     order = ranking.order()
+    order = order[: max(1, round(view.share * len(order)))]
     selection = st.session_state.get(selection_key(run))
     if selection is not None:
         order = order[np.isin(order, selection)]
-    if shown:
-        order = order[np.isin(verdicts(run)[order], shown)]
+    kinds = verdicts(run)[order]
+    labels = run.datasets()[0].y.numpy()[order]
+    keep = np.ones(len(order), dtype=bool)
+    if view.verdicts:
+        keep &= np.isin(kinds, view.verdicts)
+    if view.classes:
+        keep &= np.isin(labels, view.classes)
+    order, kinds, labels = order[keep], kinds[keep], labels[keep]
+    if view.order == "least suspicious first":
+        return order[::-1]
+    if view.order == "given class":
+        return order[np.argsort(labels, kind="stable")]
+    if view.order == "verdict":  # flags first, in FLAG_KINDS order, then the examples not yet reviewed
+        place = {kind: number for number, kind in enumerate((*FLAG_KINDS, UNREVIEWED))}
+        return order[np.argsort([place[kind] for kind in kinds], kind="stable")]
     return order
+
+
+def share_label(ranking: MislabelRanking, share: float) -> str:
+    """'top 10 % (score ≥ 0.731)' or 'all': a suspicion filter choice, with the score it starts at."""
+    if share >= 1:
+        return "all"
+    last = ranking.order()[max(1, round(share * len(ranking.scores))) - 1]
+    return f"top {share:.0%} (score ≥ {ranking.scores[last]:.3g})"
+
+
+def render_filters(run: Run, ranking: MislabelRanking, key: str) -> QueueView:
+    """The queue's filters and order: verdict (and not yet reviewed), given class, suspicion score; any change restarts the review."""
+    train_set, _ = run.datasets()
+    restart_review = dict(on_change=restart, args=(key, ranking.name))
+    first, second = st.columns([2.4, 1.2], vertical_alignment="bottom"), st.columns([1.2, 1.2, 1.2], vertical_alignment="bottom")
+    shown = first[0].pills("Show", (UNREVIEWED, *FLAG_KINDS), selection_mode="multi", default=[], key=SHOW_KEY,
+                           help="Only the suspects not yet reviewed, or with these verdicts (none chosen: all)", **restart_review)
+    order = first[1].selectbox("Order", ORDERS, key=ORDER_KEY, **restart_review)
+    classes = second[0].multiselect("Given class", range(len(train_set.class_names)), key=CLASSES_KEY, placeholder="any",
+                                    format_func=lambda label: class_name(train_set, label), **restart_review)
+    share = second[1].select_slider("Suspicion score", SHARES, value=1.0, key=SHARE_KEY, format_func=partial(share_label, ranking),
+                                    help="Only the ranking's most suspicious share of the training set", **restart_review)
+    return QueueView(tuple(shown), tuple(classes), share, order)
 
 
 def signal_shares(run: Run) -> dict[str, np.ndarray]:
@@ -108,7 +212,7 @@ def why_suspected(run: Run, index: int) -> str:
     high = sorted((share, name) for name, share in shares.items() if share <= SUSPECTED_SHARE)
     if not high:
         return f"**Why suspected** no training-dynamics signal ranks it in its top {SUSPECTED_SHARE:.0%}."
-    return "**Why suspected** " + ", ".join(f"{name} (top {max(share, 0.001):.1%})" for share, name in high)
+    return "**Why suspected** " + "; ".join(f"{ranking_label(name)}, top {max(share, 0.001):.1%}" for share, name in high)
 
 
 def render_curve(run: Run, index: int) -> None:
@@ -131,14 +235,14 @@ def suspect_item(train_set, ranking: MislabelRanking, index: int, rank: int, fla
     return GridItem(index, train_set.images[index], caption)
 
 
-def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: str, shown: list[str]) -> None:
+def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: str, shown: tuple[str, ...]) -> None:
     """The suspect at the current position, large, with verdict buttons; a verdict moves to the next suspect."""
     train_set, _ = run.datasets()
     position = min(st.session_state.get(key, 0), len(queue) - 1)
     index = int(queue[position])
     suggested = None if ranking.suggested_labels is None else int(ranking.suggested_labels[index])
-    heading, previous, following = st.columns([2, 1, 1], vertical_alignment="center")
-    heading.markdown(f"#### Suspect {position + 1} of {len(queue)}")
+    st.markdown(f"#### Suspect {position + 1} of {len(queue)}")
+    previous, following = st.columns(2)
     previous.button("Previous", key="review_previous", icon=":material/arrow_back:", shortcut=PREVIOUS_KEY, width="stretch",
                     disabled=position == 0, on_click=move_to, args=(key, position - 1))
     following.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut=NEXT_KEY, width="stretch",
@@ -162,19 +266,78 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
         move_to(key, position if shown and verdict not in shown else min(position + 1, len(queue) - 1))
         st.rerun()
     st.caption("Keys: " + " · ".join(f"**{letter}** {kind}" for kind, letter in SHORTCUTS.items())
-               + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous")
+               + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous · **{UNDO_KEY}** undo")
 
 
 def render_ranked_list(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: str) -> None:
-    """The queue's suspects as a paged grid; a suspect's button opens it for review."""
+    """The queue's suspects as a paged grid with a tick box each; a suspect's button opens it for review."""
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
     shown = current_page(len(queue), LIST_COLUMNS * LIST_ROWS, key=list_page_key(ranking.name), max_visible_pages=5)
     items = [suspect_item(train_set, ranking, int(queue[rank]), rank, flags) for rank in shown]
     position = st.session_state.get(key, 0)
     ranks = {int(queue[rank]): rank for rank in shown}
+    st.button(f"Tick the {len(items)} on this page", key="mislabels_tick_page", icon=":material/select_all:",
+              on_click=tick_all, args=(run, [item.index for item in items]))
     image_grid(items, columns=LIST_COLUMNS, key="suspect", button_label="Review", image_size=80,
-               selected=int(queue[min(position, len(queue) - 1)]), on_click=lambda index: move_to(key, ranks[index]))
+               selected=int(queue[min(position, len(queue) - 1)]), on_click=lambda index: move_to(key, ranks[index]),
+               checked=set(ticked(run)), on_check=partial(tick, run))
+
+
+def ask_top_k(run: Run, indices: list[int], kind: str) -> None:
+    """Ask to confirm a top-k flag (a button callback)."""
+    st.session_state[confirm_key(run)] = (indices, kind)
+
+
+def cancel_top_k(run: Run) -> None:
+    """Forget a top-k flag awaiting confirmation (a callback)."""
+    st.session_state.pop(confirm_key(run), None)
+
+
+def render_top_k_confirmation(run: Run, ranking: MislabelRanking) -> None:
+    """The top-k flag awaiting confirmation: how many, with what verdict, how many verdicts it replaces; confirm or cancel."""
+    indices, kind = st.session_state[confirm_key(run)]
+    train_set, _ = run.datasets()
+    flags = annotations().flags(run.run_id)
+    replaced = sum(int(train_set.ids[index]) in flags for index in indices)
+    with st.container(border=True, key="mislabels_confirm"):
+        st.warning(f"Flag the first **{len(indices)}** suspects of this queue, ranked by {ranking_label(ranking.name)}, as **{kind}**? "
+                   + (f"{replaced} of them already have a verdict, which this replaces. " if replaced else "")
+                   + f"It is one action: **{UNDO_KEY}** (undo) takes all of them back.", icon=":material/warning:")
+        left, right, _ = st.columns([1.3, 1, 2])
+        with left:
+            bulk_flag_button(run.run_id, train_set, indices, kind, key="mislabels_confirm_top", noun="suspects",
+                             after=partial(cancel_top_k, run))
+        right.button("Cancel", key="mislabels_cancel_top", icon=":material/close:", on_click=cancel_top_k, args=(run,))
+
+
+def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray) -> None:
+    """Many verdicts at once: on the ticked thumbnails, on the map's selection, or on the first k of the queue; and undo."""
+    train_set, _ = run.datasets()
+    chosen, selection = ticked(run), st.session_state.get(selection_key(run))
+    with st.container(border=True, key="mislabels_bulk"):
+        top = st.columns([2.2, 1], vertical_alignment="bottom")
+        with top[0]:
+            kind = kind_choice(key=KIND_KEY, label="Flag many at once as")
+        with top[1]:
+            undo_button(run.run_id, key="mislabels_undo")
+        actions = st.columns([1.2, 1.2, 0.7, 1.2], vertical_alignment="bottom")
+        with actions[0]:
+            bulk_flag_button(run.run_id, train_set, chosen, kind, key="mislabels_flag_ticked", noun="ticked",
+                             after=partial(untick_all, run))
+        with actions[1]:
+            if selection is not None:
+                bulk_flag_button(run.run_id, train_set, selection, kind, key="mislabels_flag_map", noun="on the map")
+            else:
+                st.button("Untick all", key="mislabels_untick", icon=":material/deselect:", disabled=not chosen,
+                          on_click=untick_all, args=(run,))
+        k = actions[2].number_input("Top k", min_value=1, max_value=max(1, len(queue)), value=min(TOP_K, max(1, len(queue))),
+                                    key=TOP_K_KEY, help="How many of the queue's first suspects (as listed) to flag")
+        actions[3].button(f"Flag the first {k}…", key="mislabels_ask_top", icon=":material/playlist_add_check:",
+                          disabled=not len(queue), on_click=ask_top_k, args=(run, [int(index) for index in queue[:k]], kind),
+                          help=f"Flag the first {k} suspects of the queue as {kind}, after a confirmation")
+    if confirm_key(run) in st.session_state:
+        render_top_k_confirmation(run, ranking)
 
 
 def map_groups(run: Run, positions: np.ndarray, current: int | None) -> list[charts.PointGroup]:
@@ -215,47 +378,65 @@ def render_data_map(run: Run, key: str, ranking: str, current: int | None) -> No
         if selection is None:
             st.caption("Draw a box or lasso on the map to review the examples inside it.")
         else:
-            st.markdown(f"**Reviewing the {len(selection)} examples selected on the map**, in ranking order.")
+            st.markdown(f"**Reviewing the {len(selection)} examples selected on the map**, in ranking order. "
+                        "Flag them all at once under the map.")
             st.button("Review the whole ranking", key="mislabels_clear_selection", icon=":material/close:",
                       on_click=clear_selection, args=(run, key, ranking))
 
 
 def render_export(run: Run) -> None:
-    """The flag counter, the CSV download, and the flags as a table (what the CSV holds)."""
+    """The flag counter, the downloads (CSV, cleanlab mask, FiftyOne dataset), and the flags as a table (what the CSV holds)."""
     train_set, _ = run.datasets()
-    flagged, reviewed = annotations().counts(run.run_id)
-    csv_text = annotations().export_csv(run.run_id, train_set.class_names)
-    left, right = st.columns([2, 1], vertical_alignment="center")
-    left.markdown(f"### {flagged} flagged of {reviewed} reviewed")
-    right.download_button("Export flags as CSV", csv_text, file_name=f"{run.run_id}-flags.csv", mime="text/csv",
-                          icon=":material/download:", key="export_csv", disabled=reviewed == 0, on_click="ignore")
+    store = annotations()
+    flagged, reviewed = store.counts(run.run_id)
+    mislabeled = sum(flag.kind == "mislabeled" for flag in store.flags(run.run_id).values())
+    csv_text = store.export_csv(run.run_id, train_set.class_names)
+    columns = st.columns([2, 0.8, 1.1, 1.3], vertical_alignment="center")
+    columns[0].markdown(f"### {flagged} flagged of {reviewed} reviewed")
+    columns[1].download_button("CSV", csv_text, file_name=f"{run.run_id}-flags.csv", mime="text/csv",
+                               icon=":material/download:", key="export_csv", disabled=reviewed == 0, on_click="ignore",
+                               help="Every verdict: example id, kind, suggested label, note, time", width="stretch")
+    columns[2].download_button(
+        "cleanlab mask", lambda: cleanlab_mask(run, store), file_name=f"{run.run_id}-label_issues.npy",
+        mime="application/octet-stream", icon=":material/download:", key="export_cleanlab", disabled=mislabeled == 0,
+        on_click="ignore", width="stretch",
+        help=f"cleanlab's label_issues layout: np.load gives a bool array of {len(train_set)} (the training set, in order), "
+             f"True where flagged mislabeled ({mislabeled} now)")
+    columns[3].download_button(
+        "FiftyOne dataset", lambda: fiftyone_zip(run, store), file_name=f"{fiftyone_folder(run)}.zip", mime="application/zip",
+        icon=":material/download:", key="export_fiftyone", disabled=reviewed == 0, on_click="ignore", width="stretch",
+        help=f"The {reviewed} reviewed examples, one tag per verdict. Unzip, then "
+             f"fo.Dataset.from_dir('{fiftyone_folder(run)}', dataset_type=fo.types.FiftyOneDataset)")
     if reviewed:
         with st.expander(f"The {reviewed} verdicts of this run (the CSV's rows)"):
             st.dataframe(pd.read_csv(io.StringIO(csv_text), keep_default_na=False), hide_index=True)
 
 
 def render_recall(run: Run, current: str, choices: dict[str, str]) -> None:
-    """Where labels were flipped on purpose: how fast each ranking finds them."""
+    """Where labels were flipped on purpose: how fast each ranking finds them, the current one beside its companions."""
     train_set, _ = run.datasets()
     flipped = np.asarray(train_set.flipped)
     if not flipped.any():
         return
     st.subheader("How well the rankings find the flipped labels")
     st.caption(f"This run's data has {int(flipped.sum())} labels flipped on purpose ({flipped.mean():.0%}).")
-    chosen = st.multiselect("Rankings", list(choices), default=[current], key="recall_rankings")
+    opening = [current, *(name for name in (*RECALL_COMPANIONS, *stored_rankings(run, choices)) if name in choices)]
+    chosen = st.multiselect("Rankings", list(choices), default=list(dict.fromkeys(opening)), key=f"recall_rankings_{run.run_id}",
+                            format_func=ranking_label)
     curves, rows = {}, []
     for name in chosen:
         ranking = call_or_report(mislabel_ranking, run, name)
         if ranking is None:
             continue
-        curves[name] = recall_curve(ranking.order(), flipped)
+        curves[ranking_label(name)] = recall_curve(ranking.order(), flipped)
         metrics = mislabel_metrics(ranking.scores, flipped)
-        rows.append({"ranking": name, "found in top 10 %": metrics["top10"], "found in top 20 %": metrics["top20"],
+        rows.append({"ranking": ranking_label(name), "found in top 10 %": metrics["top10"], "found in top 20 %": metrics["top20"],
                      "ROC-AUC": metrics["auc"], "seconds": ranking.seconds})
     if curves:
-        left, right = st.columns([1.6, 1], gap="large")
-        left.plotly_chart(charts.recall_curves(curves), key="recall_chart")
-        right.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
+        # the table under the chart, the whole page wide: every column shows in full at 1280 px
+        st.plotly_chart(charts.recall_curves(curves), key="recall_chart")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="recall_table", column_config={
+            "ranking": st.column_config.TextColumn(width="large"),
             "found in top 10 %": st.column_config.NumberColumn(format="percent"),
             "found in top 20 %": st.column_config.NumberColumn(format="percent"),
             "ROC-AUC": st.column_config.NumberColumn(format="%.3f"), "seconds": st.column_config.NumberColumn(format="%.1f")})
@@ -267,9 +448,9 @@ def render() -> None:
     st.title("Mislabels")
     choices = ranking_choices(run)
     default, fallback_reason = default_ranking(run)
-    top = st.columns([1, 2], vertical_alignment="bottom")
+    top = st.columns([1.4, 2], vertical_alignment="bottom")
     seed_from_url(RANKING_KEY, default=default, parse=str, valid=choices.__contains__)
-    name = top[0].selectbox("Ranking", list(choices), key=RANKING_KEY, persist_state="session")
+    name = top[0].selectbox("Ranking", list(choices), key=RANKING_KEY, persist_state="session", format_func=ranking_label)
     publish_to_url(RANKING_KEY, name)
     top[1].caption(choices[name])
     if fallback_reason is not None:
@@ -281,18 +462,19 @@ def render() -> None:
         render_recall(run, name, choices)
         return
     key = position_key(run, name)
-    shown = st.pills("Show", (UNREVIEWED, *FLAG_KINDS), selection_mode="multi", default=[], key=SHOW_KEY,
-                     on_change=restart, args=(key, name), help="Only the suspects not yet reviewed, or with these verdicts (none chosen: all)")
-    queue = review_queue(run, ranking, list(shown))
+    view = render_filters(run, ranking, key)
+    queue = review_queue(run, ranking, view)
     current = int(queue[min(st.session_state.get(key, 0), len(queue) - 1)]) if len(queue) else None
     if fallback_reason is None:
         render_data_map(run, key, name, current)
+    render_bulk(run, ranking, queue)
     if not len(queue):
-        st.info("No suspect matches: choose other verdicts to show, or another part of the map.", icon=":material/filter_alt_off:")
+        st.info("No suspect matches: show other verdicts, classes or scores, or choose another part of the map.",
+                icon=":material/filter_alt_off:")
     else:
         review_column, list_column = st.columns([1.15, 1], gap="large")
         with review_column:
-            render_review(run, ranking, queue, key, list(shown))
+            render_review(run, ranking, queue, key, view.verdicts)
         with list_column:
             render_ranked_list(run, ranking, queue, key)
     render_recall(run, name, choices)

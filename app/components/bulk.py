@@ -1,0 +1,66 @@
+"""Flagging many training examples at once, and taking back this session's last flag action.
+
+Every write goes to the flags store as one action of this session's actor (session.actor()): one
+undo takes back a whole bulk flag, and never another tab's work.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import streamlit as st
+
+from attribution_core.annotations import FLAG_KINDS
+
+from .core_calls import annotations, call_or_report
+from .flagging import FLAG_ICONS
+from .session import actor
+
+UNDO_KEY = "U"
+"""Keyboard shortcut of the undo button (a letter, like the review keys; Streamlit reserves C and R)."""
+
+
+def flag_many(run_id: str, train_set, indices: Sequence[int], kind: str) -> int:
+    """Give the training examples at `indices` the verdict `kind` as one undoable action; returns how many were saved."""
+    ids = [int(train_set.ids[int(index)]) for index in indices]
+    saved = call_or_report(annotations().set_flags, run_id, ids, kind, actor=actor())
+    if saved is None:
+        return 0
+    st.toast(f"Flagged {len(saved)} example{'s' if len(saved) != 1 else ''} as {kind}. Press {UNDO_KEY} to undo.",
+             icon=FLAG_ICONS[kind])
+    return len(saved)
+
+
+def kind_choice(*, key: str, label: str = "Flag as") -> str:
+    """The verdict a bulk action gives (mislabeled first)."""
+    return st.segmented_control(label, FLAG_KINDS, default=FLAG_KINDS[0], key=key, required=True,
+                                format_func=str.capitalize)
+
+
+def bulk_flag_button(run_id: str, train_set, indices: Sequence[int], kind: str, *, key: str, noun: str,
+                     after: Callable[[], None] | None = None) -> None:
+    """One button that gives every example in `indices` the verdict `kind` at once ("Flag 12 selected"; the kind is in its icon and tooltip).
+
+    `after` runs once they are saved (say, to clear a selection); the button is disabled when `indices` is empty.
+    """
+    def flag() -> None:
+        if flag_many(run_id, train_set, indices, kind) and after is not None:
+            after()
+
+    st.button(f"Flag {len(indices)} {noun}", key=key, icon=FLAG_ICONS[kind], disabled=not len(indices), on_click=flag,
+              help=f"Flag the {len(indices)} {noun} as {kind}: one action, undo takes all of them back")
+
+
+def undo_last(run_id: str) -> None:
+    """Undo this session's last flag action on the run, and say what it restored (a button callback)."""
+    restored = call_or_report(annotations().undo, run_id, actor=actor())
+    if restored:
+        st.toast(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict.",
+                 icon=":material/undo:")
+
+
+def undo_button(run_id: str, *, key: str) -> None:
+    """The undo button (shortcut UNDO_KEY): takes back this session's last flag action, one flag or a whole bulk flag."""
+    pending = annotations().can_undo(run_id, actor=actor())
+    label = f"Undo ({pending} example{'s' if pending != 1 else ''})" if pending else "Undo"
+    st.button(label, key=key, icon=":material/undo:", shortcut=UNDO_KEY, disabled=not pending, on_click=undo_last,
+              args=(run_id,), help="Take back this tab's last flag action on this run")
