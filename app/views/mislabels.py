@@ -394,8 +394,7 @@ def render_export(run: Run) -> None:
     columns = st.columns([2, 0.8, 1.1, 1.3], vertical_alignment="center")
     columns[0].markdown(f"### {flagged} flagged of {reviewed} reviewed")
     columns[1].download_button("CSV", csv_text, file_name=f"{run.run_id}-flags.csv", mime="text/csv",
-                               icon=":material/download:", key="export_csv", disabled=reviewed == 0, on_click="ignore",
-                               help="Every verdict: example id, kind, suggested label, note, time", width="stretch")
+                               icon=":material/download:", key="export_csv", disabled=reviewed == 0, on_click="ignore", width="stretch")
     columns[2].download_button(
         "cleanlab mask", lambda: cleanlab_mask(run, store), file_name=f"{run.run_id}-label_issues.npy",
         mime="application/octet-stream", icon=":material/download:", key="export_cleanlab", disabled=mislabeled == 0,
