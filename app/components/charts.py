@@ -132,8 +132,8 @@ def rank_colours(values: np.ndarray) -> np.ndarray:
     """(n,) colour positions in [-1, 1] of scores (n,): the sign of each score times the rank of its magnitude among all (0 to 1).
 
     Scores of one query are mostly tiny with a few large ones, so a linear scale centred on 0 leaves nearly
-    every point white; ranking the magnitudes (histogram equalisation) spreads the colours evenly, so the
-    strongest tenth of proponents and opponents is always the darkest tenth of blue and of red.
+    every point white; ranking the magnitudes (histogram equalisation) spreads the colours evenly: the tenth of
+    the examples with the largest scores, proponents and opponents alike, always has the darkest tenth of the scale.
     """
     magnitude = np.abs(np.asarray(values, dtype=np.float64))
     ranks = np.empty(len(magnitude))
