@@ -72,7 +72,8 @@ CORE_LAYERS = (
     ("api", "inspection", "exports", "evaluation.dynamics"),
     ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel", "evaluation.smoothness"),
     ("jobs.kinds",),  # what each kind of job computes: calls into api and evaluation
-    ("jobs.ready", "jobs.worker"),
+    ("jobs.ready",),  # what the first pages open with, queued when a run is trained
+    ("jobs.worker",),  # runs the queue; after a training job, queues the new run's ready jobs
     ("demo",),
     ("cli", "", "jobs"),  # "" is the package itself, whose __init__ re-exports the front door
 )
