@@ -237,3 +237,13 @@ def test_the_smoothness_check_compares_first_order_predictions_with_order_keepin
     assert result.predicted[0] == pytest.approx(-scores.values[0, result.removed[0]].sum(), rel=1e-6)
     # Exact derivatives on a smooth run: removals of 5 % move the margin as predicted (at 1 %, ReLU kinks already show).
     assert np.corrcoef(result.predicted, result.actual)[0, 1] > 0.9
+
+
+def test_the_smoothness_check_is_stored_and_read_back_without_replaying(sgd_run, monkeypatch):
+    from attribution_core.evaluation import smoothness as module
+
+    assert module.stored_smoothness(sgd_run, 5, "replay", checkpoints=[1]) is None
+    first = module.smoothness(sgd_run, 5, "replay", checkpoints=[1])
+    monkeypatch.setattr(module, "smoothness_check", lambda *args, **kwargs: pytest.fail("the stored check was computed again"))
+    assert module.smoothness(sgd_run, 5, "replay", checkpoints=[1]) == first == module.stored_smoothness(sgd_run, 5, "replay", checkpoints=[1])
+    assert len(first.predicted) == len(first.actual) == module.SmoothnessSettings().n_removals

@@ -10,18 +10,21 @@ to first order.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
+from ..api import attribute
 from ..errors import SettingsError
 from ..progress import ProgressFn, no_progress
 from ..replay import replay_forward, replay_plan
 from ..run import Run
 from ..scores import Scores
 from ..settings import check_settings
+from ..store import Artifact, atomic_write_json, read_json
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,27 @@ def smoothness_check(run: Run, scores: Scores, query: int, settings: SmoothnessS
         actual.append(measured(weights) - base)
         progress(done, settings.n_removals)
     return SmoothnessResult(query, removed, predicted, actual)
+
+
+def _artifact(run: Run, query: int, method: str, checkpoints: list[int], settings: SmoothnessSettings) -> Artifact:
+    return run.artifact("smoothness", query=int(query), method=method, checkpoints=list(checkpoints), settings=dataclasses.asdict(settings))
+
+
+def stored_smoothness(run: Run, query: int, method: str, *, checkpoints: list[int], settings: SmoothnessSettings = SmoothnessSettings()
+                      ) -> SmoothnessResult | None:
+    """The check `smoothness` would return when it is stored already, else None (nothing is computed)."""
+    artifact = _artifact(run, query, method, checkpoints, settings)
+    return SmoothnessResult(**read_json(artifact.path("result.json"))) if artifact.is_complete() else None
+
+
+def smoothness(run: Run, query: int, method: str, *, checkpoints: list[int], settings: SmoothnessSettings = SmoothnessSettings(),
+               progress: ProgressFn = no_progress) -> SmoothnessResult:
+    """smoothness_check of a method's scores (its default settings, these checkpoints) of one test query, computed once and stored."""
+
+    def compute(stored: Artifact) -> None:
+        scores = attribute(run, method, queries=[query], checkpoints=checkpoints)
+        result = smoothness_check(run, scores, query, settings, progress=progress)
+        atomic_write_json(stored.path("result.json"), dataclasses.asdict(result))
+
+    _artifact(run, query, method, checkpoints, settings).compute_once(compute)
+    return stored_smoothness(run, query, method, checkpoints=checkpoints, settings=settings)

@@ -21,6 +21,7 @@ from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
 from ..evaluation.lds import LdsSettings, groundtruth, load_groundtruth
 from ..evaluation.mislabel import rank_mislabels, stored_ranking
+from ..evaluation.smoothness import smoothness, stored_smoothness
 from ..inspection import feature_index, map_layout, stored_feature_index, stored_map_layout
 from ..methods import method_class
 from ..models import ModelSpec
@@ -106,6 +107,14 @@ def _features(run: Run, params: Params, progress: ProgressFn) -> None:
     feature_index(run, int(params["checkpoint"]), progress=progress)
 
 
+def _smoothness(run: Run, params: Params, progress: ProgressFn) -> None:
+    smoothness(run, int(params["query"]), params["method"], checkpoints=list(params["checkpoints"]), progress=progress)
+
+
+def _smoothness_stored(run: Run, params: Params):
+    return stored_smoothness(run, int(params["query"]), params["method"], checkpoints=list(params["checkpoints"]))
+
+
 def _ranking(run: Run, params: Params, progress: ProgressFn) -> None:
     rank_mislabels(run, params["ranking"], progress=progress)
 
@@ -126,6 +135,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("counterfactual", _counterfactual, _counterfactual_stored, resumable=True),
     JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"]))),
     JobKind("features", _features, lambda run, params: stored_feature_index(run, int(params["checkpoint"]))),
+    JobKind("smoothness", _smoothness, _smoothness_stored),
     JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"])),
     JobKind("train", _train, _trained, new_run=True),
 )}
@@ -183,6 +193,12 @@ def counterfactual_job(run: Run, query: int, method: str, checkpoints: list[int]
     return _spec(run, "counterfactual", {"query": int(query), "method": method, "checkpoints": _resolved(run, method, checkpoints),
                                          "settings": _settings_dict(settings)},
                  f"Counterfactual check of test sample {query}: retraining without its top proponents", priority)
+
+
+def smoothness_job(run: Run, query: int, method: str, checkpoints: list[int] | None, *, priority: int = REQUESTED) -> JobSpec:
+    """The smoothness check of one test sample's scores: a few random 1 % removals replayed, predicted against actual."""
+    return _spec(run, "smoothness", {"query": int(query), "method": method, "checkpoints": _resolved(run, method, checkpoints)},
+                 f"Smoothness check of test sample {query}: replaying random removals", priority)
 
 
 def layout_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
