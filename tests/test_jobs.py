@@ -284,5 +284,8 @@ def test_ready_jobs_cover_what_the_first_pages_open_with(workspace):
     lds_blocks = [spec_.params["queries"] for spec_ in specs if spec_.kind == "scores"][1:]
     assert lds_blocks == 2 * blocks_covering(LDS_QUERIES, 100)  # the two compared methods, first LDS_QUERIES samples
     assert all(len(block) <= QUERY_BLOCK for block in lds_blocks)
+    without = ready_jobs(run)  # no ground truth: Compare shows only the first query's proponents, so only its block
+    first_block = specs[1].params["queries"]
+    assert [spec_.params["queries"] for spec_ in without if spec_.kind == "scores"] == 3 * [first_block]
     rows = queue_ready_jobs(workspace, [run])
-    assert len(rows) == len(specs) - 1 and all(row.spec.priority == PREFETCH for row in rows)
+    assert len(rows) == len({spec_.key for spec_ in without}) and all(row.spec.priority == PREFETCH for row in rows)

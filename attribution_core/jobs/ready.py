@@ -66,15 +66,20 @@ def first_query(run: Run) -> int:
 
 
 def ready_jobs(run: Run, *, with_groundtruth: bool = False) -> list[JobSpec]:
-    """The jobs that compute what the run's first pages show, most needed first (all PREFETCH)."""
+    """The jobs that compute what the run's first pages show, most needed first (all PREFETCH).
+
+    with_groundtruth: also an LDS ground truth and the compared methods' scores of the first
+    LDS_QUERIES test samples (what Compare's LDS section shows); without it, only their block of the first query.
+    """
     _, test_set = run.datasets()
-    method = default_method(run)
+    method, first_block = default_method(run), query_block(first_query(run), len(test_set))
     specs = [fit_job(run, method, priority=PREFETCH),
-             scores_job(run, method, query_block(first_query(run), len(test_set)), priority=PREFETCH),
+             scores_job(run, method, first_block, priority=PREFETCH),
              layout_job(run, -1, priority=PREFETCH),
              ranking_job(run, default_ranking(run)[0], priority=PREFETCH)]
-    for compared in compared_methods(run):
-        specs += [scores_job(run, compared, block, priority=PREFETCH) for block in blocks_covering(LDS_QUERIES, len(test_set))]
+    # Compare shows the compared methods' proponents of the first query, and with a ground truth their LDS on the first queries.
+    blocks = blocks_covering(LDS_QUERIES, len(test_set)) if with_groundtruth else [first_block]
+    specs += [scores_job(run, compared, block, priority=PREFETCH) for compared in compared_methods(run) for block in blocks]
     if with_groundtruth:
         specs.append(groundtruth_job(run, FIRST_GROUND_TRUTH, priority=PREFETCH))
     return specs
