@@ -90,5 +90,6 @@ def queue_ready_jobs(workspace: Workspace, runs: list[Run], *, with_groundtruth:
     per_run = {run.run_id: (run, ready_jobs(run, with_groundtruth=with_groundtruth)) for run in runs}
     ordered = [(run, specs[0]) for run, specs in per_run.values()] + [
         (run, spec) for run, specs in per_run.values() for spec in specs[1:]]
+    unique = list({spec.key: (run, spec) for run, spec in ordered}.values())  # a spec asked for twice keeps its first place
     queue = JobQueue(workspace.root)
-    return [queue.submit(spec) for run, spec in ordered if load_result(run, spec) is None]
+    return [queue.submit(spec) for run, spec in unique if load_result(run, spec) is None]
