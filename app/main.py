@@ -19,10 +19,16 @@ from app.components.jobs import begin_script_run, jobs_overview, start_workers  
 GRID_CSS = """<style>
 /* Image grids (app/components/images.py draws each inside a container keyed grid_ and the grid key). */
 /* Captions wrap between words, never inside one; a word wider than its cell is clipped, not split. */
-/* Badges (a flag, a flipped label) wrap too, rather than end in an ellipsis. */
+/* Badges (a flag, a flipped label) wrap too, rather than end in an ellipsis: smaller (over Streamlit's inline size), without
+   their icon (the colour and the words say it), so "mislabeled" and "flipped, was Dress" read whole in a cell at 1280 px;
+   a word still wider than its cell breaks rather than being cut. */
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] { overflow: hidden; font-size: 0.8rem; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] p { word-break: normal; overflow-wrap: normal; }
-[class*="st-key-grid_"] [data-testid="stCaptionContainer"] .stMarkdownBadge { white-space: normal; }
+[class*="st-key-grid_"] [data-testid="stCaptionContainer"] .stMarkdownBadge {
+    white-space: normal; overflow: visible; text-overflow: clip; overflow-wrap: anywhere; max-width: 100%;
+    font-size: 0.7rem !important; padding: 0 0.25rem; line-height: 1.35;
+}
+[class*="st-key-grid_"] [data-testid="stCaptionContainer"] .stMarkdownBadge span[role="img"] { display: none !important; }
 /* A cell's button shows its icon only; its label stays for screen readers (and tests), out of sight. */
 [class*="st-key-grid_"] .stButton button [data-testid="stMarkdownContainer"] {
     position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap;

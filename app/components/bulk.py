@@ -1,4 +1,4 @@
-"""Flagging many training examples at once, and taking back this session's last flag action.
+"""Flagging many training examples at once (the undo button that takes it back is flagging.undo_button).
 
 Every write goes to the flags store as one action of this session's actor (session.actor()): one
 undo takes back a whole bulk flag, and never another tab's work.
@@ -12,11 +12,8 @@ import streamlit as st
 from attribution_core.annotations import FLAG_KINDS
 
 from .core_calls import annotations, call_or_report
-from .flagging import FLAG_ICONS
+from .flagging import FLAG_ICONS, UNDO_KEY
 from .session import actor
-
-UNDO_KEY = "U"
-"""Keyboard shortcut of the undo button (a letter, like the review keys; Streamlit reserves C and R)."""
 
 
 def flag_many(run_id: str, train_set, indices: Sequence[int], kind: str) -> int:
@@ -48,19 +45,3 @@ def bulk_flag_button(run_id: str, train_set, indices: Sequence[int], kind: str, 
 
     st.button(f"Flag {len(indices)} {noun}", key=key, icon=FLAG_ICONS[kind], disabled=not len(indices), on_click=flag,
               help=f"Flag the {len(indices)} {noun} as {kind}: one action, undo takes all of them back")
-
-
-def undo_last(run_id: str) -> None:
-    """Undo this session's last flag action on the run, and say what it restored (a button callback)."""
-    restored = call_or_report(annotations().undo, run_id, actor=actor())
-    if restored:
-        st.toast(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict.",
-                 icon=":material/undo:")
-
-
-def undo_button(run_id: str, *, key: str) -> None:
-    """The undo button (shortcut UNDO_KEY): takes back this session's last flag action, one flag or a whole bulk flag."""
-    pending = annotations().can_undo(run_id, actor=actor())
-    label = f"Undo ({pending} example{'s' if pending != 1 else ''})" if pending else "Undo"
-    st.button(label, key=key, icon=":material/undo:", shortcut=UNDO_KEY, disabled=not pending, on_click=undo_last,
-              args=(run_id,), help="Take back this tab's last flag action on this run")

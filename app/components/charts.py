@@ -54,17 +54,33 @@ def segment_contributions(labels: list[str], example_names: list[str], contribut
     return _compact(figure, 300)
 
 
-def counterfactual_margins(base: float, after: dict[str, float], flipped: dict[str, bool]) -> go.Figure:
-    """The query's margin with everything, and after each removal (random removals in grey)."""
+def counterfactual_margins(base: float, after: dict[str, float], flipped: dict[str, bool], *,
+                           predicted: dict[str, float] | None = None, class_label: str = "") -> go.Figure:
+    """The query's margin with everything, and after each removal (random removals in grey), as horizontal bars.
+
+    Horizontal, so the removals' names read whole in a narrow column. predicted: removal name -> the margin the
+    method predicted for it, drawn as a black diamond on its bar.
+    """
     names = ["nothing removed", *after]
     values = [base, *after.values()]
     colours = [QUALITATIVE[0]] + [QUALITATIVE[3] if name == "top proponents removed" else QUALITATIVE[2]
                                   if name == "top opponents removed" else "#BAB0AC" for name in after]
     texts = [f"{base:+.2f}"] + [f"{value:+.2f}" + (" (flips)" if flipped[name] else "") for name, value in after.items()]
-    figure = go.Figure(go.Bar(x=names, y=values, marker_color=colours, text=texts, textposition="outside"))
-    figure.add_hline(y=0, line_dash="dot", annotation_text="decision boundary", annotation_position="bottom right")
-    figure.update_layout(yaxis_title="correct-class margin after retraining", showlegend=False)
-    return _compact(figure, 320)
+    figure = go.Figure(go.Bar(y=names, x=values, orientation="h", marker_color=colours, text=texts, textposition="outside",
+                              cliponaxis=False, name="after retraining", hovertemplate="%{y}: %{x:+.2f}<extra></extra>"))
+    if predicted:
+        figure.add_trace(go.Scatter(y=list(predicted), x=list(predicted.values()), mode="markers", name="predicted",
+                                    marker=dict(symbol="diamond", size=13, color="#111111", line=dict(width=1, color="white")),
+                                    hovertemplate="%{y}: predicted %{x:+.2f}<extra></extra>"))
+    figure.add_vline(x=0, line_dash="dot")  # the decision boundary, named in the axis title (a label there met the legend)
+    whose = f"margin of {class_label}" if class_label else "correct-class margin"
+    figure.update_layout(xaxis_title=f"{whose} after retraining<br>(below 0: another class is predicted)",
+                         yaxis=dict(autorange="reversed", automargin=True),
+                         showlegend=bool(predicted), bargap=0.35)
+    figure = _compact(figure, 100 + 34 * len(names))
+    # the legend above the bars, clear of the axis title below
+    figure.update_layout(margin=dict(l=10, r=40, t=40, b=10), legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"))
+    return figure
 
 
 def lds_bars(labels: list[str], means: list[float], stderrs: list[float]) -> go.Figure:

@@ -1,5 +1,7 @@
-"""Flagging a training example: one button per verdict, saved to annotations.sqlite at once."""
+"""Flagging a training example: one button per verdict, saved to annotations.sqlite at once as this tab's action."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -7,10 +9,69 @@ from attribution_core.annotations import FLAG_KINDS
 
 from .core_calls import annotations, call_or_report
 from .examples import FLAG_COLOURS, class_name
+from .session import actor
 
 FLAG_ICONS = {"mislabeled": ":material/label_off:", "ambiguous": ":material/help:", "outlier": ":material/scatter_plot:",
               "fine": ":material/check_circle:"}
 """Button icon of each flag kind."""
+
+UNDO_KEY = "U"
+"""Keyboard shortcut of the undo button (a letter, like the review keys; Streamlit reserves C and R)."""
+
+UNDO_HINT = f"Undo ({UNDO_KEY}) takes it back."
+"""What a toast after a flag write says about undo."""
+
+TOAST_KEY = "flag_toast"
+"""Session state: (message, icon) of the toast a flag callback asked for, shown by the next show_pending_toast."""
+
+
+def announce(message: str, icon: str) -> None:
+    """Ask for a toast from a callback; show_pending_toast shows it from the page or dialog body.
+
+    Streamlit 1.67's page breaks ("'setIn' cannot be called on an ElementNode") when a callback that
+    reruns a dialog alone (a fragment) calls st.toast itself; the same toast from the body is fine.
+    """
+    st.session_state[TOAST_KEY] = (message, icon)
+
+
+def show_pending_toast() -> None:
+    """Show the toast a flag callback asked for, once (call it where the page or a dialog draws)."""
+    pending = st.session_state.pop(TOAST_KEY, None)
+    if pending is not None:
+        st.toast(pending[0], icon=pending[1])
+
+
+def _saved_key(key: str) -> str:
+    return f"{key}_saved"
+
+
+def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, on_saved: Callable[[], None] | None = None) -> None:
+    """Save a verdict with the controls' suggested label and note as this tab's action, say so in a toast, then on_saved() (a callback)."""
+    suggestion = st.session_state.get(f"{key}_suggested")
+    saved = call_or_report(
+        annotations().set_flag, run_id, example_id, kind, actor=actor(),
+        suggested_label=int(suggestion) if kind == "mislabeled" and suggestion is not None else None,
+        note=st.session_state.get(f"{key}_note", ""),
+    )
+    if saved is not None:
+        st.session_state[_saved_key(key)] = kind
+        announce(f"Training example #{index} flagged **{kind}**. {UNDO_HINT}", FLAG_ICONS[kind])
+        if on_saved is not None:
+            on_saved()
+
+
+def save_note(run_id: str, example_id: int, index: int, key: str) -> None:
+    """Save the note typed for an example that has a verdict (Enter, or leaving the field); else keep it for the verdict (a callback)."""
+    flag = annotations().flags(run_id).get(example_id)
+    note = st.session_state.get(f"{key}_note", "")
+    if flag is None:
+        announce(f"Note on #{index} kept: it is saved with the verdict you choose.", ":material/edit_note:")
+        return
+    if note == flag.note:
+        return
+    if call_or_report(annotations().set_flag, run_id, example_id, flag.kind, suggested_label=flag.suggested_label, note=note,
+                      actor=actor()) is not None:
+        announce(f"Note on #{index} saved. {UNDO_HINT}", ":material/edit_note:")
 
 
 def flag_controls(
@@ -22,13 +83,17 @@ def flag_controls(
     suggested_label: int | None = None,
     shortcuts: dict[str, str] | None = None,
     per_row: int = 4,
+    on_saved: Callable[[], None] | None = None,
 ) -> str | None:
-    """Verdict buttons for training example `index`; returns the kind saved on this run, if any.
+    """Verdict buttons for training example `index`; returns the kind saved on this run by this press, if any.
 
     The mislabeled verdict stores the suggested label chosen in the selectbox (preset to
-    `suggested_label`), every verdict stores the note. `shortcuts` maps a kind to a key ("M");
-    the buttons come `per_row` to a row.
+    `suggested_label`), every verdict stores the note; pressing Enter in the note saves it at once
+    when the example has a verdict. Each write is one undoable action of this tab (session.actor)
+    and is confirmed by a toast. `shortcuts` maps a kind to a key ("M"); the buttons come
+    `per_row` to a row. on_saved() runs after a verdict is saved, before the next run (say, to move on).
     """
+    show_pending_toast()
     example_id = int(train_set.ids[index])
     flag = annotations().flags(run_id).get(example_id)
     if flag is not None:
@@ -37,22 +102,38 @@ def flag_controls(
     n_classes = len(train_set.class_names)
     preset = flag.suggested_label if flag is not None and flag.suggested_label is not None else suggested_label
     left, right = st.columns(2)
-    suggestion = left.selectbox(
+    left.selectbox(
         "Suggested label (saved with 'mislabeled')", range(n_classes), key=f"{key}_suggested",
         index=preset if preset is not None and 0 <= preset < n_classes else int(train_set.y[index]),
         format_func=lambda label: class_name(train_set, label),
     )
-    note = right.text_input("Note", value=flag.note if flag is not None else "", key=f"{key}_note", max_chars=500)
-    pressed = None
+    right.text_input("Note (Enter saves it)", value=flag.note if flag is not None else "", key=f"{key}_note", max_chars=500,
+                     placeholder="why this verdict", on_change=save_note, args=(run_id, example_id, index, key))
+    pressed = False
     columns = [column for start in range(0, len(FLAG_KINDS), per_row) for column in st.columns(per_row)]
     for column, kind in zip(columns, FLAG_KINDS):
-        if column.button(kind.capitalize(), key=f"{key}_{kind}", icon=FLAG_ICONS[kind], width="stretch",
-                         shortcut=(shortcuts or {}).get(kind), type="primary" if flag is not None and flag.kind == kind else "secondary"):
-            pressed = kind
-    if pressed is None:
-        return None
-    saved = call_or_report(
-        annotations().set_flag, run_id, example_id, pressed,
-        suggested_label=int(suggestion) if pressed == "mislabeled" else None, note=note,
-    )
-    return None if saved is None else pressed
+        pressed |= column.button(
+            kind.capitalize(), key=f"{key}_{kind}", icon=FLAG_ICONS[kind], width="stretch", shortcut=(shortcuts or {}).get(kind),
+            type="primary" if flag is not None and flag.kind == kind else "secondary",
+            on_click=save_verdict, args=(run_id, example_id, index, kind, key, on_saved))
+    saved = st.session_state.pop(_saved_key(key), None)  # set by save_verdict, which ran before this run
+    return saved if pressed else None
+
+
+def undo_last(run_id: str) -> None:
+    """Undo this tab's last flag action on the run, one flag or a whole bulk flag, and say what it restored (a button callback)."""
+    restored = call_or_report(annotations().undo, run_id, actor=actor())
+    if restored:
+        announce(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict.",
+                 ":material/undo:")
+
+
+def undo_button(run_id: str, *, key: str, disabled: bool = False) -> None:
+    """The undo button (shortcut UNDO_KEY): takes back this tab's last flag action on the run ("Undo (3 examples)").
+
+    disabled: for a page whose dialog is open (the dialog draws its own, and one key must not do two things).
+    """
+    pending = annotations().can_undo(run_id, actor=actor())
+    label = f"Undo ({pending} example{'s' if pending != 1 else ''})" if pending else "Undo"
+    st.button(label, key=key, icon=":material/undo:", shortcut=UNDO_KEY, disabled=disabled or not pending,
+              on_click=undo_last, args=(run_id,), help="Take back this tab's last flag action on this run")

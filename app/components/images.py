@@ -27,11 +27,12 @@ def enlarged(image: np.ndarray, size: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class GridItem:
-    """One cell of a grid: which example, its image, and a markdown caption under it."""
+    """One cell of a grid: which example, its image, a markdown caption under it, and its button's tooltip (None: the default)."""
 
     index: int
     image: np.ndarray
     caption: str
+    tooltip: str | None = None
 
 
 def current_page(n_items: int, per_page: int, *, key: str, max_visible_pages: int = 7) -> range:
@@ -65,7 +66,8 @@ def image_grid(
     """Draw items in rows of `columns` cells; returns the index whose button was pressed, if any.
 
     With button_label, each cell gets a button (keyed `{key}_{index}`) that shows `button_icon`
-    (the label is its accessible name) and has "{button_label} #{index}" as its tooltip;
+    (the label is its accessible name) and has "{button_label} #{index}" as its tooltip, followed by
+    the item's own tooltip when it has one;
     `on_click(index)` runs as its callback, before the next run of the page. The `selected`
     item's button is highlighted. (A button with a tooltip is drawn twice, once hidden: a
     browser test finds it as `.st-key-<key>_<index> button:visible`.)
@@ -89,7 +91,8 @@ def image_grid(
                                     on_change=lambda index=item.index, name=check_key: on_check(index, bool(st.session_state[name])))
                     if button_label is not None:
                         clicked = st.button(
-                            button_label, icon=button_icon, help=f"{button_label} #{item.index}", key=f"{key}_{item.index}",
+                            button_label, icon=button_icon, help=f"{button_label} #{item.index}" + (f": {item.tooltip}" if item.tooltip else ""),
+                            key=f"{key}_{item.index}",
                             width="stretch", type="primary" if item.index == selected else "secondary",
                             on_click=on_click, args=(item.index,) if on_click else None,
                         )

@@ -44,17 +44,28 @@ def method_selectbox(run: Run, container=None) -> str:
 
 
 def checkpoint_range(run: Run, method: str, container=None) -> tuple[int, ...]:
-    """The checkpoints a method uses: a range over the run's recorded checkpoints, preset to the method's default.
+    """The checkpoints a method uses: one checkpoint, or a range over the run's recorded ones, preset to the method's default.
 
-    A method with per-segment contributions always uses every checkpoint: its segments are
-    chosen after scoring instead (see segment_range).
+    A method that reads only the last checkpoint it is given (policy "last": influence, the
+    baselines) gets a plain selector of that one checkpoint; a range's first end would change
+    nothing. A method with per-segment contributions always uses every checkpoint: its segments
+    are chosen after scoring instead (see segment_range). Kept in ?checkpoints_<method>=first-last.
     """
     n = len(run.checkpoints)
     if METHODS[method].has_segments or n == 1:
         return tuple(range(n))
     key, default = f"checkpoints_{method}", default_checkpoint_range(run, method)
+    target = container or st
+    if METHODS[method].checkpoint_policy == "last":
+        seed_from_url(key, default=default[1], parse=lambda text: parse_range(text)[1], valid=lambda index: index in range(n))
+        chosen = target.selectbox(
+            "Checkpoint", list(range(n)), key=key, persist_state="session", format_func=lambda index: checkpoint_label(run, index),
+            help=f"{method_label(method)} looks at one trained model: the one saved at this checkpoint.",
+        )
+        publish_to_url(key, f"{chosen}-{chosen}")
+        return (chosen,)
     seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
-    first, last = (container or st).select_slider(
+    first, last = target.select_slider(
         "Checkpoints", options=list(range(n)), value=default, key=key, persist_state="session",
         format_func=lambda index: checkpoint_label(run, index),
         help="The stretch of training the method averages over (recorded checkpoints, oldest left).",

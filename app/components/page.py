@@ -11,6 +11,7 @@ from attribution_core.run import Run
 from attribution_core.scores import Scores
 
 from .core_calls import call_or_report, query_scores, require_run, test_predictions
+from .flagging import show_pending_toast
 from .methods import checkpoint_range, method_selectbox
 
 
@@ -36,7 +37,8 @@ class Attribution:
 def page_prelude(title: str) -> Prelude:
     """The current run, its data and the final model's test predictions, then the page title.
 
-    Stops the page when there is no run or a part of it cannot be loaded, after saying why.
+    Stops the page when there is no run or a part of it cannot be loaded, after saying why. Shows the
+    toast a flag or undo asked for before this run (flagging.announce: a dialog's callbacks cannot).
     """
     run = require_run()
     train_set, test_set = run.datasets()
@@ -44,6 +46,7 @@ def page_prelude(title: str) -> Prelude:
     if predictions is None:
         st.stop()
     st.title(title)
+    show_pending_toast()
     return Prelude(run, train_set, test_set, predictions)
 
 

@@ -11,12 +11,12 @@ from functools import partial
 import numpy as np
 import streamlit as st
 
-from app.components.bulk import bulk_flag_button, kind_choice, undo_button
+from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
 from app.components.core_calls import annotations, call_or_report, method_label
 from app.components.embedding import embedding
 from app.components.examples import FLAG_COLOURS, class_name, flipped_from, marks, score_legend, train_items
-from app.components.flagging import flag_controls
+from app.components.flagging import flag_controls, undo_button
 from app.components.images import enlarged, image_grid
 from app.components.methods import checkpoint_label
 from app.components.page import chosen_attribution, page_prelude

@@ -15,13 +15,13 @@ import pandas as pd
 import streamlit as st
 
 from app.components import charts
-from app.components.bulk import UNDO_KEY, bulk_flag_button, kind_choice, undo_button
+from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.context import publish_to_url, seed_from_url
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
 from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
 from app.components.examples import FLAG_COLOURS, class_name, marks
-from app.components.flagging import flag_controls
+from app.components.flagging import UNDO_KEY, flag_controls, undo_button
 from app.components.images import GridItem, current_page, enlarged, image_grid
 from attribution_core.annotations import FLAG_KINDS
 from attribution_core.evaluation import dynamics
