@@ -10,7 +10,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from attribution_core.annotations import Annotations
-from attribution_core.api import METHODS, default_checkpoints, self_influence
+from attribution_core.api import METHODS, attribute, default_checkpoints, self_influence
 from attribution_core.evaluation.lds import LdsSettings
 from attribution_core.run import load_run
 from attribution_core.store import Workspace
@@ -144,14 +144,28 @@ def test_source_scores_split_by_segment_and_restricted_to_chosen_segments():
     assert "segment 3" in texts(app)
 
 
-def test_counterfactual_check_reports_margin_against_random_removals():
+def test_counterfactual_says_whose_margin_moved_what_was_predicted_and_draws_the_chart_beside_it(workspace):
+    from attribution_core.evaluation.counterfactual import CounterfactualSettings, stored_counterfactual
+
     app = open_app(run="fmnist-mlp-early")
     app.segmented_control(key="counterfactual_k").set_value("1 %").run()
     app.button(key="counterfactual_run").click().run()
+    run, query = load_run(workspace, "fmnist-mlp-early"), app.selectbox(key="query").value
+    checkpoints = default_checkpoints(run, "trak")
+    result = stored_counterfactual(run, query, "trak", settings=CounterfactualSettings(k=0.01), checkpoints=checkpoints)
+    _, test_set = run.datasets()
+    base = sum(result.base_margins) / len(result.base_margins)
+    after = base + result.margin_change("proponents")
+    scores = attribute(run, "trak", queries=[query], checkpoints=checkpoints).values[0]
+    predicted = -float(scores[result.removed["proponents"]].astype("float64").sum())
     text = texts(app)
-    assert "Removing the top 6 proponents and retraining moved the margin from" in text
-    assert "random examples moved it by" in text
-    assert app.get("plotly_chart")
+    assert (f"The margin of **{test_set.class_names[result.true_label]}** (the true class) moved from **{base:+.2f}** to "
+            f"**{after:+.2f}** when the top 6 proponents were removed") in text
+    direction = "lower" if predicted <= 0 else "raise"
+    assert f"Removing them was predicted to {direction} it by about **{abs(predicted):.2f}**" in text
+    assert "Removing 6 random examples instead moved it by" in text
+    block = app.get("plotly_chart")
+    assert block, "the chart is drawn"
 
 
 def test_uploaded_png_is_queried_and_a_non_image_is_refused(workspace):
@@ -196,6 +210,148 @@ def test_an_empty_workspace_says_what_to_do(tmp_path, monkeypatch):
     app.switch_page("views/runs.py").run()
     assert not app.exception
     assert any(button.label == "Train" for button in app.button), "the training form is there"
+
+
+def shortcut(app: AppTest, key: str) -> str:
+    """The keyboard shortcut of a button, as the user presses it (Streamlit stores it lower-case)."""
+    return app.button(key=key).proto.shortcut.upper()
+
+
+def result_indices(app: AppTest, side: str, grid: str = "results") -> list[int]:
+    """Training indices a grid shows (side: "proponents" or "opponents" of a result grid, "" for a plain grid), in page order."""
+    prefix = f"{grid}_{side}_" if side else f"{grid}_"
+    return [int(key.removeprefix(prefix)) for key in button_keys(app, prefix) if key.removeprefix(prefix).isdigit()]
+
+
+def test_explore_states_a_removal_methods_unit_and_a_similaritys_place(workspace):
+    run = load_run(workspace, "fmnist-mlp")
+    n_train = len(run.datasets()[0])
+    app = open_app(method="trak")
+    query = app.selectbox(key="query").value
+    trak = attribute(run, "trak", queries=[query], checkpoints=default_checkpoints(run, "trak")).values[0]
+    top = result_indices(app, "proponents")[0]
+    assert "Score: TRAK's predicted drop of the margin of" in texts(app) and "if the example were removed from training" in texts(app)
+    app.button(key=f"results_proponents_{top}").click().run()
+    assert "removing it would lower the margin of" in texts(app) and f"by about {abs(trak[top]):.3g}" in texts(app)
+    similar = open_app(method="repsim", query=str(query))  # a similarity, at one checkpoint
+    assert similar.selectbox(key="checkpoints_repsim").value == len(run.checkpoints) - 1, "one checkpoint: a plain selector"
+    assert not [slider for slider in similar.select_slider if slider.key == "checkpoints_repsim"]
+    assert "representation similarity's similarity to this sample" in texts(similar)
+    first = [caption.value for caption in similar.caption if caption.value.startswith("**+")][0]
+    assert first.split("**")[2].startswith(f" · top\u00a0{1 / n_train:.1%}"), first  # the strongest of all is in the top 1/N
+
+
+def test_explore_grids_filter_by_verdict_and_class_and_sort(workspace):
+    run = load_run(workspace, "fmnist-noisy")
+    train_set = run.datasets()[0]
+    app = open_app(run="fmnist-noisy", method="trak")
+    query = app.selectbox(key="query").value
+    values = attribute(run, "trak", queries=[query], checkpoints=default_checkpoints(run, "trak")).values[0]
+    shown = result_indices(app, "proponents")
+    store = Annotations(workspace.annotations_path)
+    store.set_flags("fmnist-noisy", [int(train_set.ids[index]) for index in shown[:2]], "ambiguous", actor="test")
+    app.pills(key="results_show").set_value(["not yet reviewed"]).run()
+    flagged = {index for index, identity in enumerate(train_set.ids) if int(identity) in store.flags("fmnist-noisy")}
+    expected = [int(index) for index in sorted(set(range(len(values))) - flagged, key=lambda index: -values[index])[:10]]
+    assert result_indices(app, "proponents") == expected
+    app.pills(key="results_show").set_value(["ambiguous"]).run()
+    assert set(shown[:2]) <= set(result_indices(app, "proponents"))
+    assert all(index in flagged for index in result_indices(app, "proponents") + result_indices(app, "opponents"))
+    app.pills(key="results_show").set_value([]).run()
+    app.multiselect(key="results_classes").set_value([3, 4]).run()
+    assert all(int(train_set.y[index]) in (3, 4) for index in result_indices(app, "proponents") + result_indices(app, "opponents"))
+    app.selectbox(key="results_sort").set_value("given class").run()
+    names = [train_set.class_names[int(train_set.y[index])] for index in result_indices(app, "proponents")]
+    assert names == sorted(names)
+
+
+def test_explore_keys_step_queries_review_proponents_flag_advance_and_undo(workspace):
+    from attribution_core.inspection import query_order, test_probabilities
+
+    app = open_app(run="fmnist-two-stage", method="trak")
+    assert {key: shortcut(app, key) for key in ("query_next", "query_previous", "open_next_proponent", "query_similar")} \
+        == {"query_next": "N", "query_previous": "P", "open_next_proponent": "O", "query_similar": "S"}
+    run = load_run(workspace, "fmnist-two-stage")
+    probabilities = test_probabilities(run)
+    order = query_order(probabilities.argmax(axis=1), probabilities.max(axis=1), run.datasets()[1].y.numpy())
+    assert app.selectbox(key="query").value == order[0]
+    app.button(key="query_next").click().run()
+    assert app.selectbox(key="query").value == order[1]
+    app.button(key="query_previous").click().run()
+    assert app.selectbox(key="query").value == order[0]
+    proponents = result_indices(app, "proponents")
+    app.button(key="open_next_proponent").click().run()
+    assert f"Training example #{proponents[0]}" in texts(app) and "1 of 20 in this grid" in texts(app)
+    assert shortcut(app, f"inspect_{proponents[0]}_mislabeled") == "M"
+    app.button(key=f"inspect_{proponents[0]}_mislabeled").click().run()
+    assert f"Training example #{proponents[1]}" in texts(app), "a verdict moves to the next example"
+    assert any("flagged **mislabeled**" in toast.value and "Undo (U)" in toast.value for toast in app.toast)
+    app.button(key=f"inspect_{proponents[1]}_fine").click().run()
+    ids = run.datasets()[0].ids
+    store = Annotations(workspace.annotations_path)
+    assert [store.flags("fmnist-two-stage")[int(ids[index])].kind for index in proponents[:2]] == ["mislabeled", "fine"]
+    app.button(key="inspect_undo").click().run()
+    assert int(ids[proponents[1]]) not in store.flags("fmnist-two-stage"), "undo takes back this tab's last verdict"
+    assert store.flags("fmnist-two-stage")[int(ids[proponents[0]])].kind == "mislabeled"
+    app.button(key="inspect_previous").click().run()
+    assert f"Training example #{proponents[1]}" in texts(app)
+
+
+def test_explore_note_is_saved_by_enter_once_the_example_has_a_verdict(workspace):
+    app = open_app(run="fmnist-mlp-early", method="trak")
+    index = result_indices(app, "opponents")[0]
+    app.button(key=f"results_opponents_{index}").click().run()
+    assert app.text_input(key=f"inspect_{index}_note").label == "Note (Enter saves it)"
+    app.text_input(key=f"inspect_{index}_note").set_value("looks like a bag").run()
+    example_id = int(load_run(workspace, "fmnist-mlp-early").datasets()[0].ids[index])
+    store = Annotations(workspace.annotations_path)
+    assert example_id not in store.flags("fmnist-mlp-early"), "no verdict yet: the note waits for one"
+    app.button(key=f"inspect_{index}_outlier").click().run()
+    assert store.flags("fmnist-mlp-early")[example_id].note == "looks like a bag"
+    app.button(key="inspect_previous").click().run()
+    app.text_input(key=f"inspect_{index}_note").set_value("a bag, surely").run()
+    assert store.flags("fmnist-mlp-early")[example_id].note == "a bag, surely"
+    assert store.flags("fmnist-mlp-early")[example_id].kind == "outlier"
+
+
+def test_find_similar_from_the_dialog_and_from_the_query_lists_nearest_training_examples_by_cosine(workspace):
+    import numpy as np
+
+    from attribution_core.inspection import penultimate_features
+
+    app = open_app(run="fmnist-mlp", method="trak")
+    query = app.selectbox(key="query").value
+    index = result_indices(app, "proponents")[0]
+    app.button(key=f"results_proponents_{index}").click().run()
+    app.button(key="inspect_similar").click().run()
+    assert f"Most similar to training example #{index}" in texts(app)
+    run = load_run(workspace, "fmnist-mlp")
+    train = penultimate_features(run, split="train")
+    cosines = train @ train[index] / (np.linalg.norm(train, axis=1) * np.linalg.norm(train[index]))
+    cosines[index] = -np.inf
+    assert result_indices(app, "", grid="similar") == list(np.argsort(-cosines, kind="stable")[:10])
+    app.button(key="similar_close").click().run()
+    assert "Most similar to" not in texts(app)
+    app.button(key="query_similar").click().run()
+    test = penultimate_features(run, split="test")[query]
+    test_cosines = train @ test / (np.linalg.norm(train, axis=1) * np.linalg.norm(test))
+    assert f"Most similar to test sample {query}" in texts(app)
+    assert result_indices(app, "", grid="similar") == list(np.argsort(-test_cosines, kind="stable")[:10])
+
+
+def test_show_on_map_opens_the_map_with_the_example_in_the_url():
+    app = open_app(run="fmnist-mlp", method="trak")
+    index = result_indices(app, "proponents")[0]
+    app.button(key=f"results_proponents_{index}").click().run()
+    assert shortcut(app, "inspect_map") == "G"
+    app.button(key="inspect_map").click().run()
+    assert not app.exception
+    assert app.query_params.get("example") in (str(index), [str(index)])
+
+
+def test_segments_tab_only_for_a_method_with_segments():
+    assert [tab.label for tab in open_app(run="fmnist-two-stage", method="trak").tabs] == ["Counterfactual check", "Query your own image"]
+    assert "Segments" in [tab.label for tab in open_app(run="fmnist-two-stage", method="source").tabs]
 
 
 # --- Mislabels ---------------------------------------------------------------------------------------------------
@@ -379,7 +535,8 @@ def test_mislabels_downloads_are_cleanlab_mask_and_fiftyone_dataset(workspace):
 def test_compare_states_agreement_and_lds_with_stored_ground_truth():
     app = open_app("compare")
     text = texts(app)
-    assert "**TRAK** and **TracIn** agree on" in text and "of the top 10" in text
+    assert "**TRAK** and **TracIn** agree on" in text and "of their top 10** proponents" in text
+    assert "rank correlation over all 600 training examples" in text and "it can be low while the tops agree" in text
     assert app.number_input(key="lds_subsets").value == GROUND_TRUTH.n_subsets
     lds_table = table_with(app, "LDS")
     assert list(lds_table["method"]) == ["TRAK", "TracIn"]
@@ -642,7 +799,7 @@ def test_replay_is_offered_for_the_demo_runs_and_explains_one_query(workspace):
     assert app.selectbox(key="method").value == "replay"
     assert "replay (exact)" in app.selectbox(key="method").options
     assert len(button_keys(app, "results_proponents_")) == 10 and not app.error
-    assert "Scores: replay (exact)'s estimate" in texts(app) and "positive = raised the margin of" in texts(app)
+    assert "Score: replay (exact)'s predicted drop of the margin of" in texts(app)
     assert seconds < 60, f"replay of one block took {seconds:.0f} s"
 
 

@@ -18,7 +18,7 @@ from app.components.core_calls import (
     query_scores,
     unsupported_methods,
 )
-from app.components.examples import class_name, score_legend, train_items
+from app.components.examples import ScoreMeaning, class_name, train_items
 from app.components.images import image_grid
 from app.components.jobs import job_queue, job_result
 from app.components.methods import checkpoint_label
@@ -62,7 +62,7 @@ def method_scores(run: Run, methods: list[str], query: int) -> dict[str, Scores]
 
 
 def render_method_rows(run: Run, computed: dict[str, Scores], k: int) -> None:
-    """One row per method: its top-k proponents of the query, with what the scores mean."""
+    """One row per method: its top-k proponents of the query, with what its scores mean (a similarity's with their place)."""
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
     for method, method_result in computed.items():
@@ -70,10 +70,11 @@ def render_method_rows(run: Run, computed: dict[str, Scores], k: int) -> None:
         span = checkpoint_label(run, first) if first == last else f"{checkpoint_label(run, first)} to {checkpoint_label(run, last)}"
         with st.container(border=True):
             st.markdown(f"**{method_label(method)}** · top {k} proponents · {span}")
-            st.caption(score_legend(method_label(method), class_name(train_set, int(method_result.query_labels[0]))))
-            indices, values = method_result.top_proponents(0, k)
-            image_grid(train_items(train_set, indices, values, flags), columns=k, key=f"compare_{method}", image_size=64,
-                       bordered=False)
+            meaning = ScoreMeaning(method, class_name(train_set, int(method_result.query_labels[0])), method_result.values[0])
+            st.caption(meaning.legend())
+            indices, _ = method_result.top_proponents(0, k)
+            image_grid(train_items(train_set, indices, None, flags, meaning=meaning), columns=k, key=f"compare_{method}",
+                       image_size=64, bordered=False)
 
 
 def render_agreement(computed: dict[str, Scores], k: int) -> None:

@@ -1,4 +1,11 @@
-"""Explore: pick a test sample and see which training examples pushed its prediction up (proponents) or down (opponents)."""
+"""Explore: pick a test sample and see which training examples pushed its prediction up (proponents) or down (opponents).
+
+Keyboard first: N / P move to the next or previous test sample (in the picker's order and filters),
+O opens the strongest proponent not yet reviewed, S finds the training examples most similar to the
+sample, U undoes this tab's last flag. In a training example's window: M / A / O / F give a verdict
+and move on, N / P the next or previous example of the grid, S finds similar examples, G shows it on
+the Map.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,26 +18,48 @@ from PIL import Image
 
 from app.components import charts
 from app.components.core_calls import annotations, call_or_report, method_label, predict, remembered, run_key
-from app.components.examples import class_name, flipped_from, score_legend, train_items
-from app.components.flagging import flag_controls
+from app.components.examples import (
+    UNREVIEWED,
+    ScoreMeaning,
+    class_name,
+    flipped_from,
+    train_item,
+    train_items,
+    verdicts,
+)
+from app.components.flagging import UNDO_KEY, flag_controls, undo_button
 from app.components.images import current_page, enlarged, image_grid
 from app.components.jobs import job_result
-from app.components.methods import segment_labels, segment_range, segmented_methods
+from app.components.methods import checkpoint_label, segment_labels, segment_range
 from app.components.page import chosen_attribution, page_prelude
 from app.components.progress import progress_bar
 from app.components.queries import query_card, query_grid_item, query_order, query_selectbox, select_query
+from app.components.review import review_filters
+from attribution_core import inspection
 from attribution_core.api import METHODS, QueryBatch, attribute
 from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
-from attribution_core.evaluation.counterfactual import CounterfactualSettings
-from attribution_core.jobs.kinds import counterfactual_job, fit_job
+from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
+from attribution_core.jobs.kinds import counterfactual_job, features_job, fit_job
 from attribution_core.run import Run
 from attribution_core.scores import Scores
 
 PICKER_COLUMNS, PICKER_ROWS = 12, 1
 RESULT_COLUMNS = 10
+SIMILAR_SHOWN = 10
 INSPECT_KEY = "inspect"
+"""Session state: (grid key, training index) of the example open in the dialog."""
+SIMILAR_KEY = "similar"
+"""Session state: (split, index, query) of the example whose most similar training examples are shown, asked while `query` was chosen."""
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
+VERDICT_KEYS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
+"""The dialog's verdict shortcuts (those of the Mislabels page)."""
+NEXT_KEY, PREVIOUS_KEY, OPEN_KEY, SIMILAR_SHORTCUT, MAP_SHORTCUT = "N", "P", "O", "S", "G"
+"""Page: next / previous test sample, open the next proponent, similar examples. Dialog: next / previous example, similar, map.
+U (flagging.UNDO_KEY) undoes on both. The page's buttons are disabled while the dialog is open, so a key never does two
+things (Streamlit reserves C and R)."""
+MAP_PAGE, MAP_EXAMPLE_PARAM = "views/map.py", "example"
+"""The Map page, and its URL parameter naming the training example it marks (views/map.py EXAMPLE_PARAM)."""
 
 
 def filtered_queries(test_set, predictions: pd.DataFrame) -> list[int]:
@@ -53,19 +82,26 @@ def filtered_queries(test_set, predictions: pd.DataFrame) -> list[int]:
     return [index for index in query_order(predictions) if keep.iloc[index]]
 
 
-def render_picker(test_set, predictions: pd.DataFrame, selected: int) -> None:
-    """A filterable, paged grid of test samples; a sample's button makes it the query."""
+def render_picker(test_set, predictions: pd.DataFrame, selected: int) -> list[int]:
+    """A filterable, paged grid of test samples; a sample's button makes it the query. Returns the filtered order."""
     n_wrong = int((~predictions["correct"]).sum())
     with st.expander(f"Test samples: {len(predictions)}, of which {n_wrong} mispredictions (listed first)", expanded=True,
                      icon=":material/grid_view:"):
         candidates = filtered_queries(test_set, predictions)
         if not candidates:
             st.info("No test sample matches these filters.")
-            return
+            return candidates
         shown = current_page(len(candidates), PICKER_COLUMNS * PICKER_ROWS, key="picker_page", max_visible_pages=9)
         image_grid([query_grid_item(test_set, predictions, candidates[position]) for position in shown],
                    columns=PICKER_COLUMNS, key="pick", button_label="Explain", button_icon=":material/manage_search:",
-                   on_click=select_query, selected=selected, image_size=84, bordered=False)
+                   on_click=go_to_query, selected=selected, image_size=84, bordered=False)
+    return candidates
+
+
+def go_to_query(index: int) -> None:
+    """Make test sample `index` the query, with no example window open (a button callback)."""
+    select_query(index)
+    close_inspector()
 
 
 def close_inspector() -> None:
@@ -74,61 +110,180 @@ def close_inspector() -> None:
 
 
 def open_inspector(grid: str, index: int) -> None:
-    """Open the dialog of training example `index` shown in results grid `grid` (a button callback)."""
-    st.session_state[INSPECT_KEY] = (grid, index)
+    """Open the dialog of training example `index` shown in grid `grid` (a button callback)."""
+    st.session_state[INSPECT_KEY] = (grid, int(index))
+
+
+def order_key(grid: str) -> str:
+    """Session state: the training indices grid `grid` shows, in its order (what the dialog's N / P walk through)."""
+    return f"order_{grid}"
+
+
+def step_inspector(grid: str, index: int, step: int) -> None:
+    """Open the example `step` places after `index` in its grid's order, or close the dialog past the end (a callback)."""
+    order = st.session_state.get(order_key(grid), [])
+    position = order.index(index) + step if index in order else -1
+    if 0 <= position < len(order):
+        open_inspector(grid, order[position])
+    else:
+        close_inspector()
+
+
+def find_similar(split: str, index: int, query: int) -> None:
+    """Show the training examples most similar to one example (a button callback); closes the dialog."""
+    st.session_state[SIMILAR_KEY] = (split, int(index), int(query))
+    close_inspector()
+
+
+def clear_similar() -> None:
+    """Stop showing similar examples (a button callback)."""
+    st.session_state.pop(SIMILAR_KEY, None)
 
 
 @st.dialog("Training example", width="large", on_dismiss=close_inspector)
-def inspector(run: Run, scores_: Scores, row: int, index: int) -> None:
-    """A training example large, with its label, score and rank for the query in row `row` of the scores, and the verdict buttons."""
+def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
+    """The open training example large, with its label, its score for the query in row `row` in words, and the review keys.
+
+    The example is read from session state, not from arguments: the dialog's own keys (a verdict, N, P)
+    move it to another example by rerunning the dialog alone. query: the test index (None for an upload).
+    """
+    if INSPECT_KEY not in st.session_state:  # a verdict on the grid's last example closed it: the page draws no dialog
+        st.rerun()
+    grid, index = st.session_state[INSPECT_KEY]
     train_set, _ = run.datasets()
-    values = scores_.values[row]
-    label = class_name(train_set, int(scores_.query_labels[row]))
-    rank = int((values > values[index]).sum()) + 1
+    meaning = ScoreMeaning(scores_.method, class_name(train_set, int(scores_.query_labels[row])), scores_.values[row])
+    order = st.session_state.get(order_key(grid), [index])
     left, right = st.columns([1, 1.6], gap="large")
     left.image(enlarged(train_set.images[index], 260))
     with right:
-        st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])})")
+        where = f" · {order.index(index) + 1} of {len(order)} in this grid" if index in order else ""
+        st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])}){where}")
         st.markdown(f"**Label** {class_name(train_set, int(train_set.y[index]))}")
         original = flipped_from(train_set, index)
         if original is not None:
             st.warning(f"This label was flipped on purpose; the true class is {class_name(train_set, original)}.")
-        st.markdown(f"**Score for {scores_.query_names[row]}** {values[index]:+.4g} "
-                    f"(rank {rank} of {len(values)}; positive = raised the margin of *{label}*)")
+        st.markdown(f"**Score for {scores_.query_names[row]}** {meaning.explanation(index)}")
         if scores_.self_influence is not None:
             st.markdown(f"**Self-influence** {scores_.self_influence[index]:.4g}")
-    if flag_controls(run.run_id, train_set, index, key=f"inspect_{index}") is not None:
-        close_inspector()
-        st.rerun()
+    position = order.index(index) if index in order else None
+    moves = st.columns(4 if query is not None else 3)
+    moves[0].button("Previous", key="inspect_previous", icon=":material/arrow_back:", shortcut=PREVIOUS_KEY, width="stretch",
+                    disabled=not position, on_click=step_inspector, args=(grid, index, -1))
+    moves[1].button("Next", key="inspect_next", icon=":material/arrow_forward:", shortcut=NEXT_KEY, width="stretch",
+                    disabled=position is None or position == len(order) - 1, on_click=step_inspector, args=(grid, index, 1))
+    if query is not None:
+        moves[2].button("Find similar", key="inspect_similar", icon=":material/image_search:", shortcut=SIMILAR_SHORTCUT,
+                        width="stretch", on_click=find_similar, args=("train", index, query),
+                        help="The training examples the model sees as most alike (cosine of its penultimate-layer features)")
+    if moves[-1].button("Show on map", key="inspect_map", icon=":material/scatter_plot:", shortcut=MAP_SHORTCUT, width="stretch",
+                        help="Open the Map with this training example marked"):
+        st.switch_page(MAP_PAGE, query_params={"run": run.run_id, MAP_EXAMPLE_PARAM: str(index)})
+    # a verdict moves to the grid's next example, as on Mislabels (past the last one the dialog closes)
+    flag_controls(run.run_id, train_set, index, key=f"inspect_{index}", shortcuts=VERDICT_KEYS,
+                  on_saved=lambda: step_inspector(grid, index, 1))
+    undo_column, keys_column = st.columns([1, 3], vertical_alignment="center")
+    with undo_column:
+        undo_button(run.run_id, key="inspect_undo")
+    keys_column.caption("Keys: " + " · ".join(f"**{letter}** {kind}" for kind, letter in VERDICT_KEYS.items())
+                        + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
+                        + (f"**{SIMILAR_SHORTCUT}** similar · " if query is not None else "")
+                        + f"**{MAP_SHORTCUT}** map · **{UNDO_KEY}** undo · **Esc** close")
 
 
-def render_results(run: Run, query_scores: Scores, row: int, k: int, *, key: str) -> None:
-    """Top proponents and opponents of one row of the scores as image grids with score, label and marks.
+def render_results(run: Run, query_scores: Scores, row: int, k: int, *, key: str, query: int | None) -> np.ndarray:
+    """Top proponents and opponents of one row of the scores as image grids, filtered and ordered by the review controls.
 
-    A cell's open button shows that training example in a dialog, where it can be flagged.
+    A cell's open button shows that training example in a dialog, where it can be flagged. Returns
+    the proponents shown, in their order. query: the test index of the row (None for an upload).
     """
     train_set, _ = run.datasets()
     flags = annotations().flags(run.run_id)
     label = class_name(train_set, int(query_scores.query_labels[row]))
-    legend = score_legend(method_label(query_scores.method), label)
-    for side, title, (indices, values) in (
-        ("proponents", f"Proponents: training examples that raised the margin of *{label}*", query_scores.top_proponents(row, k)),
-        ("opponents", "Opponents: training examples that lowered it", query_scores.top_opponents(row, k)),
+    meaning = ScoreMeaning(query_scores.method, label, query_scores.values[row])
+    review = review_filters(train_set, flags, key=key)
+    shown = {}
+    for side, title, largest in (
+        ("proponents", f"Proponents: training examples that raised the margin of *{label}*", True),
+        ("opponents", "Opponents: training examples that lowered it", False),
     ):
+        indices, _ = inspection.top_scores(meaning.values, k, keep=review.keep, largest=largest)
+        shown[side] = review.ordered(train_set, indices)
         st.markdown(f"#### {title}")
-        st.caption(legend)
-        image_grid(train_items(train_set, indices, values, flags), columns=RESULT_COLUMNS, key=f"{key}_{side}",
+        st.caption(meaning.legend(largest=largest))
+        if not len(indices):
+            st.caption("No training example matches these filters.")
+            continue
+        image_grid(train_items(train_set, shown[side], None, flags, meaning=meaning), columns=RESULT_COLUMNS, key=f"{key}_{side}",
                    button_label="Open", on_click=lambda index: open_inspector(key, index), bordered=False)
-    grid, index = st.session_state.get(INSPECT_KEY, (None, None))
+    st.session_state[order_key(key)] = [int(index) for index in (*shown["proponents"], *shown["opponents"])]
+    grid, _ = st.session_state.get(INSPECT_KEY, (None, None))
     if grid == key:
-        inspector(run, query_scores, row, index)
+        inspector(run, query_scores, row, query)
+    return shown["proponents"]
+
+
+def render_similar(run: Run, query_scores: Scores, query: int) -> None:
+    """The training examples most similar to the chosen one (or to the query), by cosine of the final model's features."""
+    similar = st.session_state.get(SIMILAR_KEY)
+    if similar is None or similar[2] != query:
+        return
+    split, index, _ = similar
+    train_set, _ = run.datasets()
+    with st.container(border=True, key="similar_panel"):
+        title, close = st.columns([5, 1], vertical_alignment="center")
+        what = f"training example #{index}" if split == "train" else f"test sample {index}"
+        title.markdown(f"#### Most similar to {what}")
+        close.button("Close", key="similar_close", icon=":material/close:", on_click=clear_similar, width="stretch")
+        features = call_or_report(job_result, run, features_job(run, -1))  # computed once per run, then stored
+        if features is None:
+            return
+        indices, cosines = inspection.most_similar(features, split, index, SIMILAR_SHOWN)
+        st.caption(f"Cosine similarity (1 = alike) of what the model's classifier head sees (its penultimate-layer features at "
+                   f"{checkpoint_label(run, features.checkpoint)}), over all {len(train_set):,} training examples. The tooltip of "
+                   f"each gives its score for test sample {query}.")
+        label = class_name(train_set, int(query_scores.query_labels[0]))
+        meaning = ScoreMeaning(query_scores.method, label, query_scores.values[0])
+        flags = annotations().flags(run.run_id)
+        items = [train_item(train_set, int(neighbour), f"**cos {cosine:.3f}**", flags.get(int(train_set.ids[neighbour])),
+                            tooltip=meaning.explanation(int(neighbour))) for neighbour, cosine in zip(indices, cosines)]
+        image_grid(items, columns=RESULT_COLUMNS, key="similar", button_label="Open", on_click=lambda chosen: open_inspector("similar", chosen),
+                   bordered=False)
+    st.session_state[order_key("similar")] = [int(neighbour) for neighbour in indices]
+    grid, _ = st.session_state.get(INSPECT_KEY, (None, None))
+    if grid == "similar":
+        inspector(run, query_scores, 0, query)
+
+
+def render_review_keys(run: Run, candidates: list[int], query: int, proponents: np.ndarray) -> None:
+    """The page's review buttons and their keys: previous / next test sample, open the next proponent, similar, undo."""
+    train_set, _ = run.datasets()
+    dialog_open = INSPECT_KEY in st.session_state  # its own keys rule then
+    position = candidates.index(query) if query in candidates else None
+    previous = candidates[position - 1] if position else None
+    following = candidates[0] if position is None and candidates else (
+        candidates[position + 1] if position is not None and position + 1 < len(candidates) else None)
+    kinds = verdicts(train_set, annotations().flags(run.run_id))
+    unreviewed = [int(index) for index in proponents if kinds[index] == UNREVIEWED]
+    target = unreviewed[0] if unreviewed else (int(proponents[0]) if len(proponents) else None)
+    columns = st.columns([1, 1, 1.5, 1.2, 1.3], vertical_alignment="center")
+    columns[0].button("Previous", key="query_previous", icon=":material/arrow_back:", shortcut=PREVIOUS_KEY, width="stretch",
+                      disabled=dialog_open or previous is None, on_click=go_to_query, args=(previous,),
+                      help="The previous test sample in the picker's order")
+    columns[1].button("Next", key="query_next", icon=":material/arrow_forward:", shortcut=NEXT_KEY, width="stretch",
+                      disabled=dialog_open or following is None, on_click=go_to_query, args=(following,),
+                      help="The next test sample in the picker's order")
+    columns[2].button("Review proponents", key="open_next_proponent", icon=":material/rate_review:", shortcut=OPEN_KEY,
+                      width="stretch", disabled=dialog_open or target is None, on_click=open_inspector, args=("results", target),
+                      help="Open the strongest proponent not yet reviewed; in its window a verdict moves to the next")
+    columns[3].button("Similar", key="query_similar", icon=":material/image_search:", shortcut=SIMILAR_SHORTCUT, width="stretch",
+                      disabled=dialog_open, on_click=find_similar, args=("test", query, query),
+                      help="The training examples the model sees as most alike to this test sample")
+    with columns[4]:
+        undo_button(run.run_id, key="explore_undo", disabled=dialog_open)
 
 
 def render_segments(run: Run, query_scores: Scores, row: int, labels: list[str], k: int) -> None:
-    """How each training segment contributed to the shown proponents' and opponents' scores (methods with segments)."""
-    if not METHODS[query_scores.method].has_segments:
-        st.info(f"Only {segmented_methods()} splits its scores by training segment: choose it as the method to see them.")
-        return
+    """How each training segment contributed to the shown proponents' and opponents' scores (a method with segments)."""
     indices = np.concatenate([query_scores.top_proponents(row, k)[0], query_scores.top_opponents(row, k)[0]])
     contributions = query_scores.segment_values[:, row, indices]
     st.plotly_chart(charts.segment_contributions(labels, [f"#{i}" for i in indices], contributions), key="segments_chart")
@@ -137,23 +292,39 @@ def render_segments(run: Run, query_scores: Scores, row: int, labels: list[str],
         f"{label.split(' · ')[0]} {total:+.3g}" for label, total in zip(labels, totals)))
 
 
-def counterfactual_summary(result, test_set) -> str:
-    """The counterfactual result in one sentence."""
+def counterfactual_summary(result: CounterfactualResult, test_set, meaning: ScoreMeaning) -> str:
+    """The counterfactual result in words: whose margin moved from what to what, what the method predicted, and the random baseline.
+
+    meaning: the query's scores the removed proponents were chosen by (the method's, over the whole training set).
+    """
     base = float(np.mean(result.base_margins))
-    proponents = base + result.margin_change("proponents")
+    after = base + result.margin_change("proponents")
+    whose = class_name(test_set, result.true_label)
     randoms = [kind for kind in result.margins if kind.startswith("random_")]
     flip = any(result.flipped("proponents"))
-    after_class = class_name(test_set, result.predictions["proponents"][0])
-    text = (f"Removing the top {result.k} proponents and retraining moved the margin from **{base:+.2f}** to "
-            f"**{proponents:+.2f}**" + (f", and the prediction flipped to **{after_class}**." if flip else "."))
+    text = (f"The margin of **{whose}** (the true class) moved from **{base:+.2f}** to **{after:+.2f}** when the top {result.k} "
+            f"proponents were removed and the model retrained"
+            + (f"; the prediction flipped to **{class_name(test_set, result.predictions['proponents'][0])}**." if flip else "."))
+    if meaning.declared.estimates_removal:
+        predicted = inspection.predicted_removal_change(meaning.values, result.removed["proponents"])
+        direction = "lower" if predicted <= 0 else "raise"
+        text += (f" Removing them was predicted to {direction} it by about **{abs(predicted):.2f}** (to {base + predicted:+.2f}; "
+                 f"{meaning.declared.label}'s scores summed).")
+    else:
+        text += (f" {meaning.declared.label}'s scores are similarities: they chose the examples but predict no size for the "
+                 "change.")
     if randoms:
         random_change = float(np.mean([result.margin_change(kind) for kind in randoms]))
-        text += f" Removing {result.k} random examples moved it by **{random_change:+.2f}** on average ({len(randoms)} draws)."
+        text += f" Removing {result.k} random examples instead moved it by **{random_change:+.2f}** on average ({len(randoms)} draws)."
     return text
 
 
-def render_counterfactual(run: Run, query: int, method: str, checkpoints: tuple[int, ...]) -> None:
-    """Remove the query's top proponents, retrain, and compare the margin with random removals."""
+def render_counterfactual(run: Run, query: int, query_scores: Scores, checkpoints: tuple[int, ...]) -> None:
+    """Remove the query's top proponents, retrain, and compare the margin with the prediction and with random removals.
+
+    query_scores: the query's row of the method's scores over every segment (what the check removes by).
+    """
+    method = query_scores.method
     st.markdown("Remove this sample's top proponents from the training set, retrain the whole pipeline with the same "
                 "recipe and seed, and see what happens to its margin, against removing as many random examples.")
     left, right = st.columns([2, 1], vertical_alignment="bottom")
@@ -165,11 +336,18 @@ def render_counterfactual(run: Run, query: int, method: str, checkpoints: tuple[
     if result is None:
         return
     _, test_set = run.datasets()
-    st.markdown(counterfactual_summary(result, test_set))
+    whose = class_name(test_set, result.true_label)
+    meaning = ScoreMeaning(method, whose, query_scores.values[0])
     base = float(np.mean(result.base_margins))
     after = {removal_name(kind): base + result.margin_change(kind) for kind in result.margins}
     flipped = {removal_name(kind): any(result.flipped(kind)) for kind in result.margins}
-    st.plotly_chart(charts.counterfactual_margins(base, after, flipped), key="counterfactual_chart")
+    predicted = ({removal_name("proponents"): base + inspection.predicted_removal_change(meaning.values, result.removed["proponents"])}
+                 if meaning.declared.estimates_removal else None)
+    with st.container(border=True, key="counterfactual_result"):  # the sentence and its chart in one block, drawn together
+        text_column, chart_column = st.columns([1, 1.5], gap="large", vertical_alignment="center")
+        text_column.markdown(counterfactual_summary(result, test_set, meaning))
+        chart_column.plotly_chart(charts.counterfactual_margins(base, after, flipped, predicted=predicted, class_label=whose),
+                                  key="counterfactual_chart")
 
 
 def removal_name(kind: str) -> str:
@@ -222,41 +400,46 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
                              format_func=lambda c: class_name(train_set, c), key="upload_label")
     upload_scores = call_or_report(upload_scores_cached, run, method, checkpoints, x, label, uploaded)
     if upload_scores is not None:
-        render_results(run, upload_scores, 0, k, key="upload_results")
+        render_results(run, upload_scores, 0, k, key="upload_results", query=None)
 
 
 def render() -> None:
     """The Explore page."""
     page = page_prelude("Explore")
     run, test_set, predictions = page.run, page.test_set, page.predictions
-    query_column, method_column, settings_column = st.columns([1.1, 1, 1], gap="large", vertical_alignment="bottom")
+    query_column, method_column, settings_column = st.columns([1.6, 1, 0.8], gap="large", vertical_alignment="bottom")
     query = query_selectbox(test_set, predictions, query_column)
     k = settings_column.slider("Examples shown", 5, 20, 10, 5, key="shown")
-    render_picker(test_set, predictions, query)
+    candidates = render_picker(test_set, predictions, query)
     card_column, range_column = st.columns([1.1, 2], gap="large", vertical_alignment="center")
     with card_column:
         query_card(test_set, predictions, query)
+    keys_row = st.container()  # drawn once the proponents are known
     chosen = chosen_attribution(run, query, method_column, range_column)
     if chosen is None:  # its job's panel is shown: the picker above stays usable meanwhile
         return
     method, checkpoints, query_scores = chosen.method, chosen.checkpoints, chosen.scores  # one row: the query's
-    labels: list[str] = []
+    shown_scores, labels = query_scores, []
     if METHODS[method].has_segments:
         labels = segment_labels(run, query_scores.segment_values.shape[0])
         chosen_segments = segment_range(method, labels, range_column)
         if len(chosen_segments) < len(labels):
-            query_scores = query_scores.restricted_to_segments(chosen_segments)
+            shown_scores = query_scores.restricted_to_segments(chosen_segments)
             labels = [labels[number] for number in chosen_segments]
-    for note in query_scores.notes:
+    for note in shown_scores.notes:
         st.caption(f":material/info: {note}")
-    render_results(run, query_scores, 0, k, key="results")
-    counterfactual_tab, segments_tab, upload_tab = st.tabs(
-        ["Counterfactual check", f"Segments ({segmented_methods()})", "Query your own image"])
-    with counterfactual_tab:
-        render_counterfactual(run, query, method, checkpoints)
-    with segments_tab:
-        render_segments(run, query_scores, 0, labels, k)
-    with upload_tab:
+    render_similar(run, shown_scores, query)
+    proponents = render_results(run, shown_scores, 0, k, key="results", query=query)
+    with keys_row:
+        render_review_keys(run, candidates, query, proponents)
+    tab_names = ["Counterfactual check", *(["Segments"] if labels else []), "Query your own image"]
+    tabs = dict(zip(tab_names, st.tabs(tab_names)))
+    with tabs["Counterfactual check"]:
+        render_counterfactual(run, query, query_scores, checkpoints)
+    if labels:
+        with tabs["Segments"]:
+            render_segments(run, shown_scores, 0, labels, k)
+    with tabs["Query your own image"]:
         render_upload(run, method, checkpoints, k)
 
 
