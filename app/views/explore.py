@@ -265,7 +265,7 @@ def render_review_keys(run: Run, candidates: list[int], query: int, proponents: 
     kinds = verdicts(train_set, annotations().flags(run.run_id))
     unreviewed = [int(index) for index in proponents if kinds[index] == UNREVIEWED]
     target = unreviewed[0] if unreviewed else (int(proponents[0]) if len(proponents) else None)
-    columns = st.columns([1, 1, 1.5, 1.2, 1.3], vertical_alignment="center")
+    columns = st.columns([1.25, 0.95, 1.9, 1.15, 1.9], vertical_alignment="center")  # each label whole at 1280 px
     columns[0].button("Previous", key="query_previous", icon=":material/arrow_back:", shortcut=PREVIOUS_KEY, width="stretch",
                       disabled=dialog_open or previous is None, on_click=go_to_query, args=(previous,),
                       help="The previous test sample in the picker's order")
