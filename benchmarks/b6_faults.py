@@ -69,9 +69,11 @@ def result_digest(workspace: Path) -> str:
     digest = hashlib.sha256()
     for run in list_runs(Workspace(workspace)):
         digest.update(json.dumps([(info.file, info.sha256) for info in run.checkpoints]).encode())
-    for manifest in sorted(workspace.glob(f"runs/*/*/*/{MANIFEST}")):
-        files = json.loads(manifest.read_text())["files"]
-        digest.update(json.dumps([str(manifest.parent.relative_to(workspace)), sorted((n, f["sha256"]) for n, f in files.items())]).encode())
+    # An artifact's folder is keyed by its run's creation time too (a retrained run gets new keys): compare runs/<id>/<kind> and the bytes.
+    artifacts = sorted(json.dumps([str(manifest.parent.parent.relative_to(workspace)),
+                                   sorted((n, f["sha256"]) for n, f in json.loads(manifest.read_text())["files"].items())])
+                       for manifest in workspace.glob(f"runs/*/*/*/{MANIFEST}"))
+    digest.update(json.dumps(artifacts).encode())
     if (workspace / "annotations.sqlite").exists():
         flags = Annotations(workspace / "annotations.sqlite").flags("fmnist-noisy")
         digest.update(json.dumps([(flag.example_id, flag.kind, flag.note) for flag in flags.values()]).encode())

@@ -215,7 +215,7 @@ def test_one_worker_per_lane_and_workspace(tmp_path):
     results = {}
 
     def hold_lane():
-        results["first"] = work(tmp_path, "interactive", idle_exit=1.0)
+        results["first"] = work(tmp_path, "interactive", idle_exit=8.0)
         done.set()
 
     thread = threading.Thread(target=hold_lane)

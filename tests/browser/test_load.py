@@ -188,7 +188,10 @@ class Context:
         await note.fill(note_of(self.number))
         await note.press("Enter")
         await page.locator(f".st-key-{prefix}_{kind} button").click()
-        if target.page == "explore":
+        if target.page == "explore":  # a verdict moves the dialog on to the grid's next example: close it there
+            await panel.get_by_text(f"Training example #{index}", exact=False).wait_for(state="detached")
+            await settle(page)
+            await panel.get_by_role("button", name="Close").click()
             await panel.wait_for(state="hidden")
         else:
             await page.get_by_text(f"Suspect {target.position + 2} of", exact=False).wait_for()
