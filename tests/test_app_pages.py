@@ -349,9 +349,22 @@ def test_show_on_map_opens_the_map_with_the_example_in_the_url():
     assert app.query_params.get("example") in (str(index), [str(index)])
 
 
-def test_segments_tab_only_for_a_method_with_segments():
-    assert [tab.label for tab in open_app(run="fmnist-two-stage", method="trak").tabs] == ["Counterfactual check", "Query your own image"]
+def test_segments_tab_only_for_a_method_with_segments_and_the_smoothness_check_only_for_estimates():
+    assert [tab.label for tab in open_app(run="fmnist-two-stage", method="trak").tabs] == [
+        "Counterfactual check", "Smoothness check", "Query your own image"]
     assert "Segments" in [tab.label for tab in open_app(run="fmnist-two-stage", method="source").tabs]
+    assert "Smoothness check" not in [tab.label for tab in open_app(run="fmnist-two-stage", method="tracin").tabs], "a similarity"
+
+
+def test_smoothness_check_replays_random_removals_on_request_and_shows_predicted_against_actual():
+    app = open_app(run="fmnist-mlp-early", method="trak", query="4")
+    assert "removals of" not in texts(app), "nothing is replayed before the button"
+    app.button(key="smoothness_run").click().run()
+    assert not app.exception and not app.error
+    text = texts(app)
+    assert "3 removals of 6 examples each; correlation of predicted and actual" in text
+    again = open_app(run="fmnist-mlp-early", method="trak", query="4")  # stored: a new session shows it without a press
+    assert "3 removals of 6 examples each" in texts(again)
 
 
 # --- Mislabels ---------------------------------------------------------------------------------------------------

@@ -107,6 +107,17 @@ def lds_scatter(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> go.Figure:
     return _compact(figure, 380)
 
 
+def predicted_against_actual(predicted: list[float], actual: list[float], *, label: str) -> go.Figure:
+    """Predicted against actual changes of a margin (one point per removal), with the diagonal where they agree."""
+    low, high = min(min(predicted), min(actual), 0.0), max(max(predicted), max(actual), 0.0)
+    figure = go.Figure([go.Scatter(x=[low, high], y=[low, high], mode="lines", name="prediction holds",
+                                   line=dict(dash="dot", color="#BAB0AC")),
+                        go.Scatter(x=predicted, y=actual, mode="markers", name=label, marker=dict(size=10, color=QUALITATIVE[0]))])
+    figure.update_layout(xaxis_title="predicted change of the margin (− sum of the removed examples' scores)",
+                         yaxis_title="actual change after the order-keeping retrain")
+    return _compact(figure, 340)
+
+
 def recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> go.Figure:
     """Fraction of the flipped labels found against the fraction of the training set inspected."""
     figure = go.Figure()

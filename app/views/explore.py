@@ -39,7 +39,8 @@ from attribution_core import inspection
 from attribution_core.api import METHODS, QueryBatch, attribute
 from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
-from attribution_core.jobs.kinds import counterfactual_job, features_job, fit_job
+from attribution_core.jobs.kinds import counterfactual_job, features_job, fit_job, smoothness_job
+from attribution_core.replay import why_not_replayable
 from attribution_core.run import Run
 from attribution_core.scores import Scores
 
@@ -403,6 +404,25 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
         render_results(run, upload_scores, 0, k, key="upload_results", query=None)
 
 
+def render_smoothness(run: Run, query: int, method: str, checkpoints: tuple[int, ...]) -> None:
+    """Whether first-order predictions hold here: random 1 % removals replayed in the recorded batch order, predicted against actual."""
+    st.markdown("Remove a few random 1 % of the training set, replay the recorded run in its own batch order without them, and "
+                f"compare the change of this sample's margin with what {method_label(method)}'s scores predict (minus the sum of "
+                "the removed examples' scores). Points on the diagonal mean the scores add up as a linear model of training; "
+                "a cloud means this run is not smooth enough for any first-order method here.")
+    spec = smoothness_job(run, query, method, list(checkpoints))
+    pressed = st.button("Replay random removals", icon=":material/scatter_plot:", key="smoothness_run")
+    result = call_or_report(job_result, run, spec, submit=pressed)
+    if result is None:
+        return
+    correlation = float(np.corrcoef(result.predicted, result.actual)[0, 1]) if len(result.actual) > 1 else float("nan")
+    st.plotly_chart(charts.predicted_against_actual(result.predicted, result.actual, label=method_label(method)),
+                    key="smoothness_chart")
+    st.caption(f"{len(result.actual)} removals of {len(result.removed[0])} examples each; correlation of predicted and actual "
+               f"{correlation:.2f}, actual changes {np.abs(result.actual).mean():.3g} on average against predicted "
+               f"{np.abs(result.predicted).mean():.3g}.")
+
+
 def render() -> None:
     """The Explore page."""
     page = page_prelude("Explore")
@@ -432,13 +452,18 @@ def render() -> None:
     proponents = render_results(run, shown_scores, 0, k, key="results", query=query)
     with keys_row:
         render_review_keys(run, candidates, query, proponents)
-    tab_names = ["Counterfactual check", *(["Segments"] if labels else []), "Query your own image"]
+    smooth = METHODS[method].estimates_removal and why_not_replayable(run) is None  # the check replays the recorded run
+    tab_names = ["Counterfactual check", *(["Segments"] if labels else []), *(["Smoothness check"] if smooth else []),
+                 "Query your own image"]
     tabs = dict(zip(tab_names, st.tabs(tab_names)))
     with tabs["Counterfactual check"]:
         render_counterfactual(run, query, query_scores, checkpoints)
     if labels:
         with tabs["Segments"]:
             render_segments(run, shown_scores, 0, labels, k)
+    if smooth:
+        with tabs["Smoothness check"]:
+            render_smoothness(run, query, method, checkpoints)
     with tabs["Query your own image"]:
         render_upload(run, method, checkpoints, k)
 

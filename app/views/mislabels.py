@@ -20,7 +20,7 @@ from app.components.context import publish_to_url, seed_from_url
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
 from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
-from app.components.examples import FLAG_COLOURS, class_name, marks
+from app.components.examples import FLAG_COLOURS, UNREVIEWED, class_name, marks, verdicts
 from app.components.flagging import UNDO_KEY, flag_controls, undo_button
 from app.components.images import GridItem, current_page, enlarged, image_grid
 from attribution_core.annotations import FLAG_KINDS
@@ -39,7 +39,6 @@ SHORTCUTS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
 NEXT_KEY, PREVIOUS_KEY = "N", "P"
 LIST_COLUMNS, LIST_ROWS = 3, 4
 """The suspects' grid beside the review card: three cells a row keep a whole "mislabeled" badge in a cell at 1280 px."""
-UNREVIEWED = "not yet reviewed"
 SHOW_KEY, CLASSES_KEY, SHARE_KEY, ORDER_KEY = "mislabels_show", "mislabels_classes", "mislabels_share", "mislabels_order"
 CURVE_KEY, MAP_KEY, KIND_KEY, TOP_K_KEY = "mislabels_curve", "mislabels_map", "mislabels_bulk_kind", "mislabels_top_k"
 SUSPECTED_SHARE = 0.1
@@ -141,13 +140,6 @@ def untick_all(run: Run) -> None:
     st.session_state.pop(ticked_key(run), None)
 
 
-def verdicts(run: Run) -> np.ndarray:
-    """(N,) each training example's verdict kind on this run, UNREVIEWED where it has none."""
-    train_set, _ = run.datasets()
-    flags = annotations().flags(run.run_id)
-    return np.array([flags[int(i)].kind if int(i) in flags else UNREVIEWED for i in train_set.ids], dtype=object)
-
-
 def review_queue(run: Run, ranking: MislabelRanking, view: QueueView) -> np.ndarray:
     """The queue: training indices of the ranking's top `view.share`, within the map's selection, verdicts and classes shown, sorted."""
     order = ranking.order()
@@ -155,7 +147,7 @@ def review_queue(run: Run, ranking: MislabelRanking, view: QueueView) -> np.ndar
     selection = st.session_state.get(selection_key(run))
     if selection is not None:
         order = order[np.isin(order, selection)]
-    kinds = verdicts(run)[order]
+    kinds = verdicts(run.datasets()[0], annotations().flags(run.run_id))[order]
     labels = run.datasets()[0].y.numpy()[order]
     keep = np.ones(len(order), dtype=bool)
     if view.verdicts:
@@ -344,7 +336,7 @@ def map_groups(run: Run, positions: np.ndarray, current: int | None) -> list[cha
     """The data map's traces: examples by verdict (grey without), labels flipped on purpose as crosses, the current suspect as a star."""
     train_set, _ = run.datasets()
     drawn = np.isfinite(positions).all(axis=1)  # an example no batch drew has no place on the map
-    kinds = verdicts(run)
+    kinds = verdicts(run.datasets()[0], annotations().flags(run.run_id))
 
     def group(name: str, mask: np.ndarray, **style) -> charts.PointGroup:
         indices = np.flatnonzero(mask & drawn)

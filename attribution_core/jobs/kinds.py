@@ -20,7 +20,7 @@ from ..data import DataSpec
 from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
 from ..evaluation.lds import LdsSettings, groundtruth, load_groundtruth
-from ..evaluation.mislabel import rank_mislabels, stored_ranking
+from ..evaluation.mislabel import rank_mislabels, ranking_label, stored_ranking
 from ..evaluation.smoothness import smoothness, stored_smoothness
 from ..inspection import feature_index, map_layout, stored_feature_index, stored_map_layout
 from ..methods import method_class
@@ -215,7 +215,7 @@ def features_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> J
 
 def ranking_job(run: Run, ranking: str, *, priority: int = INTERACTIVE) -> JobSpec:
     """A mislabel ranking of the training set."""
-    return _spec(run, "ranking", {"ranking": ranking}, f"Mislabels: ranking the training set by {ranking}", priority)
+    return _spec(run, "ranking", {"ranking": ranking}, f"Mislabels: ranking the training set by {ranking_label(ranking)}", priority)
 
 
 def train_job(workspace: Workspace, run_id: str, data: DataSpec, model: ModelSpec, recipe: Recipe, *,
