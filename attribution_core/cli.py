@@ -168,7 +168,7 @@ HEALTH_WAIT_SECONDS = 120
 def streamlit_command(args: argparse.Namespace) -> list[str]:
     """The argv that starts the app's Streamlit server: always headless, so Streamlit never prompts."""
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP_ENTRY),
+        sys.executable, "-m", "app.serve", "run", str(APP_ENTRY),  # Streamlit's command line, imports warmed (app/serve.py)
         "--server.address", args.address, "--server.port", str(args.port),
         # Headless false makes Streamlit ask for an email on first run: it blocks a terminal and
         # exits 255 without one. The browser is opened by `--open` instead (_open_when_ready).

@@ -65,7 +65,7 @@ class MapLayout:
 
 
 def _layout_artifact(run: Run, checkpoint: int) -> Artifact:
-    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    index = run.checkpoint_index(checkpoint)
     return run.artifact("layouts", checkpoint=index, version=LAYOUT_VERSION)
 
 
@@ -139,8 +139,8 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
 
 
 def _features_artifact(run: Run, checkpoint: int) -> Artifact:
-    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
-    return run.artifact("features", checkpoint=index, version=FEATURES_VERSION)
+    index = run.checkpoint_index(checkpoint)
+    return run.artifact("representations", checkpoint=index, version=FEATURES_VERSION)  # "features" holds the methods' states
 
 
 def stored_feature_index(run: Run, checkpoint: int = -1) -> FeatureIndex | None:
@@ -148,7 +148,7 @@ def stored_feature_index(run: Run, checkpoint: int = -1) -> FeatureIndex | None:
     artifact = _features_artifact(run, checkpoint)
     if not artifact.is_complete():
         return None
-    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    index = run.checkpoint_index(checkpoint)
     return FeatureIndex(index, load_npy(artifact.path("train.npy")), load_npy(artifact.path("test.npy")))
 
 

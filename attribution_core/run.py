@@ -186,6 +186,10 @@ class Run:
     def directory(self) -> Path:
         return self.workspace.run_dir(self.run_id)
 
+    def checkpoint_index(self, checkpoint: int) -> int:
+        """A checkpoint's index counted from the start (negative ones count from the end), checked to exist."""
+        return self.resolve_checkpoints([checkpoint], [])[0]
+
     def resolve_checkpoints(self, checkpoints: list[int] | None, default: list[int]) -> list[int]:
         """Chosen checkpoint indices, sorted and unique (negative ones count from the end), or the default when None."""
         if checkpoints is None:

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
 
 @dataclass
@@ -72,4 +71,7 @@ def rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
     """Spearman correlation of two score rows (N,) over every training example (nan if one is constant)."""
     if np.ptp(first) == 0 or np.ptp(second) == 0:
         return float("nan")
+    # imported on use: scipy.stats takes a second to import, and every page of the app imports this module
+    from scipy.stats import spearmanr
+
     return float(spearmanr(first, second).statistic)

@@ -6,16 +6,14 @@ state can be looked at in turn.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_app_pages import open_app, texts
 
 from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, QUEUED, JobQueue
 from attribution_core.jobs.worker import work
 from attribution_core.store import Workspace
-
-MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
 
 
 @pytest.fixture
@@ -25,23 +23,6 @@ def workspace(demo_workspace, tmp_path, monkeypatch) -> Workspace:
     monkeypatch.setenv("TDX_WORKSPACE", str(tmp_path / "workspace"))
     monkeypatch.setenv("TDX_JOBS", "manual")
     return Workspace(tmp_path / "workspace")
-
-
-def open_app(page: str | None = None, **query_params: str) -> AppTest:
-    app = AppTest.from_file(str(MAIN), default_timeout=120)
-    app.query_params.update(query_params)
-    app.run()
-    if page is not None:
-        app.switch_page(f"views/{page}.py").run()
-    assert not app.exception, [exception.message for exception in app.exception]
-    return app
-
-
-def texts(app: AppTest) -> str:
-    """Every text of the page, progress bars' included."""
-    kinds = ("markdown", "caption", "info", "error", "warning", "success")
-    bars = [bar.proto.text for bar in app.get("progress")]
-    return "\n".join([str(element.value) for kind in kinds for element in getattr(app, kind)] + bars)
 
 
 def panel_buttons(app: AppTest, prefix: str) -> list[str]:

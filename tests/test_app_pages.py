@@ -45,9 +45,9 @@ def open_app(page: str | None = None, **query_params: str) -> AppTest:
 
 
 def texts(app: AppTest) -> str:
-    """Every markdown, caption, subheader and alert text of the page, joined."""
+    """Every markdown, caption, subheader, alert and progress-bar text of the page, joined."""
     parts = [element.value for kind in ("markdown", "caption", "subheader", "title", "info", "error", "warning", "success")
-             for element in getattr(app, kind)]
+             for element in getattr(app, kind)] + [bar.proto.text for bar in app.get("progress")]
     return "\n".join(str(part) for part in parts)
 
 

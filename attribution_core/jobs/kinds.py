@@ -203,13 +203,13 @@ def smoothness_job(run: Run, query: int, method: str, checkpoints: list[int] | N
 
 def layout_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
     """The Map's 2-D layout of a checkpoint."""
-    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    index = run.checkpoint_index(checkpoint)
     return _spec(run, "layout", {"checkpoint": index}, f"Map: laying out checkpoint {index} (UMAP)", priority)
 
 
 def features_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
     """The unit-length penultimate features of a checkpoint that find-similar compares."""
-    index = checkpoint + len(run.checkpoints) if checkpoint < 0 else checkpoint
+    index = run.checkpoint_index(checkpoint)
     return _spec(run, "features", {"checkpoint": index}, f"Find similar: features of checkpoint {index}", priority)
 
 
