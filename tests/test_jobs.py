@@ -270,8 +270,9 @@ def test_a_killed_worker_loses_no_finished_retraining_and_the_next_one_resumes(w
         if worker.poll() is None:
             worker.kill()
     finished_before, _ = groundtruth_status(run, settings)
-    assert 2 <= finished_before and queue.get(job.key).state in (RUNNING, DONE)
-    assert queue.requeue_stale() == ([job.key] if finished_before < 6 else [])
+    state = queue.get(job.key).state  # RUNNING, unless the kill came after the last retraining was merged
+    assert 2 <= finished_before and state in (RUNNING, DONE)
+    assert queue.requeue_stale() == ([job.key] if state == RUNNING else [])
     work(workspace.root, "background", until_empty=True)
     assert queue.get(job.key).state == DONE and load_groundtruth(run, settings).margins.shape == (6, 100)
 

@@ -2,7 +2,8 @@
 
 Two lanes per workspace, one worker process each (a lock file keeps it to one):
 - "interactive" takes only the jobs a page waits on (a score block, the fit it needs), so that a
-  click is answered while a long job runs;
+  click is answered while a long job runs; while idle it loads each run's data and fitted default
+  method, so that the first click costs only its scores;
 - "background" takes everything, most urgent first, and yields a resumable job (a ground truth)
   to a more urgent one between its progress reports.
 Workers run niced below the server, so pages stay quick while they work. The app's server starts
@@ -24,12 +25,13 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..api import prepare
 from ..errors import TdxError
 from ..run import Run, load_run
 from ..store import Workspace
-from .kinds import job_kind
+from .kinds import fit_job, job_kind, load_result
 from .queue import CANCELLED, DONE, FAILED, INTERACTIVE, PREFETCH, QUEUED, Job, JobQueue
-from .ready import queue_ready_jobs
+from .ready import default_method, queue_ready_jobs
 
 LANES: dict[str, int] = {"interactive": INTERACTIVE, "background": PREFETCH}
 """Each lane's worker takes the queued jobs of priority <= this."""
@@ -94,6 +96,15 @@ class _Runs:
     def target(self, job: Job) -> Run | Workspace:
         """What the job's kind works on: its run, or the workspace for a kind that makes the run."""
         return self.workspace if job_kind(job.spec.kind).new_run else self.get(job.spec.run_id, job.spec.run_created)
+
+    def warm(self, run_id: str) -> None:
+        """Load a run, its data and its default method's fitted state (when stored), so a page's first query costs only its scores."""
+        with contextlib.suppress(TdxError, OSError):
+            run = self.get(run_id, load_run(self.workspace, run_id).created)
+            run.datasets()
+            method = default_method(run)
+            if load_result(run, fit_job(run, method)) is not None:
+                prepare(run, method)  # the state stays loaded in this process (api's cache of fitted states)
 
     def get(self, run_id: str, created: str) -> Run:
         run = self.cache.get(run_id)
@@ -173,6 +184,7 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
         watcher = threading.Thread(target=_watch, args=(queue, current, parent_pid, stop), daemon=True)
         watcher.start()
         count, idle_since = 0, time.monotonic()
+        unwarmed = list(runs.workspace.run_ids()) if lane == "interactive" and not until_empty else []
         try:
             while True:
                 queue.requeue_stale()
@@ -180,7 +192,10 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
                 if job is None:
                     if until_empty or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
                         return count
-                    time.sleep(POLL_SECONDS)
+                    if unwarmed:  # idle: get one run ready for the clicks to come, then look at the queue again
+                        runs.warm(unwarmed.pop(0))
+                    else:
+                        time.sleep(POLL_SECONDS)
                     continue
                 current["key"] = job.key
                 try:
