@@ -189,7 +189,8 @@ class Context:
         await note.press("Enter")
         await page.locator(f".st-key-{prefix}_{kind} button").click()
         if target.page == "explore":  # a verdict moves the dialog on to the grid's next example: close it there
-            await panel.get_by_text(f"Training example #{index}", exact=False).wait_for(state="detached")
+            # exact: "Training example #1" is also a substring of "#156", the example it moves on to
+            await panel.get_by_text(f"Training example #{index}", exact=True).wait_for(state="detached")
             await settle(page)
             await panel.get_by_role("button", name="Close").click()
             await panel.wait_for(state="hidden")
