@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,15 +88,20 @@ class Annotations:
     def set_flag(self, run_id: str, example_id: int, kind: str, *, suggested_label: int | None = None, note: str = "",
                  actor: str = "") -> Flag:
         """Save (or replace) the flag of one example; committed when this returns (one undoable action)."""
-        return self.set_flags(run_id, [example_id], kind, suggested_label=suggested_label, note=note, actor=actor)[0]
+        suggested = None if suggested_label is None else {int(example_id): suggested_label}
+        return self.set_flags(run_id, [example_id], kind, suggested_labels=suggested, note=note, actor=actor)[0]
 
-    def set_flags(self, run_id: str, example_ids: list[int], kind: str, *, suggested_label: int | None = None, note: str = "",
-                  actor: str = "") -> list[Flag]:
-        """Give many examples the same verdict at once: one transaction, one undoable action (actor: who, for undo)."""
+    def set_flags(self, run_id: str, example_ids: list[int], kind: str, *, suggested_labels: Mapping[int, int] | None = None,
+                  note: str = "", actor: str = "") -> list[Flag]:
+        """Give many examples the same verdict at once: one transaction, one undoable action (actor: who, for undo).
+
+        suggested_labels: per example id, the class it should have (a ranking's suggestion); ids it leaves out get none.
+        """
         if kind not in FLAG_KINDS:
             raise SettingsError(f"flag kind {kind!r}: choose one of {', '.join(FLAG_KINDS)}")
         stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        flags = [Flag(run_id, int(example_id), kind, None if suggested_label is None else int(suggested_label), str(note), stamp)
+        suggested = {int(example_id): int(label) for example_id, label in (suggested_labels or {}).items()}
+        flags = [Flag(run_id, example_id, kind, suggested.get(example_id), str(note), stamp)
                  for example_id in dict.fromkeys(int(example_id) for example_id in example_ids)]
         with self._connect(write=True) as connection:
             self._record(connection, run_id, [flag.example_id for flag in flags], actor)

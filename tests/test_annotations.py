@@ -127,6 +127,14 @@ def test_a_bulk_flag_is_one_action_and_one_undo(tmp_path):
     assert {example: flag.kind for example, flag in store.flags("run").items()} == {2: "fine"}
 
 
+def test_a_bulk_flag_keeps_each_examples_own_suggested_label(tmp_path):
+    store = Annotations(tmp_path / "a.sqlite")
+    store.set_flags("run", [1, 2, 3], "mislabeled", suggested_labels={1: 4, 3: 0, 9: 7})
+    assert {example: flag.suggested_label for example, flag in store.flags("run").items()} == {1: 4, 2: None, 3: 0}
+    store.undo("run")
+    assert store.flags("run") == {}
+
+
 def test_undo_is_per_run_and_per_actor_and_survives_a_reopen(tmp_path):
     path = tmp_path / "a.sqlite"
     store = Annotations(path)

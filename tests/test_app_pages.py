@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -450,6 +451,22 @@ def test_mislabels_ticked_thumbnails_are_flagged_at_once_and_undone_as_one_actio
     undo.click().run()
     flags = store.flags("fmnist-noisy")
     assert [flags[int(ids[index])].kind if int(ids[index]) in flags else None for index in chosen] == [kinds[i] for i in chosen]
+
+
+def test_mislabels_bulk_mislabeled_saves_each_examples_suggested_label(workspace):
+    run, _, _ = ranked(workspace)
+    train_set, _ = run.datasets()
+    with torch.no_grad():  # the default ranking suggests what the earliest checkpoint predicted
+        earliest = run.load_model(0)(train_set.x).argmax(1).numpy()
+    app = open_app("mislabels", run="fmnist-noisy")
+    chosen = [int(key.removeprefix("suspect_")) for key in button_keys(app, "suspect_")][:6]
+    for index in chosen:
+        app.checkbox(key=f"check_suspect_{index}").check().run()
+    app.button(key="mislabels_flag_ticked").click().run()
+    flags = Annotations(workspace.annotations_path).flags("fmnist-noisy")
+    expected = [None if earliest[index] == int(train_set.y[index]) else int(earliest[index]) for index in chosen]
+    assert [flags[int(train_set.ids[index])].suggested_label for index in chosen] == expected
+    assert any(label is not None for label in expected), "the top suspects of a run with flipped labels get suggestions"
 
 
 def test_mislabels_ticks_survive_the_grid_pages_and_a_whole_page_can_be_ticked(workspace):

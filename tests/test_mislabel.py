@@ -162,12 +162,14 @@ def test_every_ranking_has_its_own_label_for_people():
         ranking_label("self_influence:vibes")
 
 
-def test_dynamics_rankings_are_the_records_signals_stored_without_checkpoints(noisy_run, monkeypatch):
+def test_dynamics_rankings_are_the_records_signals_and_suggest_the_earliest_checkpoints_prediction(noisy_run, monkeypatch):
     train_set, _ = noisy_run.datasets()
     n = len(train_set)
     combined = rank_mislabels(noisy_run, "dynamics")
     np.testing.assert_array_equal(combined.scores, dynamics.combined(noisy_run.record, n))
-    assert combined.checkpoints == [] and combined.suggested_labels is None
+    with torch.no_grad():
+        earliest = noisy_run.load_model(0)(train_set.x).argmax(1).numpy()
+    assert combined.checkpoints == [] and np.array_equal(combined.suggested_labels, earliest)
     for name in dynamics.SIGNALS:
         np.testing.assert_array_equal(rank_mislabels(noisy_run, name).scores, dynamics.signal_scores(noisy_run.record, n, name))
     assert default_ranking(noisy_run) == ("dynamics", None) and set(DYNAMICS_RANKINGS) <= set(rankings_for(noisy_run))

@@ -235,7 +235,7 @@ def training_curve(epochs: np.ndarray, values: np.ndarray, *, label: str, early:
                                   line=dict(width=2, color=QUALITATIVE[0]), hovertemplate="epoch %{x}: %{y:.3f}<extra></extra>"))
     if early is not None:
         figure.add_vrect(x0=early[0] + 0.5, x1=early[1] + 1.5, fillcolor=STAGE_SHADES[1], line_width=0,
-                         annotation_text="early training", annotation_position="top left")
+                         annotation_text="early", annotation_position="top left")  # a narrow window: the caller's caption says more
     if label == "margin":
         figure.add_hline(y=0, line_dash="dot", line_color="#8A8F98")  # above 0 the label has p > 1/2: learned
     figure.update_layout(xaxis_title="epoch", yaxis_title=label, showlegend=False)

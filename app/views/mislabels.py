@@ -217,12 +217,22 @@ def render_curve(run: Run, index: int) -> None:
     first, stop = dynamics.early_window(np.array([len(epochs)]))
     st.plotly_chart(charts.training_curve(epochs, values, label=choice, early=(int(epochs[first[0]]), int(epochs[stop[0] - 1]))),
                     key="mislabels_curve_chart")
+    st.caption("Shaded: early training, the example's first draws, where the record's rankings look for labels the model "
+               "could not fit before it memorised them.")
+
+
+def suggested_label(train_set, ranking: MislabelRanking, index: int) -> int | None:
+    """The class the ranking suggests for a training example, None where it gives none or keeps the given label."""
+    if ranking.suggested_labels is None or int(ranking.suggested_labels[index]) == int(train_set.y[index]):
+        return None
+    return int(ranking.suggested_labels[index])
 
 
 def suspect_item(train_set, ranking: MislabelRanking, index: int, rank: int, flags: dict) -> GridItem:
     """A grid cell for a suspect: rank, given label → suggested label, marks."""
     given = class_name(train_set, int(train_set.y[index]))
-    suggested = "" if ranking.suggested_labels is None else f" → {class_name(train_set, int(ranking.suggested_labels[index]))}"
+    suggestion = suggested_label(train_set, ranking, index)
+    suggested = "" if suggestion is None else f" → {class_name(train_set, suggestion)}"
     caption = f"**{rank + 1}.** {given}{suggested}  \n#{index} {marks(train_set, index, flags.get(int(train_set.ids[index])))}"
     return GridItem(index, train_set.images[index], caption)
 
@@ -232,7 +242,7 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
     train_set, _ = run.datasets()
     position = min(st.session_state.get(key, 0), len(queue) - 1)
     index = int(queue[position])
-    suggested = None if ranking.suggested_labels is None else int(ranking.suggested_labels[index])
+    suggested = suggested_label(train_set, ranking, index)
     st.markdown(f"#### Suspect {position + 1} of {len(queue)}")
     previous, following = st.columns(2)
     previous.button("Previous", key="review_previous", icon=":material/arrow_back:", shortcut=PREVIOUS_KEY, width="stretch",
@@ -299,7 +309,7 @@ def render_top_k_confirmation(run: Run, ranking: MislabelRanking) -> None:
         left, right, _ = st.columns([1.3, 1, 2])
         with left:
             bulk_flag_button(run.run_id, train_set, indices, kind, key="mislabels_confirm_top", noun="suspects",
-                             after=partial(cancel_top_k, run))
+                             after=partial(cancel_top_k, run), suggested=ranking.suggested_labels)
         right.button("Cancel", key="mislabels_cancel_top", icon=":material/close:", on_click=cancel_top_k, args=(run,))
 
 
@@ -316,10 +326,11 @@ def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray) -> None:
         actions = st.columns([1.2, 1.2, 0.7, 1.2], vertical_alignment="bottom")
         with actions[0]:
             bulk_flag_button(run.run_id, train_set, chosen, kind, key="mislabels_flag_ticked", noun="ticked",
-                             after=partial(untick_all, run))
+                             after=partial(untick_all, run), suggested=ranking.suggested_labels)
         with actions[1]:
             if selection is not None:
-                bulk_flag_button(run.run_id, train_set, selection, kind, key="mislabels_flag_map", noun="on the map")
+                bulk_flag_button(run.run_id, train_set, selection, kind, key="mislabels_flag_map", noun="on the map",
+                                 suggested=ranking.suggested_labels)
             else:
                 st.button("Untick all", key="mislabels_untick", icon=":material/deselect:", disabled=not chosen,
                           on_click=untick_all, args=(run,))

@@ -108,8 +108,9 @@ class MislabelRanking:
     """A suspicion score per training example.
 
     scores: (N,) higher = more likely mislabelled.
-    suggested_labels: (N,) the class the evidence points to, None where a ranking gives none (the
-    dynamics rankings: the record holds no other class's probability).
+    suggested_labels: (N,) the class the evidence points to, None where a ranking gives none. The
+    dynamics rankings suggest the earliest checkpoint's prediction (the record holds no other class's
+    probability, and by the last checkpoint a large model predicts the wrong label it memorised).
     checkpoints: the checkpoints the ranking used (empty for cleanlab, which retrains, and for the dynamics rankings).
     seconds: time the computation took (when it was computed, even if loaded now).
     """
@@ -195,8 +196,9 @@ def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: 
     if ranking in DYNAMICS_RANKINGS:
         scores = (combined(run.record, len(train_set)) if ranking == "dynamics"
                   else signal_scores(run.record, len(train_set), ranking))
+        _, _, earliest = checkpoint_outputs(run, [0], task)
         progress(1, 1)
-        return scores, None
+        return scores, earliest[0].argmax(1)
     if ranking == "cleanlab":
         probabilities = cross_validated_probabilities(run, task, folds=folds, progress=progress)
         quality = label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
@@ -252,7 +254,7 @@ def stored_ranking(run: Run, ranking: str, *, checkpoints: list[int] | None = No
 
 def _ranking_artifact(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int) -> Artifact:
     # the dynamics rankings' settings are in their key, so that a change to them is not answered by a stale ranking
-    dynamic = {"dynamics": dynamics_settings()} if ranking in DYNAMICS_RANKINGS else {}
+    dynamic = {"dynamics": dynamics_settings(), "suggested": "earliest checkpoint"} if ranking in DYNAMICS_RANKINGS else {}
     return run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if ranking == "cleanlab" else None,
                         task=task.key(), **dynamic)
 
