@@ -97,6 +97,17 @@ def test_the_interactive_lane_takes_only_jobs_a_page_waits_on(queue):
     assert queue.claim(INTERACTIVE, os.getpid()).spec.params["name"] == "score block"
 
 
+def test_the_background_lane_leaves_a_fresh_click_to_the_interactive_lane_for_a_while(queue):
+    leave = (INTERACTIVE, 0.5)
+    prefetch = queue.submit(spec("map", PREFETCH))
+    click = queue.submit(spec("score block", INTERACTIVE))
+    assert not queue.more_urgent_waiting(PREFETCH, PREFETCH, leave_fresh=leave)
+    assert queue.claim(PREFETCH, os.getpid(), leave_fresh=leave).key == prefetch.key  # the click waits for its own lane
+    time.sleep(0.6)
+    assert queue.more_urgent_waiting(PREFETCH, PREFETCH, leave_fresh=leave)
+    assert queue.claim(PREFETCH, os.getpid(), leave_fresh=leave).key == click.key  # its lane is busy: taken after all
+
+
 def test_cancel_stops_a_queued_job_at_once_and_flags_a_running_one(queue):
     waiting = queue.submit(spec("waiting"))
     running = queue.submit(spec("running"))
@@ -220,8 +231,10 @@ def test_one_worker_per_lane_and_workspace(tmp_path):
 
     thread = threading.Thread(target=hold_lane)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not lane_busy(tmp_path, "interactive") and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    # the worker opens the queue once it holds its lock (polling lane_busy instead would hold the lock for a moment
+    # itself, and a worker starting in that moment finds the lane served and returns)
+    while not (tmp_path / "jobs.sqlite").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lane_busy(tmp_path, "interactive") and not lane_busy(tmp_path, "background")
     assert work(tmp_path, "interactive", until_empty=True) == 0  # the lane is served already

@@ -59,6 +59,15 @@ CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (state, priority, submitted);
 """
 
 
+_CLAIMABLE = "state = ? AND priority <= ? AND (priority > ? OR submitted <= ?)"
+"""Queued, within the worker's priorities, and not a fresh job left to another worker (parameters: _claimable)."""
+
+
+def _claimable(max_priority: int, leave_fresh: tuple[int, float] | None, now: float) -> tuple:
+    fresh_priority, fresh_seconds = leave_fresh or (-1, 0.0)
+    return QUEUED, max_priority, fresh_priority, now - fresh_seconds
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What a job computes: its kind (kinds.KINDS), the run it is about (id and creation time) and JSON parameters."""
@@ -191,13 +200,17 @@ class JobQueue:
             rows = connection.execute(f"SELECT * FROM jobs {where} ORDER BY priority, submitted", values).fetchall()  # noqa: S608 (placeholders only)
         return [_job(row) for row in rows]
 
-    def claim(self, max_priority: int, worker_pid: int) -> Job | None:
-        """The most urgent queued job of priority <= max_priority, now running under worker_pid; None when none waits."""
+    def claim(self, max_priority: int, worker_pid: int, *, leave_fresh: tuple[int, float] | None = None) -> Job | None:
+        """The most urgent queued job of priority <= max_priority, now running under worker_pid; None when none waits.
+
+        leave_fresh: (priority, seconds): jobs of at most that priority submitted less than `seconds` ago are left to
+        another worker (the background lane leaves a click's job to the interactive one, which holds the run loaded).
+        """
         now = time.time()
         with self._transaction() as connection:
             row = connection.execute(
-                "SELECT key FROM jobs WHERE state = ? AND priority <= ? ORDER BY priority, submitted LIMIT 1",
-                (QUEUED, max_priority)).fetchone()
+                f"SELECT key FROM jobs WHERE {_CLAIMABLE} ORDER BY priority, submitted LIMIT 1",  # noqa: S608 (a constant)
+                _claimable(max_priority, leave_fresh, now)).fetchone()
             if row is None:
                 return None
             connection.execute(
@@ -218,11 +231,11 @@ class JobQueue:
         with self._connect() as connection:
             connection.execute("UPDATE jobs SET heartbeat = ? WHERE key = ? AND state = ?", (time.time(), key, RUNNING))
 
-    def more_urgent_waiting(self, priority: int, max_priority: int) -> bool:
-        """Whether a queued job more urgent than `priority` (and one this worker may take) is waiting."""
+    def more_urgent_waiting(self, priority: int, max_priority: int, *, leave_fresh: tuple[int, float] | None = None) -> bool:
+        """Whether a queued job more urgent than `priority` that this worker would claim (see claim) is waiting."""
         with self._connect() as connection:
-            row = connection.execute("SELECT 1 FROM jobs WHERE state = ? AND priority < ? AND priority <= ? LIMIT 1",
-                                     (QUEUED, priority, max_priority)).fetchone()
+            row = connection.execute(f"SELECT 1 FROM jobs WHERE {_CLAIMABLE} AND priority < ? LIMIT 1",  # noqa: S608 (a constant)
+                                     (*_claimable(max_priority, leave_fresh, time.time()), priority)).fetchone()
         return row is not None
 
     def finish(self, key: str, state: str, error: str | None = None) -> None:
