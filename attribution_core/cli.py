@@ -195,7 +195,7 @@ def _open_when_ready(url: str) -> None:
 def cmd_app(args: argparse.Namespace) -> None:
     workspace = Workspace(args.workspace)
     if not workspace.run_ids() and not args.no_demo:
-        print(f"building the demo workspace in {workspace.root} (first start, about 15 seconds)…", flush=True)
+        print(f"building the demo workspace in {workspace.root} (first start, a few seconds)…", flush=True)
         cmd_demo(argparse.Namespace(workspace=args.workspace, tiny=False, full=False))
     env = os.environ | {"TDX_WORKSPACE": str(workspace.root)}
     url = f"http://{args.address}:{args.port}"
