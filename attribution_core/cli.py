@@ -342,7 +342,8 @@ def cmd_mislabels(args: argparse.Namespace) -> None:
     with tqdm_progress(f"{args.ranking} on {args.run_id}") as progress:
         ranking = rank_mislabels(run, args.ranking, checkpoints=_checkpoint_list(args.checkpoints), progress=progress)
     for index in ranking.order()[: args.top]:
-        suggested = "" if ranking.suggested_labels is None else f" → {train_set.class_names[int(ranking.suggested_labels[index])]}"
+        suggestion = ranking.suggestion(index, int(train_set.y[index]))
+        suggested = "" if suggestion is None else f" → {train_set.class_names[suggestion]}"
         print(f"#{train_set.ids[index]:6d} {train_set.class_names[int(train_set.y[index])]}{suggested} ({ranking.scores[index]:.3g})")
     if train_set.flipped.any():
         metrics = mislabel_metrics(ranking.scores, train_set.flipped)

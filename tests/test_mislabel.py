@@ -17,6 +17,7 @@ from attribution_core.evaluation import dynamics, mislabel
 from attribution_core.evaluation.mislabel import (
     DYNAMICS_RANKINGS,
     RANKINGS,
+    MislabelRanking,
     default_ranking,
     fold_masks,
     mislabel_metrics,
@@ -160,6 +161,12 @@ def test_every_ranking_has_its_own_label_for_people():
     assert ranking_label("early_aum") == dynamics.SIGNALS["early_aum"].label
     with pytest.raises(SettingsError, match="loss_avg"):
         ranking_label("self_influence:vibes")
+
+
+def test_a_suggestion_is_a_class_other_than_the_given_label():
+    ranking = MislabelRanking("any", np.zeros(3), np.array([1, 2, 0]), [], 0.0)
+    assert [ranking.suggestion(index, label) for index, label in enumerate([1, 0, 0])] == [None, 2, None]
+    assert MislabelRanking("any", np.zeros(1), None, [], 0.0).suggestion(0, 3) is None
 
 
 def test_dynamics_rankings_are_the_records_signals_and_suggest_the_earliest_checkpoints_prediction(noisy_run, monkeypatch):

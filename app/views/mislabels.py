@@ -221,17 +221,10 @@ def render_curve(run: Run, index: int) -> None:
                "could not fit before it memorised them.")
 
 
-def suggested_label(train_set, ranking: MislabelRanking, index: int) -> int | None:
-    """The class the ranking suggests for a training example, None where it gives none or keeps the given label."""
-    if ranking.suggested_labels is None or int(ranking.suggested_labels[index]) == int(train_set.y[index]):
-        return None
-    return int(ranking.suggested_labels[index])
-
-
 def suspect_item(train_set, ranking: MislabelRanking, index: int, rank: int, flags: dict) -> GridItem:
     """A grid cell for a suspect: rank, given label → suggested label, marks."""
     given = class_name(train_set, int(train_set.y[index]))
-    suggestion = suggested_label(train_set, ranking, index)
+    suggestion = ranking.suggestion(index, int(train_set.y[index]))
     suggested = "" if suggestion is None else f" → {class_name(train_set, suggestion)}"
     caption = f"**{rank + 1}.** {given}{suggested}  \n#{index} {marks(train_set, index, flags.get(int(train_set.ids[index])))}"
     return GridItem(index, train_set.images[index], caption)
@@ -242,7 +235,7 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
     train_set, _ = run.datasets()
     position = min(st.session_state.get(key, 0), len(queue) - 1)
     index = int(queue[position])
-    suggested = suggested_label(train_set, ranking, index)
+    suggested = ranking.suggestion(index, int(train_set.y[index]))
     st.markdown(f"#### Suspect {position + 1} of {len(queue)}")
     previous, following = st.columns(2)
     previous.button("Previous", key="review_previous", icon=":material/arrow_back:", shortcut=PREVIOUS_KEY, width="stretch",

@@ -125,6 +125,12 @@ class MislabelRanking:
         """(N,) training indices, most suspicious first."""
         return np.argsort(-self.scores, kind="stable")
 
+    def suggestion(self, index: int, label: int) -> int | None:
+        """The class suggested for training example `index` (given `label`); None where the ranking gives none or keeps it."""
+        if self.suggested_labels is None or int(self.suggested_labels[index]) == int(label):
+            return None
+        return int(self.suggested_labels[index])
+
 
 def _self_influence_method(ranking: str) -> str | None:
     return ranking.split(":", 1)[1] if ranking.startswith("self_influence:") else None

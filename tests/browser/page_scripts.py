@@ -10,3 +10,7 @@ SCRIPT_FINISHED = """() => {
 IMAGES_LOADED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
     && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete && image.naturalWidth > 0)"""
 """No skeleton placeholder is left and every image on the page has loaded."""
+
+IMAGES_SETTLED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
+    && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete)"""
+"""No skeleton placeholder is left and every image on the page has loaded or failed to."""

