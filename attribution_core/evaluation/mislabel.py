@@ -202,9 +202,9 @@ def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: 
     if ranking in DYNAMICS_RANKINGS:
         scores = (combined(run.record, len(train_set)) if ranking == "dynamics"
                   else signal_scores(run.record, len(train_set), ranking))
-        _, _, earliest = checkpoint_outputs(run, [0], task)
+        earliest = model_probabilities(run.load_model(0), task, train_set.x)  # one pass: only the probabilities are needed
         progress(1, 1)
-        return scores, earliest[0].argmax(1)
+        return scores, earliest.argmax(1)
     if ranking == "cleanlab":
         probabilities = cross_validated_probabilities(run, task, folds=folds, progress=progress)
         quality = label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
