@@ -7,32 +7,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import streamlit as st
 
 from attribution_core.annotations import FLAG_KINDS
+from attribution_core.evaluation.mislabel import MislabelRanking
 
 from .core_calls import annotations, call_or_report
 from .flagging import FLAG_ICONS, UNDO_KEY
 from .session import actor
 
 
-def suggestions(train_set, indices: Sequence[int], suggested: np.ndarray | None) -> dict[int, int]:
-    """{example id: suggested class} for the examples at `indices` whose suggestion (suggested: (N,) or None) differs from their label."""
-    if suggested is None:
+def suggestions(train_set, indices: Sequence[int], ranking: MislabelRanking | None) -> dict[int, int]:
+    """{example id: the ranking's suggested class} for the examples at `indices` it suggests another class for."""
+    if ranking is None:
         return {}
-    return {int(train_set.ids[int(index)]): int(suggested[int(index)]) for index in indices
-            if int(suggested[int(index)]) != int(train_set.y[int(index)])}
+    suggested = {int(train_set.ids[int(index)]): ranking.suggestion(int(index), int(train_set.y[int(index)])) for index in indices}
+    return {example_id: label for example_id, label in suggested.items() if label is not None}
 
 
-def flag_many(run_id: str, train_set, indices: Sequence[int], kind: str, suggested: np.ndarray | None = None) -> int:
+def flag_many(run_id: str, train_set, indices: Sequence[int], kind: str, ranking: MislabelRanking | None = None) -> int:
     """Give the training examples at `indices` the verdict `kind` as one undoable action; returns how many were saved.
 
-    suggested: (N,) a ranking's suggested class per training example, saved with a "mislabeled" verdict where it differs
-    from the given label (what cleanlab's and FiftyOne's exports carry).
+    ranking: the ranking whose suggested classes a "mislabeled" verdict saves (what cleanlab's and FiftyOne's exports carry).
     """
     ids = [int(train_set.ids[int(index)]) for index in indices]
-    labels = suggestions(train_set, indices, suggested) if kind == "mislabeled" else None
+    labels = suggestions(train_set, indices, ranking) if kind == "mislabeled" else None
     saved = call_or_report(annotations().set_flags, run_id, ids, kind, suggested_labels=labels, actor=actor())
     if saved is None:
         return 0
@@ -48,14 +47,14 @@ def kind_choice(*, key: str, label: str = "Flag as") -> str:
 
 
 def bulk_flag_button(run_id: str, train_set, indices: Sequence[int], kind: str, *, key: str, noun: str,
-                     after: Callable[[], None] | None = None, suggested: np.ndarray | None = None) -> None:
+                     after: Callable[[], None] | None = None, ranking: MislabelRanking | None = None) -> None:
     """One button that gives every example in `indices` the verdict `kind` at once ("Flag 12 selected"; the kind is in its icon and tooltip).
 
     `after` runs once they are saved (say, to clear a selection); the button is disabled when `indices` is empty;
-    `suggested` as in flag_many.
+    `ranking` as in flag_many.
     """
     def flag() -> None:
-        if flag_many(run_id, train_set, indices, kind, suggested) and after is not None:
+        if flag_many(run_id, train_set, indices, kind, ranking) and after is not None:
             after()
 
     st.button(f"Flag {len(indices)} {noun}", key=key, icon=FLAG_ICONS[kind], disabled=not len(indices), on_click=flag,

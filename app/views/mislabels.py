@@ -302,7 +302,7 @@ def render_top_k_confirmation(run: Run, ranking: MislabelRanking) -> None:
         left, right, _ = st.columns([1.3, 1, 2])
         with left:
             bulk_flag_button(run.run_id, train_set, indices, kind, key="mislabels_confirm_top", noun="suspects",
-                             after=partial(cancel_top_k, run), suggested=ranking.suggested_labels)
+                             after=partial(cancel_top_k, run), ranking=ranking)
         right.button("Cancel", key="mislabels_cancel_top", icon=":material/close:", on_click=cancel_top_k, args=(run,))
 
 
@@ -319,11 +319,11 @@ def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray) -> None:
         actions = st.columns([1.2, 1.2, 0.7, 1.2], vertical_alignment="bottom")
         with actions[0]:
             bulk_flag_button(run.run_id, train_set, chosen, kind, key="mislabels_flag_ticked", noun="ticked",
-                             after=partial(untick_all, run), suggested=ranking.suggested_labels)
+                             after=partial(untick_all, run), ranking=ranking)
         with actions[1]:
             if selection is not None:
                 bulk_flag_button(run.run_id, train_set, selection, kind, key="mislabels_flag_map", noun="on the map",
-                                 suggested=ranking.suggested_labels)
+                                 ranking=ranking)
             else:
                 st.button("Untick all", key="mislabels_untick", icon=":material/deselect:", disabled=not chosen,
                           on_click=untick_all, args=(run,))
