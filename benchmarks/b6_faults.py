@@ -5,7 +5,8 @@ delay within the job's measured uninterrupted duration, then check that
 - every artifact (a folder with manifest.json) verifies against its recorded sizes and checksums,
   and every run.json's checkpoints verify (anything else is a resumable partial);
 - annotations.sqlite passes `PRAGMA integrity_check` and holds every flag whose write returned;
-- rerunning the job finishes and gives results identical to an uninterrupted run.
+- rerunning the job finishes and gives results identical to an uninterrupted run (bytes; jobs run on one thread,
+  see REPRODUCIBLE).
 
     python benchmarks/b6_faults.py [--trials 100] [--quick] [--json PATH]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -94,14 +96,21 @@ def corrupt_items(workspace: Path) -> list[str]:
     return problems
 
 
+REPRODUCIBLE = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""The jobs' environment: one CPU thread. With two, PyTorch's CPU kernels may split a sum differently from one process to
+the next on a busy machine, so two uninterrupted runs of the same job can already differ in their last bits (measured: the
+first checkpoint's gradients of a TRAK fit differed in 3 of 16 processes beside a busy loop, in none of 16 with one
+thread). With one thread a run is bit-reproducible, so a result that differs after a kill is the resume's fault."""
+
+
 def run_to_completion(job: Job, workspace: Path) -> None:
     """Run the job without interruption (raises if it fails)."""
-    subprocess.run(job.command(workspace), check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(job.command(workspace), check=True, capture_output=True, text=True, timeout=600, env=REPRODUCIBLE)
 
 
 def interrupted_run(job: Job, workspace: Path, delay: float) -> list[int]:
     """Start the job, SIGKILL it after `delay` seconds; returns the flag ids whose write returned."""
-    process = subprocess.Popen(job.command(workspace), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(job.command(workspace), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=REPRODUCIBLE)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     output, _ = process.communicate()
