@@ -686,6 +686,22 @@ def test_map_selection_is_flagged_at_once_and_undone_as_one_action(workspace):
     assert app.button(key="map_undo").disabled
 
 
+def test_map_selection_flagged_mislabeled_saves_the_default_rankings_suggested_labels(workspace):
+    run, order, _ = ranked(workspace)
+    train_set, _ = run.datasets()
+    open_app("mislabels", run="fmnist-noisy")  # stores the default ranking, as the job `tdx demo` queues does
+    with torch.no_grad():  # the default ranking suggests what the earliest checkpoint predicted
+        earliest = run.load_model(0)(train_set.x).argmax(1).numpy()
+    chosen = [int(index) for index in order[:6]]
+    app = map_with_selection("fmnist-noisy", chosen)
+    app.button(key="map_flag_selection").click().run()
+    flags = Annotations(workspace.annotations_path).flags("fmnist-noisy")
+    expected = [None if earliest[index] == int(train_set.y[index]) else int(earliest[index]) for index in chosen]
+    assert [flags[int(train_set.ids[index])].kind for index in chosen] == ["mislabeled"] * len(chosen)
+    assert [flags[int(train_set.ids[index])].suggested_label for index in chosen] == expected
+    assert any(label is not None for label in expected), "the top suspects of a run with flipped labels get suggestions"
+
+
 def test_map_link_marks_one_training_example_that_opens_and_can_be_flagged(workspace):
     app = open_app("map", example="42")
     linked = [trace for trace in chart_points(app) if trace["name"] == "train #42 (linked)"]

@@ -1,7 +1,7 @@
 """The core's mislabel rankings, read from the store or computed by a job."""
 from __future__ import annotations
 
-from attribution_core.evaluation.mislabel import MislabelRanking, rankings_for
+from attribution_core.evaluation.mislabel import MislabelRanking, default_ranking, rankings_for
 from attribution_core.jobs.kinds import load_result, ranking_job
 from attribution_core.run import Run
 
@@ -21,3 +21,8 @@ def mislabel_ranking(run: Run, ranking: str, *, container=None) -> MislabelRanki
 def stored_rankings(run: Run, names: list[str] | dict[str, str]) -> list[str]:
     """Those of `names` whose ranking of the run is stored already (showing them costs nothing)."""
     return [name for name in names if load_result(run, ranking_job(run, name)) is not None]
+
+
+def stored_default_ranking(run: Run) -> MislabelRanking | None:
+    """The run's default ranking if it is stored already (`tdx demo` and `tdx train` queue it), else None; starts no job."""
+    return load_result(run, ranking_job(run, default_ranking(run)[0]))

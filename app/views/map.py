@@ -15,6 +15,7 @@ from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
 from app.components.core_calls import annotations, call_or_report, method_label
 from app.components.embedding import embedding
+from app.components.evaluation_calls import stored_default_ranking
 from app.components.examples import FLAG_COLOURS, class_name, flipped_from, marks, score_legend, train_items
 from app.components.flagging import flag_controls, undo_button
 from app.components.images import enlarged, image_grid
@@ -164,7 +165,9 @@ def render_bulk(run: Run, train: list[int]) -> None:
         with columns[0]:
             kind = kind_choice(key="map_bulk_kind", label="Flag the selected training examples as")
         with columns[1]:
-            bulk_flag_button(run.run_id, train_set, train, kind, key="map_flag_selection", noun="selected")
+            # "mislabeled" saves the class the run's default ranking suggests, as on Mislabels (none until it is stored)
+            ranking = stored_default_ranking(run) if kind == "mislabeled" else None
+            bulk_flag_button(run.run_id, train_set, train, kind, key="map_flag_selection", noun="selected", ranking=ranking)
 
 
 def render_selection(run: Run, values: np.ndarray | None, legend: str | None, linked: int | None) -> None:
