@@ -74,6 +74,11 @@ def grid_indices(page, grid: str) -> list[int]:
     return [int(key) for key in keys if key.isdigit()]
 
 
+def overlap(first: dict, second: dict) -> bool:
+    """Whether two of Playwright's bounding boxes (x, y, width, height) overlap."""
+    return (first["x"] < second["x"] + second["width"] and second["x"] < first["x"] + first["width"]
+            and first["y"] < second["y"] + second["height"] and second["y"] < first["y"] + first["height"])
+
 def test_explore_review_session_from_the_keyboard(page, private_app, screenshots: Path):
     store = Annotations(private_app.workspace.annotations_path)
     ids = load_run(private_app.workspace, RUN).datasets()[0].ids
@@ -97,7 +102,10 @@ def test_explore_review_session_from_the_keyboard(page, private_app, screenshots
     dialog_shows(page, proponents[0])
     assert "removing it would lower the margin of" in page.get_by_role("dialog").inner_text()
     press(page, "m", then="2 of 20 in this grid")  # mislabeled, and on to the next proponent
-    page.get_by_text(f"#{proponents[0]} flagged mislabeled").wait_for(timeout=TIMEOUT_MS)  # the toast
+    toast = page.locator("[data-testid=stToast]").filter(has_text=f"#{proponents[0]} flagged mislabeled")
+    toast.wait_for(timeout=TIMEOUT_MS)
+    close = page.get_by_role("dialog").get_by_role("button", name="Close").bounding_box()
+    assert not overlap(toast.bounding_box(), close), "the toast leaves the dialog's Close button free"
     dialog_shows(page, proponents[1])
     press(page, "o", then="3 of 20 in this grid")  # outlier
     dialog_shows(page, proponents[2])
