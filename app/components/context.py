@@ -28,9 +28,9 @@ def run_picker() -> str | None:
     if not run_ids:
         st.sidebar.info(f"No runs in {workspace_root()} yet: train one on the Runs page, or run `tdx demo`.")
         return None
-    seed_from_url(RUN_KEY, default=run_ids[0], parse=str, valid=run_ids.__contains__)
+    current = seed_from_url(RUN_KEY, default=run_ids[0], parse=str, valid=run_ids.__contains__)
     run_id = st.sidebar.selectbox(
-        "Run", run_ids, key=RUN_KEY,
+        "Run", run_ids, index=run_ids.index(current), key=RUN_KEY,
         help="The trained model every page shows. It is kept in the page address, so a link reopens this view.",
     )
     publish_to_url(RUN_KEY, run_id)
@@ -47,15 +47,18 @@ def current_run_id() -> str | None:
     return st.session_state.get(RUN_KEY)
 
 
-def seed_from_url(key: str, *, default: Any, parse: Callable[[str], Any], valid: Callable[[Any], bool]) -> None:
-    """Give the widget `key` its value before it draws: kept if still valid, else from ?key=, else `default`.
+def seed_from_url(key: str, *, default: Any, parse: Callable[[str], Any], valid: Callable[[Any], bool]) -> Any:
+    """Give the widget `key` its value before it draws, and return it: kept if still valid, else from ?key=, else `default`.
 
-    The value lives in session state, which takes precedence over the widget's own default (a
-    range slider still passes one, to be drawn as a range). Widgets not drawn on every page also
-    pass persist_state="session", so they keep their value across pages.
+    The value lives in session state, which takes precedence over the widget's own default. The
+    widget must still be drawn with the returned value as its default (index= or value=): a browser
+    under load has sent back a selectbox's own default in place of its value (the load test saw a
+    tab opened on ?run=fmnist-noisy flag an example of the first run, fmnist-mlp), and with the
+    current value as the default that fallback changes nothing. Widgets not drawn on every page
+    also pass persist_state="session", so they keep their value across pages.
     """
     if key in st.session_state and valid(st.session_state[key]):
-        return
+        return st.session_state[key]
     value = default
     if key in st.query_params:
         try:
@@ -65,6 +68,7 @@ def seed_from_url(key: str, *, default: Any, parse: Callable[[str], Any], valid:
         if candidate is not None and valid(candidate):
             value = candidate
     st.session_state[key] = value
+    return value
 
 
 def publish_to_url(key: str, text: str) -> None:

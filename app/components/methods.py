@@ -33,9 +33,9 @@ def method_selectbox(run: Run, container=None) -> str:
     """The method selector, kept in ?method= (default: the first method the core lists that fits the run)."""
     choices = method_choices(run)
     unsupported = unsupported_methods(run)
-    seed_from_url(METHOD_KEY, default=choices[0], parse=str, valid=choices.__contains__)
+    current = seed_from_url(METHOD_KEY, default=choices[0], parse=str, valid=choices.__contains__)
     method = (container or st).selectbox(
-        "Method", choices, key=METHOD_KEY, persist_state="session", format_func=method_label,
+        "Method", choices, index=choices.index(current), key=METHOD_KEY, persist_state="session", format_func=method_label,
         help=("Not offered for this run: " + "; ".join(unsupported.values()) + ".") if unsupported
         else "Every method of the core can attribute this run.",
     )
@@ -57,16 +57,16 @@ def checkpoint_range(run: Run, method: str, container=None) -> tuple[int, ...]:
     key, default = f"checkpoints_{method}", default_checkpoint_range(run, method)
     target = container or st
     if METHODS[method].checkpoint_policy == "last":
-        seed_from_url(key, default=default[1], parse=lambda text: parse_range(text)[1], valid=lambda index: index in range(n))
+        current = seed_from_url(key, default=default[1], parse=lambda text: parse_range(text)[1], valid=lambda index: index in range(n))
         chosen = target.selectbox(
-            "Checkpoint", list(range(n)), key=key, persist_state="session", format_func=lambda index: checkpoint_label(run, index),
+            "Checkpoint", list(range(n)), index=current, key=key, persist_state="session", format_func=lambda index: checkpoint_label(run, index),
             help=f"{method_label(method)} looks at one trained model: the one saved at this checkpoint.",
         )
         publish_to_url(key, f"{chosen}-{chosen}")
         return (chosen,)
-    seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
+    current = seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
     first, last = target.select_slider(
-        "Checkpoints", options=list(range(n)), value=default, key=key, persist_state="session",
+        "Checkpoints", options=list(range(n)), value=tuple(current), key=key, persist_state="session",
         format_func=lambda index: checkpoint_label(run, index),
         help="The stretch of training the method averages over (recorded checkpoints, oldest left).",
     )
@@ -99,9 +99,9 @@ def segment_range(method: str, labels: list[str], container=None) -> list[int]:
     if len(labels) == 1:
         return [0]
     everything = (0, len(labels) - 1)
-    seed_from_url(SEGMENTS_KEY, default=everything, parse=parse_range, valid=lambda pair: is_range(pair, len(labels)))
+    current = seed_from_url(SEGMENTS_KEY, default=everything, parse=parse_range, valid=lambda pair: is_range(pair, len(labels)))
     first, last = (container or st).select_slider(
-        "Segments", options=list(range(len(labels))), value=everything, key=SEGMENTS_KEY, persist_state="session",
+        "Segments", options=list(range(len(labels))), value=tuple(current), key=SEGMENTS_KEY, persist_state="session",
         format_func=lambda number: labels[number],
         help=f"{method_label(method)} splits training into segments; keep only some to see what that stretch of training contributed.",
     )

@@ -444,8 +444,8 @@ def render() -> None:
     choices = ranking_choices(run)
     default, fallback_reason = default_ranking(run)
     top = st.columns([1.4, 2], vertical_alignment="bottom")
-    seed_from_url(RANKING_KEY, default=default, parse=str, valid=choices.__contains__)
-    name = top[0].selectbox("Ranking", list(choices), key=RANKING_KEY, persist_state="session", format_func=ranking_label)
+    current = seed_from_url(RANKING_KEY, default=default, parse=str, valid=choices.__contains__)
+    name = top[0].selectbox("Ranking", list(choices), index=list(choices).index(current), key=RANKING_KEY, persist_state="session", format_func=ranking_label)
     publish_to_url(RANKING_KEY, name)
     top[1].caption(choices[name])
     if fallback_reason is not None:
