@@ -131,6 +131,23 @@ def test_flag_from_explore_is_saved_and_seen_by_a_new_session(workspace):
     assert ":material/flag: outlier" in texts(again)
 
 
+def test_the_dialogs_verdict_line_is_drawn_before_any_verdict_so_another_tabs_verdict_moves_no_control(workspace):
+    app = open_app()
+    first = button_keys(app, "results_proponents_")[0]
+    index = int(first.removeprefix("results_proponents_"))
+    example_id = int(load_run(workspace, "fmnist-mlp").datasets()[0].ids[index])
+    Annotations(workspace.annotations_path).remove_flag("fmnist-mlp", example_id)
+    app.button(key=first).click().run()
+    lines = [line for line in texts(app).splitlines() if line.startswith("Current verdict:")]
+    assert lines == ["Current verdict: :gray[none yet]"]
+    order = [key for key in button_keys(app, "inspect_") if key.startswith(f"inspect_{index}_")]
+    Annotations(workspace.annotations_path).set_flag("fmnist-mlp", example_id, "ambiguous")  # another tab's verdict
+    app.run()
+    lines = [line for line in texts(app).splitlines() if line.startswith("Current verdict:")]
+    assert len(lines) == 1 and ":material/flag: ambiguous" in lines[0]
+    assert [key for key in button_keys(app, "inspect_") if key.startswith(f"inspect_{index}_")] == order
+
+
 def test_source_scores_split_by_segment_and_restricted_to_chosen_segments():
     app = open_app(run="fmnist-two-stage", method="source")
     segments = app.select_slider(key="segments")

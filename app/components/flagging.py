@@ -96,7 +96,11 @@ def flag_controls(
     show_pending_toast()
     example_id = int(train_set.ids[index])
     flag = annotations().flags(run_id).get(example_id)
-    if flag is not None:
+    # The line is drawn either way, so a verdict (this tab's or another's) moves no control below it: Streamlit would draw
+    # moved controls anew beside their old, stale copies until the run ends, two of each verdict button for a while.
+    if flag is None:
+        st.markdown("Current verdict: :gray[none yet]")
+    else:
         st.markdown(f"Current verdict: :{FLAG_COLOURS[flag.kind]}-badge[:material/flag: {flag.kind}]"
                     + (f" → {class_name(train_set, flag.suggested_label)}" if flag.suggested_label is not None else ""))
     n_classes = len(train_set.class_names)
