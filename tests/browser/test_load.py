@@ -6,7 +6,8 @@ an example's Open button on Explore, then a verdict in its dialog; a suspect's R
 Mislabels, then a verdict in the review panel. Each context types its own note. Afterwards every
 flagged example is in annotations.sqlite exactly once, with the kind every context gave it and the
 note of one of the contexts that flagged it, and every page load showed its content without an
-error. Page-load times go to test-artifacts/load/page_loads.json and are printed as a table.
+error. A click that the page settles without (Streamlit drops one now and then under this load) is
+repeated, as a user would, and counted. Page-load times go to test-artifacts/load/page_loads.json and are printed as a table.
 """
 from __future__ import annotations
 
@@ -37,9 +38,18 @@ LOAD_SECONDS = 60.0
 DURATION = float(os.environ.get("TDX_LOAD_SECONDS", LOAD_SECONDS))
 CONTEXTS = 5
 RUN_ID = "fmnist-noisy"
+MIN_TARGETS = 2
+"""Targets every context flags however slow the machine: the one all five flag and one of its own (a cold start has
+taken 40 s of the minute, leaving each context time for its first target only, and no example flagged by one context)."""
 PACE_SECONDS = 0.3
 """Pause between one flag and the next page load of a context: a user does not click faster."""
 TIMEOUT_MS = 120_000
+REPEAT_AFTER_MS = 30_000
+"""How long a click may show no effect before the test looks again, and clicks again once the page has settled without it."""
+CLICK_ATTEMPTS = 3
+MAX_REPEATED_CLICKS = 1
+"""A click lost now and then is Streamlit under this load (none in five runs once a verdict stopped moving the dialog's
+buttons); more than one in a run is a pattern, and fails."""
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "load"
 
 KEYS = """prefix => [...document.querySelectorAll(`[class*="st-key-${prefix}"]`)]
@@ -127,6 +137,7 @@ class Context:
         self.flagged: list[int] = []
         self.flag_seconds: list[float] = []
         self.page_errors: list[str] = []
+        self.repeated_clicks: list[str] = []
 
     async def run(self, browser) -> None:
         context = await browser.new_context(viewport={"width": 1500, "height": 1100})
@@ -135,7 +146,7 @@ class Context:
         page.set_default_timeout(TIMEOUT_MS)
         done = 0
         try:
-            while done == 0 or time.monotonic() < self.deadline:  # the flag under way when the time is up completes
+            while done < MIN_TARGETS or time.monotonic() < self.deadline:  # the flag under way when the time is up completes
                 target = self.targets[done % len(self.targets)]
                 await self.load(page, target)
                 began = time.monotonic()
@@ -178,33 +189,66 @@ class Context:
         index = int(key.rsplit("_", 1)[1])
         kind = kind_for(index)
         cell = page.locator(f".st-key-{key}").locator("xpath=..")
-        await page.locator(f".st-key-{key} button:visible").click()  # a grid button has a tooltip: drawn twice, once hidden
         if target.page == "explore":
             panel = page.get_by_role("dialog")
-            await panel.get_by_text(f"Training example #{index}", exact=False).wait_for()
+            opened = [panel.get_by_text(f"Training example #{index}", exact=False)]
             prefix = f"inspect_{index}"
         else:
             panel = page.locator("[data-testid=stMain]")
-            await page.get_by_text(f"Suspect {target.position + 1} of", exact=False).wait_for()
-            await panel.get_by_text(f"training example #{index}", exact=True).wait_for()
+            opened = [page.get_by_text(f"Suspect {target.position + 1} of", exact=False),
+                      panel.get_by_text(f"training example #{index}", exact=True)]
             prefix = f"review_{index}"
+        # a grid button has a tooltip: drawn twice, once hidden
+        await self.click_until(page, page.locator(f".st-key-{key} button:visible"), *opened, what=f"open #{index}")
         await settle(page)
         note = page.locator(f".st-key-{prefix}_note input")
         await note.fill(note_of(self.number))
         await note.press("Enter")
-        await page.locator(f".st-key-{prefix}_{kind} button").click()
+        # Not a stale copy: a rerun under way (another context's flag of this example turns the button primary) can show
+        # the verdict twice for a moment, the old one marked stale until the run ends.
+        verdict = page.locator(f".st-key-{prefix}_{kind}:not([data-stale=true]) button")
         if target.page == "explore":  # a verdict moves the dialog on to the grid's next example: close it there
             # exact: "Training example #1" is also a substring of "#156", the example it moves on to
-            await panel.get_by_text(f"Training example #{index}", exact=True).wait_for(state="detached")
+            await self.click_until(page, verdict, panel.get_by_text(f"Training example #{index}", exact=True),
+                                   state="detached", what=f"{kind} #{index}")
             await settle(page)
-            await panel.get_by_role("button", name="Close").click()
-            await panel.wait_for(state="hidden")
+            await self.click_until(page, panel.get_by_role("button", name="Close"), panel, state="hidden", what="close")
         else:
-            await page.get_by_text(f"Suspect {target.position + 2} of", exact=False).wait_for()
+            await self.click_until(page, verdict, page.get_by_text(f"Suspect {target.position + 2} of", exact=False),
+                                   what=f"{kind} #{index}")
         await settle(page)
         await assert_no_problem(page, f"context {self.number}, after flagging #{index} on {target.page}")
         await playwright_api.expect(cell).to_contain_text(kind, timeout=TIMEOUT_MS)
         return index
+
+    async def click_until(self, page, button, *effects, state: str = "visible", what: str) -> None:
+        """Click `button` until every one of `effects` (locators) reaches `state`; a click repeated is noted in repeated_clicks.
+
+        With five tabs rerunning on two cores, Streamlit now and then drops a click: the page settles without its effect
+        (an Open that opens no dialog, a verdict that saves nothing; in about one load run in three here). A user clicks
+        again, and so does this test, once the page has settled without the effect, at most CLICK_ATTEMPTS times.
+        The stored flags are checked as strictly either way: a repeated verdict is the same verdict.
+        """
+        for attempt in range(1, CLICK_ATTEMPTS + 1):
+            await button.click()
+            if await reached(effects, state, REPEAT_AFTER_MS):
+                return
+            await settle(page)
+            if await reached(effects, state, 1_000):  # it came as the page settled
+                return
+            if attempt == CLICK_ATTEMPTS:
+                raise AssertionError(f"context {self.number}: {what}: no effect after {CLICK_ATTEMPTS} clicks")
+            self.repeated_clicks.append(what)
+
+
+async def reached(locators, state: str, timeout_ms: float) -> bool:
+    """Whether every locator reaches `state` (as Locator.wait_for means it) within timeout_ms."""
+    try:
+        for locator in locators:
+            await locator.wait_for(state=state, timeout=timeout_ms)
+    except playwright_api.TimeoutError:
+        return False
+    return True
 
 
 async def drive(app_url: str, chromium_options: dict) -> list[Context]:
@@ -291,6 +335,8 @@ def test_five_contexts_flag_overlapping_examples_for_a_minute(private_app, chrom
     flag_times = summary([seconds for context in contexts for seconds in context.flag_seconds])
     print(f"flags: {flag_times['count']}, seconds from the first click until the flag shows on the page: median "
           f"{flag_times['median_s']:.2f}, p95 {flag_times['p95_s']:.2f}, max {flag_times['max_s']:.2f}")
+    repeated = [f"context {context.number}: {what}" for context in contexts for what in context.repeated_clicks]
+    print(f"clicks repeated after the page settled without their effect: {len(repeated)}" + (f" ({', '.join(repeated)})" if repeated else ""))
     page_errors = [f"context {context.number}: {error}" for context in contexts for error in context.page_errors]
     if page_errors:
         print("JavaScript errors in the pages:\n" + "\n".join(page_errors))
@@ -298,9 +344,10 @@ def test_five_contexts_flag_overlapping_examples_for_a_minute(private_app, chrom
     (ARTIFACTS / "page_loads.json").write_text(json.dumps({
         "contexts": CONTEXTS, "duration_s": DURATION, "wall_s": round(wall, 1), "run": RUN_ID,
         "flags_per_context": {context.number: len(context.flagged) for context in contexts},
-        "summary": table, "flags": flag_times, "page_errors": page_errors, "loads": loads,
+        "summary": table, "flags": flag_times, "repeated_clicks": repeated, "page_errors": page_errors, "loads": loads,
     }, indent=1))
 
+    assert len(repeated) <= MAX_REPEATED_CLICKS, f"clicks the page settled without: {repeated}"
     # Every flagged example is in the store exactly once, as the UI left it.
     flagged_by: dict[int, set[int]] = defaultdict(set)
     for context in contexts:
