@@ -39,7 +39,7 @@ def query_selectbox(test_set, predictions: pd.DataFrame, container=None) -> int:
     order = query_order(predictions)
     current = seed_from_url(QUERY_KEY, default=order[0], parse=int, valid=lambda index: index in range(len(order)))
     query = (container or st).selectbox(
-        "Test sample", order, index=list(order).index(current), key=QUERY_KEY, persist_state="session",
+        "Test sample", order, index=order.index(current), key=QUERY_KEY, persist_state="session",
         format_func=lambda index: query_label(test_set, predictions, index),
         help="Mispredictions come first, the most confident ones at the top.",
     )
