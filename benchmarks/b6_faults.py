@@ -103,6 +103,12 @@ first checkpoint's gradients of a TRAK fit differed in 3 of 16 processes beside 
 thread). With one thread a run is bit-reproducible, so a result that differs after a kill is the resume's fault."""
 
 
+SETUP = ("Each trial kills the job with SIGKILL after a random delay within its uninterrupted duration, checks the workspace, "
+         "reruns the job and compares every result's bytes with an uninterrupted run's. The jobs run on one CPU thread: with "
+         "two, uninterrupted runs already differ in their last bits on a busy machine (see REPRODUCIBLE in the script).")
+"""What the report says before the table."""
+
+
 def run_to_completion(job: Job, workspace: Path) -> None:
     """Run the job without interruption (raises if it fails)."""
     subprocess.run(job.command(workspace), check=True, capture_output=True, text=True, timeout=600, env=REPRODUCIBLE)
@@ -195,7 +201,7 @@ def main() -> None:
     payload = summary(trials)
     rows = [[job, v["trials"], v["corrupt"], v["lost_flags"], v["resumed_identical"]] for job, v in payload["by_job"].items()]
     rows.append(["all", payload["trials"], payload["corrupt"], payload["lost_flags"], payload["resumed_identical"]])
-    body = markdown_table(["job", "trials", "corrupt", "lost flags", "resumed identical"], rows)
+    body = (f"{SETUP}\n\n" + markdown_table(["job", "trials", "corrupt", "lost flags", "resumed identical"], rows))
     report("b6", "B6 · Fault injection (SIGKILL at a random moment)", body, arguments, payload)
 
 
