@@ -82,3 +82,13 @@ def test_compare_queues_the_ground_truth_only_when_asked_and_shows_its_progress(
     (truth,) = [job for job in queue.jobs() if job.spec.kind == "groundtruth"]
     assert truth.spec.title == "LDS ground truth: retraining on 50 random subsets"
     assert "Fewer subsets are faster" in texts(app)
+
+
+def test_the_sidebar_names_waiting_jobs_and_draws_nothing_once_none_is_active(workspace):
+    app = open_app(run="fmnist-mlp-early", method="graddot", query="3")  # queues the query's block
+    app.run()
+    sidebar = [caption.value for caption in app.sidebar.caption]
+    assert any(text.startswith("**Background jobs**") and text.endswith("1 waiting") for text in sidebar), sidebar
+    assert work(workspace.root, "interactive", until_empty=True) == 1
+    app.run()
+    assert not [caption.value for caption in app.sidebar.caption if "Background jobs" in caption.value]

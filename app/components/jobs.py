@@ -181,13 +181,21 @@ def _stopped_panel(job: Job) -> None:
                   on_click=job_queue().submit, args=(job.spec,))
 
 
-@st.fragment(run_every=2 * REFRESH_SECONDS)
 def jobs_overview() -> None:
-    """The sidebar's line on background work: what runs, how far, and how many wait."""
+    """The sidebar's line on background work, refreshed while there is some; with none nothing is drawn or polled.
+
+    Why not always a polling fragment: five tabs each rerunning it every few seconds, jobs or not, are a steady stream
+    of script runs beside every click. A job started later shows from the next full run (any click) on.
+    """
     queue = job_queue()
-    if not queue.path.exists():
-        return
-    active = queue.jobs(states=ACTIVE)
+    if queue.path.exists() and queue.jobs(states=ACTIVE):
+        _jobs_overview_live()
+
+
+@st.fragment(run_every=2 * REFRESH_SECONDS)
+def _jobs_overview_live() -> None:
+    """What runs, how far, and how many wait (a fragment: it refreshes alone, until a full run finds no job active)."""
+    active = job_queue().jobs(states=ACTIVE)
     if not active:
         return
     running = [job for job in active if job.state != QUEUED]
