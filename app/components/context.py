@@ -28,13 +28,10 @@ def run_picker() -> str | None:
     if not run_ids:
         st.sidebar.info(f"No runs in {workspace_root()} yet: train one on the Runs page, or run `tdx demo`.")
         return None
-    current = seed_from_url(RUN_KEY, default=run_ids[0], parse=str, valid=run_ids.__contains__)
-    run_id = st.sidebar.selectbox(
-        "Run", run_ids, index=run_ids.index(current), key=RUN_KEY,
+    return url_selectbox(
+        "Run", run_ids, key=RUN_KEY, default=run_ids[0], target=st.sidebar,
         help="The trained model every page shows. It is kept in the page address, so a link reopens this view.",
     )
-    publish_to_url(RUN_KEY, run_id)
-    return run_id
 
 
 def select_run(run_id: str) -> None:
@@ -54,8 +51,9 @@ def seed_from_url(key: str, *, default: Any, parse: Callable[[str], Any], valid:
     widget must still be drawn with the returned value as its default (index= or value=): a browser
     under load has sent back a selectbox's own default in place of its value (the load test saw a
     tab opened on ?run=fmnist-noisy flag an example of the first run, fmnist-mlp), and with the
-    current value as the default that fallback changes nothing. Widgets not drawn on every page
-    also pass persist_state="session", so they keep their value across pages.
+    current value as the default that fallback changes nothing. url_selectbox (and methods.py's
+    url_range_slider) do both. Widgets not drawn on every page also pass persist_state="session",
+    so they keep their value across pages.
     """
     if key in st.session_state and valid(st.session_state[key]):
         return st.session_state[key]
@@ -69,6 +67,15 @@ def seed_from_url(key: str, *, default: Any, parse: Callable[[str], Any], valid:
             value = candidate
     st.session_state[key] = value
     return value
+
+
+def url_selectbox(label: str, options: list, *, key: str, default: Any, parse: Callable[[str], Any] = str,
+                  to_text: Callable[[Any], str] = str, target: Any = None, **widget_options: Any) -> Any:
+    """A selectbox kept in ?key=: seeded (seed_from_url), drawn with that value as its default, and written back as to_text(value)."""
+    current = seed_from_url(key, default=default, parse=parse, valid=options.__contains__)
+    chosen = (target or st).selectbox(label, options, index=options.index(current), key=key, **widget_options)
+    publish_to_url(key, to_text(chosen))
+    return chosen
 
 
 def publish_to_url(key: str, text: str) -> None:

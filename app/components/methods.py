@@ -7,7 +7,7 @@ from attribution_core.api import METHODS
 from attribution_core.run import Run
 from attribution_core.segments import even_ranges
 
-from .context import publish_to_url, seed_from_url
+from .context import publish_to_url, seed_from_url, url_selectbox
 from .core_calls import default_checkpoint_range, method_choices, method_label, unsupported_methods
 
 METHOD_KEY = "method"
@@ -33,14 +33,11 @@ def method_selectbox(run: Run, container=None) -> str:
     """The method selector, kept in ?method= (default: the first method the core lists that fits the run)."""
     choices = method_choices(run)
     unsupported = unsupported_methods(run)
-    current = seed_from_url(METHOD_KEY, default=choices[0], parse=str, valid=choices.__contains__)
-    method = (container or st).selectbox(
-        "Method", choices, index=choices.index(current), key=METHOD_KEY, persist_state="session", format_func=method_label,
+    return url_selectbox(
+        "Method", choices, key=METHOD_KEY, default=choices[0], target=container, persist_state="session", format_func=method_label,
         help=("Not offered for this run: " + "; ".join(unsupported.values()) + ".") if unsupported
         else "Every method of the core can attribute this run.",
     )
-    publish_to_url(METHOD_KEY, method)
-    return method
 
 
 def checkpoint_range(run: Run, method: str, container=None) -> tuple[int, ...]:
@@ -57,21 +54,27 @@ def checkpoint_range(run: Run, method: str, container=None) -> tuple[int, ...]:
     key, default = f"checkpoints_{method}", default_checkpoint_range(run, method)
     target = container or st
     if METHODS[method].checkpoint_policy == "last":
-        current = seed_from_url(key, default=default[1], parse=lambda text: parse_range(text)[1], valid=lambda index: index in range(n))
-        chosen = target.selectbox(
-            "Checkpoint", list(range(n)), index=current, key=key, persist_state="session", format_func=lambda index: checkpoint_label(run, index),
+        chosen = url_selectbox(
+            "Checkpoint", list(range(n)), key=key, default=default[1], parse=lambda text: parse_range(text)[1],
+            to_text=lambda index: f"{index}-{index}", target=target, persist_state="session",
+            format_func=lambda index: checkpoint_label(run, index),
             help=f"{method_label(method)} looks at one trained model: the one saved at this checkpoint.",
         )
-        publish_to_url(key, f"{chosen}-{chosen}")
         return (chosen,)
-    current = seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
-    first, last = target.select_slider(
-        "Checkpoints", options=list(range(n)), value=tuple(current), key=key, persist_state="session",
-        format_func=lambda index: checkpoint_label(run, index),
+    first, last = url_range_slider(
+        "Checkpoints", n, key=key, default=default, target=target, format_func=lambda index: checkpoint_label(run, index),
         help="The stretch of training the method averages over (recorded checkpoints, oldest left).",
     )
-    publish_to_url(key, f"{first}-{last}")
     return tuple(range(first, last + 1))
+
+
+def url_range_slider(label: str, n: int, *, key: str, default: tuple[int, int], target=None, **widget_options) -> tuple[int, int]:
+    """A range slider over 0..n-1 kept in ?key=first-last, drawn with its seeded value (see seed_from_url); remembered across pages."""
+    current = seed_from_url(key, default=default, parse=parse_range, valid=lambda pair: is_range(pair, n))
+    first, last = (target or st).select_slider(label, options=list(range(n)), value=tuple(current), key=key,
+                                               persist_state="session", **widget_options)
+    publish_to_url(key, f"{first}-{last}")
+    return first, last
 
 
 def is_range(pair, n: int) -> bool:
@@ -99,11 +102,8 @@ def segment_range(method: str, labels: list[str], container=None) -> list[int]:
     if len(labels) == 1:
         return [0]
     everything = (0, len(labels) - 1)
-    current = seed_from_url(SEGMENTS_KEY, default=everything, parse=parse_range, valid=lambda pair: is_range(pair, len(labels)))
-    first, last = (container or st).select_slider(
-        "Segments", options=list(range(len(labels))), value=tuple(current), key=SEGMENTS_KEY, persist_state="session",
-        format_func=lambda number: labels[number],
+    first, last = url_range_slider(
+        "Segments", len(labels), key=SEGMENTS_KEY, default=everything, target=container, format_func=lambda number: labels[number],
         help=f"{method_label(method)} splits training into segments; keep only some to see what that stretch of training contributed.",
     )
-    publish_to_url(SEGMENTS_KEY, f"{first}-{last}")
     return list(range(first, last + 1))

@@ -6,7 +6,7 @@ import streamlit as st
 
 from attribution_core import inspection
 
-from .context import publish_to_url, seed_from_url
+from .context import url_selectbox
 from .examples import class_name
 from .images import GridItem, enlarged
 
@@ -37,14 +37,11 @@ def select_query(index: int) -> None:
 def query_selectbox(test_set, predictions: pd.DataFrame, container=None) -> int:
     """The test-sample selector, kept in ?query= so a link reopens the same sample (default: the top misprediction)."""
     order = query_order(predictions)
-    current = seed_from_url(QUERY_KEY, default=order[0], parse=int, valid=lambda index: index in range(len(order)))
-    query = (container or st).selectbox(
-        "Test sample", order, index=order.index(current), key=QUERY_KEY, persist_state="session",
+    return url_selectbox(
+        "Test sample", order, key=QUERY_KEY, default=order[0], parse=int, target=container, persist_state="session",
         format_func=lambda index: query_label(test_set, predictions, index),
         help="Mispredictions come first, the most confident ones at the top.",
     )
-    publish_to_url(QUERY_KEY, str(query))
-    return query
 
 
 def query_grid_item(test_set, predictions: pd.DataFrame, index: int) -> GridItem:

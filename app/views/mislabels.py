@@ -16,7 +16,7 @@ import streamlit as st
 
 from app.components import charts
 from app.components.bulk import bulk_flag_button, kind_choice
-from app.components.context import publish_to_url, seed_from_url
+from app.components.context import url_selectbox
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
 from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
@@ -444,9 +444,8 @@ def render() -> None:
     choices = ranking_choices(run)
     default, fallback_reason = default_ranking(run)
     top = st.columns([1.4, 2], vertical_alignment="bottom")
-    current = seed_from_url(RANKING_KEY, default=default, parse=str, valid=choices.__contains__)
-    name = top[0].selectbox("Ranking", list(choices), index=list(choices).index(current), key=RANKING_KEY, persist_state="session", format_func=ranking_label)
-    publish_to_url(RANKING_KEY, name)
+    name = url_selectbox("Ranking", list(choices), key=RANKING_KEY, default=default, target=top[0], persist_state="session",
+                         format_func=ranking_label)
     top[1].caption(choices[name])
     if fallback_reason is not None:
         st.info(f"No training dynamics: {fallback_reason} The data map and the training curves need a record too.",
