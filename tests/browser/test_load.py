@@ -224,9 +224,10 @@ class Context:
     async def click_until(self, page, button, *effects, state: str = "visible", what: str) -> None:
         """Click `button` until every one of `effects` (locators) reaches `state`; a click repeated is noted in repeated_clicks.
 
-        With five tabs rerunning on two cores, Streamlit now and then drops a click: the page settles without its effect
-        (an Open that opens no dialog, a verdict that saves nothing; in about one load run in three here). A user clicks
-        again, and so does this test, once the page has settled without the effect, at most CLICK_ATTEMPTS times.
+        With five tabs rerunning on two cores a click has gone without effect: the page settled without it (an Open that
+        opened no dialog, a verdict that saved nothing; two of about fifteen runs while a verdict still moved the dialog's
+        buttons, none since). A user clicks again, and so does this test, once the page has settled without the effect,
+        at most CLICK_ATTEMPTS times.
         The stored flags are checked as strictly either way: a repeated verdict is the same verdict.
         """
         for attempt in range(1, CLICK_ATTEMPTS + 1):
