@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from attribution_core.annotations import Annotations
+from attribution_core.annotations import FLAG_KINDS, Annotations
 from attribution_core.api import METHODS, attribute, default_checkpoints, self_influence
 from attribution_core.evaluation.lds import LdsSettings
 from attribution_core.run import load_run
@@ -123,7 +123,7 @@ def test_flag_from_explore_is_saved_and_seen_by_a_new_session(workspace):
     index = int(first.removeprefix("results_proponents_"))
     app.button(key=first).click().run()
     assert f"Training example #{index}" in texts(app)
-    app.button(key=f"inspect_{index}_outlier").click().run()
+    app.button(key="inspect_outlier").click().run()
     assert not app.exception
     example_id = int(load_run(workspace, "fmnist-mlp").datasets()[0].ids[index])
     assert Annotations(workspace.annotations_path).flags("fmnist-mlp")[example_id].kind == "outlier"
@@ -140,12 +140,12 @@ def test_the_dialogs_verdict_line_is_drawn_before_any_verdict_so_another_tabs_ve
     app.button(key=first).click().run()
     lines = [line for line in texts(app).splitlines() if line.startswith("Current verdict:")]
     assert lines == ["Current verdict: :gray[none yet]"]
-    order = [key for key in button_keys(app, "inspect_") if key.startswith(f"inspect_{index}_")]
+    order = [key for key in button_keys(app, "inspect_") if key.removeprefix("inspect_") in FLAG_KINDS]
     Annotations(workspace.annotations_path).set_flag("fmnist-mlp", example_id, "ambiguous")  # another tab's verdict
     app.run()
     lines = [line for line in texts(app).splitlines() if line.startswith("Current verdict:")]
     assert len(lines) == 1 and ":material/flag: ambiguous" in lines[0]
-    assert [key for key in button_keys(app, "inspect_") if key.startswith(f"inspect_{index}_")] == order
+    assert [key for key in button_keys(app, "inspect_") if key.removeprefix("inspect_") in FLAG_KINDS] == order
 
 
 def test_source_scores_split_by_segment_and_restricted_to_chosen_segments():
@@ -300,11 +300,11 @@ def test_explore_keys_step_queries_review_proponents_flag_advance_and_undo(works
     proponents = result_indices(app, "proponents")
     app.button(key="open_next_proponent").click().run()
     assert f"Training example #{proponents[0]}" in texts(app) and "1 of 20 in this grid" in texts(app)
-    assert shortcut(app, f"inspect_{proponents[0]}_mislabeled") == "M"
-    app.button(key=f"inspect_{proponents[0]}_mislabeled").click().run()
+    assert shortcut(app, "inspect_mislabeled") == "M"
+    app.button(key="inspect_mislabeled").click().run()
     assert f"Training example #{proponents[1]}" in texts(app), "a verdict moves to the next example"
     assert any("flagged **mislabeled**" in toast.value and "Undo (U)" in toast.value for toast in app.toast)
-    app.button(key=f"inspect_{proponents[1]}_fine").click().run()
+    app.button(key="inspect_fine").click().run()
     ids = run.datasets()[0].ids
     store = Annotations(workspace.annotations_path)
     assert [store.flags("fmnist-two-stage")[int(ids[index])].kind for index in proponents[:2]] == ["mislabeled", "fine"]
@@ -324,7 +324,7 @@ def test_explore_note_is_saved_by_enter_once_the_example_has_a_verdict(workspace
     example_id = int(load_run(workspace, "fmnist-mlp-early").datasets()[0].ids[index])
     store = Annotations(workspace.annotations_path)
     assert example_id not in store.flags("fmnist-mlp-early"), "no verdict yet: the note waits for one"
-    app.button(key=f"inspect_{index}_outlier").click().run()
+    app.button(key="inspect_outlier").click().run()
     assert store.flags("fmnist-mlp-early")[example_id].note == "looks like a bag"
     app.button(key="inspect_previous").click().run()
     app.text_input(key=f"inspect_{index}_note").set_value("a bag, surely").run()
@@ -726,7 +726,7 @@ def test_map_link_marks_one_training_example_that_opens_and_can_be_flagged(works
     assert "**Linked example:** training example #42" in texts(app)
     app.button(key="map_selection_42").click().run()
     assert "**Training example #42**" in texts(app)
-    app.button(key="map_open_42_outlier").click().run()
+    app.button(key="map_open_outlier").click().run()
     example_id = int(load_run(workspace, "fmnist-mlp").datasets()[0].ids[42])
     assert Annotations(workspace.annotations_path).flags("fmnist-mlp")[example_id].kind == "outlier"
     for wrong in ("100000", "-1", "shirt"):

@@ -45,13 +45,19 @@ def _saved_key(key: str) -> str:
     return f"{key}_saved"
 
 
+def _example_key(key: str, index: int) -> str:
+    """The key prefix of one example's own fields (suggested label, note): a new example starts from its own values."""
+    return f"{key}_{index}"
+
+
 def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, on_saved: Callable[[], None] | None = None) -> None:
     """Save a verdict with the controls' suggested label and note as this tab's action, say so in a toast, then on_saved() (a callback)."""
-    suggestion = st.session_state.get(f"{key}_suggested")
+    fields = _example_key(key, index)
+    suggestion = st.session_state.get(f"{fields}_suggested")
     saved = call_or_report(
         annotations().set_flag, run_id, example_id, kind, actor=actor(),
         suggested_label=int(suggestion) if kind == "mislabeled" and suggestion is not None else None,
-        note=st.session_state.get(f"{key}_note", ""),
+        note=st.session_state.get(f"{fields}_note", ""),
     )
     if saved is not None:
         st.session_state[_saved_key(key)] = kind
@@ -63,7 +69,7 @@ def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, 
 def save_note(run_id: str, example_id: int, index: int, key: str) -> None:
     """Save the note typed for an example that has a verdict (Enter, or leaving the field); else keep it for the verdict (a callback)."""
     flag = annotations().flags(run_id).get(example_id)
-    note = st.session_state.get(f"{key}_note", "")
+    note = st.session_state.get(f"{_example_key(key, index)}_note", "")
     if flag is None:
         announce(f"Note on #{index} kept: it is saved with the verdict you choose.", ":material/edit_note:")
         return
@@ -92,6 +98,7 @@ def flag_controls(
     when the example has a verdict. Each write is one undoable action of this tab (session.actor)
     and is confirmed by a toast. `shortcuts` maps a kind to a key ("M"); the buttons come
     `per_row` to a row. on_saved() runs after a verdict is saved, before the next run (say, to move on).
+    Keys: the buttons are `<key>_<kind>` whatever the example, the fields `<key>_<index>_suggested` and `_note`.
     """
     show_pending_toast()
     example_id = int(train_set.ids[index])
@@ -105,14 +112,17 @@ def flag_controls(
                     + (f" → {class_name(train_set, flag.suggested_label)}" if flag.suggested_label is not None else ""))
     n_classes = len(train_set.class_names)
     preset = flag.suggested_label if flag is not None and flag.suggested_label is not None else suggested_label
+    fields = _example_key(key, index)
     left, right = st.columns(2)
     left.selectbox(
-        "Suggested label (saved with 'mislabeled')", range(n_classes), key=f"{key}_suggested",
+        "Suggested label (saved with 'mislabeled')", range(n_classes), key=f"{fields}_suggested",
         index=preset if preset is not None and 0 <= preset < n_classes else int(train_set.y[index]),
         format_func=lambda label: class_name(train_set, label),
     )
-    right.text_input("Note (Enter saves it)", value=flag.note if flag is not None else "", key=f"{key}_note", max_chars=500,
+    right.text_input("Note (Enter saves it)", value=flag.note if flag is not None else "", key=f"{fields}_note", max_chars=500,
                      placeholder="why this verdict", on_change=save_note, args=(run_id, example_id, index, key))
+    # The buttons keep their keys from one example to the next, so moving on after a verdict updates them in place: a new
+    # key would draw new buttons, and the pressed one would take the keyboard focus with it (an Esc then closed nothing).
     pressed = False
     columns = [column for start in range(0, len(FLAG_KINDS), per_row) for column in st.columns(per_row)]
     for column, kind in zip(columns, FLAG_KINDS):

@@ -180,7 +180,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
                         help="Open the Map with this training example marked"):
         st.switch_page(MAP_PAGE, query_params={"run": run.run_id, MAP_EXAMPLE_PARAM: str(index)})
     # a verdict moves to the grid's next example, as on Mislabels (past the last one the dialog closes)
-    flag_controls(run.run_id, train_set, index, key=f"inspect_{index}", shortcuts=VERDICT_KEYS,
+    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=VERDICT_KEYS,
                   on_saved=lambda: step_inspector(grid, index, 1))
     undo_column, keys_column = st.columns([1, 3], vertical_alignment="center")
     with undo_column:

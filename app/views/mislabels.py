@@ -254,7 +254,7 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
         st.markdown(marks(train_set, index, annotations().flags(run.run_id).get(int(train_set.ids[index]))))
     if dynamics.has_dynamics(run.record):
         render_curve(run, index)
-    verdict = flag_controls(run.run_id, train_set, index, key=f"review_{index}", suggested_label=suggested,
+    verdict = flag_controls(run.run_id, train_set, index, key="review", suggested_label=suggested,
                             shortcuts=SHORTCUTS, per_row=2)
     if verdict is not None:
         # an example the verdict filters out leaves the queue: the next suspect moves into its place

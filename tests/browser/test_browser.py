@@ -82,6 +82,10 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
     dialog.get_by_text(f"Training example #{index}").wait_for(timeout=TIMEOUT_MS)
     dialog.get_by_role("button", name="Mislabeled").click()
     dialog.get_by_text("2 of 20 in this grid").wait_for(timeout=TIMEOUT_MS)  # a verdict moves on to the next example
+    settle(page)
+    # the verdict buttons are updated in place for the next example, so the keyboard focus stays where it was (a button
+    # drawn anew had taken it along, and an Esc pressed before the dialog found it again closed nothing)
+    expect(dialog.get_by_role("button", name="Mislabeled")).to_be_focused()
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden", timeout=TIMEOUT_MS)
     # The verdict reran the dialog alone; the grid shows the flag after the full run that closing starts, which

@@ -192,16 +192,16 @@ class Context:
         if target.page == "explore":
             panel = page.get_by_role("dialog")
             opened = [panel.get_by_text(f"Training example #{index}", exact=False)]
-            prefix = f"inspect_{index}"
+            prefix = "inspect"
         else:
             panel = page.locator("[data-testid=stMain]")
             opened = [page.get_by_text(f"Suspect {target.position + 1} of", exact=False),
                       panel.get_by_text(f"training example #{index}", exact=True)]
-            prefix = f"review_{index}"
+            prefix = "review"
         # a grid button has a tooltip: drawn twice, once hidden
         await self.click_until(page, page.locator(f".st-key-{key} button:visible"), *opened, what=f"open #{index}")
         await settle(page)
-        note = page.locator(f".st-key-{prefix}_note input")
+        note = page.locator(f".st-key-{prefix}_{index}_note input")
         await note.fill(note_of(self.number))
         await note.press("Enter")
         # Not a stale copy: a rerun under way (another context's flag of this example turns the button primary) can show
