@@ -6,6 +6,9 @@ nothing to SOURCE's stage-2 segments or to TracIn's stage-2 checkpoints.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +25,9 @@ from attribution_core.run import CheckpointPolicy, Recipe, Stage
 from attribution_core.segments import step_weights
 from attribution_core.store import Workspace
 from attribution_core.training import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import b2_source_regime  # noqa: E402  (its by-hand run: the rotation moved inside the model)
 
 TWO_STAGES = Recipe(
     (Stage(name="pretrain", epochs=2, lr=0.1, batch_size=40),
@@ -120,3 +126,16 @@ def test_source_segments_weigh_examples_by_their_draws_and_a_stage_2_segment_ign
     unseen = ~TWO_STAGES.stages[1].members(train_set.y.numpy())
     scores = api.attribute(run, "source", queries=QUERIES, settings={"n_segments": 2}, device="cpu")
     assert np.all(scores.segment_values[1][:, unseen] == 0) and np.any(scores.segment_values[0][:, unseen] != 0)
+
+
+def test_a_rotate_stage_attributed_natively_scores_what_the_rotation_moved_inside_the_model_by_hand_scores(run):
+    # B2's by-hand run: a plain loop replays this run's record with a model that rotates its own inputs in stage 2 (it
+    # refuses unless its final weights equal the run's); SOURCE takes the query's gradient at the final model, so the
+    # native path with the queries rotated as stage 2 sees them must give the same scores
+    by_hand = b2_source_regime.by_hand_run(run.workspace, run)
+    checkpoints = list(range(len(run.checkpoints)))
+    native = api.attribute(run, "source", queries=QUERIES, settings={"n_segments": 2}, checkpoints=checkpoints,
+                           task=b2_source_regime.StageTwoQueries())
+    inside = api.attribute(by_hand, "source", queries=QUERIES, settings={"n_segments": 2}, checkpoints=checkpoints)
+    assert np.abs(native.values).max() > 1e-3
+    np.testing.assert_allclose(inside.values, native.values, rtol=1e-4, atol=1e-6 * np.abs(native.values).max())
