@@ -322,9 +322,14 @@ def replayed_states(plan: ReplayPlan, weights: torch.Tensor | float | None = Non
     return ReplayedStates(final, kept, stride, weights)
 
 
+def relative_difference(params: Params, stored: Params) -> float:
+    """The largest relative (Frobenius) difference between two sets of weights, over the tensors of `stored`."""
+    return max((params[name] - stored[name]).norm().item() / max(stored[name].norm().item(), 1e-12) for name in stored)
+
+
 def _verify(params: Params, stored: Params, step: int, tolerance: float) -> None:
     """Raise DataError unless the replayed weights after `step` match the stored checkpoint."""
-    error = max((params[name] - stored[name]).norm().item() / max(stored[name].norm().item(), 1e-12) for name in stored)
+    error = relative_difference(params, stored)
     if not error <= tolerance:
         raise DataError(
             f"the run does not replay: after step {step} the replayed weights differ from the stored checkpoint by {error:.2e} "

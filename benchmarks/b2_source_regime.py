@@ -52,7 +52,7 @@ from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtrut
 from attribution_core.inputs import Segment
 from attribution_core.models import ModelSpec, build_model
 from attribution_core.recorder import Recorder, RecorderSettings
-from attribution_core.replay import replay_plan
+from attribution_core.replay import relative_difference, replay_plan
 from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
@@ -71,9 +71,13 @@ SAME_WEIGHTS_TOLERANCE = 1e-4
 """Largest relative difference allowed between the by-hand run's final weights and the run's own."""
 
 
+ROTATION = Stage(name="rotated", transform="rotate")
+"""The rotate stage transform, whose view B2's by-hand model and stage-2 queries apply."""
+
+
 def rotated(x: torch.Tensor) -> torch.Tensor:
-    """Images rotated by 90 degrees, as the rotate stage transform does (run.Stage)."""
-    return torch.rot90(x, 1, dims=(-2, -1))
+    """Images rotated as the rotate stage transform rotates them (run.Stage.view; it draws nothing from the seed)."""
+    return ROTATION.view(x, seed=0)
 
 
 class StageTwoQueries(Task):
@@ -252,7 +256,7 @@ def by_hand_run(workspace: Workspace, run: Run) -> Run:
                 for group in optimizer.param_groups:
                     group["lr"] = step.lr
                 optimizer.zero_grad()
-                losses = torch.nn.functional.cross_entropy(model(train_set.x[step.rows]), train_set.y[step.rows], reduction="none")
+                losses = plan.task.train_loss(model, train_set.x[step.rows], train_set.y[step.rows])
                 losses.mean().backward()
                 optimizer.step()
                 recorder.step(optimizer, step.rows, losses=losses.detach())
@@ -260,7 +264,7 @@ def by_hand_run(workspace: Workspace, run: Run) -> Run:
                     recorder.checkpoint()
     by_hand = load_run(workspace, run_id)
     final, theirs = by_hand.load_model(len(by_hand.checkpoints) - 1).network.state_dict(), run.load_model(len(run.checkpoints) - 1).state_dict()
-    difference = max(float((final[name] - theirs[name]).norm() / theirs[name].norm()) for name in theirs)
+    difference = relative_difference(final, theirs)
     if len(by_hand.checkpoints) != len(run.checkpoints) or difference > SAME_WEIGHTS_TOLERANCE:
         raise SystemExit(f"{run_id}: {len(by_hand.checkpoints)} checkpoints, final weights {difference:.2g} from {run.run_id}'s (relative)")
     print(f"{run_id}: final weights {difference:.2g} from {run.run_id}'s (relative)", flush=True)
