@@ -484,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `tdx`."""
+    if os.getcwd() not in sys.path:
+        # As `python -m` does (the app server and the job workers run that way): a model factory in the project tdx is run
+        # from ("examples.own_training_loop:small_cnn" from this repository's root) imports here too. Appended, so an
+        # installed package of the same name still wins.
+        sys.path.append(os.getcwd())
     args = build_parser().parse_args(argv)
     init_from_torchrun()  # under torchrun, train-side passes and retrains are shared by the ranks
     try:

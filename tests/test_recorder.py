@@ -379,6 +379,16 @@ def test_every_method_attributes_the_example_run(example_run, method):
 
 
 @pytest.mark.slow
+def test_tdx_attributes_the_example_run_from_the_repository_root(example_run):
+    # the console script's sys.path starts at its bin folder: the factory "examples...." is found only as `python -m` finds it
+    result = subprocess.run([str(Path(sys.executable).parent / "tdx"), "attribute", example_run.run_id, "--workspace",
+                             str(example_run.workspace.root), "--method", "tracin", "--queries", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert "tracin" in result.stdout.lower()
+
+
+@pytest.mark.slow
 def test_the_app_opens_the_example_run(example_run, monkeypatch):
     monkeypatch.setenv("TDX_WORKSPACE", str(example_run.workspace.root))
     app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
