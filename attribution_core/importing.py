@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 from torch import nn
 
 from .data import SOURCES, Dataset, DataSpec, load_dataset
@@ -44,7 +43,7 @@ from .recorder import (
     write_marker,
 )
 from .run import CheckpointInfo, CheckpointPolicy, Recipe, Run, Stage, Trajectory
-from .store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, load_tensors
+from .store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, load_metadata, load_tensors
 
 ORIGIN_IMPORTED = "imported"
 """metrics["origin"] of a run imported from checkpoints (no record, approximate trajectory)."""
@@ -76,8 +75,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 def _metadata_step(path: Path) -> int | None:
     """The optimizer step stored in a safetensors file's metadata ("step"), or None."""
-    with safe_open(path, framework="pt") as handle:
-        value = (handle.metadata() or {}).get("step")
+    value = load_metadata(path).get("step")
     return int(value) if value is not None and value.isdigit() else None
 
 

@@ -120,8 +120,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     atomic_write_bytes(path, save_safetensors_bytes(contiguous, metadata=metadata))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; anything else (a pickle .pt, a truncated file) is refused."""
+@contextlib.contextmanager
+def _opened_safetensors(path: Path) -> Iterator[Any]:
+    """safe_open of a .safetensors file; anything else (a pickle .pt, a missing, truncated or corrupt file) is refused."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(
@@ -130,14 +131,26 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint {path}: restore it from a copy or train the run again")
-    try:  # tensor by tensor from the memory-mapped file: no second copy of the whole file in memory
+    try:
         with safe_open(path, framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            yield handle
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
         raise CheckpointError(
             f"{path} is not a valid safetensors file ({exc}): it may be truncated or corrupt; "
             "restore it from a copy or train the run again"
         ) from exc
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; anything else (a pickle .pt, a truncated file) is refused."""
+    with _opened_safetensors(path) as handle:  # tensor by tensor from the memory-mapped file: no second copy in memory
+        return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def load_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (no tensor is read), refused as load_tensors refuses."""
+    with _opened_safetensors(path) as handle:
+        return dict(handle.metadata() or {})
 
 
 def content_key(payload: Any) -> str:

@@ -103,6 +103,17 @@ def test_a_pickle_checkpoint_is_refused_with_the_conversion_hint_and_nothing_is_
 
 
 @pytest.mark.badinput
+def test_a_truncated_checkpoint_is_refused_as_corrupt_and_nothing_is_written(exported, tmp_path):
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    shutil.copy(exported / "epoch_1.safetensors", folder / "epoch_1.safetensors")
+    (folder / "epoch_2.safetensors").write_bytes((exported / "epoch_2.safetensors").read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=r"epoch_2\.safetensors is not a valid safetensors file .*truncated or corrupt"):
+        import_run(tmp_path / "ws", "truncated", model=FACTORY, options={"hidden": 32}, checkpoints=str(folder / "*"), data=DIGITS)
+    assert not (tmp_path / "ws" / "runs" / "truncated").exists()
+
+
+@pytest.mark.badinput
 def test_a_checkpoint_of_another_shape_is_named_with_the_parameter(exported, tmp_path):
     with pytest.raises(SettingsError, match=r"checkpoint .*epoch_1\.safetensors does not match .*parameter '1\.weight' has shape \[32, 64\] "
                                             r"where factory .* builds \[16, 64\]"):
