@@ -8,29 +8,74 @@ The front door, importable from the package itself:
 Names are loaded on first use (PEP 562), so `import attribution_core` stays cheap and a part you
 do not use (cleanlab for mislabel rankings, say) need not be installed.
 
-Layout, bottom up (tests/test_project.py checks that no module imports from a layer above it):
-- errors, progress, settings, store, task, models, data: errors a user can act on, progress
-  callbacks, settings validation, the atomic workspace, the Task extension point, models, data;
-- gradients (layer capture), inputs (AttributionInputs, chunking), run (Run, its recipe and
-  checkpoints), projection (projectors only), features (a data set's projected gradients),
-  training (train / retrain), record (what every step trained on), replay (the recorded run
-  as a differentiable function), recorder (a user's own loop recorded as a run), importing
-  (finished checkpoints as a run), curvature (K-FAC / EK-FAC), segments (SOURCE's plan), linalg;
-- methods/: one module per method, each a `Method` subclass declaring what it is (base.py);
-  METHODS in methods/__init__.py is the registry;
-- api (the front door: attribute, self_influence, prepare), inspection, scores;
-- evaluation/ (lds, counterfactual, mislabel, dynamics, smoothness), exports, demo, cli.
+Layout, bottom up: each layer imports only from the layers below it (LAYERS, checked by
+tests/test_project.py; a sub-package orders its own modules in its __init__'s LAYERS):
+- foundation (errors, progress, distributed, scores, validation, store, task, models, annotations, data): errors a user can act on, progress callbacks, settings validation, the atomic workspace store, the Task extension point, models, data sources
+- numerics/: the math the methods share: per-layer gradients, projections, curvature, segments, the inputs every method receives
+- runs/: how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine
+- methods/: one module per attribution method, each a `Method` subclass declaring what it is
+- front door (api, inspection, exports): attribute / prepare / self_influence, what the model sees (probabilities, map, representations), exports
+- evaluation/: LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics
+- jobs/: long work as background jobs: the queue, what each kind computes, the workers
+- entry points (cli, run, recorder, the package): the `tdx` command, old import paths, this front door
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Layer(NamedTuple):
+    """One layer of the core: a sub-package (its modules ordered by its own LAYERS) or top-level modules, bottom up."""
+
+    name: str
+    summary: str
+    package: str = ""
+    """The sub-package this layer is; "" for top-level modules."""
+    modules: tuple[tuple[str, ...], ...] = ()
+    """Top-level modules in sub-layers, bottom up ("" is this package's __init__); empty for a sub-package."""
+
+    def folder(self) -> str:
+        """How the README and this docstring name the layer: a sub-package's folder, or the layer's name."""
+        return f"{self.package}/" if self.package else self.name
+
+
+LAYERS: tuple[Layer, ...] = (
+    Layer("foundation", "errors a user can act on, progress callbacks, settings validation, the atomic workspace store, "
+          "the Task extension point, models, data sources",
+          modules=(("errors", "progress", "distributed", "scores"), ("validation", "store", "task", "models", "annotations"),
+                   ("data",))),
+    Layer("numerics", "the math the methods share: per-layer gradients, projections, curvature, segments, the inputs every "
+          "method receives", package="numerics"),
+    Layer("runs", "how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine",
+          package="runs"),
+    Layer("methods", "one module per attribution method, each a `Method` subclass declaring what it is", package="methods"),
+    Layer("front door", "attribute / prepare / self_influence, what the model sees (probabilities, map, representations), "
+          "exports", modules=(("api",), ("inspection", "exports"))),
+    Layer("evaluation", "LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics", package="evaluation"),
+    Layer("jobs", "long work as background jobs: the queue, what each kind computes, the workers", package="jobs"),
+    Layer("entry points", "the `tdx` command, old import paths, this front door", modules=(("cli", "run", "recorder", ""),)),
+)
+"""The core's layers, bottom up: a module imports only from layers below its own (or lower sub-layers of its own)."""
+
+
+def layer_lines() -> list[str]:
+    """One line per layer, as this docstring and the README's Layout section list them (a test checks both)."""
+    lines = []
+    for layer in LAYERS:
+        modules = [module or "the package" for sublayer in layer.modules for module in sublayer]
+        named = f" ({', '.join(modules)})" if modules else ""
+        lines.append(f"- {layer.folder()}{named}: {layer.summary}")
+    return lines
+
 
 _EXPORTS = {
-    "load_run": "run", "list_runs": "run", "Run": "run", "Recipe": "run", "Stage": "run", "CheckpointPolicy": "run",
-    "train": "training", "retrain": "training",
-    "Recorder": "recorder", "RecorderSettings": "recorder", "ArrayData": "recorder", "list_incomplete": "recorder",
-    "import_run": "importing",
+    "load_run": "runs.run", "list_runs": "runs.run", "Run": "runs.run", "Recipe": "runs.run", "Stage": "runs.run",
+    "CheckpointPolicy": "runs.run",
+    "train": "runs.training", "retrain": "runs.training",
+    "Recorder": "runs.recorder", "RecorderSettings": "runs.recorder", "ArrayData": "runs.recorder",
+    "list_incomplete": "runs.recorder",
+    "import_run": "runs.importing",
     "attribute": "api", "self_influence": "api", "prepare": "api", "QueryBatch": "api", "METHODS": "api",
     "Scores": "scores", "Task": "task", "Workspace": "store",
     "DataSpec": "data", "ModelSpec": "models",
@@ -54,4 +99,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-

@@ -23,11 +23,11 @@ import torch
 
 from .distributed import agreed, barrier, rank_and_world
 from .errors import SettingsError
-from .inputs import AttributionInputs, TrainState
 from .methods import METHODS, method_class
 from .methods.base import Method
+from .numerics.inputs import AttributionInputs, TrainState
 from .progress import ProgressFn, no_progress
-from .run import Run
+from .runs.run import Run
 from .scores import Scores
 from .store import Artifact, atomic_save_npy, load_npy, load_tensors, save_tensors
 from .task import Task

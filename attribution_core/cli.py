@@ -22,9 +22,9 @@ from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
 from .evaluation.mislabel import RANKINGS
 from .exports import FLAG_FORMATS, export_flags, save_scores, score_suffix
-from .importing import add_import_command
 from .methods import METHODS
 from .progress import ProgressFn
+from .runs.importing import add_import_command
 from .store import Workspace
 
 DEFAULT_WORKSPACE = "workspace"
@@ -78,8 +78,8 @@ def parse_stage(text: str, defaults: dict) -> dict:
 def cmd_train(args: argparse.Namespace) -> None:
     from .data import DataSpec
     from .models import ModelSpec
-    from .run import CheckpointPolicy, Recipe, Stage
-    from .training import train
+    from .runs.run import CheckpointPolicy, Recipe, Stage
+    from .runs.training import train
 
     data = DataSpec(
         source=args.data, path=args.data_path, max_train=args.max_train, max_test=args.max_test,
@@ -113,8 +113,8 @@ def _queue_ready(workspace: Workspace, runs: list, *, with_groundtruth: bool) ->
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from .recorder import describe_incomplete, list_incomplete
-    from .run import list_runs
+    from .runs.recorder import describe_incomplete, list_incomplete
+    from .runs.run import list_runs
 
     runs = list_runs(Workspace(args.workspace))
     if args.json:
@@ -133,8 +133,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import FULL_RUN_ID, build_demo
-    from .run import load_run
+    from .runs.demo import FULL_RUN_ID, build_demo
+    from .runs.run import load_run
 
     bars: list = []
 
@@ -247,7 +247,7 @@ def cmd_jobs(args: argparse.Namespace) -> None:
 
 
 def _load_run(args: argparse.Namespace):
-    from .run import load_run
+    from .runs.run import load_run
 
     return load_run(Workspace(args.workspace), args.run_id)
 

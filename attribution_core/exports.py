@@ -22,7 +22,7 @@ from PIL import Image
 from .annotations import FLAG_KINDS, Annotations, Flag, escape_cell
 from .data import Dataset
 from .errors import SettingsError, TdxError, WorkspaceError
-from .run import Run
+from .runs.run import Run
 from .scores import Scores
 from .store import atomic_write_bytes
 

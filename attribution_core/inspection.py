@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from .errors import SettingsError
-from .inputs import batches
 from .methods.baselines import representations
+from .numerics.inputs import batches
 from .progress import ProgressFn, no_progress
-from .run import Run
+from .runs.run import Run
 from .store import Artifact, atomic_save_npy, load_npy
 from .task import Task
 

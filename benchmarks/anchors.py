@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 from attribution_core.task import correct_class_margin
 
 

@@ -19,10 +19,10 @@ from attribution_core.api import METHODS, attribute, default_checkpoints
 from attribution_core.data import DataSpec
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.training import train
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
-from attribution_core.training import train
 
 RUN_ID = "digits-b1"
 DATA = DataSpec(source="digits", test_size=360, split_seed=0)

@@ -49,15 +49,15 @@ from attribution_core.api import attribute, default_checkpoints, prepare
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
-from attribution_core.inputs import Segment
 from attribution_core.models import ModelSpec, build_model
-from attribution_core.recorder import Recorder, RecorderSettings
-from attribution_core.replay import relative_difference, replay_plan
-from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.numerics.inputs import Segment
+from attribution_core.runs.recorder import Recorder, RecorderSettings
+from attribution_core.runs.replay_engine import relative_difference, replay_plan
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.training import train
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 from attribution_core.task import Task, correct_class_margin
-from attribution_core.training import train
 
 N_CHECKPOINTS = 6
 DAMPING_RATIOS = (0.1, 10.0, 100.0, 1000.0)

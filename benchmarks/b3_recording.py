@@ -18,9 +18,9 @@ from common import markdown_table, parser, report, timed
 
 from attribution_core.data import FASHION_MNIST_DIR, DataSpec, load_dataset
 from attribution_core.models import ModelSpec
-from attribution_core.record import RecordWriter
-from attribution_core.run import CheckpointPolicy, Recipe, Stage
-from attribution_core.training import fit_model
+from attribution_core.runs.record import RecordWriter
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage
+from attribution_core.runs.training import fit_model
 
 MODELS = {
     "fmnist mlp": ModelSpec("mlp", {"hidden": [512, 512]}),

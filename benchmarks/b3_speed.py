@@ -31,14 +31,14 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from attribution_core.api import attribute, resolve_device
-from attribution_core.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
 from attribution_core.data import FASHION_MNIST_DIR, Dataset, DataSpec, load_dataset
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
-from attribution_core.inputs import AttributionInputs, Segment
 from attribution_core.methods.influence import Influence, InfluenceSettings
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.models import cnn, mlp
+from attribution_core.numerics.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
+from attribution_core.numerics.inputs import AttributionInputs, Segment
 from attribution_core.store import Workspace
 
 BATCH = 512

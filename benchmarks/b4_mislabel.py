@@ -24,7 +24,6 @@ import torch
 from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
 
 from attribution_core.data import DataSpec
-from attribution_core.demo import demo_runs
 from attribution_core.evaluation.dynamics import early_window
 from attribution_core.evaluation.mislabel import (
     DYNAMICS_RANKINGS,
@@ -35,10 +34,11 @@ from attribution_core.evaluation.mislabel import (
 )
 from attribution_core.inspection import model_probabilities
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.demo import demo_runs
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.training import fit_model, one_thread, train
 from attribution_core.store import Workspace
 from attribution_core.task import Task
-from attribution_core.training import fit_model, one_thread, train
 
 GOALS = {"demo": {"top10": 0.843}, "memorising": {"top10": 0.90, "auc": 0.98}}
 """Issue 18's goal for the default ranking ("dynamics"), with no extra training: the demo no worse than the best of before."""

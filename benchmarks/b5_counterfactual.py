@@ -13,9 +13,9 @@ import numpy as np
 from common import markdown_table, parser, report, timed, workspace_root
 
 from attribution_core.api import METHODS
-from attribution_core.demo import build_demo
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings, counterfactual
-from attribution_core.run import Run, load_run
+from attribution_core.runs.demo import build_demo
+from attribution_core.runs.run import Run, load_run
 from attribution_core.store import Workspace
 
 RUN_ID = "fmnist-mlp"

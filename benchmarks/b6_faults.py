@@ -29,8 +29,8 @@ from pathlib import Path
 from common import markdown_table, parser, report
 
 from attribution_core.annotations import Annotations
-from attribution_core.demo import build_demo
-from attribution_core.run import list_runs
+from attribution_core.runs.demo import build_demo
+from attribution_core.runs.run import list_runs
 from attribution_core.store import MANIFEST, Artifact, Workspace
 
 RUN = "fmnist-mlp"

@@ -29,12 +29,12 @@ from common import markdown_table, parser, report, timed, workspace_root
 from torch.func import functional_call
 
 from attribution_core.api import attribute
-from attribution_core.demo import demo_runs
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
-from attribution_core.replay import replay_forward, replay_plan
-from attribution_core.run import Run, load_run
+from attribution_core.runs.demo import demo_runs
+from attribution_core.runs.replay_engine import replay_forward, replay_plan
+from attribution_core.runs.run import Run, load_run
+from attribution_core.runs.training import fit_model, one_thread, train
 from attribution_core.store import Workspace
-from attribution_core.training import fit_model, one_thread, train
 
 METHODS = {"replay": {}, "source": {}, "trak": {}, "ekfac": {}, "tracin": {}}
 """The methods compared, at their defaults."""

@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from attribution_core.data import DataSpec  # noqa: E402
-from attribution_core.recorder import Recorder, RecorderSettings  # noqa: E402
-from attribution_core.run import Run  # noqa: E402
+from attribution_core.runs.recorder import Recorder, RecorderSettings  # noqa: E402
+from attribution_core.runs.run import Run  # noqa: E402
 
 FACTORY = "examples.own_training_loop:small_cnn"
 """Where the run finds the architecture again when it is opened: "package.module:function"."""

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from attribution_core.demo import build_demo
 from attribution_core.evaluation.lds import LdsSettings, groundtruth
-from attribution_core.run import load_run
+from attribution_core.runs.demo import build_demo
+from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 

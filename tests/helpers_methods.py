@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from attribution_core.errors import SettingsError
-from attribution_core.inputs import AttributionInputs
 from attribution_core.methods.exact import flat_gradients, gauss_newton_matrix
 from attribution_core.methods.source import decay_factor, r_factor
+from attribution_core.numerics.inputs import AttributionInputs
 from attribution_core.task import Task
 
 

@@ -19,10 +19,10 @@ from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError, WorkspaceError
 from attribution_core.methods.trak import Trak
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import train
 from attribution_core.store import FORMAT_VERSION, Workspace, atomic_write_json, load_tensors, save_tensors
 from attribution_core.task import Task
-from attribution_core.training import train
 
 SMALL_TRAK = {"k": 64}
 
@@ -161,7 +161,7 @@ SLOW_FIT = """
 import sys, time
 from attribution_core import api
 from attribution_core.methods.trak import Trak
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 real_fit = Trak.fit
 def slow_fit(self, inputs):
     print("computing", flush=True)

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 from attribution_core.annotations import FLAG_KINDS, Annotations
 from attribution_core.api import METHODS, attribute, default_checkpoints, self_influence
 from attribution_core.evaluation.lds import LdsSettings
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"

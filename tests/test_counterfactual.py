@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from attribution_core import training
 from attribution_core.api import attribute
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
@@ -23,10 +22,11 @@ from attribution_core.evaluation.counterfactual import (
     removals,
 )
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs import training
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import one_thread, stage_indices, train
 from attribution_core.store import Workspace
 from attribution_core.task import Task
-from attribution_core.training import one_thread, stage_indices, train
 
 DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=240, max_test=20)
 TWO_STAGES = Recipe(
@@ -167,7 +167,7 @@ def test_query_outcome_is_the_correct_class_margin_and_argmax():
 SHARD_SCRIPT = """
 import sys
 from attribution_core.evaluation.counterfactual import CounterfactualSettings, counterfactual
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 counterfactual(load_run(sys.argv[1], "two-stage"), 3, "graddot", settings=CounterfactualSettings(k=4, n_random=2, seeds=(0, 1)))
 """
 

@@ -15,8 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from attribution_core import curvature as curvature_module
-from attribution_core.curvature import (
+from attribution_core.errors import SettingsError
+from attribution_core.methods.exact import flat_gradients, gauss_newton_matrix
+from attribution_core.methods.influence import Influence, InfluenceSettings
+from attribution_core.numerics import curvature as curvature_module
+from attribution_core.numerics.curvature import (
     LayerBasis,
     Scratch,
     basis_change,
@@ -27,12 +30,9 @@ from attribution_core.curvature import (
     rotated_gradients,
     sandwich,
 )
-from attribution_core.errors import SettingsError
-from attribution_core.gradients import LayerBatch
-from attribution_core.inputs import AttributionInputs
-from attribution_core.linalg import damped_inverse
-from attribution_core.methods.exact import flat_gradients, gauss_newton_matrix
-from attribution_core.methods.influence import Influence, InfluenceSettings
+from attribution_core.numerics.gradients import LayerBatch
+from attribution_core.numerics.inputs import AttributionInputs
+from attribution_core.numerics.linalg import damped_inverse
 from attribution_core.task import Task, sample_labels
 
 N_CLASSES = 3

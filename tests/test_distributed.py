@@ -16,14 +16,14 @@ from helpers_methods import attribution_inputs, cnn, data, mlp
 from attribution_core.api import attribute
 from attribution_core.data import DataSpec
 from attribution_core.distributed import rank_and_world, shard_range, sharded_rows, torchrun_shard
-from attribution_core.inputs import AttributionInputs, Segment
 from attribution_core.methods.influence import Influence
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.numerics.inputs import AttributionInputs, Segment
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace
-from attribution_core.training import train
 
 N_TRAIN = 37  # not a multiple of the world size or of the batch size
 

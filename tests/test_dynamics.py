@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from attribution_core.evaluation import dynamics
-from attribution_core.record import TrainingRecord
+from attribution_core.runs.record import TrainingRecord
 
 # Three epochs over examples 0-3 (example 4 is never drawn), two batches of two per epoch.
 BATCHES = [[0, 1], [2, 3], [3, 0], [1, 2], [2, 1], [0, 3]]

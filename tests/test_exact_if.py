@@ -8,7 +8,6 @@ from helpers_methods import attribution_inputs, cnn, data, loop_gradients, mlp
 from torch import nn
 
 from attribution_core.errors import SettingsError
-from attribution_core.inputs import AttributionInputs
 from attribution_core.methods.exact import (
     ExactInfluence,
     ExactSettings,
@@ -20,6 +19,7 @@ from attribution_core.methods.exact import (
     to_layout,
     tracked_parameters,
 )
+from attribution_core.numerics.inputs import AttributionInputs
 from attribution_core.task import Task
 
 TASK = Task()

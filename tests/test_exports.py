@@ -28,10 +28,10 @@ from attribution_core.exports import (
     scores_sidecar,
 )
 from attribution_core.models import ModelSpec
-from attribution_core.run import Recipe, Stage
+from attribution_core.runs.run import Recipe, Stage
+from attribution_core.runs.training import train
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
-from attribution_core.training import train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from scipy.stats import rankdata
 
 from attribution_core import inspection
 from attribution_core.jobs.kinds import features_job, load_result
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 

@@ -10,10 +10,10 @@ import torch
 from attribution_core.api import attribute
 from attribution_core.data import DataSpec
 from attribution_core.models import ModelSpec
-from attribution_core.replay import metagradients, replay_forward, replay_plan
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.replay_engine import metagradients, replay_forward, replay_plan
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace
-from attribution_core.training import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -1,4 +1,4 @@
-"""Per-example gradients from layer structure (gradients.py) equal autograd's, layer by layer."""
+"""Per-example gradients from layer structure (numerics/gradients.py) equal autograd's, layer by layer."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from helpers_methods import cnn, data, loop_gradients, mlp, token_model
 from torch import nn
 
-from attribution_core.gradients import capture_layer_batches, per_example_gradients
 from attribution_core.methods.exact import flat_gradients
+from attribution_core.numerics.gradients import capture_layer_batches, per_example_gradients
 from attribution_core.task import Task
 
 TASK = Task()

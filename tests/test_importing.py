@@ -14,12 +14,12 @@ from torch import nn
 from attribution_core.api import RECORDLESS_NOTE, attribute
 from attribution_core.data import DataSpec
 from attribution_core.errors import CheckpointError, SettingsError, WorkspaceError
-from attribution_core.importing import add_import_command, import_run
 from attribution_core.models import ModelSpec
-from attribution_core.recorder import factory_name, list_incomplete
-from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.importing import add_import_command, import_run
+from attribution_core.runs.recorder import factory_name, list_incomplete
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace, file_sha256, load_tensors, save_tensors
-from attribution_core.training import train
 
 DIGITS = DataSpec(source="digits", test_size=60, max_train=120)
 RECIPE = Recipe((Stage(epochs=2, lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=30),), seed=0,

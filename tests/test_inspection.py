@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from attribution_core import inspection
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 
 
 def test_predictions_are_the_final_models_softmax(demo_workspace):

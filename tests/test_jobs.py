@@ -37,7 +37,7 @@ from attribution_core.jobs.ready import (
     ready_jobs,
 )
 from attribution_core.jobs.worker import lane_busy, work
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 

@@ -27,11 +27,11 @@ from attribution_core.evaluation.lds import (
     subset_masks,
 )
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import one_thread, retrain, train
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 from attribution_core.task import correct_class_margin
-from attribution_core.training import one_thread, retrain, train
 
 SMALL = DataSpec(source="digits", test_size=360, split_seed=0, max_train=200, max_test=40)
 TINY_MLP = ModelSpec("mlp", {"hidden": [16]})
@@ -96,7 +96,7 @@ def test_ground_truth_margins_are_the_margins_of_models_retrained_on_each_subset
 RESUME_SCRIPT = """
 import sys, time
 from attribution_core.evaluation.lds import LdsSettings, groundtruth
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 # Slow each finished model down so the test can kill the job part-way.
 groundtruth(load_run(sys.argv[1], "small"), LdsSettings(n_subsets=10), progress=lambda done, total: time.sleep(0.3))
 """
@@ -136,7 +136,7 @@ def test_two_worker_processes_give_the_same_ground_truth_as_one(small_workspace,
 SHARD_SCRIPT = """
 import sys
 from attribution_core.evaluation.lds import LdsSettings, groundtruth
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 groundtruth(load_run(sys.argv[1], "small"), LdsSettings(n_subsets=5))
 """
 

@@ -26,9 +26,9 @@ from attribution_core.evaluation.mislabel import (
     rankings_for,
 )
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import one_thread, train
 from attribution_core.store import Workspace
-from attribution_core.training import one_thread, train
 
 NOISY_DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300, max_test=20, noise_fraction=0.1, noise_seed=0)
 RECIPE = Recipe((Stage(epochs=6, lr=0.05, batch_size=32),), seed=0, checkpoints=CheckpointPolicy(every_epochs=2))

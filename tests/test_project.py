@@ -54,30 +54,25 @@ def test_security_lint_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-CORE_LAYERS = (
-    ("errors", "progress", "distributed", "scores"),
-    ("settings", "store", "task", "models", "annotations", "segments", "linalg"),
-    ("record", "jobs.queue"),
-    ("data", "gradients", "inputs"),
-    ("run", "projection"),
-    ("training", "features"),
-    ("replay",),
-    ("recorder",),  # a user's own loop recorded as a run (run, record, training.evaluate)
-    ("importing",),  # finished checkpoints made a run (the recorder's checks)
-    ("curvature",),
-    ("methods.base",),
-    ("methods.tracin", "methods.exact"),
-    ("methods.trak", "methods.influence", "methods.source", "methods.baselines", "methods.replay"),
-    ("methods",),
-    ("api", "inspection", "exports", "evaluation.dynamics"),
-    ("evaluation", "evaluation.lds", "evaluation.counterfactual", "evaluation.mislabel", "evaluation.smoothness"),
-    ("jobs.kinds",),  # what each kind of job computes: calls into api and evaluation
-    ("jobs.ready",),  # what the first pages open with, queued when a run is trained
-    ("jobs.worker",),  # runs the queue; after a training job, queues the new run's ready jobs
-    ("demo",),
-    ("cli", "", "jobs"),  # "" is the package itself, whose __init__ re-exports the front door
-)
-"""attribution_core's modules from the bottom up: each imports only modules of lower layers."""
+def _layer_of() -> dict[str, tuple[int, int]]:
+    """Every core module (dotted under attribution_core, "" the package) -> (its layer, its sub-layer), from the declarations."""
+    import importlib
+
+    import attribution_core
+
+    placed: dict[str, tuple[int, int]] = {}
+    for depth, layer in enumerate(attribution_core.LAYERS):
+        if not layer.package:
+            placed |= {module: (depth, sub) for sub, modules in enumerate(layer.modules) for module in modules}
+            continue
+        sublayers = importlib.import_module(f"attribution_core.{layer.package}").LAYERS
+        folder = ROOT / "attribution_core" / layer.package
+        named = {module for modules in sublayers for module in modules}
+        others = sorted(path.stem for path in folder.glob("*.py") if path.stem != "__init__" and path.stem not in named)
+        for sub, modules in enumerate(sublayers):
+            for module in (others if modules == ("*",) else modules):
+                placed[".".join(filter(None, (layer.package, module)))] = (depth, sub)
+    return placed
 
 
 def _core_imports(path: Path) -> tuple[str, set[str]]:
@@ -98,9 +93,29 @@ def _core_imports(path: Path) -> tuple[str, set[str]]:
 
 
 def test_core_modules_import_only_from_lower_layers():
-    layer_of = {module: depth for depth, layer in enumerate(CORE_LAYERS) for module in layer}
+    layer_of = _layer_of()
     found = dict(_core_imports(path) for path in (ROOT / "attribution_core").rglob("*.py"))
-    assert set(found) == set(layer_of), "every core module needs a place in CORE_LAYERS"
+    assert set(found) == set(layer_of), "every core module needs a place in attribution_core.LAYERS or its package's LAYERS"
     upward = sorted(f"{module} imports {target}" for module, targets in found.items() for target in targets
                     if target in layer_of and layer_of[target] >= layer_of[module])
     assert upward == []
+
+
+def test_readme_and_package_docstring_list_the_declared_layers():
+    import attribution_core
+
+    lines = attribution_core.layer_lines()
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):].split("\n## ", 1)[0]
+    assert [line for line in lines if line not in layout] == []
+    assert [line for line in lines if line not in attribution_core.__doc__] == []
+
+
+def test_old_import_paths_give_the_moved_modules_themselves():
+    from attribution_core import recorder, run
+    from attribution_core.runs import recorder as moved_recorder
+    from attribution_core.runs import run as moved_run
+
+    assert run is moved_run and recorder is moved_recorder
+    from attribution_core.recorder import Recorder  # noqa: F401
+    from attribution_core.run import Run  # noqa: F401 (the README's path)

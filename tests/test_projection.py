@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attribution_core.errors import SettingsError
-from attribution_core.features import project_gradients
-from attribution_core.gradients import LayerBatch, capture_layer_batches, per_example_gradients
-from attribution_core.inputs import batches
-from attribution_core.projection import (
+from attribution_core.numerics.gradients import LayerBatch, capture_layer_batches, per_example_gradients
+from attribution_core.numerics.inputs import batches
+from attribution_core.numerics.projected_gradients import project_gradients
+from attribution_core.numerics.projection import (
     DenseProjector,
     IdentityProjector,
     KroneckerProjector,

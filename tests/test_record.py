@@ -11,12 +11,12 @@ from torch.nn import functional as F
 from attribution_core.data import DataSpec, load_dataset
 from attribution_core.errors import DataError
 from attribution_core.models import ModelSpec
-from attribution_core.record import RECORD_DIR, RecordWriter, TrainingRecord
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
-from attribution_core.segments import step_weights
+from attribution_core.numerics.segments import step_weights
+from attribution_core.runs.record import RECORD_DIR, RecordWriter, TrainingRecord
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import fit_model, train
 from attribution_core.store import Workspace, atomic_write_json
 from attribution_core.task import correct_class_margin
-from attribution_core.training import fit_model, train
 
 DIGITS = DataSpec(source="digits", test_size=100, split_seed=0, max_train=240)
 TWO_STAGES = Recipe(

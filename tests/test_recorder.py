@@ -22,8 +22,8 @@ from attribution_core.data import DataSpec, load_dataset
 from attribution_core.errors import SettingsError, UnknownRunError, WorkspaceError
 from attribution_core.methods import METHODS
 from attribution_core.models import ModelSpec
-from attribution_core.record import RECORD_DIR, TrainingRecord
-from attribution_core.recorder import (
+from attribution_core.runs.record import RECORD_DIR, TrainingRecord
+from attribution_core.runs.recorder import (
     INCOMPLETE_MARKER,
     INITIAL_WEIGHTS,
     ArrayData,
@@ -33,9 +33,9 @@ from attribution_core.recorder import (
     factory_name,
     list_incomplete,
 )
-from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
+from attribution_core.runs.training import is_small, one_thread, train
 from attribution_core.store import Workspace, load_tensors
-from attribution_core.training import is_small, one_thread, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = DataSpec(source="digits", test_size=60, max_train=120)
@@ -54,7 +54,7 @@ FACTORY = factory_name(digits_mlp)
 
 
 def hand_written_loop(recorder: Recorder, model: nn.Module, stage: Stage, seed: int) -> None:
-    """attribution_core.training.fit_model's loop for one stage, written out as a user would, recording every step."""
+    """attribution_core.runs.training.fit_model's loop for one stage, written out as a user would, recording every step."""
     x, y = recorder.train_set.x, recorder.train_set.y
     order = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
@@ -296,7 +296,7 @@ def test_a_killed_process_leaves_an_incomplete_run_never_a_broken_one(tmp_path):
         from torch.nn import functional as F
         from attribution_core.data import DataSpec
         from attribution_core.models import mlp
-        from attribution_core.recorder import Recorder, RecorderSettings
+        from attribution_core.runs.recorder import Recorder, RecorderSettings
         model = mlp((1, 8, 8), 10, hidden=(8,))
         recorder = Recorder({str(tmp_path)!r}, "killed", model=model, factory="mlp", options={{"hidden": [8]}},
                             data=DataSpec(source="digits", test_size=60, max_train=120), settings=RecorderSettings(flush_every=2))

@@ -18,10 +18,10 @@ from attribution_core.data import DataSpec
 from attribution_core.errors import DataError, SettingsError
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.models import ModelSpec, build_model
-from attribution_core.replay import metagradients, replay_forward, replay_plan, retrain_by_replay
-from attribution_core.run import CheckpointPolicy, Recipe, Stage
+from attribution_core.runs.replay_engine import metagradients, replay_forward, replay_plan, retrain_by_replay
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace, save_tensors
-from attribution_core.training import train
 
 RECIPE = Recipe(
     (Stage(name="sgd", epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=16, transform="noise"),
@@ -199,7 +199,7 @@ def test_order_keeping_ground_truth_replays_each_subset_and_replay_predicts_it(s
 def test_a_run_that_does_not_replay_names_the_step(run, tmp_path):
     import shutil
 
-    from attribution_core.run import load_run
+    from attribution_core.runs.run import load_run
 
     shutil.copytree(run.workspace.root, tmp_path / "ws")
     copy = load_run(tmp_path / "ws", run.run_id)

@@ -30,19 +30,19 @@ from torch.nn import functional as F
 
 from attribution_core import api
 from attribution_core.data import DataSpec
-from attribution_core.inputs import AttributionInputs
 from attribution_core.methods.base import Method
 from attribution_core.methods.exact import ExactInfluence, ExactSettings
 from attribution_core.methods.influence import Influence, InfluenceSettings
 from attribution_core.methods.source import Source, SourceSettings, build_segments
 from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.models import ModelSpec
-from attribution_core.replay import replay_forward, replay_plan
-from attribution_core.run import CheckpointPolicy, Recipe, Stage
-from attribution_core.segments import plan_segments
+from attribution_core.numerics.inputs import AttributionInputs
+from attribution_core.numerics.segments import plan_segments
+from attribution_core.runs.replay_engine import replay_forward, replay_plan
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage
+from attribution_core.runs.training import one_thread, train
 from attribution_core.store import Workspace
 from attribution_core.task import correct_class_margin
-from attribution_core.training import one_thread, train
 
 N_TRAIN, N_QUERIES, D_IN, N_CLASSES = 200, 6, 3, 3
 TEACHER_SCALE = 1.0

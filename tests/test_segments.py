@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from attribution_core.errors import DataError, SettingsError
-from attribution_core.segments import plan_segments
+from attribution_core.numerics.segments import plan_segments
 
 
 def plan(steps, stages, lrs, *, momenta=None, optimizers=None, **options):

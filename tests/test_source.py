@@ -25,12 +25,12 @@ from test_curvature_influence import (
     shared_input_eigenvalue,
 )
 
-from attribution_core import curvature as curvature_module
 from attribution_core.errors import SettingsError
-from attribution_core.inputs import Segment
 from attribution_core.methods.exact import flat_gradients
 from attribution_core.methods.source import Source, SourceSettings, build_segments, r_factor
-from attribution_core.segments import plan_segments
+from attribution_core.numerics import curvature as curvature_module
+from attribution_core.numerics.inputs import Segment
+from attribution_core.numerics.segments import plan_segments
 
 
 def segment_inputs(checkpoints, train_x, train_y, lr_sums, *, per_segment=2, **options):

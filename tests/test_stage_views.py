@@ -17,14 +17,14 @@ from test_curvature_influence import make_inputs, mlp_trajectory, shared_input_c
 
 from attribution_core import api
 from attribution_core.data import DataSpec
-from attribution_core.inputs import Segment
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.tracin import TracIn
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Stage
-from attribution_core.segments import step_weights
+from attribution_core.numerics.inputs import Segment
+from attribution_core.numerics.segments import step_weights
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace
-from attribution_core.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import b2_source_regime  # noqa: E402  (its by-hand run: the rotation moved inside the model)

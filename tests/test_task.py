@@ -16,10 +16,10 @@ from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.evaluation.mislabel import rank_mislabels
 from attribution_core.methods.baselines import GradientDot
 from attribution_core.models import ModelSpec
-from attribution_core.run import Recipe, Stage
+from attribution_core.runs.run import Recipe, Stage
+from attribution_core.runs.training import retrain, train
 from attribution_core.store import Workspace
 from attribution_core.task import Task, correct_class_margin
-from attribution_core.training import retrain, train
 
 QUERIES = [0, 1, 2, 3]
 

@@ -13,9 +13,9 @@ from attribution_core.cli import main as tdx
 from attribution_core.data import DataSpec, load_dataset
 from attribution_core.errors import CheckpointError, SettingsError, WorkspaceError
 from attribution_core.models import ModelSpec, build_model
-from attribution_core.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
+from attribution_core.runs.training import fit_model, retrain, train
 from attribution_core.store import Workspace, save_tensors
-from attribution_core.training import fit_model, retrain, train
 
 DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300)
 SMALL_MLP = ModelSpec("mlp", {"hidden": [16]})

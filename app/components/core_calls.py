@@ -26,7 +26,7 @@ from attribution_core.errors import TdxError
 from attribution_core.jobs.kinds import scores_job
 from attribution_core.jobs.queue import INTERACTIVE, REQUESTED
 from attribution_core.jobs.ready import blocks_covering, offered_methods, query_block
-from attribution_core.run import Run, load_run
+from attribution_core.runs.run import Run, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from attribution_core.annotations import Annotations
 from attribution_core.exports import export_flags
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 
 
 def cleanlab_mask(run: Run, store: Annotations) -> bytes:

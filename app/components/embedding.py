@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from attribution_core.inspection import MapLayout
 from attribution_core.jobs.kinds import layout_job
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 
 from .jobs import job_result
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from attribution_core.evaluation.mislabel import MislabelRanking, default_ranking, rankings_for
 from attribution_core.jobs.kinds import load_result, ranking_job
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 
 from .jobs import job_result
 

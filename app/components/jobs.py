@@ -20,7 +20,7 @@ import streamlit as st
 from attribution_core.jobs.kinds import job_kind, load_result
 from attribution_core.jobs.queue import ACTIVE, CANCELLED, DONE, FAILED, QUEUED, Job, JobQueue, JobSpec
 from attribution_core.jobs.worker import ensure_workers, job_mode
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 from attribution_core.store import Workspace
 
 from .context import workspace_root

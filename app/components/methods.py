@@ -4,8 +4,8 @@ from __future__ import annotations
 import streamlit as st
 
 from attribution_core.api import METHODS
-from attribution_core.run import Run
-from attribution_core.segments import even_ranges
+from attribution_core.numerics.segments import even_ranges
+from attribution_core.runs.run import Run
 
 from .context import publish_to_url, seed_from_url, url_selectbox
 from .core_calls import default_checkpoint_range, method_choices, method_label, unsupported_methods

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from attribution_core.data import Dataset
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
 
 from .core_calls import call_or_report, query_scores, require_run, test_predictions

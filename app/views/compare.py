@@ -36,8 +36,8 @@ from attribution_core.evaluation.lds import (
 from attribution_core.jobs.kinds import groundtruth_job
 from attribution_core.jobs.ready import FIRST_GROUND_TRUTH, LDS_QUERIES, compared_methods
 from attribution_core.jobs.worker import job_mode
-from attribution_core.replay import why_not_replayable
-from attribution_core.run import Run
+from attribution_core.runs.replay_engine import why_not_replayable
+from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
 
 MODE_NAMES = {"reshuffled": "reshuffled", "order_keeping": "order-keeping"}

@@ -40,8 +40,8 @@ from attribution_core.api import METHODS, QueryBatch, attribute
 from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
 from attribution_core.jobs.kinds import counterfactual_job, features_job, fit_job, smoothness_job
-from attribution_core.replay import why_not_replayable
-from attribution_core.run import Run
+from attribution_core.runs.replay_engine import why_not_replayable
+from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
 
 PICKER_COLUMNS, PICKER_ROWS = 12, 1

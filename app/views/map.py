@@ -23,7 +23,7 @@ from app.components.methods import checkpoint_label
 from app.components.page import chosen_attribution, page_prelude
 from app.components.queries import query_card, query_selectbox
 from attribution_core.inspection import MapLayout
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 
 COLOURINGS = ("label", "flag", "influence on a test sample")
 MAX_SELECTION_SHOWN = 32

@@ -32,7 +32,7 @@ from attribution_core.evaluation.mislabel import (
     ranking_label,
     recall_curve,
 )
-from attribution_core.run import Run
+from attribution_core.runs.run import Run
 
 RANKING_KEY = "ranking"
 SHORTCUTS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}

@@ -14,7 +14,7 @@ from attribution_core.errors import SettingsError
 from attribution_core.jobs.kinds import train_job
 from attribution_core.jobs.queue import JobSpec
 from attribution_core.models import ModelSpec
-from attribution_core.run import CheckpointPolicy, Recipe, Run, Stage
+from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage
 
 DATA_SOURCES = {"sample": "Fashion-MNIST sample (shipped)", "digits": "scikit-learn digits (8×8)"}
 """Data the training form offers: both ship with the project, nothing is downloaded."""

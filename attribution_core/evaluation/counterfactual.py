@@ -21,11 +21,11 @@ from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
 from ..methods import method_class
 from ..progress import ProgressFn, no_progress
-from ..run import Run
-from ..settings import check_settings
+from ..runs.run import Run
+from ..runs.training import one_thread, retrain
 from ..store import Artifact, atomic_write_json, read_json
 from ..task import Task
-from ..training import one_thread, retrain
+from ..validation import check_settings
 
 
 @dataclass(frozen=True)

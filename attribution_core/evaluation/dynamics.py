@@ -1,6 +1,6 @@
 """Training dynamics: what the training record says about each example, from the steps that drew it.
 
-The record (record.py) holds every draw of every training example: its cross-entropy loss and
+The record (runs/record.py) holds every draw of every training example: its cross-entropy loss and
 its correct-class margin logit_y − logsumexp_{j≠y} logit_j from the step's own forward pass.
 Both are functions of p_y = exp(−loss), the probability the model gave the label at that draw
 (margin = log p_y − log(1 − p_y)). Each signal is a small pure function of a record and the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..record import TrainingRecord
+from ..runs.record import TrainingRecord
 
 EARLY_FRACTION = 0.1
 """Early training: this share of an example's draws (but at least MIN_EARLY_DRAWS), chosen once on B4 (see COMBINED)."""

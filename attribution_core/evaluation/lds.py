@@ -25,15 +25,15 @@ from scipy.stats import rankdata
 
 from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
-from ..inputs import batches
+from ..numerics.inputs import batches
 from ..progress import ProgressFn, no_progress
-from ..replay import retrain_by_replay
-from ..run import Run, load_run
+from ..runs.replay_engine import retrain_by_replay
+from ..runs.run import Run, load_run
+from ..runs.training import one_thread, retrain
 from ..scores import Scores
-from ..settings import check_settings
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
-from ..training import one_thread, retrain
+from ..validation import check_settings
 
 MODES = ("reshuffled", "order_keeping")
 """How a subset's model is retrained: the question each ground truth asks (see LdsSettings.mode)."""

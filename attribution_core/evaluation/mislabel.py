@@ -19,14 +19,14 @@ import torch
 
 from ..api import self_influence
 from ..errors import SettingsError
-from ..inputs import batches
 from ..inspection import model_probabilities
 from ..methods import METHODS
+from ..numerics.inputs import batches
 from ..progress import ProgressFn, no_progress
-from ..run import Run
+from ..runs.run import Run
+from ..runs.training import fit_model, one_thread
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
-from ..training import fit_model, one_thread
 from .dynamics import COMBINED, SIGNALS, combined, has_dynamics, signal_scores
 from .dynamics import settings as dynamics_settings
 

@@ -5,7 +5,7 @@ changes the query's measurement by about −Σ_{i∈S} τ(z_q, z_i). Whether tha
 run (ReLU networks are only piecewise smooth in the example weights). For a few random removals
 of a small fraction of the training set, this check compares the prediction with the actual
 change after an order-keeping retrain (the recorded run replayed with the removed examples
-weighted 0 in their batch slots: replay.py), which is exactly what replay's derivative predicts
+weighted 0 in their batch slots: runs/replay_engine.py), which is exactly what replay's derivative predicts
 to first order.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ from torch.func import functional_call
 from ..api import attribute
 from ..errors import SettingsError
 from ..progress import ProgressFn, no_progress
-from ..replay import replay_forward, replay_plan
-from ..run import Run
+from ..runs.replay_engine import replay_forward, replay_plan
+from ..runs.run import Run
 from ..scores import Scores
-from ..settings import check_settings
 from ..store import Artifact, atomic_write_json, read_json
+from ..validation import check_settings
 
 
 @dataclass(frozen=True)

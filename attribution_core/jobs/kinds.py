@@ -26,10 +26,10 @@ from ..inspection import feature_index, map_layout, stored_feature_index, stored
 from ..methods import method_class
 from ..models import ModelSpec
 from ..progress import ProgressFn
-from ..run import Recipe, Run, load_run
+from ..runs.run import Recipe, Run, load_run
+from ..runs.training import train
 from ..store import Workspace, check_name
 from ..task import Task
-from ..training import train
 from .queue import INTERACTIVE, REQUESTED, JobSpec
 
 Params = Mapping[str, Any]

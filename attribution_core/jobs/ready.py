@@ -12,7 +12,7 @@ from ..evaluation.lds import LdsSettings
 from ..evaluation.mislabel import default_ranking
 from ..inspection import query_order, test_probabilities
 from ..methods import METHODS
-from ..run import Run
+from ..runs.run import Run
 from ..store import Workspace
 from .kinds import features_job, fit_job, groundtruth_job, layout_job, load_result, ranking_job, scores_job
 from .queue import PREFETCH, Job, JobQueue, JobSpec

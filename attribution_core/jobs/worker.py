@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..api import prepare
 from ..errors import TdxError
-from ..run import Run, load_run
+from ..runs.run import Run, load_run
 from ..store import Workspace
 from .kinds import fit_job, job_kind, load_result
 from .queue import CANCELLED, DONE, FAILED, INTERACTIVE, PREFETCH, QUEUED, Job, JobQueue

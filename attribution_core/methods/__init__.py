@@ -23,6 +23,11 @@ METHODS: dict[str, type[Method]] = {
 """Every method the front door knows, in the order the CLI and the app list them."""
 
 
+LAYERS = (("base",), ("tracin", "exact"), ("*",), ("",))
+"""This package's modules bottom up ("*": every method module not named; "" is this __init__): a new method module
+needs no entry here."""
+
+
 def method_class(name: str) -> type[Method]:
     """The method class of a name, or a SettingsError listing the names there are."""
     if name not in METHODS:

@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import SettingsError
-from ..inputs import AttributionInputs, TrainState
-from ..run import Run
+from ..numerics.inputs import AttributionInputs, TrainState
+from ..runs.run import Run
 
 CHECKPOINT_POLICIES = ("last", "last5", "all")
 

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from ..errors import SettingsError
-from ..gradients import layer_batches
-from ..inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..numerics.gradients import layer_batches
+from ..numerics.inputs import AttributionInputs, TrainState, batches, state_tensor
 from ..progress import Progress, n_chunks
-from ..settings import check_settings
 from ..task import Task
+from ..validation import check_settings
 from .base import Method
 from .tracin import TracIn, TracInSettings, squared_norms
 

@@ -13,7 +13,7 @@ dθ/dε = −(G + λI)⁻¹∇L(z_m) at a minimum of the loss plus (λ/2)‖θ�
 z_m for the measurement −L(z_m): how much z_m's own loss would rise if it were removed (a
 positive magnitude, in loss units).
 
-Gradients here come from torch.func, independently of the layer capture in gradients.py, so
+Gradients here come from torch.func, independently of the layer capture in numerics/gradients.py, so
 tests comparing the two check something real. Everything holds (n, P) or (P, P) matrices: keep
 P to about 20k parameters.
 """
@@ -28,12 +28,12 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from ..errors import SettingsError
-from ..gradients import objective_function
-from ..inputs import AttributionInputs, TrainState, batches, state_tensor
-from ..linalg import damped_inverse
+from ..numerics.gradients import objective_function
+from ..numerics.inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..numerics.linalg import damped_inverse
 from ..progress import Progress, n_chunks
-from ..settings import check_settings
 from ..task import Task
+from ..validation import check_settings
 from .base import Method
 
 CURVATURES = ("gauss_newton", "hessian")

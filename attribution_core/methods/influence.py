@@ -3,7 +3,7 @@
     τ(z_q, z_m) = −(1/N) ∇f(z_q; θ)ᵀ (G + λI)⁻¹ ∇L(z_m; θ)      (positive = proponent)
 at the final checkpoint θ (the last of inputs.models), with G the curvature of the MEAN
 training loss, block-diagonal over the tracked layers and Kronecker-factored within each layer
-(curvature.py), and λ a per-layer damping. Unit: the change of the query's measurement (the
+(numerics/curvature.py), and λ a per-layer damping. Unit: the change of the query's measurement (the
 margin by default) from training with z_m rather than without it. Removing z_m from
 (1/N) Σ_i L(z_i) is up-weighting its term by ε = −1/N, which moves θ by (1/N)(G + λI)⁻¹∇L(z_m)
 to first order (Koh & Liang 2017), hence the 1/N (N = len(train_y)); the same quantity as exact
@@ -11,7 +11,7 @@ influence (methods/exact.py), which tests/test_score_units.py checks against lea
 retraining.
 
 `fit` keeps only each layer's eigenbases and eigenvalues (about the size of the model). `score`
-works in the Kronecker eigenbasis (curvature.py): the queries' rotated measurement gradients are
+works in the Kronecker eigenbasis (numerics/curvature.py): the queries' rotated measurement gradients are
 weighted by 1 / (Λ + λ) once, and one pass over the training set (per block of queries, a block
 being as many as QUERY_BUDGET holds) dots them with the rotated training gradients, one matrix
 product per layer and chunk. With `k` set, fit also stores the k-dim Kronecker
@@ -29,7 +29,8 @@ from typing import ClassVar
 
 import torch
 
-from ..curvature import (
+from ..errors import SettingsError
+from ..numerics.curvature import (
     FISHERS,
     LayerBasis,
     LayerMatrices,
@@ -51,11 +52,10 @@ from ..curvature import (
     stream_rotated_products,
     weighted_rotated_norms,
 )
-from ..errors import SettingsError
-from ..inputs import AttributionInputs, TrainState, state_tensor
+from ..numerics.inputs import AttributionInputs, TrainState, state_tensor
+from ..numerics.projection import KroneckerProjector
 from ..progress import Progress, n_chunks
-from ..projection import KroneckerProjector
-from ..settings import check_settings
+from ..validation import check_settings
 from .base import Method
 
 CURVATURES = ("ekfac", "kfac")

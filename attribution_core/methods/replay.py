@@ -1,7 +1,7 @@
 """Replay: exact attribution by differentiating through the recorded training run (MAGIC, Ilyas & Engstrom 2025).
 
     τ(z_q, z_i) = d f(z_q; θ_T) / d w_i  at w = at_weight (1: the run as trained)
-with w_i example i's weight in its batches' losses (replay.py): positive = proponent (removing i,
+with w_i example i's weight in its batches' losses (runs/replay_engine.py): positive = proponent (removing i,
 w_i 1 -> 0, lowers f by about τ, to first order). Computed by reverse mode through every recorded
 optimizer step, the queries of a block carried backward together. Exact for the run as it was
 trained: no Hessian approximation, no stationarity assumption; the matching ground truth is the
@@ -22,10 +22,17 @@ import torch
 
 from ..distributed import sharded_rows
 from ..errors import SettingsError
-from ..inputs import AttributionInputs, TrainState
-from ..replay import ReplayedStates, ReplayPlan, metagradients, replay_plan, replayed_states, why_not_replayable
-from ..run import Run
-from ..settings import check_settings
+from ..numerics.inputs import AttributionInputs, TrainState
+from ..runs.replay_engine import (
+    ReplayedStates,
+    ReplayPlan,
+    metagradients,
+    replay_plan,
+    replayed_states,
+    why_not_replayable,
+)
+from ..runs.run import Run
+from ..validation import check_settings
 from .base import Method
 
 

@@ -1,6 +1,6 @@
 """SOURCE (Bae, Lin, Lorraine, Grosse 2024): approximate unrolled differentiation over segments.
 
-Training is cut into segments ℓ = 1..L (inputs.segments, planned by segments.py); within one the
+Training is cut into segments ℓ = 1..L (inputs.segments, planned by numerics/segments.py); within one the
 curvature H̄_ℓ and z_m's loss gradient ḡ_ℓ(z_m) are replaced by averages over its checkpoints.
 With x_ℓ = η̄_ℓK_ℓ (the segment's lr_sum), S̄_ℓ = exp(−x_ℓH̄_ℓ) and
 r̄_ℓ(z_m) = (1/N)(I − exp(−x_ℓH̄_ℓ))H̄_ℓ⁻¹ḡ_ℓ(z_m):
@@ -17,12 +17,12 @@ z_m's contribution to segment ℓ is w_ℓ,m times the formula above: 0 for an e
 never drew (a stage training other classes), 1 for all when every step draws from the whole set.
 Gradients at a checkpoint are taken on the training inputs as its stage saw them (inputs.views).
 
-H̄_ℓ is EK-FAC (curvature.py): factors A, S averaged over the segment's checkpoints give one
+H̄_ℓ is EK-FAC (numerics/curvature.py): factors A, S averaged over the segment's checkpoints give one
 eigenbasis per layer and segment; the corrected eigenvalues are fitted at every checkpoint in
 that basis, averaged, and negatives clipped to 0. Both r and exp act on eigenvalues in the same
 per-layer basis, so each layer is handled on its own (H̄ is block-diagonal).
 
-Scoring works in each segment's rotated coordinates (curvature.py): v_L is the queries' rotated
+Scoring works in each segment's rotated coordinates (numerics/curvature.py): v_L is the queries' rotated
 measurement gradient, r(H̄_ℓ) and S̄_ℓ are elementwise products there, and v_ℓ₋₁ moves into
 segment ℓ−1's basis by one dense product per layer (`basis_change`). Because the score is linear
 in ḡ_ℓ, the training side is the rotated mean gradient of z_m over the segment's checkpoints,
@@ -30,7 +30,7 @@ formed chunk by chunk (a sum of rank-one terms for Linear layers) and met by all
 matrix product per layer: per block of queries, one pass over the training set, with one
 forward and backward per checkpoint and chunk, and L query-by-example products per layer.
 With `k` set the training side is stored at fit instead: per segment, the k-dim
-Kronecker projections of the rotated mean gradients, balanced by √r(H̄_ℓ) (curvature.py), and
+Kronecker projections of the rotated mean gradients, balanced by √r(H̄_ℓ) (numerics/curvature.py), and
 each segment's contribution is one (queries x k)(k x N) product (approximate, unbiased).
 
 Unit: the change of the query's measurement (the margin by default) from training with z_m
@@ -59,7 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curvature import (
+from ..errors import SettingsError
+from ..numerics.curvature import (
     FISHERS,
     LayerBasis,
     LayerMatrices,
@@ -83,13 +84,12 @@ from ..curvature import (
     scoring_projector,
     stream_rotated_products,
 )
-from ..errors import SettingsError
-from ..inputs import AttributionInputs, Segment, TrainState, state_tensor
+from ..numerics.inputs import AttributionInputs, Segment, TrainState, state_tensor
+from ..numerics.projection import KroneckerProjector
+from ..numerics.segments import SegmentPlan, plan_segments
 from ..progress import Progress, n_chunks
-from ..projection import KroneckerProjector
-from ..run import Run
-from ..segments import SegmentPlan, plan_segments
-from ..settings import check_settings
+from ..runs.run import Run
+from ..validation import check_settings
 from .base import Method
 
 EigenFunction = Callable[[torch.Tensor], torch.Tensor]

@@ -2,14 +2,14 @@
 
     τ(z_q, z_m) = −Σ_c η_c ∇θ f(z_q; θ_c)ᵀ ∇θ L(z_m; θ_c)      (positive = proponent)
 with f the measurement and L the training loss. Dot products come from the layer structure
-(gradients.py): per layer, ∇f(q)ᵀ∇L(m) = Σ_{t,t'} (g_q,t · g_m,t')(a_q,t · a_m,t'), which for a
+(numerics/gradients.py): per layer, ∇f(q)ᵀ∇L(m) = Σ_{t,t'} (g_q,t · g_m,t')(a_q,t · a_m,t'), which for a
 Linear layer on 2-D inputs is (g_q · g_m)(a_q · a_m) with no per-example gradient; where the
 positions make that dearer than forming the layer's per-example gradients (convolutions), those
 are formed for one chunk at a time.
 
 Two modes (TracInSettings.k): exact (None), where `fit` stores only self-influence and
 `score` streams the training set once per checkpoint; or projected (k), where `fit` stores
-η_c Pᵀ∇L(z_m; θ_c) (N, k) per checkpoint (Kronecker projection, projection.py) and `score` costs
+η_c Pᵀ∇L(z_m; θ_c) (N, k) per checkpoint (Kronecker projection, numerics/projection.py) and `score` costs
 the queries' gradients and a product.
 
 Self-influence is reported as a positive magnitude, Σ_c η_c ‖∇L(z_m; θ_c)‖² (loss gradient on
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from ..errors import SettingsError
-from ..features import project_gradients
-from ..gradients import LayerBatch, layer_batches
-from ..inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..numerics.gradients import LayerBatch, layer_batches
+from ..numerics.inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..numerics.projected_gradients import project_gradients
+from ..numerics.projection import DISTRIBUTIONS, Projector, make_projector, tracked_layer_shapes
 from ..progress import Progress, n_chunks
-from ..projection import DISTRIBUTIONS, Projector, make_projector, tracked_layer_shapes
-from ..settings import check_settings
+from ..validation import check_settings
 from .base import Method
 
 

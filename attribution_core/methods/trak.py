@@ -34,14 +34,14 @@ from torch import nn
 
 from ..distributed import local_rows
 from ..errors import SettingsError
-from ..features import project_gradients, projected_features
-from ..gradients import AMP_DTYPES
-from ..inputs import AttributionInputs, TrainState, batches, state_tensor
-from ..linalg import damped_inverse
+from ..numerics.gradients import AMP_DTYPES
+from ..numerics.inputs import AttributionInputs, TrainState, batches, state_tensor
+from ..numerics.linalg import damped_inverse
+from ..numerics.projected_gradients import project_gradients, projected_features
+from ..numerics.projection import DISTRIBUTIONS, PROJECTIONS, Projector, make_projector, tracked_layer_shapes
 from ..progress import Progress, n_chunks
-from ..projection import DISTRIBUTIONS, PROJECTIONS, Projector, make_projector, tracked_layer_shapes
-from ..settings import check_settings
 from ..task import Task
+from ..validation import check_settings
 from .base import Method
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect

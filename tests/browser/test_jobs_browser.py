@@ -19,7 +19,7 @@ from attribution_core.jobs.kinds import groundtruth_job
 from attribution_core.jobs.queue import DONE, REQUESTED, RUNNING, JobQueue
 from attribution_core.jobs.ready import queue_ready_jobs
 from attribution_core.jobs.worker import work
-from attribution_core.run import list_runs, load_run
+from attribution_core.runs.run import list_runs, load_run
 from attribution_core.store import Workspace
 
 pytestmark = pytest.mark.browser

@@ -28,7 +28,7 @@ import pytest
 from page_scripts import IMAGES_SETTLED, SCRIPT_FINISHED
 
 from attribution_core.annotations import FLAG_KINDS, Annotations
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 playwright_api = pytest.importorskip("playwright.async_api")

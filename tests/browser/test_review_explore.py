@@ -9,7 +9,7 @@ from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 from test_browser import TIMEOUT_MS, screenshot, selected, settle
 
 from attribution_core.annotations import Annotations
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 
 pytestmark = pytest.mark.browser
 

@@ -15,7 +15,7 @@ import pytest
 from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 
 from attribution_core.annotations import Annotations
-from attribution_core.run import load_run
+from attribution_core.runs.run import load_run
 
 pytestmark = pytest.mark.browser
 

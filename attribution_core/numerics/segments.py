@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataError, SettingsError
+from ..errors import DataError, SettingsError
 
 SGD = "sgd"
 

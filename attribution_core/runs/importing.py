@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .data import SOURCES, Dataset, DataSpec, load_dataset
-from .errors import CheckpointError, SettingsError
-from .models import ModelSpec
+from ..data import SOURCES, Dataset, DataSpec, load_dataset
+from ..errors import CheckpointError, SettingsError
+from ..models import ModelSpec
+from ..store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, load_metadata, load_tensors
 from .recorder import (
     INCOMPLETE_MARKER,
     check_architecture,
@@ -43,7 +44,6 @@ from .recorder import (
     write_marker,
 )
 from .run import CheckpointInfo, CheckpointPolicy, Recipe, Run, Stage, Trajectory
-from .store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, load_metadata, load_tensors
 
 ORIGIN_IMPORTED = "imported"
 """metrics["origin"] of a run imported from checkpoints (no record, approximate trajectory)."""

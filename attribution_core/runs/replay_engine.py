@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import DataError, SettingsError
-from .models import build_model
-from .progress import ProgressFn, no_progress
+from ..errors import DataError, SettingsError
+from ..models import build_model
+from ..progress import ProgressFn, no_progress
+from ..task import Task
 from .run import Run
-from .task import Task
 from .training import is_small, one_thread
 
 Params = dict[str, torch.Tensor]

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
-from .store import load_tensors, save_tensors
+from ..errors import DataError
+from ..store import load_tensors, save_tensors
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "other")
 """Optimizer names the record knows; anything else is recorded as "other"."""

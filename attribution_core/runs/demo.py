@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .data import FASHION_MNIST_DIR, DataSpec
-from .errors import DataError
-from .models import ModelSpec
-from .progress import ProgressFn
+from ..data import FASHION_MNIST_DIR, DataSpec
+from ..errors import DataError
+from ..models import ModelSpec
+from ..progress import ProgressFn
+from ..store import Workspace
 from .run import CheckpointPolicy, Recipe, Stage, load_run
-from .store import Workspace
 from .training import train
 
 

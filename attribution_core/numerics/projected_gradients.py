@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .distributed import sharded_rows
+from ..distributed import sharded_rows
+from ..task import Task
 from .gradients import layer_batches
 from .inputs import AttributionInputs, batches
 from .projection import Projector
-from .task import Task
 
 
 def projected_features(

@@ -53,14 +53,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum, local_rows
-from .errors import SettingsError
-from .features import projected_features
+from ..distributed import all_reduce_sum, local_rows
+from ..errors import SettingsError
+from ..progress import n_chunks
+from ..task import Task
 from .gradients import LayerBatch, capture_layer_batches, layer_shape, objective_function
 from .inputs import AttributionInputs, batches
-from .progress import n_chunks
+from .projected_gradients import projected_features
 from .projection import KroneckerProjector, tracked_layer_shapes
-from .task import Task
 
 FISHERS = ("true_fisher", "empirical")
 GRADIENT_BUDGET = 2**26

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 
 def damped_inverse(curvature: torch.Tensor, damping: float, absolute_eigenvalues: bool = False) -> torch.Tensor:

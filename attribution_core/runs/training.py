@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import Dataset, DataSpec, load_dataset
-from .errors import SettingsError
-from .models import ModelSpec, build_model
-from .progress import ProgressFn, no_progress
+from ..data import Dataset, DataSpec, load_dataset
+from ..errors import SettingsError
+from ..models import ModelSpec, build_model
+from ..progress import ProgressFn, no_progress
+from ..store import Workspace, atomic_write_json, file_sha256, save_tensors
 from .record import RECORD_DIR, RecordWriter, TrainingRecord, optimizer_hyperparameters
 from .run import CheckpointInfo, Recipe, Run, Stage, Trajectory
-from .store import Workspace, atomic_write_json, file_sha256, save_tensors
 
 
 def learning_rate(stage: Stage, step_in_stage: int, steps_per_epoch: int) -> float:

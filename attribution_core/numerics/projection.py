@@ -15,7 +15,7 @@ Random matrices are drawn on the CPU from generators seeded by (seed, layer, par
 to the inputs' device and dtype, so the same seed gives the same features on every device: a
 state fitted on a GPU can be scored on a CPU.
 
-Projecting a whole data set chunk by chunk (and sharded over ranks) is features.py.
+Projecting a whole data set chunk by chunk (and sharded over ranks) is projected_gradients.py.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SettingsError
+from ..errors import SettingsError
+from ..task import Task
 from .gradients import LayerBatch, layer_shape, per_example_gradients
-from .task import Task
 
 PROJECTIONS = ("kronecker", "dense", "identity")
 DISTRIBUTIONS = ("rademacher", "gaussian")

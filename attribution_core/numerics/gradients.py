@@ -20,8 +20,8 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 
-from .errors import SettingsError
-from .task import Task
+from ..errors import SettingsError
+from ..task import Task
 
 
 @dataclass

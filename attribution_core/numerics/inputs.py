@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SettingsError
-from .progress import ProgressFn, no_progress
-from .task import Task
+from ..errors import SettingsError
+from ..progress import ProgressFn, no_progress
+from ..task import Task
 
 TrainState = dict[str, torch.Tensor]
 """Train-side results of a method's `fit`, saved as safetensors: flat names to tensors."""
