@@ -10,7 +10,7 @@ do not use (cleanlab for mislabel rankings, say) need not be installed.
 
 Layout, bottom up: each layer imports only from the layers below it (LAYERS, checked by
 tests/test_project.py; a sub-package orders its own modules in its __init__'s LAYERS):
-- foundation (errors, progress, distributed, scores, validation, store, task, models, annotations, data): errors a user can act on, progress callbacks, settings validation, the atomic workspace store, the Task extension point, models, data sources
+- foundation (errors, progress, distributed, scores, validation, store, task, models, annotations, data, trust): errors a user can act on, progress callbacks, settings validation, the atomic workspace store, the Task extension point, models, data sources, consent to import a run's code
 - numerics/: the math the methods share: per-layer gradients, projections, curvature, segments, the inputs every method receives
 - runs/: how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine
 - methods/: one module per attribution method, each a `Method` subclass declaring what it is
@@ -42,9 +42,9 @@ class Layer(NamedTuple):
 
 LAYERS: tuple[Layer, ...] = (
     Layer("foundation", "errors a user can act on, progress callbacks, settings validation, the atomic workspace store, "
-          "the Task extension point, models, data sources",
+          "the Task extension point, models, data sources, consent to import a run's code",
           modules=(("errors", "progress", "distributed", "scores"), ("validation", "store", "task", "models", "annotations"),
-                   ("data",))),
+                   ("data", "trust"))),
     Layer("numerics", "the math the methods share: per-layer gradients, projections, curvature, segments, the inputs every "
           "method receives", package="numerics"),
     Layer("runs", "how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine",
@@ -72,7 +72,7 @@ def layer_lines() -> list[str]:
 _EXPORTS = {
     "load_run": "runs.run", "list_runs": "runs.run", "Run": "runs.run", "Recipe": "runs.run", "Stage": "runs.run",
     "CheckpointPolicy": "runs.run",
-    "train": "runs.training", "retrain": "runs.training",
+    "train": "runs.training", "retrain": "runs.training", "record_run": "runs.training", "TrainingSession": "runs.session",
     "Recorder": "runs.recorder", "RecorderSettings": "runs.recorder", "ArrayData": "runs.recorder",
     "list_incomplete": "runs.recorder",
     "import_run": "runs.importing",

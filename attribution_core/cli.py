@@ -75,16 +75,29 @@ def parse_stage(text: str, defaults: dict) -> dict:
     return stage
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a run's data (train, record)."""
+    parser.add_argument("--data", default="sample", help="sample, digits, fashion_mnist, npz or image_folder (default: sample)")
+    parser.add_argument("--data-path", default=None, help="file or folder for fashion_mnist / npz / image_folder")
+    parser.add_argument("--max-train", type=int, default=None, help="use this many training examples (default: all)")
+    parser.add_argument("--max-test", type=int, default=None, help="use this many test examples (default: all)")
+    parser.add_argument("--noise", type=float, default=0.0, help="fraction of training labels to flip (default: 0)")
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the flipped labels (default: 0)")
+
+
+def _data_spec(args: argparse.Namespace):
     from .data import DataSpec
+
+    return DataSpec(source=args.data, path=args.data_path, max_train=args.max_train, max_test=args.max_test,
+                    noise_fraction=args.noise, noise_seed=args.noise_seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     from .models import ModelSpec
     from .runs.run import CheckpointPolicy, Recipe, Stage
     from .runs.training import train
 
-    data = DataSpec(
-        source=args.data, path=args.data_path, max_train=args.max_train, max_test=args.max_test,
-        noise_fraction=args.noise, noise_seed=args.noise_seed,
-    )
+    data = _data_spec(args)
     options = {"hidden": [int(width) for width in args.hidden.split(",")]} if args.hidden else {}
     model = ModelSpec(args.model, options)
     defaults = dict(
@@ -110,6 +123,36 @@ def _queue_ready(workspace: Workspace, runs: list, *, with_groundtruth: bool) ->
     if queued:
         print(f"queued {len(queued)} jobs for the app's first pages (its workers run them; `tdx jobs` lists them, "
               "`tdx jobs run` runs them here)")
+
+
+def cmd_record(args: argparse.Namespace) -> None:
+    from .models import ModelSpec
+    from .runs.training import record_run
+
+    workspace = Workspace(args.workspace)
+    workspace.run_dir(args.run_id, must_exist=False)  # refuse a bad run id before importing or training anything
+    model = ModelSpec(args.model, _settings_overrides(args.model_option))
+    with tqdm_progress(f"record {args.run_id}") as progress:
+        run = record_run(workspace, args.run_id, args.function, data=_data_spec(args), model=model, options=_settings_overrides(args.set),
+                         seed=args.seed, device=args.device, progress=progress)
+    print(f"run {run.run_id}: test accuracy {run.metrics['test_accuracy']:.3f}, {len(run.checkpoints)} checkpoints; trained by "
+          f"{run.trained_by.function}, which tdx calls again to retrain and replay it")
+    _queue_ready(workspace, [run], with_groundtruth=False)
+
+
+def cmd_trust(args: argparse.Namespace) -> None:
+    from .runs.run import load_run
+    from .trust import config_dir, trust, untrusted
+
+    run = load_run(Workspace(args.workspace), args.run_id)
+    needed = untrusted(run.code(), run.workspace.root)
+    if not needed:
+        print(f"run {run.run_id} imports nothing that needs consent ({', '.join(run.code()) or 'no code of its own'})")
+        return
+    for module, location in needed:
+        print(f"{module}: {location}")
+    trust([module for module, _ in needed], run.workspace.root)
+    print(f"trusted for workspace {run.workspace.root}: {', '.join(module for module, _ in needed)} (consent kept in {config_dir()})")
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -197,7 +240,10 @@ def cmd_app(args: argparse.Namespace) -> None:
     if not workspace.run_ids() and not args.no_demo:
         print(f"building the demo workspace in {workspace.root} (first start, a few seconds)…", flush=True)
         cmd_demo(argparse.Namespace(workspace=args.workspace, tiny=False, full=False))
-    env = os.environ | {"TDX_WORKSPACE": str(workspace.root)}
+    # The server runs from the app's folder; the folder tdx was started from stays importable there (a run's factory or
+    # training function in the user's project), ahead of installed packages as on this command line (main).
+    python_path = os.pathsep.join(filter(None, (os.getcwd(), os.environ.get("PYTHONPATH"))))
+    env = os.environ | {"TDX_WORKSPACE": str(workspace.root), "PYTHONPATH": python_path}
     url = f"http://{args.address}:{args.port}"
     print(f"tda-explorer on {url}  (workspace {workspace.root})", flush=True)
     if args.open:
@@ -363,12 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a run and record its trajectory")
     _add_workspace(train)
     train.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
-    train.add_argument("--data", default="sample", help="sample, digits, fashion_mnist, npz or image_folder")
-    train.add_argument("--data-path", default=None, help="file or folder for fashion_mnist / npz / image_folder")
-    train.add_argument("--max-train", type=int, default=None)
-    train.add_argument("--max-test", type=int, default=None)
-    train.add_argument("--noise", type=float, default=0.0, help="fraction of training labels to flip")
-    train.add_argument("--noise-seed", type=int, default=0)
+    _add_data_arguments(train)
     train.add_argument("--model", default="mlp", help="mlp, cnn, resnet9 or package.module:factory")
     train.add_argument("--hidden", default=None, help="MLP hidden widths, e.g. 128,128")
     train.add_argument("--epochs", type=int, default=10)
@@ -386,6 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=1, help="keep one every k epochs")
     train.add_argument("--device", default="cpu")
     train.set_defaults(handler=cmd_train)
+
+    record = commands.add_parser("record", help="train a run by your own training function, which tdx then calls again to retrain and "
+                                                "replay it (README: Your own model)")
+    _add_workspace(record)
+    record.add_argument("function", help="the training function, package.module:function, called as function(session)")
+    record.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
+    record.add_argument("--model", required=True, help="the factory that builds the architecture: package.module:factory (or mlp, cnn, "
+                                                       "resnet9); called as factory(input_shape, n_classes, **options)")
+    record.add_argument("--model-option", action="append", default=[], help="a factory option, e.g. --model-option hidden=64")
+    _add_data_arguments(record)
+    record.add_argument("--set", action="append", default=[], help="an option the function reads from session.options, e.g. --set epochs=6")
+    record.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order, augmentation and dropout (default: 0)")
+    record.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    record.set_defaults(handler=cmd_record)
+
+    trust = commands.add_parser("trust", help="agree to import the code a run names (its model factory and training function) for "
+                                              "this workspace; prints each module's file first")
+    _add_workspace(trust)
+    trust.add_argument("run_id")
+    trust.set_defaults(handler=cmd_trust)
 
     runs = commands.add_parser("runs", help="list the workspace's runs")
     _add_workspace(runs)
@@ -485,10 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `tdx`."""
     if os.getcwd() not in sys.path:
-        # As `python -m` does (the app server and the job workers run that way): a model factory in the project tdx is run
-        # from ("examples.own_training_loop:small_cnn" from this repository's root) imports here too. Appended, so an
-        # installed package of the same name still wins.
-        sys.path.append(os.getcwd())
+        # First, as `python -m` puts it (the app server and the job workers run that way): a run's factory or training
+        # function in the project tdx is run from ("examples.own_training_loop:train" from this repository's root) imports
+        # here as it does there, even where an installed package takes the same top-level name (kronfluence installs one
+        # called `examples`).
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
     init_from_torchrun()  # under torchrun, train-side passes and retrains are shared by the ranks
     try:

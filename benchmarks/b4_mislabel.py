@@ -36,7 +36,8 @@ from attribution_core.inspection import model_probabilities
 from attribution_core.models import ModelSpec
 from attribution_core.runs.demo import demo_runs
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
-from attribution_core.runs.training import fit_model, one_thread, train
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import fit_model, train
 from attribution_core.store import Workspace
 from attribution_core.task import Task
 

@@ -33,7 +33,8 @@ from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtrut
 from attribution_core.runs.demo import demo_runs
 from attribution_core.runs.replay_engine import replay_forward, replay_plan
 from attribution_core.runs.run import Run, load_run
-from attribution_core.runs.training import fit_model, one_thread, train
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import fit_model, train
 from attribution_core.store import Workspace
 
 METHODS = {"replay": {}, "source": {}, "trak": {}, "ekfac": {}, "tracin": {}}

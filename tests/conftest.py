@@ -1,8 +1,10 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,20 @@ from attribution_core.evaluation.lds import LdsSettings, groundtruth
 from attribution_core.runs.demo import build_demo
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
+from attribution_core.trust import CONFIG_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_config_dir(tmp_path_factory) -> Iterator[Path]:
+    """tdx's per-user settings (consent to import a run's code: trust.py) in a folder of the test session's, not ~/.config."""
+    folder = tmp_path_factory.mktemp("tdx_config")
+    previous = os.environ.get(CONFIG_ENV)
+    os.environ[CONFIG_ENV] = str(folder)  # subprocesses (the app, job workers) inherit it
+    yield folder
+    if previous is None:
+        os.environ.pop(CONFIG_ENV, None)
+    else:
+        os.environ[CONFIG_ENV] = previous
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,10 @@ from attribution_core.evaluation.counterfactual import (
     removals,
 )
 from attribution_core.models import ModelSpec
-from attribution_core.runs import training
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
-from attribution_core.runs.training import one_thread, stage_indices, train
+from attribution_core.runs.session import TrainingSession
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import retrain, stage_indices, train
 from attribution_core.store import Workspace
 from attribution_core.task import Task
 
@@ -52,16 +53,26 @@ def two_stage_run(tmp_path_factory):
 
 @pytest.fixture
 def recorded_fits(monkeypatch):
-    """Every fit_model call made through retrain, as {stage: set of train indices seen}."""
-    calls = []
-    original = training.fit_model
+    """Every retrain the check makes, as {stage: set of train indices its batches drew}."""
+    calls: list[dict[int, set[int]]] = []
+    stages: dict[int, int] = {}
+    original_retrain, original_stage, original_step = counterfactual_module.retrain, TrainingSession.stage, TrainingSession.step
 
-    def recording(*args, **kwargs):
-        seen: dict[int, set[int]] = {}
-        calls.append(seen)
-        return original(*args, **kwargs, on_batch=lambda stage, idx: seen.setdefault(stage, set()).update(idx.tolist()))
+    def retrain(*args, **kwargs):
+        calls.append({})
+        return original_retrain(*args, **kwargs)
 
-    monkeypatch.setattr(training, "fit_model", recording)
+    def stage(self, name):
+        stages[id(self)] = stages.get(id(self), -1) + 1
+        return original_stage(self, name)
+
+    def step(self, optimizer, batch, losses=None, margins=None):
+        calls[-1].setdefault(stages[id(self)], set()).update(batch.rows.tolist())
+        return original_step(self, optimizer, batch, losses, margins)
+
+    monkeypatch.setattr(counterfactual_module, "retrain", retrain)
+    monkeypatch.setattr(TrainingSession, "stage", stage)
+    monkeypatch.setattr(TrainingSession, "step", step)
     return calls
 
 
@@ -108,7 +119,7 @@ def test_base_margin_is_the_stored_model_which_equals_retraining_on_everything(t
     x, label = test_set.x[QUERY : QUERY + 1], int(test_set.y[QUERY])
     everything = np.ones(len(train_set), dtype=bool)
     for offset, margin, prediction in zip((0, 1), result.base_margins, result.base_predictions):
-        model = training.retrain(two_stage_run, everything, seed=TWO_STAGES.seed + offset)
+        model = retrain(two_stage_run, everything, seed=TWO_STAGES.seed + offset)
         assert (margin, prediction) == query_outcome(model, Task(), x, label)
     assert result.base_margins[0] == query_outcome(two_stage_run.load_model(-1), Task(), x, label)[0]
     assert result.true_label == label and result.seeds == [0, 1]

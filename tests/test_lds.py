@@ -28,7 +28,8 @@ from attribution_core.evaluation.lds import (
 )
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
-from attribution_core.runs.training import one_thread, retrain, train
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import retrain, train
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 from attribution_core.task import correct_class_margin

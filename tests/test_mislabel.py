@@ -27,7 +27,8 @@ from attribution_core.evaluation.mislabel import (
 )
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
-from attribution_core.runs.training import one_thread, train
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace
 
 NOISY_DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300, max_test=20, noise_fraction=0.1, noise_seed=0)

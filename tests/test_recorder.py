@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,7 +32,8 @@ from attribution_core.runs.recorder import (
     list_incomplete,
 )
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
-from attribution_core.runs.training import is_small, one_thread, train
+from attribution_core.runs.threads import is_small, one_thread
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace, load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,62 +338,3 @@ def test_a_complete_run_is_not_replaced_unless_asked_and_an_empty_loop_is_not_a_
     with pytest.raises(SettingsError, match="no optimizer step was recorded"), open_recorder(tmp_path, "empty")[0]:
         pass
     assert list_incomplete(tmp_path) == ["empty"]
-
-
-# --- the example: your own loop, opened in every method and in the app ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def example_run(tmp_path_factory) -> Run:
-    """examples/own_training_loop.py run on its tiny setting, as a user would run it."""
-    root = tmp_path_factory.mktemp("example_ws")
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "own_training_loop.py"), "--tiny", "--workspace", str(root)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr
-    assert f"tdx app --workspace {root}" in result.stdout
-    if str(ROOT) not in sys.path:  # the factory is examples.own_training_loop:small_cnn, found from the repository root as the app does
-        sys.path.insert(0, str(ROOT))
-    return load_run(root, "own-loop-cnn")
-
-
-@pytest.mark.slow
-def test_the_example_records_a_cnn_with_augmentation_in_a_plain_loop(example_run):
-    assert example_run.model.name == "examples.own_training_loop:small_cnn"
-    assert example_run.data == DataSpec(source="sample", max_train=200, max_test=100)
-    assert len(example_run.checkpoints) == 2 and example_run.record.n_steps == 2 * math.ceil(200 / 64)
-    assert np.isfinite(example_run.record.losses).all() and np.isfinite(example_run.record.margins).all()  # from the loop's losses
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_attributes_the_example_run(example_run, method):
-    reason = METHODS[method].unsupported_reason(example_run)
-    if method == "replay":  # the loop's random crops and flips are not in the record: replay says it cannot redo the run
-        assert reason == "the run was recorded outside tdx's trainer, whose steps replay knows"
-        return
-    if reason is not None:
-        pytest.skip(reason)
-    scores = attribute(example_run, method, queries=[0, 1], settings=SMALL.get(method), device="cpu")
-    assert scores.values.shape == (2, 200) and np.isfinite(scores.values).all()
-
-
-@pytest.mark.slow
-def test_tdx_attributes_the_example_run_from_the_repository_root(example_run):
-    # the console script's sys.path starts at its bin folder: the factory "examples...." is found only as `python -m` finds it
-    result = subprocess.run([str(Path(sys.executable).parent / "tdx"), "attribute", example_run.run_id, "--workspace",
-                             str(example_run.workspace.root), "--method", "tracin", "--queries", "0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr
-    assert "tracin" in result.stdout.lower()
-
-
-@pytest.mark.slow
-def test_the_app_opens_the_example_run(example_run, monkeypatch):
-    monkeypatch.setenv("TDX_WORKSPACE", str(example_run.workspace.root))
-    app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
-    app.query_params.update(run=example_run.run_id)
-    app.run()
-    assert not app.exception, [exception.message for exception in app.exception]
-    assert app.selectbox(key="run").value == example_run.run_id
-    app.switch_page("views/runs.py").run()
-    assert not app.exception, [exception.message for exception in app.exception]

@@ -40,7 +40,8 @@ from attribution_core.numerics.inputs import AttributionInputs
 from attribution_core.numerics.segments import plan_segments
 from attribution_core.runs.replay_engine import replay_forward, replay_plan
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage
-from attribution_core.runs.training import one_thread, train
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace
 from attribution_core.task import correct_class_margin
 

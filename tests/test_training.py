@@ -188,7 +188,7 @@ def test_training_into_a_read_only_workspace_is_reported_and_leaves_no_run(tmp_p
 
     monkeypatch.setattr("tempfile.mkstemp", read_only)
     workspace = Workspace(tmp_path)
-    first_file = tmp_path / "runs" / "ro" / "record" / "steps_00000001.safetensors"  # the record, flushed at the first checkpoint
+    first_file = tmp_path / "runs" / "ro" / "incomplete.json"  # the marker that says a run is being trained, written first
     with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {first_file}: the workspace is read-only; pass a writable --workspace")):
         train(DIGITS, SMALL_MLP, Recipe((Stage(epochs=1),)), workspace, "ro")
     assert workspace.run_ids() == [] and not any(path.is_file() for path in tmp_path.rglob("*"))

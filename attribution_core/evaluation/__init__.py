@@ -7,5 +7,5 @@
 - mislabel: rankings of the training set by how suspicious each label is.
 """
 
-LAYERS = (("dynamics",), ("*",), ("",))
+LAYERS = (("dynamics",), ("counterfactual",), ("*",), ("",))
 """This package's modules bottom up ("*": every module not named; "" is this __init__): each imports only from lower ones."""

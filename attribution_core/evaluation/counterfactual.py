@@ -1,8 +1,8 @@
 """The counterfactual check: remove a query's top proponents, retrain, and watch its margin move.
 
 For one test query, a method's top-k proponents (and, separately, its top-k opponents) are
-removed from the training set, the run's whole pipeline is retrained with the same recipe and
-seeds, and the query's correct-class margin and predicted class are compared with those of the
+removed from the training set, the run is retrained by its own training function with the same
+seeds (runs/training.retrain), and the query's correct-class margin and predicted class are compared with those of the
 model trained on everything, and with k random removals. Stored as JSON under
 runs/<id>/counterfactual/<key>/: each finished retrain as its own small file (a killed check
 resumes, and torchrun ranks share the retrains: distributed.py), result.json with the manifest at
@@ -22,7 +22,8 @@ from ..errors import SettingsError
 from ..methods import method_class
 from ..progress import ProgressFn, no_progress
 from ..runs.run import Run
-from ..runs.training import one_thread, retrain
+from ..runs.threads import one_thread
+from ..runs.training import retrain
 from ..store import Artifact, atomic_write_json, read_json
 from ..task import Task
 from ..validation import check_settings
@@ -108,8 +109,8 @@ def query_outcome(model: torch.nn.Module, task: Task, x: torch.Tensor, label: in
 def _retrained_outcome(run: Run, task: Task, artifact: Artifact, name: str, keep: np.ndarray, seed_offset: int,
                        x: torch.Tensor, label: int) -> None:
     """Retrain without the removed examples, measure the query, store the outcome as name.json."""
-    with one_thread():  # see training.one_thread: small models retrain faster on one thread
-        model = retrain(run, keep, seed=run.recipe.seed + seed_offset)
+    with one_thread():  # see threads.one_thread: small models retrain faster on one thread
+        model = retrain(run, keep, seed=run.recipe.seed + seed_offset, task=task)
     margin, prediction = query_outcome(model, task, x, label)
     atomic_write_json(artifact.path(f"{name}.json"), {"margin": margin, "prediction": prediction})
 

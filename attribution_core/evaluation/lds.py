@@ -1,7 +1,7 @@
 """Linear datamodeling score (Park et al. 2023): retrain on random subsets, rank-correlate predictions.
 
 Ground truth: M random subsets S_m of the training set (each a fraction alpha of it), one model
-retrained per (subset, seed) with the run's recipe, and the task's measurement f_j(S_m) (the
+retrained per (subset, seed) by the run's own training function (runs/training.retrain), and the task's measurement f_j(S_m) (the
 correct-class margin by default) of every test example j. A method predicts g_j(S_m) = sum_{i in S_m} tau(z_j, z_i); LDS_j is the Spearman
 correlation over m of (g_j, f_j), reported as a mean over queries with its standard error.
 
@@ -27,9 +27,9 @@ from ..distributed import torchrun_shard, wait_for_files
 from ..errors import SettingsError
 from ..numerics.inputs import batches
 from ..progress import ProgressFn, no_progress
-from ..runs.replay_engine import retrain_by_replay
 from ..runs.run import Run, load_run
-from ..runs.training import one_thread, retrain
+from ..runs.threads import one_thread
+from ..runs.training import retrain
 from ..scores import Scores
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
@@ -47,7 +47,7 @@ class LdsSettings:
     alpha: float = field(default=0.5, metadata={"help": "fraction of the training set each subset keeps (0 < alpha < 1)"})
     seed: int = field(default=0, metadata={"help": "numpy seed of the subset masks"})
     seeds_per_subset: int = field(default=1, metadata={"help": "retraining seeds per subset; their margins are averaged (reshuffled mode)"})
-    mode: str = field(default="reshuffled", metadata={"help": "reshuffled: each subset retrained from scratch by the recipe, its batches drawn anew; order_keeping: the recorded run replayed in its batch order with the removed examples weighted 0 in their batch slots (MAGIC's evaluation; use alpha 0.95, i.e. 5 % removed)"})
+    mode: str = field(default="reshuffled", metadata={"help": "reshuffled: each subset retrained from scratch by the run's training function, its batches drawn anew; order_keeping: the run's training function given the recorded batches in their order with the removed examples weighted 0 in their batch slots (MAGIC's evaluation; use alpha 0.95, i.e. 5 % removed)"})
 
     def __post_init__(self) -> None:
         check_settings(
@@ -137,9 +137,9 @@ def _compute_model(run: Run, task: Task, settings: LdsSettings, artifact: Artifa
     """
     with one_thread():
         if settings.mode == "order_keeping":
-            model = retrain_by_replay(run, torch.as_tensor(mask, dtype=torch.float32), task=task)
+            model = retrain(run, weights=mask.astype(np.float32), order_keeping=True, task=task, device=device)
         else:
-            model = retrain(run, mask, seed=run.recipe.seed + seed_offset, device=device)
+            model = retrain(run, mask, seed=run.recipe.seed + seed_offset, task=task, device=device)
         atomic_save_npy(artifact.path(_model_file(subset, seed_offset)), measurements_on_test_set(model, run, task))
 
 

@@ -24,7 +24,8 @@ from ..methods import METHODS
 from ..numerics.inputs import batches
 from ..progress import ProgressFn, no_progress
 from ..runs.run import Run
-from ..runs.training import fit_model, one_thread
+from ..runs.threads import one_thread
+from ..runs.training import retrain
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
 from .dynamics import COMBINED, SIGNALS, combined, has_dynamics, signal_scores
@@ -176,13 +177,13 @@ def fold_masks(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def cross_validated_probabilities(run: Run, task: Task, *, folds: int, progress: ProgressFn = no_progress) -> np.ndarray:
-    """(N, K) out-of-sample probabilities: row i from a model retrained (run's recipe) without example i's fold."""
+    """(N, K) out-of-sample probabilities: row i from a model retrained (the run's training function) without example i's fold."""
     train_set, _ = run.datasets()
     labels = train_set.y.numpy()
     probabilities = np.zeros((len(train_set), train_set.n_classes), dtype=np.float64)
     for done, held_out in enumerate(fold_masks(labels, folds, run.recipe.seed), start=1):
-        with one_thread():  # see training.one_thread: small models retrain faster on one thread
-            model = fit_model(train_set, run.model, run.recipe, keep_mask=~held_out, keep_checkpoints=False).model
+        with one_thread():  # see threads.one_thread: small models retrain faster on one thread
+            model = retrain(run, ~held_out, task=task)
         probabilities[held_out] = model_probabilities(model, task, train_set.x[torch.as_tensor(held_out)])
         progress(done, folds)
     return probabilities

@@ -4,9 +4,9 @@ Every method here predicts the effect of removing training examples linearly: re
 changes the query's measurement by about −Σ_{i∈S} τ(z_q, z_i). Whether that holds depends on the
 run (ReLU networks are only piecewise smooth in the example weights). For a few random removals
 of a small fraction of the training set, this check compares the prediction with the actual
-change after an order-keeping retrain (the recorded run replayed with the removed examples
-weighted 0 in their batch slots: runs/replay_engine.py), which is exactly what replay's derivative predicts
-to first order.
+change after an order-keeping retrain (the run's training function given the recorded batches
+with the removed examples weighted 0 in their slots: runs/training.retrain), which is exactly
+what replay's derivative predicts to first order.
 """
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch.func import functional_call
 
 from ..api import attribute
 from ..errors import SettingsError
+from ..evaluation.counterfactual import query_outcome
 from ..progress import ProgressFn, no_progress
-from ..runs.replay_engine import replay_forward, replay_plan
 from ..runs.run import Run
+from ..runs.threads import one_thread
+from ..runs.training import retrain
 from ..scores import Scores
 from ..store import Artifact, atomic_write_json, read_json
+from ..task import Task
 from ..validation import check_settings
 
 
@@ -55,23 +56,22 @@ def smoothness_check(run: Run, scores: Scores, query: int, settings: SmoothnessS
     if scores.query_indices is None or query not in set(scores.query_indices.tolist()):
         raise SettingsError(f"the scores hold no row for test query {query}: attribute it first")
     row = scores.values[list(scores.query_indices).index(query)]
-    plan = replay_plan(run)
     _, test_set = run.datasets()
-    x, y = test_set.x[query : query + 1].to(plan.train_y.device), test_set.y[query : query + 1].to(plan.train_y.device)
+    x, label, task = test_set.x[query : query + 1], int(test_set.y[query]), Task()
 
-    def measured(weights: torch.Tensor | None) -> float:
-        final, _ = replay_forward(plan, weights, verify=False)
-        with torch.no_grad():
-            return float(plan.task.measurement(lambda inputs: functional_call(plan.model, final, (inputs,)), x, y)[0])
+    def measured(weights: np.ndarray) -> float:
+        with one_thread():  # see threads.one_thread: small models retrain faster on one thread
+            model = retrain(run, weights=weights, order_keeping=True, task=task)
+        return query_outcome(model, task, x, label)[0]
 
     n_train, generator = len(row), np.random.default_rng(settings.seed)
     count = max(1, round(settings.fraction * n_train))
-    base = measured(None)
+    base = measured(np.ones(n_train, dtype=np.float32))
     removed, predicted, actual = [], [], []
     for done in range(1, settings.n_removals + 1):
         chosen = np.sort(generator.choice(n_train, size=count, replace=False))
-        weights = torch.ones(n_train)
-        weights[torch.as_tensor(chosen)] = 0
+        weights = np.ones(n_train, dtype=np.float32)
+        weights[chosen] = 0
         removed.append(chosen.tolist())
         predicted.append(-float(row[chosen].sum()))
         actual.append(measured(weights) - base)

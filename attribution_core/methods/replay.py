@@ -7,8 +7,9 @@ optimizer step, the queries of a block carried backward together. Exact for the 
 trained: no Hessian approximation, no stationarity assumption; the matching ground truth is the
 order-keeping LDS (evaluation/lds.py, mode "order_keeping"), which retrains in the same batch order.
 
-Runs it can replay: recorded by tdx's trainer (seeded initialisation), SGD with momentum or
-Adam, no batch-norm buffers. `fit` replays the whole run once, checks the weights against
+Runs it can replay: made by a training function (tdx's recipe or a user's loop recorded with
+`tdx record`), SGD with momentum (Nesterov too), Adam or AdamW; augmentation, dropout and
+BatchNorm are replayed (runs/replay_engine.py). `fit` replays the whole run once, checks the weights against
 every stored checkpoint and keeps every ~√T-th state; `score` then costs one reverse pass per
 block of queries (each segment recomputed from its kept state, then walked back; see
 benchmarks/b7_replay.py). Under torchrun the queries are shared between the processes.
@@ -40,7 +41,7 @@ from .base import Method
 class ReplaySettings:
     """Every knob of replay."""
 
-    state_version: ClassVar[int] = 2  # 2: the fitted state holds the kept states (1 held only the step count)
+    state_version: ClassVar[int] = 3  # 3: kept states hold buffers too; 2: the kept states; 1 held only the step count
     start_stage: int = field(default=0, metadata={"help": "attribute only from this training stage on (earlier steps held fixed; cheaper): 0 = the whole run"})
     at_weight: float = field(default=1.0, metadata={"help": "the example weight the derivative is taken at: 1 = the run as trained; a subset ground truth keeping a fraction α of the examples is matched better at α"})
     query_block: int = field(default=32, metadata={"help": "queries carried backward together (memory: this × parameters × optimizer moments)"})
@@ -58,7 +59,6 @@ class Replay(Method):
     label = "replay (exact)"
     Settings = ReplaySettings
     max_parameters = 5_000_000
-    shards_queries = True
     shards_queries = True
 
     def __init__(self, settings: ReplaySettings | None = None, plan: ReplayPlan | None = None):

@@ -4,7 +4,8 @@ runs/<id>/record/ holds chunk files steps_<first step:08d>.safetensors, each a r
 optimizer steps (1-based step numbers, chunks in order, no gaps):
 - per step (T_chunk,): stage int32, lr / momentum / beta2 / weight_decay float64 (momentum is
   SGD's momentum or Adam's beta1; beta2 is 0 for SGD), batch_size int32, optimizer int32 (an
-  index into OPTIMIZERS);
+  index into OPTIMIZERS), nesterov int32 (1 for SGD with Nesterov momentum; absent from records
+  written before it existed, read as 0);
 - per example-step (E_chunk,), batch by batch in step order: indices int32 (training-set rows of
   the batch, as drawn), losses and margins float32 (each example's training loss and
   correct-class margin at that step, from the step's own forward pass; NaN where not given).
@@ -29,24 +30,24 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "other")
 
 RECORD_DIR = "record"
 _PART = "steps_{:08d}.safetensors"
-_STEP_FIELDS = ("stage", "lr", "momentum", "beta2", "weight_decay", "batch_size", "optimizer")
+_STEP_FIELDS = ("stage", "lr", "momentum", "beta2", "weight_decay", "batch_size", "optimizer", "nesterov")
 _EXAMPLE_FIELDS = ("indices", "losses", "margins")
 
 
-def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, float | str]:
-    """The step's lr, momentum (SGD) or beta1 (Adam), beta2, weight decay and optimizer name, read from its first group."""
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, float | str | bool]:
+    """The step's lr, momentum (SGD) or beta1 (Adam), beta2, weight decay, Nesterov flag and optimizer name, read from its first group."""
     group = optimizer.param_groups[0]
     name = type(optimizer).__name__.lower()
     beta1, beta2 = group.get("betas", (group.get("momentum", 0.0), 0.0))
     return {"optimizer": name if name in OPTIMIZERS else "other", "lr": float(group["lr"]), "momentum": float(beta1),
-            "beta2": float(beta2), "weight_decay": float(group.get("weight_decay", 0.0))}
+            "beta2": float(beta2), "weight_decay": float(group.get("weight_decay", 0.0)), "nesterov": bool(group.get("nesterov", False))}
 
 
 @dataclass
 class TrainingRecord:
     """Every optimizer step of a run: its hyperparameters, its batch, and each example's loss and margin there.
 
-    Per step (T,): stage, lr, momentum, beta2, weight_decay, batch_size, optimizer (names).
+    Per step (T,): stage, lr, momentum, beta2, weight_decay, batch_size, optimizer (names), nesterov (bool).
     offsets: (T + 1,) int64; step t's batch (1-based t) is indices[offsets[t - 1]:offsets[t]].
     indices: (E,) int64 training-set rows; losses, margins: (E,) float32, NaN where not recorded.
     """
@@ -61,9 +62,11 @@ class TrainingRecord:
     indices: np.ndarray
     losses: np.ndarray
     margins: np.ndarray
+    nesterov: np.ndarray | None = None
     offsets: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        self.nesterov = np.zeros(len(self.lr), dtype=bool) if self.nesterov is None else np.asarray(self.nesterov, dtype=bool)
         self.offsets = np.concatenate([[0], np.cumsum(self.batch_size, dtype=np.int64)])
         if self.offsets[-1] != len(self.indices):
             raise DataError(f"training record: batch sizes add up to {self.offsets[-1]} examples but {len(self.indices)} are recorded")
@@ -105,12 +108,14 @@ class TrainingRecord:
         if not parts:
             return None
         chunks = [load_tensors(part) for part in parts]
+        for chunk in chunks:  # chunks written before the field existed: SGD without Nesterov
+            chunk.setdefault("nesterov", torch.zeros(len(chunk["lr"]), dtype=torch.int32))
         columns = {name: np.concatenate([chunk[name].numpy() for chunk in chunks]) for name in (*_STEP_FIELDS, *_EXAMPLE_FIELDS)}
         return cls(
             stage=columns["stage"].astype(np.int64), lr=columns["lr"], momentum=columns["momentum"], beta2=columns["beta2"],
             weight_decay=columns["weight_decay"], batch_size=columns["batch_size"].astype(np.int64),
             optimizer=[OPTIMIZERS[code] for code in columns["optimizer"]], indices=columns["indices"].astype(np.int64),
-            losses=columns["losses"], margins=columns["margins"],
+            losses=columns["losses"], margins=columns["margins"], nesterov=columns["nesterov"],
         )
 
 
@@ -137,13 +142,14 @@ class RecordWriter:
             stale.unlink()
 
     def append(self, *, stage: int, lr: float, momentum: float, beta2: float, weight_decay: float, optimizer: str,
-               indices: Sequence[int] | torch.Tensor, losses: torch.Tensor | None = None, margins: torch.Tensor | None = None) -> None:
+               indices: Sequence[int] | torch.Tensor, losses: torch.Tensor | None = None, margins: torch.Tensor | None = None,
+               nesterov: bool = False) -> None:
         """Record one optimizer step: its hyperparameters, the rows of its batch and (optionally) their losses and margins."""
         rows = torch.as_tensor(indices).detach().reshape(-1)  # conversions wait for the flush: a step pays only for references
         code = OPTIMIZERS.index(optimizer if optimizer in OPTIMIZERS else "other")
         self._pending.append((stage, lr, momentum, beta2, weight_decay, len(rows), code, rows,
                               None if losses is None else losses.detach().reshape(-1),
-                              None if margins is None else margins.detach().reshape(-1)))
+                              None if margins is None else margins.detach().reshape(-1), int(nesterov)))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -166,6 +172,7 @@ class RecordWriter:
                for position, name in enumerate(("lr", "momentum", "beta2", "weight_decay"), start=1)},
             "batch_size": torch.tensor(columns[5], dtype=torch.int32),
             "optimizer": torch.tensor(columns[6], dtype=torch.int32),
+            "nesterov": torch.tensor(columns[10], dtype=torch.int32),
             "indices": torch.cat([rows.to("cpu", torch.int32) for rows in columns[7]]),
             "losses": losses,
             "margins": margins,

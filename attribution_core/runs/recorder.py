@@ -1,7 +1,7 @@
 """Record any PyTorch training loop as a tdx run: `Recorder`, a dozen lines in your own loop.
 
     from attribution_core.data import DataSpec
-    from attribution_core.runs.recorder import Recorder
+    from attribution_core.recorder import Recorder
 
     model = my_factory((1, 28, 28), 10)
     with Recorder("workspace", "my-run", model=model, factory="mypackage.models:my_factory",
@@ -38,12 +38,11 @@ What a recorded run is:
   Stage with transform "none", the stage's peak learning rate, its first step's momentum and weight
   decay, its largest batch, schedule "constant" (the true per-step schedule is in the record) and
   epochs = passes over the training set its steps drew (rounded up). metrics["origin"] is "recorded".
-- retraining is impossible: LDS ground truth, counterfactual checks and out-of-fold mislabel
-  probabilities retrain the recipe, which for a recorded run is not what the loop did. Until the core
-  accepts a user's retrain function, those evaluations do not apply to recorded runs. Replay (which
-  re-runs the recorded steps) can only reproduce a loop whose steps the record fully describes: no
-  random augmentation or dropout, SGD or Adam; it checks itself against the checkpoints and says
-  when a run does not replay.
+- retraining and replay: tdx cannot call a plain loop again, so the evaluations that retrain (LDS
+  ground truth, counterfactual and smoothness checks, out-of-fold mislabel probabilities) and exact
+  replay do not apply to a recorded run. Write the loop as a training function (session.py) and
+  record it with `record_run` / `tdx record` to have them: the session then records through this
+  same Recorder, and the run names its function (run.json "training").
 - a loop that stops (an exception in the block, or the process killed) leaves a run that lists as
   incomplete, never a broken one: runs/<id>/incomplete.json is written at open and at each checkpoint,
   run.json (which makes a run complete, Workspace.run_ids) only by `finish`; see `list_incomplete`.
@@ -68,12 +67,12 @@ from ..data import Dataset, DataSpec, dataset_from_arrays, load_dataset
 from ..errors import DataError, SettingsError, TdxError, WorkspaceError
 from ..models import BUILDERS, ModelSpec, build_model
 from ..store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, read_json, save_tensors
+from ..trust import trust
 from .record import RECORD_DIR, RecordWriter, TrainingRecord, optimizer_hyperparameters
-from .run import CheckpointInfo, CheckpointPolicy, Recipe, Run, Stage, Trajectory
-from .training import evaluate
+from .run import CheckpointInfo, CheckpointPolicy, Recipe, Run, Stage, TrainedBy, Trajectory
 
 ORIGIN_RECORDED = "recorded"
-"""metrics["origin"] of a run recorded from a user's own loop (tdx's trainer writes none: "trained")."""
+"""metrics["origin"] of a run recorded from a user's own plain loop (a training function's run has none: "trained")."""
 
 INCOMPLETE_MARKER = "incomplete.json"
 """The file that marks a run folder as being (or having stopped) recording; run.json replaces it."""
@@ -182,8 +181,22 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of a model on a dataset."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss = 0, 0.0
+    for start in range(0, len(dataset), batch_size):
+        logits = model(dataset.x[start : start + batch_size].to(device))
+        labels = dataset.y[start : start + batch_size].to(device)
+        correct += int((logits.argmax(1) == labels).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    return {"accuracy": correct / max(1, len(dataset)), "loss": loss / max(1, len(dataset))}
+
+
 def evaluate_keeping_mode(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, float]:
-    """training.evaluate, then the model back in the train/eval mode it was in (the loop goes on training)."""
+    """evaluate, then the model back in the train/eval mode it was in (the loop goes on training)."""
     was_training = model.training
     try:
         return evaluate(model, dataset, batch_size)
@@ -268,6 +281,8 @@ class Recorder:
         if not isinstance(model, nn.Module):
             raise SettingsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model_spec = ModelSpec(factory_name(factory), dict(options or {}))
+        if ":" in self.model_spec.name:  # the user runs this code already: opening the run later needs no consent
+            trust([self.model_spec.name.partition(":")[0]], self.workspace.root)
         if isinstance(data, ArrayData):
             payload = data.arrays()
             train_set, test_set = data.datasets()
@@ -374,8 +389,12 @@ class Recorder:
         self._update_marker()
         return info
 
-    def finish(self) -> Run:
-        """Keep the final model as the last checkpoint, evaluate it and write run.json (atomically, last): the run is complete."""
+    def finish(self, *, recipe: Recipe | None = None, trained_by: TrainedBy | None = None) -> Run:
+        """Keep the final model as the last checkpoint, evaluate it and write run.json (atomically, last): the run is complete.
+
+        A training function's session passes what made the run: tdx's recipe (else the stages are
+        described from the record) and the function tdx can call again (else the run is "recorded").
+        """
         self._check_open("finish")
         if self._steps == 0:
             raise SettingsError("recorder: no optimizer step was recorded; call recorder.step(optimizer, indices) after each optimizer.step()")
@@ -388,21 +407,38 @@ class Recorder:
             "train_accuracy": train_metrics["accuracy"], "train_loss": train_metrics["loss"],
             "test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"],
             "train_seconds": seconds, "n_train": len(self.train_set), "n_test": len(self.test_set),
-            "n_parameters": sum(p.numel() for p in self.model.parameters()), "origin": ORIGIN_RECORDED,
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            **({} if trained_by is not None else {"origin": ORIGIN_RECORDED}),
+            **self._flipped_fit(),
         }
         record = TrainingRecord.load(self.directory / RECORD_DIR)
         if record is None or record.n_steps != self._steps:  # flushed above: only a file changed under us gets here
             raise DataError(f"{self.directory / RECORD_DIR}: the record holds {record.n_steps if record else 0} steps, "
                             f"{self._steps} were recorded; another process wrote to this run folder: record the run again")
-        recipe = Recipe(tuple(stage.describe(self.n_train) for stage in self._stages), seed=self.seed,
-                        checkpoints=CheckpointPolicy(every_epochs=None, count=len(self.checkpoints)))
+        recipe = recipe or Recipe(tuple(stage.describe(self.n_train) for stage in self._stages), seed=self.seed,
+                                  checkpoints=CheckpointPolicy(every_epochs=None, count=len(self.checkpoints)))
         run = Run(self.run_id, self.workspace, self.data, self.model_spec, recipe, Trajectory.from_record(record),
-                  list(self.checkpoints), metrics, created=self.created, record=record)
+                  list(self.checkpoints), metrics, created=self.created, record=record, trained_by=trained_by)
         atomic_write_json(self.directory / "run.json", run.to_json())
         (self.directory / INCOMPLETE_MARKER).unlink(missing_ok=True)  # after run.json: a crash in between leaves a complete run
         self._closed = True
         self.run = run
         return run
+
+    @torch.no_grad()
+    def _flipped_fit(self) -> dict[str, float]:
+        """With labels flipped on purpose (DataSpec.noise_fraction): the fraction of flipped labels the final model predicts."""
+        if self.train_set.original_y is None:
+            return {}
+        flipped = torch.as_tensor(self.train_set.flipped)
+        if not flipped.any():
+            return {"flipped_fit_fraction": 0.0}
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        predictions = self.model(self.train_set.x[flipped].to(device)).argmax(1).cpu()
+        self.model.train(was_training)
+        return {"flipped_fit_fraction": float((predictions == self.train_set.y[flipped]).float().mean())}
 
     def abort(self, reason: str) -> None:
         """Stop recording without completing the run: flush what was recorded and mark the run as stopped (it lists as incomplete)."""

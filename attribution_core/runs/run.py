@@ -20,6 +20,7 @@ from ..errors import CheckpointError, DataError, SettingsError, TdxError
 from ..models import ModelSpec, build_model
 from ..numerics.segments import step_weights
 from ..store import Artifact, Workspace, check_name, file_sha256, load_tensors, read_json
+from ..trust import require_trusted
 from .record import RECORD_DIR, TrainingRecord
 
 RUN_FORMAT = 1
@@ -131,12 +132,13 @@ class Trajectory:
     batch_size: list[int] = field(default_factory=list)
     optimizer: list[str] = field(default_factory=list)
 
-    def record(self, stage_index: int, stage: Stage, lr: float, batch_size: int) -> None:
+    def add(self, stage_index: int, hyperparameters: dict[str, Any], batch_size: int) -> None:
+        """One more step, from the optimizer's hyperparameters after it (record.optimizer_hyperparameters)."""
         self.stage.append(stage_index)
-        self.lr.append(lr)
-        self.momentum.append(stage.momentum if stage.optimizer == "sgd" else 0.0)
+        self.lr.append(float(hyperparameters["lr"]))
+        self.momentum.append(float(hyperparameters["momentum"]) if hyperparameters["optimizer"] == "sgd" else 0.0)
         self.batch_size.append(batch_size)
-        self.optimizer.append(stage.optimizer)
+        self.optimizer.append(str(hyperparameters["optimizer"]))
 
     @property
     def n_steps(self) -> int:
@@ -164,6 +166,49 @@ class CheckpointInfo:
     size: int = 0
 
 
+RECIPE_FUNCTION = "attribution_core.runs.training:train_recipe"
+"""The training function of tdx's own trainer (`tdx train`, the demo): the run's recipe, stage by stage."""
+
+
+@dataclass(frozen=True)
+class TrainedBy:
+    """The training function that made a run (runs/session.py), so that tdx can call it again: retrain it and replay it.
+
+    function: "package.module:function", called as function(session); options: what it was given (`--set key=value`);
+    augment: (first step, "package.module:augment" or None) where the augmentation of session.batches changed, so
+    replay draws each step's augmentation again; optimizer_starts: the steps where a new optimizer object took its
+    first step (its state starts from zero there); not_replayable: what the function did that replay cannot do
+    again (inputs of its own, parameter groups with their own hyperparameters), empty when replay can.
+    """
+
+    function: str
+    options: dict[str, Any] = field(default_factory=dict)
+    augment: tuple[tuple[int, str | None], ...] = ()
+    optimizer_starts: tuple[int, ...] = ()
+    not_replayable: tuple[str, ...] = ()
+
+    def augment_at(self, step: int) -> str | None:
+        """The augmentation (import path) in force at a step (1-based), or None."""
+        current = None
+        for first, path in self.augment:
+            if first > step:
+                break
+            current = path
+        return current
+
+    def code(self) -> list[str]:
+        """The import paths ("module:attribute") this training imports: the function and every augmentation."""
+        return [self.function, *(path for _, path in self.augment if path is not None)]
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> "TrainedBy":
+        """Inverse of dataclasses.asdict (as stored in run.json)."""
+        return cls(function=payload["function"], options=dict(payload.get("options", {})),
+                   augment=tuple((int(first), path) for first, path in payload.get("augment", [])),
+                   optimizer_starts=tuple(int(step) for step in payload.get("optimizer_starts", [])),
+                   not_replayable=tuple(payload.get("not_replayable", [])))
+
+
 @dataclass
 class Run:
     """A trained model run in a workspace: specs, recipe, trajectory and checkpoints."""
@@ -179,12 +224,40 @@ class Run:
     created: str = ""
     record: TrainingRecord | None = field(default=None, repr=False, compare=False)
     """What every step trained on (record.py); None for runs made before records existed."""
+    trained_by: TrainedBy | None = None
+    """The training function that made the run (None: recorded by the Recorder, imported, or trained by tdx before
+    runs named their function; see training_function)."""
     _datasets: tuple[Dataset, Dataset] | None = field(default=None, repr=False, compare=False)
     _views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def directory(self) -> Path:
         return self.workspace.run_dir(self.run_id)
+
+    @property
+    def origin(self) -> str:
+        """How the run came to be: "trained" (by a training function: tdx's recipe or a user's), "recorded" or "imported"."""
+        return self.metrics.get("origin", "trained")
+
+    def training_function(self) -> TrainedBy | None:
+        """The training function tdx can call again for this run, or None (a run recorded or imported outside one).
+
+        Runs tdx trained before runs named their function were trained by the recipe function.
+        """
+        if self.trained_by is not None:
+            return self.trained_by
+        return TrainedBy(RECIPE_FUNCTION) if self.origin == "trained" else None
+
+    def code(self) -> list[str]:
+        """Every module this run imports when it is opened, retrained or replayed (its factory, its training function)."""
+        paths = [self.model.name] if ":" in self.model.name else []
+        paths += self.trained_by.code() if self.trained_by is not None else []
+        return list(dict.fromkeys(path.partition(":")[0] for path in paths))
+
+    def require_trusted(self) -> None:
+        """Raise UntrustedCodeError, importing nothing, when the run names code the user has not agreed to run (trust.py)."""
+        require_trusted(self.code(), self.workspace.root, f"run {self.run_id!r}",
+                        f"tdx trust {self.run_id} --workspace {self.workspace.root}")
 
     def checkpoint_index(self, checkpoint: int) -> int:
         """A checkpoint's index counted from the start (negative ones count from the end), checked to exist."""
@@ -250,6 +323,7 @@ class Run:
         """The model at a checkpoint index (negative counts from the end), in eval mode."""
         info = self.checkpoints[checkpoint]
         train_set, _ = self.datasets()
+        self.require_trusted()
         model = build_model(self.model, train_set.input_shape, train_set.n_classes)
         path = self.directory / "checkpoints" / check_name(info.file, "checkpoint file")
         state = load_tensors(path)
@@ -288,6 +362,7 @@ class Run:
                else {"trajectory": asdict(self.trajectory)}),  # a record holds the per-step schedule: run.json stays small
             "checkpoints": [asdict(info) for info in self.checkpoints],
             "metrics": self.metrics,
+            **({"training": asdict(self.trained_by)} if self.trained_by is not None else {}),
         }
 
     @classmethod
@@ -310,6 +385,7 @@ class Run:
             metrics=payload.get("metrics", {}),
             created=payload.get("created", ""),
             record=record,
+            trained_by=TrainedBy.from_json(payload["training"]) if "training" in payload else None,
         )
 
 

@@ -1,0 +1,145 @@
+"""B8: your own loop, as a training function: every method's LDS against retrainings of that loop, replay exact through it.
+
+The loop is examples/own_training_loop.py's `train`, written the way users write them: a
+BatchNorm CNN with dropout, random crops and flips, SGD with Nesterov momentum, warm-up then
+cosine; recorded with `record_run` on the first --train Fashion-MNIST training images (Debian's
+dataset-fashion-mnist) for --epochs epochs, a checkpoint per epoch. Then, on the first --queries
+test images:
+- (a) reshuffled LDS of every method that can attribute the run, against --subsets retrainings of
+  that same loop on random halves (the run's function called again, batches drawn afresh), beside
+  traker (TRAK, k = 1024, λ = 100, last five checkpoints) and kronfluence (EK-FAC, final checkpoint)
+  on the same checkpoints;
+- (b) replay's LDS against the order-keeping ground truth (the loop given its recorded batches with
+  5 % of the examples weighted 0 in their slots), and the largest relative difference of the
+  replayed weights and running statistics from the recorded checkpoints;
+- (c) seconds per query of each method (its train-side fit excluded, done once and stored),
+  divided by one training of the loop timed in the same process.
+
+    python benchmarks/b8_own_loop.py [--quick] [--train N] [--epochs E] [--subsets M] [--queries Q] [--json PATH] [--workspace DIR]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
+
+from attribution_core.api import attribute
+from attribution_core.data import DataSpec
+from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
+from attribution_core.methods import METHODS
+from attribution_core.runs.replay_engine import relative_difference, replay_forward, replay_plan
+from attribution_core.runs.run import Run, load_run
+from attribution_core.runs.threads import one_thread
+from attribution_core.runs.training import record_run, retrain
+from attribution_core.scores import Scores
+from attribution_core.store import Workspace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the example's loop, found by name from the repository root
+RUN_ID = "own-loop-b8"
+TRAIN = "examples.own_training_loop:train"
+FACTORY = "examples.own_training_loop:small_cnn"
+
+
+def the_run(workspace: Workspace, n_train: int, epochs: int) -> Run:
+    """The loop recorded on the first n_train Fashion-MNIST images (reused when the workspace holds it at these sizes)."""
+    data = DataSpec(source="fashion_mnist", max_train=n_train, max_test=1000)
+    if RUN_ID in workspace.run_ids():
+        run = load_run(workspace, RUN_ID)
+        if run.data == data and run.trained_by is not None and run.trained_by.options.get("epochs") == epochs:
+            return run
+    return record_run(workspace, RUN_ID, TRAIN, data=data, model=FACTORY, options={"epochs": epochs, "warmup_steps": 50}, seed=0)
+
+
+def one_training_seconds(run: Run) -> float:
+    """Seconds of one training of the loop (the run's function called again, nothing recorded), in this process."""
+    with timed() as clock, one_thread():
+        retrain(run)
+    return clock.seconds
+
+
+def replay_difference(run: Run) -> float:
+    """The largest relative difference of the replayed weights and running statistics from the run's last checkpoint."""
+    final, _ = replay_forward(replay_plan(run), verify=True)
+    return relative_difference(final, run.load_model(-1).state_dict())
+
+
+def per_query_seconds(run: Run, method: str, first: int, block: int = 8) -> float:
+    """Seconds per query to score a block of test images not scored yet, from `first` on (the method's fit stored already)."""
+    fresh = np.arange(first, first + block)
+    with timed() as clock:
+        attribute(run, method, queries=fresh, device="cpu")
+    return clock.seconds / block
+
+
+def anchor_scores(run: Run) -> dict[str, np.ndarray]:
+    """traker's and kronfluence's scores of the whole test set on the run's checkpoints, where installed."""
+    if not anchors_installed():
+        print(ANCHORS_MISSING)
+        return {}
+    from anchors import kronfluence_scores, traker_scores
+
+    return {"traker": traker_scores(run), "kronfluence": kronfluence_scores(run)}
+
+
+def main() -> None:
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--train", type=int, default=None, help="training images (default 4000; --quick 1000)")
+    arguments.add_argument("--epochs", type=int, default=None, help="epochs of the loop (default 6; --quick 3)")
+    arguments.add_argument("--subsets", type=int, default=None, help="retrainings per ground truth (default 60; --quick 12)")
+    arguments.add_argument("--queries", type=int, default=None, help="test images the LDS averages over (default 100; --quick 16)")
+    arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truths")
+    args = arguments.parse_args()
+    n_train, epochs = args.train or (1000 if args.quick else 4000), args.epochs or (3 if args.quick else 6)
+    n_subsets, n_queries = args.subsets or (12 if args.quick else 60), args.queries or (16 if args.quick else 100)
+    with workspace_root(args.workspace) as root:
+        run = the_run(Workspace(root), n_train, epochs)
+        queries = np.arange(n_queries)
+        train_seconds = one_training_seconds(run)
+        print(f"one training of the loop: {train_seconds:.1f} s ({run.record.n_steps} steps)", flush=True)
+        truths = {}
+        for name, settings in {"reshuffled": LdsSettings(n_subsets=n_subsets, alpha=0.5),
+                               "order_keeping": LdsSettings(n_subsets=n_subsets, alpha=0.95, mode="order_keeping")}.items():
+            with timed() as clock:
+                truths[name] = groundtruth(run, settings, workers=args.workers)
+            print(f"{name} ground truth: {n_subsets} retrainings in {clock.seconds:.0f} s", flush=True)
+        methods, rows = {}, []
+        for method in (name for name, method in METHODS.items() if method.unsupported_reason(run) is None):
+            with timed() as clock:
+                scores = attribute(run, method, queries=queries, device="cpu")
+            entry = {"lds_reshuffled": lds(scores, truths["reshuffled"]).mean, "seconds_all": clock.seconds}
+            if method == "replay":
+                entry["lds_order_keeping"] = lds(scores, truths["order_keeping"]).mean
+            entry["seconds_per_query"] = per_query_seconds(run, method, n_queries)
+            methods[method] = entry
+            rows.append((method, entry["lds_reshuffled"], entry.get("lds_order_keeping", ""), entry["seconds_per_query"],
+                         entry["seconds_per_query"] / train_seconds))
+            print(f"{method}: {entry}", flush=True)
+        anchors = {}
+        test_y = run.datasets()[1].y.numpy()
+        for name, values in anchor_scores(run).items():
+            anchor = Scores(values[queries], name, {}, [], run.datasets()[0].ids, test_y[queries], [f"test {q}" for q in queries], queries)
+            anchors[name] = lds(anchor, truths["reshuffled"]).mean
+            rows.append((f"{name} (anchor)", anchors[name], "", "", ""))
+        difference = replay_difference(run)
+    payload = {"train_seconds": train_seconds, "methods": {name: {"lds_reshuffled": entry["lds_reshuffled"],
+                                                                   "seconds_per_query": entry["seconds_per_query"]}
+                                                            for name, entry in methods.items()},
+               "anchors": anchors,
+               "replay": {"lds_order_keeping": methods.get("replay", {}).get("lds_order_keeping", float("nan")),
+                          "checkpoint_relative_difference": difference},
+               "details": methods}
+    body = (f"examples/own_training_loop.py's loop (BatchNorm CNN with dropout, random crops and flips, Nesterov SGD, warm-up then "
+            f"cosine) recorded as a training function on {n_train} Fashion-MNIST images for {epochs} epochs ({run.record.n_steps} "
+            f"steps; test accuracy {run.metrics['test_accuracy']:.3f}); one training of the loop {train_seconds:.1f} s. LDS over the "
+            f"first {n_queries} test images against {n_subsets} retrainings of the loop on random halves (reshuffled) and "
+            f"{n_subsets} order-keeping retrainings with 5 % removed; the anchors on the same checkpoints (traker: last five, "
+            f"k = 1024, λ = 100; kronfluence EK-FAC: the last). Replay's weights after replaying every step differ from the "
+            f"recorded last checkpoint by {difference:.1e} (relative). Seconds per query exclude the fit.\n\n"
+            + markdown_table(["method", "LDS reshuffled", "LDS order-keeping (5 % removed)", "s / query", "÷ one training"], rows))
+    report("b8", "B8 · Your own loop as a training function", body, args, payload)
+
+
+if __name__ == "__main__":
+    main()
