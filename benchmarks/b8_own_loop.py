@@ -13,26 +13,38 @@ test images:
   5 % of the examples weighted 0 in their slots), and the largest relative difference of the
   replayed weights and running statistics from the recorded checkpoints;
 - (c) seconds per query of each method (its train-side fit excluded, done once and stored),
-  divided by one training of the loop timed in the same process.
+  divided by one training of the loop timed in the same process;
+- (d) whether scoring augmented examples helps: TRAK with each training example's features averaged
+  over --augmentations copies drawn by the loop's own augmentation (queries un-augmented), against
+  TRAK on the un-augmented examples (the field's convention, and every method's default here).
 
     python benchmarks/b8_own_loop.py [--quick] [--train N] [--epochs E] [--subsets M] [--queries Q] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
+from replay_checks import rounding_sensitivity
+from torch import nn
 
-from attribution_core.api import attribute
+from attribution_core.api import attribute, prepare
 from attribution_core.data import DataSpec
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.methods import METHODS
+from attribution_core.methods.trak import Trak
+from attribution_core.numerics.inputs import AttributionInputs
+from attribution_core.numerics.projected_gradients import projected_features
+from attribution_core.numerics.projection import Projector
 from attribution_core.runs.replay_engine import relative_difference, replay_forward, replay_plan
 from attribution_core.runs.run import Run, load_run
 from attribution_core.runs.threads import one_thread
-from attribution_core.runs.training import record_run, retrain
+from attribution_core.runs.training import load_function, record_run, retrain
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 
@@ -73,6 +85,41 @@ def per_query_seconds(run: Run, method: str, first: int, block: int = 8) -> floa
     return clock.seconds / block
 
 
+class AugmentationAveragedTrak(Trak):
+    """TRAK whose training features average each example's projected gradient over augmented copies of it."""
+
+    def __init__(self, settings: object, copies: dict[int, list[nn.Module]], augmented: AttributionInputs):
+        super().__init__(settings)
+        self.copies, self.augmented = copies, augmented
+
+    def train_features(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, on_chunk=lambda: None) -> torch.Tensor:
+        """Φ averaged over the model's augmented copies (each copy sees one augmented version of the training set)."""
+        return projected_features(self.copies[id(model)], self.augmented, projector, "measurement", on_chunk, self.settings.amp_dtype)
+
+
+def augmented_training_set(run: Run, draw: int) -> torch.Tensor:
+    """The training inputs (N, ...) as one draw of the loop's own augmentation transforms them, chunk by chunk."""
+    augment = load_function(run.trained_by.augment_at(1))
+    generator = torch.Generator().manual_seed(10_000 + draw)
+    return torch.cat([augment(chunk, generator) for chunk in run.datasets()[0].x.split(512)])
+
+
+def augmentation_averaged_trak(run: Run, queries: np.ndarray, n_augmentations: int) -> Scores:
+    """TRAK's scores of the queries with training features averaged over n_augmentations augmented copies of every example."""
+    prepared = prepare(run, "trak", device="cpu")
+    inputs = prepared.inputs
+    views = [augmented_training_set(run, draw) for draw in range(n_augmentations)]
+    copies = {id(model): [copy.deepcopy(model) for _ in views] for model in inputs.models}
+    augmented = dataclasses.replace(inputs, models=[c for group in copies.values() for c in group],
+                                    views=[view for group in copies.values() for view in views[: len(group)]])
+    method = AugmentationAveragedTrak(prepared.method.settings, copies, augmented)
+    state = method.fit(inputs)
+    _, test_set = run.datasets()
+    values = method.score(state, inputs, test_set.x[queries], test_set.y[queries]).numpy()
+    return Scores(values, "trak", {}, prepared.checkpoints, run.datasets()[0].ids, test_set.y[queries].numpy(),
+                  [f"test {q}" for q in queries], queries)
+
+
 def anchor_scores(run: Run) -> dict[str, np.ndarray]:
     """traker's and kronfluence's scores of the whole test set on the run's checkpoints, where installed."""
     if not anchors_installed():
@@ -90,9 +137,13 @@ def main() -> None:
     arguments.add_argument("--subsets", type=int, default=None, help="retrainings per ground truth (default 60; --quick 12)")
     arguments.add_argument("--queries", type=int, default=None, help="test images the LDS averages over (default 100; --quick 16)")
     arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truths")
+    arguments.add_argument("--augmentations", type=int, default=4, help="augmented copies TRAK's features are averaged over in (d)")
+    arguments.add_argument("--replay-queries", type=int, default=None,
+                           help="test images replay scores (it costs two to three trainings per query on this CNN; default 32; --quick 8)")
     args = arguments.parse_args()
     n_train, epochs = args.train or (1000 if args.quick else 4000), args.epochs or (3 if args.quick else 6)
     n_subsets, n_queries = args.subsets or (12 if args.quick else 60), args.queries or (16 if args.quick else 100)
+    args.replay_queries = args.replay_queries or (8 if args.quick else 32)
     with workspace_root(args.workspace) as root:
         run = the_run(Workspace(root), n_train, epochs)
         queries = np.arange(n_queries)
@@ -106,8 +157,9 @@ def main() -> None:
             print(f"{name} ground truth: {n_subsets} retrainings in {clock.seconds:.0f} s", flush=True)
         methods, rows = {}, []
         for method in (name for name, method in METHODS.items() if method.unsupported_reason(run) is None):
+            scored = queries[: args.replay_queries] if method == "replay" else queries
             with timed() as clock:
-                scores = attribute(run, method, queries=queries, device="cpu")
+                scores = attribute(run, method, queries=scored, device="cpu")
             entry = {"lds_reshuffled": lds(scores, truths["reshuffled"]).mean, "seconds_all": clock.seconds}
             if method == "replay":
                 entry["lds_order_keeping"] = lds(scores, truths["order_keeping"]).mean
@@ -122,21 +174,28 @@ def main() -> None:
             anchor = Scores(values[queries], name, {}, [], run.datasets()[0].ids, test_y[queries], [f"test {q}" for q in queries], queries)
             anchors[name] = lds(anchor, truths["reshuffled"]).mean
             rows.append((f"{name} (anchor)", anchors[name], "", "", ""))
+        augmented_lds = lds(augmentation_averaged_trak(run, queries, args.augmentations), truths["reshuffled"]).mean
+        rows.append((f"trak, features averaged over {args.augmentations} augmentations", augmented_lds, "", "", ""))
+        print(f"trak averaged over {args.augmentations} augmentations: LDS {augmented_lds:.3f}", flush=True)
         difference = replay_difference(run)
+        sensitivity = rounding_sensitivity(run, truths["order_keeping"], queries[: args.replay_queries])
+        print(f"rounding sensitivity of the order-keeping ground truth: {sensitivity:.3g}", flush=True)
     payload = {"train_seconds": train_seconds, "methods": {name: {"lds_reshuffled": entry["lds_reshuffled"],
                                                                    "seconds_per_query": entry["seconds_per_query"]}
                                                             for name, entry in methods.items()},
                "anchors": anchors,
                "replay": {"lds_order_keeping": methods.get("replay", {}).get("lds_order_keeping", float("nan")),
-                          "checkpoint_relative_difference": difference},
-               "details": methods}
+                          "checkpoint_relative_difference": difference, "rounding_sensitivity": sensitivity},
+               "details": methods, "trak_augmentation_averaged": {"augmentations": args.augmentations, "lds_reshuffled": augmented_lds}}
     body = (f"examples/own_training_loop.py's loop (BatchNorm CNN with dropout, random crops and flips, Nesterov SGD, warm-up then "
             f"cosine) recorded as a training function on {n_train} Fashion-MNIST images for {epochs} epochs ({run.record.n_steps} "
             f"steps; test accuracy {run.metrics['test_accuracy']:.3f}); one training of the loop {train_seconds:.1f} s. LDS over the "
             f"first {n_queries} test images against {n_subsets} retrainings of the loop on random halves (reshuffled) and "
             f"{n_subsets} order-keeping retrainings with 5 % removed; the anchors on the same checkpoints (traker: last five, "
             f"k = 1024, λ = 100; kronfluence EK-FAC: the last). Replay's weights after replaying every step differ from the "
-            f"recorded last checkpoint by {difference:.1e} (relative). Seconds per query exclude the fit.\n\n"
+            f"recorded last checkpoint by {difference:.1e} (relative); replay scores the first {args.replay_queries} test images (two to "
+            f"three trainings each). Rounding sensitivity of the order-keeping ground truth (float64 against float32 replays of "
+            f"its subsets, rms over the spread across subsets; B7 explains it): {sensitivity:.2g}. Seconds per query exclude the fit.\n\n"
             + markdown_table(["method", "LDS reshuffled", "LDS order-keeping (5 % removed)", "s / query", "÷ one training"], rows))
     report("b8", "B8 · Your own loop as a training function", body, args, payload)
 
