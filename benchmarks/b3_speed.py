@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psutil
 import torch
 from b1_digits_lds import the_run
 from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
@@ -106,9 +106,8 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        process = psutil.Process()
         while True:  # RSS at least every 20 ms, and once more at the end
-            self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+            self.peak_mb = max(self.peak_mb, rss_mb())
             if self._stop.wait(0.02):
                 return
 
@@ -119,6 +118,12 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MB (Linux's /proc; psutil is not a dependency)."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure(job: Callable[[], object], device: torch.device, repeats: int = 1) -> tuple[float, float]:
@@ -244,7 +249,7 @@ def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bo
         ("trak_featurize_kron", "tda-explorer", n, lambda: trak_features(inputs, scale.k, "kronecker"), scale.repeats),
         ("trak_featurize_dense", "tda-explorer", n_slow, lambda: trak_features(slow, scale.k, "dense"), 1),
         ("ekfac_fit", "tda-explorer", n_curv, lambda: ekfac_fit(curvature), 1),
-        ("source_passes", "tda-explorer", 2 * n_curv, lambda: source_fit(replace(curvature, checkpoints=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
+        ("source_passes", "tda-explorer", 2 * n_curv, lambda: source_fit(replace(curvature, models=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
         ("score_1000_queries", "tda-explorer", N_QUERIES,
          lambda: score_queries(inputs, scale.k, setting.test.x[queries], setting.test.y[queries]), 1),
     ]
