@@ -11,7 +11,7 @@ suite checks only that they import and take --smoke (`--smoke --help`), and they
 
 The selected scripts start when the first of these tests runs, CONCURRENT at a time, each on one
 thread; each test then waits for its own script. Smoke runs spend much of their time starting Python
-and waiting on subprocesses and the disk (B6 uses a fifth of its time), so two run beside each other.
+and waiting on subprocesses and the disk (B6 computes a fifth of its time), so two run beside each other.
 """
 from __future__ import annotations
 
