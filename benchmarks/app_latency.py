@@ -7,12 +7,18 @@ command started until the server answers, until each page's main content shows i
 until each queued job is done. Warm: the same workspace served again (everything stored): the
 seconds until each page shows, and until a new query (a block of test samples never scored) shows
 its TRAK proponents. `--full` does the same for `tdx demo --full` (the CNN on 60,000 images).
+--quick measures the demo alone (as the default does). --smoke: a workspace holding one run that
+`tdx train` makes in seconds (256 training images, a narrow MLP), Explore only, the cold start's queued
+jobs not waited for, then the warm start and two new queries.
 Needs Debian's chromium and the playwright package (the dev extra).
+
+    python benchmarks/app_latency.py [--quick | --smoke] [--full] [--settings demo,full] [--jobs-limit S] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,9 +26,10 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import markdown_table, parser, report, workspace_root
+from common import SMOKE_TRAIN, SMOKE_WIDTH, markdown_table, parser, report, workspace_root
 
 from attribution_core.jobs.queue import ACTIVE, DONE, JobQueue
 from attribution_core.jobs.ready import QUERY_BLOCK
@@ -42,6 +49,28 @@ PAGES = [  # (page path, title, the selector or text that means its main content
 ]
 LDS_SCATTER = ("compare", "Compare's LDS scatter", ".st-key-lds_scatter .scatterlayer .point")
 """Where a ground truth was queued with the run (the demo), Compare's LDS scatter must show without a button press too."""
+JSON_KEYS = ("results",)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A workspace to measure: its run, a test sample in a block never scored, how it is built and which pages are timed."""
+
+    run_id: str
+    new_query: int
+    prepare: tuple[str, ...]
+    """tdx arguments that build the workspace before the cold start; none: the cold start builds the demo itself."""
+    pages: tuple[tuple[str, str, str], ...]
+
+
+SETTINGS = {
+    "demo": Setting("fmnist-mlp", 7 * QUERY_BLOCK + 3, (), (*PAGES, LDS_SCATTER)),
+    "full": Setting("fmnist-cnn-full", 200 * QUERY_BLOCK + 3, ("demo", "--full"), tuple(PAGES)),
+    "smoke": Setting("smoke-mlp", QUERY_BLOCK + 3, ("train", "smoke-mlp", "--data", "sample", "--max-train", str(SMOKE_TRAIN),
+                                                   "--max-test", str(2 * QUERY_BLOCK), "--hidden", str(SMOKE_WIDTH), "--epochs", "3",
+                                                   "--checkpoints", "3"), tuple(PAGES[:1])),
+}
+"""The smoke run's test set holds two blocks of queries: its new query's block is never scored at the start."""
 
 
 def _port() -> int:
@@ -72,13 +101,13 @@ def serve(workspace: Path, log: Path) -> Iterator[tuple[str, float, float]]:
         server.wait(timeout=60)
 
 
-def page_seconds(browser, url: str, run_id: str, started: float, *, lds: bool) -> list[tuple[str, float, float]]:
+def page_seconds(browser, url: str, setting: Setting, started: float) -> list[tuple[str, float, float]]:
     """(page, seconds from opening it until its main content shows, seconds since the server's start) per page, in a fresh tab."""
     rows = []
     tab = browser.new_page(viewport={"width": 1500, "height": 1100})
-    for path, title, shown in PAGES + ([LDS_SCATTER] if lds else []):
+    for path, title, shown in setting.pages:
         opened = time.monotonic()
-        tab.goto(f"{url}/{path}?run={run_id}")
+        tab.goto(f"{url}/{path}?run={setting.run_id}")
         tab.locator(shown).first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
         rows.append((title, time.monotonic() - opened, time.monotonic() - started))
     tab.close()
@@ -131,25 +160,26 @@ def job_summary(done: list[tuple[str, str, str, float]]) -> list[list[object]]:
     return [[run_id, kind, len(times), max(times)] for (run_id, kind), times in sorted(last.items(), key=lambda item: max(item[1]))]
 
 
-def measure(setting: str, workspace: Path, run_id: str, new_query: int, jobs_limit_s: float, browser) -> dict:
+def measure(name: str, setting: Setting, workspace: Path, jobs_limit_s: float, browser) -> dict:
     """The cold and the warm start of one setting."""
-    result: dict = {"setting": setting, "run": run_id}
+    result: dict = {"setting": name, "run": setting.run_id}
     workspace.parent.mkdir(parents=True, exist_ok=True)
     started_wall = time.time()
-    if setting == "full":
+    if setting.prepare:
         built = time.monotonic()
-        subprocess.run([str(TDX), "demo", "--full", "--workspace", str(workspace)], check=True, cwd=ROOT,  # noqa: S603
+        subprocess.run([str(TDX), *setting.prepare, "--workspace", str(workspace)], check=True, cwd=ROOT,  # noqa: S603
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result["demo_full_seconds"] = time.monotonic() - built
-    with serve(workspace, workspace.parent / f"{setting}-cold.log") as (url, started, healthy):
+        result["prepare"] = (shlex.join(["tdx", *setting.prepare]), time.monotonic() - built)
+    with serve(workspace, workspace.parent / f"{name}-cold.log") as (url, started, healthy):
         result["cold_healthy"] = healthy
-        result["cold_pages"] = page_seconds(browser, url, run_id, started, lds=setting == "demo")
+        result["cold_pages"] = page_seconds(browser, url, setting, started)
         result["jobs"] = wait_for_jobs(workspace, started_wall, jobs_limit_s)
         result["jobs_left"] = len(JobQueue(workspace).jobs(states=ACTIVE))
-    with serve(workspace, workspace.parent / f"{setting}-warm.log") as (url, started, healthy):
+    with serve(workspace, workspace.parent / f"{name}-warm.log") as (url, started, healthy):
         result["warm_healthy"] = healthy
-        result["warm_pages"] = page_seconds(browser, url, run_id, started, lds=setting == "demo")
-        result["new_query"] = (new_query, *query_click_seconds(browser, url, run_id, [new_query, new_query + 1]))
+        result["warm_pages"] = page_seconds(browser, url, setting, started)
+        queries = [setting.new_query, setting.new_query + 1]
+        result["new_query"] = (setting.new_query, *query_click_seconds(browser, url, setting.run_id, queries))
     return result
 
 
@@ -157,8 +187,9 @@ def section(result: dict) -> str:
     """The markdown of one setting."""
     setting, run_id = result["setting"], result["run"]
     lines = [f"### {setting}: run {run_id}"]
-    if "demo_full_seconds" in result:
-        lines.append(f"`tdx demo --full` (before the cold start): {result['demo_full_seconds']:.0f} s.")
+    if "prepare" in result:
+        command, seconds = result["prepare"]
+        lines.append(f"`{command}` (before the cold start): {seconds:.0f} s.")
     rows = [["cold", "server answers (health)", "", result["cold_healthy"]]]
     rows += [["cold", f"{title} shows", seconds, since] for title, seconds, since in result["cold_pages"]]
     rows += [["warm", "server answers (health)", "", result["warm_healthy"]]]
@@ -182,14 +213,13 @@ def main() -> None:
     args = arguments.parse_args()
     from playwright.sync_api import sync_playwright
 
-    settings = {"demo": ("fmnist-mlp", 7 * QUERY_BLOCK + 3), "full": ("fmnist-cnn-full", 200 * QUERY_BLOCK + 3)}
-    chosen = [name for name in args.settings.split(",") if name in settings] + (["full"] if args.full else [])
+    chosen = ["smoke"] if args.smoke else [name for name in args.settings.split(",") if name in ("demo", "full")] + (["full"] if args.full else [])
+    jobs_limit = 0 if args.smoke else args.jobs_limit  # a smoke run does not wait for the cold start's jobs
     results = []
     with workspace_root(args.workspace) as root, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         for name in dict.fromkeys(chosen):
-            run_id, new_query = settings[name]
-            results.append(measure(name, root / name / "workspace", run_id, new_query, args.jobs_limit, browser))
+            results.append(measure(name, SETTINGS[name], root / name / "workspace", jobs_limit, browser))
         browser.close()
     body = ("Seconds a user waits, measured in Chromium against `tdx app` (targets, issue 19: a page opens in ≤ 5 s, a click "
             "answers in ≤ 2 s, the Map and the LDS plot without a button press). A page shows when its main content is drawn: "

@@ -30,20 +30,23 @@ method scores all test images against the same six checkpoints (EK-FAC influence
 where it is defined); seconds include its train-side work. SOURCE segments never cross a stage
 boundary, so L = 1 does not exist for the two-stage run.
 
+--smoke: 256 training and 32 test images, a narrow MLP (common.smoke_model), 4 subsets, --sensitivity included.
+
 --sensitivity adds, per setting, what moves the comparison: EK-FAC influence at other dampings,
 SOURCE (L = 2) with η̄K scaled, and each of its two segments' contributions alone.
 
-    python benchmarks/b2_source_regime.py [--quick] [--sensitivity] [--json PATH] [--workspace DIR] [--workers N]
+    python benchmarks/b2_source_regime.py [--quick | --smoke] [--sensitivity] [--json PATH] [--workspace DIR] [--workers N]
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from common import markdown_table, parser, report, timed, workspace_root
+from common import add_workers_option, by_mode, markdown_table, parser, report, shrunk, timed, workers, workspace_root
 
 from attribution_core.api import attribute, default_checkpoints, prepare
 from attribution_core.data import DataSpec
@@ -69,6 +72,7 @@ BY_HAND_FACTORY = "b2_source_regime:rotating_mlp"
 """The by-hand model's factory, found again when its run is opened (benchmarks/ is on sys.path when B2 runs)."""
 SAME_WEIGHTS_TOLERANCE = 1e-4
 """Largest relative difference allowed between the by-hand run's final weights and the run's own."""
+JSON_KEYS = ("settings",)
 
 
 ROTATION = Stage(name="rotated", transform="rotate")
@@ -108,9 +112,10 @@ def rotating_mlp(input_shape: tuple[int, ...], n_classes: int, **options: Any) -
 
 @dataclass(frozen=True)
 class Setting:
-    """One run of B2: its data, recipe and what it shows."""
+    """One run of B2: its data, model, recipe and what it shows."""
 
     data: DataSpec
+    model: ModelSpec
     recipe: Recipe
     description: str
     task: Task = field(default_factory=Task)
@@ -139,28 +144,29 @@ CONTENDERS = {
 }
 
 
-def settings(quick: bool) -> dict[str, Setting]:
-    """The two settings by JSON name; --quick shrinks the data."""
-    data = DataSpec(source="sample", max_train=1000 if quick else 2000, max_test=100 if quick else 200)
+def settings(args: argparse.Namespace) -> dict[str, Setting]:
+    """The settings by JSON name; --quick shrinks the data, --smoke the data and the model."""
+    data = DataSpec(source="sample", max_train=1000 if args.quick else 2000, max_test=100 if args.quick else 200)
+    data, model = shrunk(args, data, MODEL)
     rotated_recipe = Recipe(
         (Stage(name="upright", epochs=3, lr=0.05), Stage(name="rotated", epochs=3, lr=0.01, transform="rotate")),
         checkpoints=CheckpointPolicy(every_epochs=1),
     )
     return {
         "not_converged": Setting(
-            data,
+            data, model,
             Recipe((Stage(epochs=2, lr=0.01),), checkpoints=CheckpointPolicy(every_epochs=None, count=N_CHECKPOINTS)),
             "2 epochs of SGD at lr 0.01, far from converged",
         ),
         "rotated": Setting(
-            data, rotated_recipe, "3 epochs on upright images, then 3 epochs on the same images rotated by 90 degrees; upright queries",
+            data, model, rotated_recipe, "3 epochs on upright images, then 3 epochs on the same images rotated by 90 degrees; upright queries",
         ),
         "rotated_stage2_queries": Setting(
-            data, rotated_recipe, "the rotated run, its queries rotated as stage 2 sees them", task=StageTwoQueries(),
+            data, model, rotated_recipe, "the rotated run, its queries rotated as stage 2 sees them", task=StageTwoQueries(),
             run_of="rotated", by_hand=True,
         ),
         "two_stage": Setting(
-            data,
+            data, model,
             Recipe(
                 (
                     Stage(name="pretrain", epochs=3, lr=0.05, transform="noise"),
@@ -176,7 +182,7 @@ def settings(quick: bool) -> dict[str, Setting]:
 def the_run(workspace: Workspace, name: str, setting: Setting) -> Run:
     """The setting's run, trained unless the workspace already holds it."""
     run_id = f"b2-{setting.run_of or name}"
-    run = load_run(workspace, run_id) if run_id in workspace.run_ids() else train(setting.data, MODEL, setting.recipe, workspace, run_id)
+    run = load_run(workspace, run_id) if run_id in workspace.run_ids() else train(setting.data, setting.model, setting.recipe, workspace, run_id)
     if len(run.checkpoints) != N_CHECKPOINTS:
         raise SystemExit(f"{run_id}: {len(run.checkpoints)} checkpoints, B2 needs {N_CHECKPOINTS}")
     return run
@@ -332,18 +338,18 @@ def verdict(methods: dict[str, dict]) -> str:
 
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
-    arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truth")
+    add_workers_option(arguments, default=2)
     arguments.add_argument("--sensitivity", action="store_true", help="also vary EK-FAC damping and SOURCE's η̄K and segments")
     args = arguments.parse_args()
-    lds_settings = LdsSettings(n_subsets=20 if args.quick else 100, alpha=0.5, seed=0)
+    lds_settings = LdsSettings(n_subsets=by_mode(args, full=100, quick=20, smoke=4), alpha=0.5, seed=0)
     sections, payload = [], {}
     with workspace_root(args.workspace) as root:
         workspace = Workspace(root)
-        for name, setting in settings(args.quick).items():
+        for name, setting in settings(args).items():
             with timed() as training:
                 run = the_run(workspace, name, setting)
             with timed() as retraining:
-                truth = groundtruth(run, lds_settings, workers=args.workers, task=setting.task)
+                truth = groundtruth(run, lds_settings, workers=workers(args), task=setting.task)
             rows, methods = evaluate(run, truth, name, setting.task)
             if setting.by_hand:
                 row, methods["source_l2_by_hand"] = evaluate_by_hand(workspace, run, truth, name)
@@ -353,11 +359,11 @@ def main() -> None:
                 f"### {name}: {setting.description}\n\n"
                 f"{len(run.datasets()[0])} train / {len(run.datasets()[1])} test images, trained in {training.seconds:.1f} s; "
                 f"{run_summary(run)}. Ground truth: {lds_settings.n_subsets} subsets × {lds_settings.seeds_per_subset} seed, "
-                f"alpha {lds_settings.alpha}, {retraining.seconds:.1f} s with {args.workers} worker(s). "
+                f"alpha {lds_settings.alpha}, {retraining.seconds:.1f} s with {workers(args)} worker(s). "
                 f"{verdict(methods)}.\n\n"
                 + markdown_table(["method", "configuration", "LDS", "± s.e.", "seconds"], rows)
             )
-            if args.sensitivity:
+            if args.sensitivity or args.smoke:  # a smoke run covers the optional part too
                 variants = sensitivity(run, truth, setting.task)
                 payload[name]["sensitivity"] = {label: {"lds": mean, "stderr": stderr} for label, mean, stderr in variants}
                 sections.append(f"Sensitivity ({name}):\n\n" + markdown_table(["variant", "LDS", "± s.e."], variants))

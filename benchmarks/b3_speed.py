@@ -8,41 +8,52 @@ score 1,000 queries, and the peak memory of each job; then whole jobs (fit on th
 set and score 1,000 queries: TRAK, projected EK-FAC, exact EK-FAC on a GPU). Models are randomly initialised (seeded):
 throughput does not depend on the weights. Every job uses the same batch size. Then a scaling
 series of Kronecker featurization in N, and the LDS of Kronecker against dense projection at
-equal k on B1's digits run.
+equal k on B1's digits run. --smoke: 256 training images per model, narrow models (common.smoke_model), k = 64, 32 queries, B1's smoke run.
 
-    python benchmarks/b3_speed.py [--quick] [--json PATH] [--workspace DIR]
+    python benchmarks/b3_speed.py [--quick | --smoke] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psutil
 import torch
 from b1_digits_lds import the_run
-from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
+from common import (
+    anchors_available,
+    by_mode,
+    fashion_mnist,
+    markdown_table,
+    parser,
+    report,
+    sized_model,
+    timed,
+    workspace_root,
+)
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from attribution_core.api import attribute, resolve_device
-from attribution_core.data import FASHION_MNIST_DIR, Dataset, DataSpec, load_dataset
+from attribution_core.data import Dataset, DataSpec, load_dataset
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.methods.influence import Influence, InfluenceSettings
 from attribution_core.methods.source import Source, SourceSettings
 from attribution_core.methods.trak import Trak, TrakSettings
-from attribution_core.models import cnn, mlp
+from attribution_core.models import ModelSpec, build_model
 from attribution_core.numerics.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
 from attribution_core.numerics.inputs import AttributionInputs, Segment
 from attribution_core.store import Workspace
 
 BATCH = 512
-N_QUERIES = 1000
+JSON_KEYS = ("device", "rows", "lds_kron_vs_dense", "scaling", "whole_jobs")
 
 
 @dataclass(frozen=True)
@@ -50,19 +61,25 @@ class Scale:
     """How much of each job a run times."""
 
     k: int  # projection dimension of every featurization
-    max_train: int | None  # Fashion-MNIST training images (None: all 60,000)
+    max_train: int | None  # training images of each data set (None: all; Fashion-MNIST's 60,000)
     slow_examples: int  # examples given to the slow dense projections (ours and traker's CPU projector)
     kronfluence_examples: int  # examples given to kronfluence's factor fit
     curvature_examples: int | None  # examples given to our EK-FAC fit and SOURCE passes (None: all)
     scaling: tuple[int, ...]  # N of the scaling series
     lds_subsets: int  # retrained subsets of the LDS ground truth
+    lds_k: int  # projection dimension of the Kronecker against dense LDS comparison
     repeats: int  # best-of repetitions of the fast jobs
+    n_queries: int = 1000  # queries scored against the whole training set
 
 
 FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_000, curvature_examples=10_000,
-             scaling=(5_000, 10_000, 20_000, 60_000), lds_subsets=100, repeats=2)
+             scaling=(5_000, 10_000, 20_000, 60_000), lds_subsets=100, lds_k=1024, repeats=2)
 QUICK = Scale(k=512, max_train=2_000, slow_examples=256, kronfluence_examples=1_000, curvature_examples=1_000,
-              scaling=(1_000, 2_000, 4_000), lds_subsets=20, repeats=1)
+              scaling=(1_000, 2_000, 4_000), lds_subsets=20, lds_k=1024, repeats=1)
+SMOKE = Scale(k=64, max_train=256, slow_examples=64, kronfluence_examples=128, curvature_examples=128,
+              scaling=(128, 256), lds_subsets=4, lds_k=256, repeats=1, n_queries=32)
+SCORING = "score_queries"
+"""The job timed per query rather than per training example."""
 
 
 @dataclass
@@ -106,9 +123,8 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        process = psutil.Process()
         while True:  # RSS at least every 20 ms, and once more at the end
-            self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+            self.peak_mb = max(self.peak_mb, rss_mb())
             if self._stop.wait(0.02):
                 return
 
@@ -119,6 +135,12 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MB (Linux's /proc; psutil is not a dependency)."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure(job: Callable[[], object], device: torch.device, repeats: int = 1) -> tuple[float, float]:
@@ -205,28 +227,29 @@ def kronfluence_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
 
 @dataclass
 class Setting:
-    """A model and its data: the builder, the training set and the queries."""
+    """A model and its data: the model's spec, the training set and the queries."""
 
     name: str
-    build: Callable[[], nn.Module]
+    model: ModelSpec
     train: Dataset
     test: Dataset
 
+    def build(self) -> nn.Module:
+        """A freshly initialised model (initialisation follows torch's global RNG)."""
+        return build_model(self.model, self.train.input_shape, self.train.n_classes)
 
-def settings(scale: Scale) -> tuple[list[Setting], str]:
+
+def settings(scale: Scale, args: argparse.Namespace) -> tuple[list[Setting], str]:
     """The benchmark's models and data, and a note saying which Fashion-MNIST data was used."""
-    digits_train, digits_test = load_dataset(DataSpec(source="digits", test_size=360, split_seed=0))
-    if Path(FASHION_MNIST_DIR).exists():
-        fashion_train, fashion_test = load_dataset(DataSpec(source="fashion_mnist", max_train=scale.max_train))
-        note = f"Fashion-MNIST: the Debian package's files, {len(fashion_train)} training images."
-    else:
-        fashion_train, fashion_test = load_dataset(DataSpec(source="sample"))
-        note = f"Fashion-MNIST files absent ({FASHION_MNIST_DIR}): the shipped sample, {len(fashion_train)} images."
-    shape = fashion_train.input_shape
+    digits_train, digits_test = load_dataset(DataSpec(source="digits", test_size=360, split_seed=0, max_train=scale.max_train))
+    fashion, source = fashion_mnist(scale.max_train, args)
+    fashion_train, fashion_test = load_dataset(fashion)
+    note = f"{source}, {len(fashion_train)} training images."
+    # a smoke run narrows the models too: the full CNN's eigendecompositions alone take seconds
     return [
-        Setting("digits mlp", lambda: mlp(digits_train.input_shape, 10, hidden=(128,)), digits_train, digits_test),
-        Setting("fmnist mlp", lambda: mlp(shape, 10, hidden=(512, 512)), fashion_train, fashion_test),
-        Setting("fmnist cnn", lambda: cnn(shape, 10, channels=(32, 64), hidden=128), fashion_train, fashion_test),
+        Setting("digits mlp", sized_model(args, ModelSpec("mlp", {"hidden": [128]})), digits_train, digits_test),
+        Setting("fmnist mlp", sized_model(args, ModelSpec("mlp", {"hidden": [512, 512]})), fashion_train, fashion_test),
+        Setting("fmnist cnn", sized_model(args, ModelSpec("cnn", {"channels": [32, 64], "hidden": 128})), fashion_train, fashion_test),
     ], note
 
 
@@ -237,15 +260,15 @@ def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bo
     n, n_slow, n_kf = len(y), min(scale.slow_examples, len(y)), min(scale.kronfluence_examples, len(y))
     n_curv = min(scale.curvature_examples or n, n)
     curvature = inputs_for([model], x[:n_curv], y[:n_curv], device)
-    queries = torch.arange(N_QUERIES) % len(setting.test)  # repeats the test set where it holds fewer
+    queries = torch.arange(scale.n_queries) % len(setting.test)  # repeats the test set where it holds fewer
     inputs, slow = inputs_for([model], x, y, device), inputs_for([model], x[:n_slow], y[:n_slow], device)
     jobs: list[tuple[str, str, int, Callable[[], object], int]] = [
         ("train_step", "torch", n, lambda: train_steps(model, x, y, device), scale.repeats),
         ("trak_featurize_kron", "tda-explorer", n, lambda: trak_features(inputs, scale.k, "kronecker"), scale.repeats),
         ("trak_featurize_dense", "tda-explorer", n_slow, lambda: trak_features(slow, scale.k, "dense"), 1),
         ("ekfac_fit", "tda-explorer", n_curv, lambda: ekfac_fit(curvature), 1),
-        ("source_passes", "tda-explorer", 2 * n_curv, lambda: source_fit(replace(curvature, checkpoints=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
-        ("score_1000_queries", "tda-explorer", N_QUERIES,
+        ("source_passes", "tda-explorer", 2 * n_curv, lambda: source_fit(replace(curvature, models=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
+        (SCORING, "tda-explorer", scale.n_queries,
          lambda: score_queries(inputs, scale.k, setting.test.x[queries], setting.test.y[queries]), 1),
     ]
     if anchors:
@@ -256,25 +279,25 @@ def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bo
     rows = []
     for job, library, count, function, repeats in jobs:
         seconds, peak = measure(function, device, repeats)
-        subsampled = count < (2 * n if job == "source_passes" else n) and job != "score_1000_queries"
+        subsampled = count < (2 * n if job == "source_passes" else n) and job != SCORING
         rows.append(Row(setting.name, job, library, count, seconds, peak, subsampled))
         print(f"{setting.name:12s} {job:22s} {library:13s} {count:7d} ex {seconds:8.2f} s {peak:8.0f} MB", flush=True)
     train_rate = rows[0].examples_per_s
     for row in rows:
-        if row.job != "score_1000_queries":  # queries/s is not comparable with a training step
+        if row.job != SCORING:  # queries/s is not comparable with a training step
             row.ratio_to_train_step = row.examples_per_s / train_rate
     return rows
 
 
 def whole_jobs(setting: Setting, scale: Scale, device: torch.device) -> list[tuple]:
-    """(model, job, N, seconds, peak MB) of whole jobs: fit on every training example, then score 1,000 queries.
+    """(model, job, N, seconds, peak MB) of whole jobs: fit on every training example, then score the queries.
 
     TRAK and projected EK-FAC everywhere; exact EK-FAC (a pass over the training set per block
     of queries, tens of minutes on a CPU) only on a GPU.
     """
     model = seeded(setting.build, 0, device)
     inputs = inputs_for([model], setting.train.x, setting.train.y, device)
-    queries = torch.arange(N_QUERIES) % len(setting.test)
+    queries = torch.arange(scale.n_queries) % len(setting.test)
     query_x, query_y = setting.test.x[queries], setting.test.y[queries]
     methods = [("trak_job", Trak(TrakSettings(k=scale.k))), ("ekfac_projected_job", Influence(InfluenceSettings(k=scale.k)))]
     if device.type == "cuda":
@@ -300,13 +323,13 @@ def scaling_series(setting: Setting, scale: Scale, device: torch.device) -> list
     return series
 
 
-def lds_kron_vs_dense(scale: Scale, workspace: Workspace, k: int = 1024) -> dict[str, float]:
+def lds_kron_vs_dense(scale: Scale, workspace: Workspace, args: argparse.Namespace) -> dict[str, float]:
     """LDS of TRAK with Kronecker and with dense projection at equal k on B1's digits run."""
-    run = the_run(workspace)
+    run = the_run(workspace, args)
     truth = groundtruth(run, LdsSettings(n_subsets=scale.lds_subsets, alpha=0.5, seed=0))
-    result: dict[str, float] = {"k": k}
+    result: dict[str, float] = {"k": scale.lds_k}
     for name, projection in (("kron", "kronecker"), ("dense", "dense")):
-        scores = attribute(run, "trak", settings={"k": k, "projection": projection}, device="cpu")
+        scores = attribute(run, "trak", settings={"k": scale.lds_k, "projection": projection}, device="cpu")
         result[name] = lds(scores, truth).mean
     return result
 
@@ -339,17 +362,15 @@ def anchor_table(rows: list[Row]) -> str:
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
-    scale, device = QUICK if args.quick else FULL, resolve_device("auto")
-    anchors = anchors_installed()
-    if not anchors:
-        print(ANCHORS_MISSING)
-    models, data_note = settings(scale)
+    scale, device = by_mode(args, full=FULL, quick=QUICK, smoke=SMOKE), resolve_device("auto")
+    anchors = anchors_available()
+    models, data_note = settings(scale, args)
     rows = [row for setting in models for row in model_rows(setting, scale, device, anchors)]
     jobs = [row for setting in models[1:] for row in whole_jobs(setting, scale, device)]
     series = scaling_series(models[1], scale, device)
     n_params = sum(parameter.numel() for parameter in models[1].build().parameters())
     with workspace_root(args.workspace) as root:
-        quality = lds_kron_vs_dense(scale, Workspace(root))
+        quality = lds_kron_vs_dense(scale, Workspace(root), args)
     body = (
         f"Device: {device}. {data_note} Randomly initialised models; batch {BATCH} for every job; k = {scale.k}. "
         f"Dense projections (ours, traker's CPU projector) are timed on the first {scale.slow_examples} examples, "
@@ -357,11 +378,11 @@ def main() -> None:
         f"{scale.curvature_examples or 'all'} (both fits include the eigendecompositions, a cost that does not grow with N): "
         "the per-example work is linear in N. SOURCE: one segment of "
         "two checkpoints (a covariance and an eigenvalue pass per checkpoint), counted as examples × checkpoints. "
-        "Scoring: projected gradients of 1,000 test queries times the precomputed (N, k) features. Peak memory: "
+        f"Scoring: projected gradients of {scale.n_queries:,} test queries times the precomputed (N, k) features. Peak memory: "
         "the process RSS (CPU) or torch.cuda.max_memory_allocated (GPU) during the job. Fast jobs: best of "
         f"{scale.repeats}.\n\n" + main_table(rows) + "\n\nOurs against the anchors (same job, same batch size and k):\n\n"
         + anchor_table(rows)
-        + f"\n\nWhole jobs: fit on all {len(models[1].train)} training images, then score {N_QUERIES:,} queries against them "
+        + f"\n\nWhole jobs: fit on all {len(models[1].train)} training images, then score {scale.n_queries:,} queries against them "
         f"(k = {scale.k}; projected EK-FAC: `InfluenceSettings(k=k)`; exact EK-FAC only on a GPU). "
         "The H100 bars of benchmarks.md: TRAK under 0.5 s, EK-FAC under 1 s.\n\n"
         + markdown_table(["model", "job", "training examples", "seconds", "peak MB"], [(*row[:4], f"{row[4]:,.0f}") for row in jobs])
@@ -375,7 +396,7 @@ def main() -> None:
     )
     payload = {"device": str(device), "rows": [row.as_json() for row in rows], "lds_kron_vs_dense": quality,
                "scaling": [{"n": n, "seconds": seconds, "peak_mb": peak} for n, seconds, _, peak, _ in series],
-               "whole_jobs": [{"model": model, "job": job, "n_train": n, "n_queries": N_QUERIES, "seconds": seconds, "peak_mb": peak}
+               "whole_jobs": [{"model": model, "job": job, "n_train": n, "n_queries": scale.n_queries, "seconds": seconds, "peak_mb": peak}
                               for model, job, n, seconds, peak in jobs]}
     report("b3", "B3 · Speed and memory", body, args, payload)
 

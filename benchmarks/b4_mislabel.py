@@ -11,17 +11,31 @@ setting; the record's rankings again on held-out seeds (other training seeds and
 labels), for the spread a goal must clear; and references that know the flips (models trained on
 the true labels, scored out of fold), for the ceiling of any ranking by a classifier's
 probability of the given label, with how many of the flips they miss swap look-alike classes.
+--quick: smaller data, fewer epochs, one held-out seed; --smoke: 256 training and 32 test images,
+narrow models (common.smoke_model), 20 epochs for the memorising run, one held-out seed.
 
-    python benchmarks/b4_mislabel.py [--quick] [--json PATH] [--workspace DIR]
+    python benchmarks/b4_mislabel.py [--quick | --smoke] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
+from common import (
+    anchors_available,
+    by_mode,
+    demo_run,
+    markdown_table,
+    parser,
+    report,
+    shrunk,
+    sized_model,
+    timed,
+    workspace_root,
+)
 
 from attribution_core.data import DataSpec
 from attribution_core.evaluation.dynamics import early_window
@@ -34,7 +48,6 @@ from attribution_core.evaluation.mislabel import (
 )
 from attribution_core.inspection import model_probabilities
 from attribution_core.models import ModelSpec
-from attribution_core.runs.demo import demo_runs
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load_run
 from attribution_core.runs.threads import one_thread
 from attribution_core.runs.training import fit_model, train
@@ -48,6 +61,7 @@ EXTRA_TRAINING = ("cleanlab",)
 """Rankings that train extra models (cross-validation); the goal is for rankings without."""
 
 METRIC_NAMES = {"top10": "top 10 %", "auc": "ROC-AUC"}
+JSON_KEYS = ("settings",)
 
 HELD_OUT_SEEDS = (1, 2, 3, 4)
 """Training seeds (and label-noise seeds) of the held-out runs of each setting; --quick takes the first."""
@@ -66,16 +80,14 @@ class Setting:
     recipe: Recipe
 
 
-def settings(quick: bool) -> dict[str, Setting]:
-    """The two settings; --quick shrinks data and epochs."""
-    noisy = next(run for run in demo_runs(tiny=quick) if run.run_id == "fmnist-noisy")
-    memorising = Setting(
-        DataSpec(source="sample", max_train=600 if quick else 3000, max_test=100 if quick else 500, noise_fraction=0.1, noise_seed=0),
-        ModelSpec("mlp", {"hidden": [512, 512]}),
-        Recipe((Stage(epochs=100 if quick else 150, lr=0.05, weight_decay=0.0, schedule="cosine"),),
-               checkpoints=CheckpointPolicy(every_epochs=None, count=6)),
-    )
-    return {"demo": Setting(noisy.data, noisy.model, noisy.recipe), "memorising": memorising}
+def settings(args: argparse.Namespace) -> dict[str, Setting]:
+    """The two settings; --quick shrinks data and epochs, --smoke data, models and epochs."""
+    noisy_data = DataSpec(source="sample", max_train=600 if args.quick else 3000, max_test=100 if args.quick else 500,
+                          noise_fraction=0.1, noise_seed=0)
+    memorising = Recipe((Stage(epochs=by_mode(args, full=150, quick=100, smoke=20), lr=0.05, weight_decay=0.0, schedule="cosine"),),
+                        checkpoints=CheckpointPolicy(every_epochs=None, count=6))
+    return {"demo": Setting(*demo_run(args, "fmnist-noisy", tiny=args.quick)),
+            "memorising": Setting(*shrunk(args, noisy_data, ModelSpec("mlp", {"hidden": [512, 512]})), memorising)}
 
 
 def the_run(workspace: Workspace, name: str, setting: Setting, seed: int | None = None) -> Run:
@@ -96,7 +108,7 @@ def evaluate_rankings(run: Run) -> dict[str, dict[str, float]]:
     for name in rankings_for(run):
         ranking = rank_mislabels(run, name)
         results[name] = mislabel_metrics(ranking.scores, train_set.flipped) | {"seconds": ranking.seconds}
-    if anchors_installed():
+    if anchors_available():
         from anchors import kronfluence_self_influence
 
         with timed() as clock:
@@ -139,7 +151,7 @@ def look_alike_flips(train_set) -> np.ndarray:
                      for given_class, true_class in zip(given, truth)])
 
 
-def references(run: Run, setting: Setting, demo: Setting) -> dict[str, tuple[ModelSpec, Recipe]]:
+def references(run: Run, setting: Setting, demo: Setting, args: argparse.Namespace) -> dict[str, tuple[ModelSpec, Recipe]]:
     """The models a setting's ranking is held against, trained on the true labels: description -> (model, recipe).
 
     The demo's MLP and recipe (the runs' kind of model), the setting's own network over just its
@@ -155,7 +167,7 @@ def references(run: Run, setting: Setting, demo: Setting) -> dict[str, tuple[Mod
         f"the demo's {demo.model.options['hidden']} MLP, {demo.recipe.stages[0].epochs} epochs": (demo.model, demo.recipe),
         f"this setting's {setting.model.options['hidden']} MLP, its early window's {epochs} epochs at lr {stage.lr}":
             (setting.model, early),
-        "a CNN (channels 32, 64), the demo's recipe": (ModelSpec("cnn", {}), demo.recipe),
+        "a CNN (channels 32, 64), the demo's recipe": (sized_model(args, ModelSpec("cnn", {})), demo.recipe),
     }
 
 
@@ -199,20 +211,18 @@ def goal_line(name: str, results: dict[str, dict[str, float]]) -> tuple[str, boo
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
-    if not anchors_installed():
-        print(ANCHORS_MISSING)
     payload, sections, reference_cache = {}, [], {}
-    seeds = HELD_OUT_SEEDS[:1] if args.quick else HELD_OUT_SEEDS
+    seeds = by_mode(args, full=HELD_OUT_SEEDS, quick=HELD_OUT_SEEDS[:1], smoke=HELD_OUT_SEEDS[:1])
     with workspace_root(args.workspace) as root:
         workspace = Workspace(root)
-        chosen = settings(args.quick)
+        chosen = settings(args)
         for name, setting in chosen.items():
             run = the_run(workspace, name, setting)
             results = evaluate_rankings(run)
             goal, met = goal_line(name, results)
             spread = seed_spread(workspace, name, setting, results, seeds)
             held = {}
-            for description, (model, recipe) in references(run, setting, chosen["demo"]).items():
+            for description, (model, recipe) in references(run, setting, chosen["demo"], args).items():
                 key = repr((setting.data, model, recipe))  # both settings share their data: train each reference once
                 if key not in reference_cache:
                     reference_cache[key] = clean_label_reference(run, model, recipe)

@@ -4,22 +4,25 @@ For 20 test queries of the demo's converged MLP run (numpy seed 0 picks them), e
 5 % proponents are removed, the run is retrained (same recipe, seed offset 0), and the query's
 correct-class margin is compared with the full-data model; the same for its top 5 % opponents
 and for 5 % random removals. A useful method drops the margin far more than random removal.
+--quick: the tiny demo's run (as the tests build it), 5 queries; --smoke: that run on 256 training and
+32 test images with a narrow MLP (common.smoke_model), 2 queries.
 
-    python benchmarks/b5_counterfactual.py [--quick] [--json PATH] [--workspace DIR]
+    python benchmarks/b5_counterfactual.py [--quick | --smoke] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
 import numpy as np
-from common import markdown_table, parser, report, timed, workspace_root
+from common import by_mode, demo_run, markdown_table, parser, report, timed, workspace_root
 
 from attribution_core.api import METHODS
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings, counterfactual
-from attribution_core.runs.demo import build_demo
 from attribution_core.runs.run import Run, load_run
+from attribution_core.runs.training import train
 from attribution_core.store import Workspace
 
 RUN_ID = "fmnist-mlp"
 METHOD_NAMES = ("trak", "ekfac", "source", "tracin", "graddot", "repsim")
+JSON_KEYS = ("methods",)
 
 
 def queries(run: Run, count: int) -> list[int]:
@@ -42,9 +45,8 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     with workspace_root(args.workspace) as root:
         workspace = Workspace(root)
-        build_demo(workspace, tiny=args.quick)
-        run = load_run(workspace, RUN_ID)
-        chosen = queries(run, 5 if args.quick else 20)
+        run = load_run(workspace, RUN_ID) if RUN_ID in workspace.run_ids() else train(*demo_run(args, RUN_ID, tiny=args.quick), workspace, RUN_ID)
+        chosen = queries(run, by_mode(args, full=20, quick=5, smoke=2))
         rows, payload = [], {}
         for position, method in enumerate(name for name in METHOD_NAMES if name in METHODS):
             # Random removals do not depend on the method: draw them once, with the first method.

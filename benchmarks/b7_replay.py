@@ -15,22 +15,36 @@ float64; the rms change of the queries' margins from float32 rounding alone, ove
 across subsets. Near 0, the ground truth is a smooth function of the weights; a sizeable
 fraction means training amplifies perturbations of rounding size (ReLU kinks flipped, then
 grown), and no first-order score, replay's exact derivative included, can predict that part.
+--quick: 32 queries, 20 subsets; --smoke: the runs on 256 training and 32 test images with narrow
+MLPs (common.smoke_model; the demo's runs from the tiny demo), 8 queries, 4 subsets.
 
-    python benchmarks/b7_replay.py [--quick] [--queries N] [--subsets M] [--json PATH] [--workspace DIR]
+    python benchmarks/b7_replay.py [--quick | --smoke] [--queries N] [--subsets M] [--json PATH] [--workspace DIR] [--workers N]
 """
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import torch
 from b1_digits_lds import DATA as B1_DATA
 from b1_digits_lds import MODEL as B1_MODEL
 from b1_digits_lds import RECIPE as B1_RECIPE
-from common import markdown_table, parser, report, timed, workspace_root
+from common import (
+    add_workers_option,
+    by_mode,
+    demo_run,
+    markdown_table,
+    parser,
+    report,
+    shrunk,
+    timed,
+    workers,
+    workspace_root,
+)
 from torch.func import functional_call
 
 from attribution_core.api import attribute
 from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
-from attribution_core.runs.demo import demo_runs
 from attribution_core.runs.replay_engine import replay_forward, replay_plan
 from attribution_core.runs.run import Run, load_run
 from attribution_core.runs.threads import one_thread
@@ -40,12 +54,15 @@ from attribution_core.store import Workspace
 METHODS = {"replay": {}, "source": {}, "trak": {}, "ekfac": {}, "tracin": {}}
 """The methods compared, at their defaults."""
 BLOCK = 32
+JSON_KEYS = ("runs",)
+ROUNDING_SUBSETS = 10
+"""Subsets of the order-keeping ground truth replayed again in float64 (all of them where there are fewer)."""
 
 
-def the_runs(workspace: Workspace) -> dict[str, Run]:
-    """B1's digits run and the two demo runs, trained (with their records) unless the workspace holds them."""
-    wanted = {"digits-b1": (B1_DATA, B1_MODEL, B1_RECIPE)}
-    wanted |= {run.run_id: (run.data, run.model, run.recipe) for run in demo_runs() if run.run_id in ("fmnist-mlp-early", "fmnist-two-stage")}
+def the_runs(workspace: Workspace, args: argparse.Namespace) -> dict[str, Run]:
+    """B1's digits run and the two demo runs (cut by a smoke run's sizes), trained (with their records) unless the workspace holds them."""
+    wanted = {"digits-b1": (*shrunk(args, B1_DATA, B1_MODEL), B1_RECIPE)}
+    wanted |= {run_id: demo_run(args, run_id, tiny=False) for run_id in ("fmnist-mlp-early", "fmnist-two-stage")}
     runs = {}
     for run_id, (data, model, recipe) in wanted.items():
         existing = run_id in workspace.run_ids() and load_run(workspace, run_id)
@@ -54,21 +71,22 @@ def the_runs(workspace: Workspace) -> dict[str, Run]:
 
 
 def per_query_seconds(run: Run, method: str, queries: np.ndarray, block: int) -> float:
-    """Seconds per query to score `block` queries at once (train-side work already done and stored)."""
+    """Seconds per query to score `block` queries at once (fewer where the queries run out; train-side work already done and stored)."""
     attribute(run, method, queries=queries[:1], device="cpu")  # the fit, outside the clock
+    timed_queries = queries[1 : 1 + block]
     with timed() as clock:
-        attribute(run, method, queries=queries[1 : 1 + block], device="cpu")
-    return clock.seconds / block
+        attribute(run, method, queries=timed_queries, device="cpu")
+    return clock.seconds / len(timed_queries)
 
 
-def rounding_sensitivity(run: Run, truth: GroundTruth, queries: np.ndarray, n_subsets: int = 10) -> float:
+def rounding_sensitivity(run: Run, truth: GroundTruth, queries: np.ndarray) -> float:
     """rms over (subset, query) of float64 − float32 (stored) order-keeping margins, over the queries' mean std across subsets."""
     plan = replay_plan(run, dtype=torch.float64)
     _, test_set = run.datasets()
     x, y = test_set.x[queries].double(), test_set.y[queries]
     changes = []
     with one_thread():
-        for subset in range(n_subsets):
+        for subset in range(min(ROUNDING_SUBSETS, len(truth.masks))):
             final, _ = replay_forward(plan, torch.as_tensor(truth.masks[subset], dtype=torch.float64), verify=False)
             with torch.no_grad():
                 margins = plan.task.measurement(lambda inputs, final=final: functional_call(plan.model, final, (inputs,)), x, y)
@@ -78,22 +96,22 @@ def rounding_sensitivity(run: Run, truth: GroundTruth, queries: np.ndarray, n_su
 
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
-    arguments.add_argument("--queries", type=int, default=None, help="test examples scored and averaged over (default 100; --quick 32)")
-    arguments.add_argument("--subsets", type=int, default=None, help="subsets per ground truth (default 100; --quick 20)")
-    arguments.add_argument("--workers", type=int, default=2, help="processes retraining the reshuffled ground truth")
+    arguments.add_argument("--queries", type=int, default=None, help="test examples scored and averaged over (default 100; --quick 32; --smoke 8)")
+    arguments.add_argument("--subsets", type=int, default=None, help="subsets per ground truth (default 100; --quick 20; --smoke 4)")
+    add_workers_option(arguments, default=2)
     args = arguments.parse_args()
-    n_queries = args.queries or (32 if args.quick else 100)
-    n_subsets = args.subsets or (20 if args.quick else 100)
+    n_queries = args.queries or by_mode(args, full=100, quick=32, smoke=8)
+    n_subsets = args.subsets or by_mode(args, full=100, quick=20, smoke=4)
     truths = {"order_keeping": LdsSettings(n_subsets=n_subsets, alpha=0.95, mode="order_keeping"),
               "reshuffled": LdsSettings(n_subsets=n_subsets, alpha=0.5)}
     payload, sections = {"runs": {}}, []
     with workspace_root(args.workspace) as root:
-        for run_id, run in the_runs(Workspace(root)).items():
+        for run_id, run in the_runs(Workspace(root), args).items():
             queries = np.arange(min(n_queries, len(run.datasets()[1])))
             ground = {}
             for name, settings in truths.items():
                 with timed() as clock:
-                    ground[name] = groundtruth(run, settings, workers=1 if name == "order_keeping" else args.workers)
+                    ground[name] = groundtruth(run, settings, workers=1 if name == "order_keeping" else workers(args))
                 print(f"{run_id}: {name} ground truth in {clock.seconds:.1f} s", flush=True)
             with timed() as clock:
                 fit_model(run.datasets()[0], run.model, run.recipe, keep_checkpoints=False)

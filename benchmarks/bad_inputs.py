@@ -5,23 +5,30 @@ The tests check each message with `pytest.raises(..., match=...)`; a small plugi
 case that ends without an error (a SQL-looking note stored verbatim, a recomputed artifact)
 records what the user sees instead with `record_property("user_sees", ...)`. Nothing is imported
 from the tests themselves. Tests run with --basetemp /tmp/tdx-badinput (cleared by pytest first), so
-the file paths in the messages are the same from one run to the next.
+the file paths in the messages are the same from one run to the next. --quick runs every case too
+(there is no smaller version of a list of cases); --smoke runs the first few cases of the first test
+file that has any, in a temporary basetemp (a smoke run may run beside a full one).
 
-    python benchmarks/bad_inputs.py [--json PATH] [--no-results]
+    python benchmarks/bad_inputs.py [--quick | --smoke] [--json PATH] [--no-results]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from common import markdown_table, report
+from common import markdown_table, parser, report
 
 ROOT = Path(__file__).resolve().parent.parent
+JSON_KEYS = ("cases",)
+SMOKE_CASES = 3
+"""Cases a smoke run keeps: enough for both kinds of record (a caught error and a `user_sees` property)."""
 
 
 class RecordingRaises:
@@ -42,9 +49,10 @@ class RecordingRaises:
 
 
 class MessageRecorder:
-    """A pytest plugin: the badinput tests in collection order, and the messages each one saw."""
+    """A pytest plugin: the badinput tests in collection order (the first `limit` of them), and the messages each one saw."""
 
-    def __init__(self):
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
         self.items: list[pytest.Item] = []
         self.messages: dict[str, list[str]] = defaultdict(list)
         self.failed: list[str] = []
@@ -66,6 +74,12 @@ class MessageRecorder:
         """Keep the text of an error a test caught (an exit status is no message: such tests record stderr)."""
         if self.current is not None and not isinstance(error, SystemExit):
             self.messages[self.current].append(str(error))
+
+    @pytest.hookimpl(trylast=True)  # after -m badinput has deselected the other tests
+    def pytest_collection_modifyitems(self, config, items):
+        if self.limit is not None and len(items) > self.limit:
+            config.hook.pytest_deselected(items=items[self.limit :])
+            del items[self.limit :]
 
     def pytest_collection_finish(self, session):
         self.items = list(session.items)
@@ -98,17 +112,31 @@ def markdown_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>").replace("\t", " ")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Every badinput case and the message the user sees")
-    parser.add_argument("--json", type=Path, default=None, help="also write {cases: [{case, test, message}]} to this path")
-    parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
-    arguments = parser.parse_args()
-    arguments.quick = False
+def test_paths(arguments: argparse.Namespace) -> list[str]:
+    """Where the cases are: every test, or on a smoke run the first test file holding a badinput case."""
+    if not arguments.smoke:
+        return ["tests"]
+    first = next(path for path in sorted((ROOT / "tests").glob("test_*.py")) if "pytest.mark.badinput" in path.read_text())
+    return [str(first.relative_to(ROOT))]
 
-    recorder = MessageRecorder()
+
+@contextlib.contextmanager
+def basetemp(arguments: argparse.Namespace) -> Iterator[Path]:
+    """A fixed folder, so the paths in the messages stay put; a temporary one on a smoke run, which writes no table."""
+    if not arguments.smoke:
+        yield Path(tempfile.gettempdir()) / "tdx-badinput"
+        return
+    with tempfile.TemporaryDirectory(prefix="tdx-badinput-smoke-") as directory:
+        yield Path(directory) / "basetemp"
+
+
+def main() -> None:
+    arguments = parser("Every badinput case and the message the user sees").parse_args()
+    recorder = MessageRecorder(limit=SMOKE_CASES if arguments.smoke else None)
     os.chdir(ROOT)
-    basetemp = Path(tempfile.gettempdir()) / "tdx-badinput"  # a fixed folder, so the paths in the messages stay put
-    status = pytest.main(["-m", "badinput", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}", "tests"], plugins=[recorder])
+    with basetemp(arguments) as folder:
+        status = pytest.main(["-m", "badinput", "-q", "-p", "no:cacheprovider", f"--basetemp={folder}", *test_paths(arguments)],
+                             plugins=[recorder])
     if status != 0 or recorder.failed:
         sys.exit(f"badinput tests failed ({', '.join(recorder.failed) or f'pytest exit status {status}'}); no table written")
 
