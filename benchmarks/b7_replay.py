@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 from b1_digits_lds import DATA as B1_DATA
 from b1_digits_lds import MODEL as B1_MODEL
 from b1_digits_lds import RECIPE as B1_RECIPE
@@ -41,13 +40,11 @@ from common import (
     workers,
     workspace_root,
 )
-from torch.func import functional_call
+from replay_checks import rounding_sensitivity
 
 from attribution_core.api import attribute
-from attribution_core.evaluation.lds import GroundTruth, LdsSettings, groundtruth, lds
-from attribution_core.runs.replay_engine import replay_forward, replay_plan
+from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
 from attribution_core.runs.run import Run, load_run
-from attribution_core.runs.threads import one_thread
 from attribution_core.runs.training import fit_model, train
 from attribution_core.store import Workspace
 
@@ -79,21 +76,6 @@ def per_query_seconds(run: Run, method: str, queries: np.ndarray, block: int) ->
     return clock.seconds / len(timed_queries)
 
 
-def rounding_sensitivity(run: Run, truth: GroundTruth, queries: np.ndarray) -> float:
-    """rms over (subset, query) of float64 − float32 (stored) order-keeping margins, over the queries' mean std across subsets."""
-    plan = replay_plan(run, dtype=torch.float64)
-    _, test_set = run.datasets()
-    x, y = test_set.x[queries].double(), test_set.y[queries]
-    changes = []
-    with one_thread():
-        for subset in range(min(ROUNDING_SUBSETS, len(truth.masks))):
-            final, _ = replay_forward(plan, torch.as_tensor(truth.masks[subset], dtype=torch.float64), verify=False)
-            with torch.no_grad():
-                margins = plan.task.measurement(lambda inputs, final=final: functional_call(plan.model, final, (inputs,)), x, y)
-            changes.append(margins.numpy() - truth.margins[subset, queries])
-    return float(np.sqrt(np.mean(np.square(changes))) / truth.margins[:, queries].std(axis=0).mean())
-
-
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--queries", type=int, default=None, help="test examples scored and averaged over (default 100; --quick 32; --smoke 8)")
@@ -116,7 +98,7 @@ def main() -> None:
             with timed() as clock:
                 fit_model(run.datasets()[0], run.model, run.recipe, keep_checkpoints=False)
             train_seconds = clock.seconds
-            sensitivity = rounding_sensitivity(run, ground["order_keeping"], queries)
+            sensitivity = rounding_sensitivity(run, ground["order_keeping"], queries, ROUNDING_SUBSETS)
             print(f"{run_id}: rounding sensitivity {sensitivity:.3g}", flush=True)
             rows, methods = [], {}
             for method, settings in METHODS.items():

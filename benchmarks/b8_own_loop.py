@@ -18,7 +18,7 @@ test images:
   over --augmentations copies drawn by the loop's own augmentation (queries un-augmented), against
   TRAK on the un-augmented examples (the field's convention, and every method's default here).
 
-    python benchmarks/b8_own_loop.py [--quick] [--train N] [--epochs E] [--subsets M] [--queries Q] [--json PATH] [--workspace DIR]
+    python benchmarks/b8_own_loop.py [--quick | --smoke] [--train N] [--epochs E] [--subsets M] [--queries Q] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ANCHORS_MISSING, anchors_installed, markdown_table, parser, report, timed, workspace_root
+from common import (
+    SMOKE_TEST,
+    SMOKE_TRAIN,
+    anchors_available,
+    by_mode,
+    markdown_table,
+    parser,
+    report,
+    timed,
+    workspace_root,
+)
 from replay_checks import rounding_sensitivity
 from torch import nn
 
@@ -49,14 +59,15 @@ from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the example's loop, found by name from the repository root
+JSON_KEYS = ("train_seconds", "methods", "anchors", "replay", "details", "trak_augmentation_averaged")
 RUN_ID = "own-loop-b8"
 TRAIN = "examples.own_training_loop:train"
 FACTORY = "examples.own_training_loop:small_cnn"
 
 
-def the_run(workspace: Workspace, n_train: int, epochs: int) -> Run:
-    """The loop recorded on the first n_train Fashion-MNIST images (reused when the workspace holds it at these sizes)."""
-    data = DataSpec(source="fashion_mnist", max_train=n_train, max_test=1000)
+def the_run(workspace: Workspace, n_train: int, n_test: int, epochs: int) -> Run:
+    """The loop recorded on n_train Fashion-MNIST images (reused when the workspace holds it at these sizes)."""
+    data = DataSpec(source="fashion_mnist", max_train=n_train, max_test=n_test)
     if RUN_ID in workspace.run_ids():
         run = load_run(workspace, RUN_ID)
         if run.data == data and run.trained_by is not None and run.trained_by.options.get("epochs") == epochs:
@@ -79,10 +90,10 @@ def replay_difference(run: Run) -> float:
 
 def per_query_seconds(run: Run, method: str, first: int, block: int = 8) -> float:
     """Seconds per query to score a block of test images not scored yet, from `first` on (the method's fit stored already)."""
-    fresh = np.arange(first, first + block)
+    fresh = np.arange(first, min(first + block, len(run.datasets()[1])))
     with timed() as clock:
         attribute(run, method, queries=fresh, device="cpu")
-    return clock.seconds / block
+    return clock.seconds / len(fresh)
 
 
 class AugmentationAveragedTrak(Trak):
@@ -122,8 +133,7 @@ def augmentation_averaged_trak(run: Run, queries: np.ndarray, n_augmentations: i
 
 def anchor_scores(run: Run) -> dict[str, np.ndarray]:
     """traker's and kronfluence's scores of the whole test set on the run's checkpoints, where installed."""
-    if not anchors_installed():
-        print(ANCHORS_MISSING)
+    if not anchors_available():
         return {}
     from anchors import kronfluence_scores, traker_scores
 
@@ -132,20 +142,24 @@ def anchor_scores(run: Run) -> dict[str, np.ndarray]:
 
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
-    arguments.add_argument("--train", type=int, default=None, help="training images (default 4000; --quick 1000)")
-    arguments.add_argument("--epochs", type=int, default=None, help="epochs of the loop (default 6; --quick 3)")
-    arguments.add_argument("--subsets", type=int, default=None, help="retrainings per ground truth (default 60; --quick 12)")
-    arguments.add_argument("--queries", type=int, default=None, help="test images the LDS averages over (default 100; --quick 16)")
+    arguments.add_argument("--train", type=int, default=None, help="training images (default 4000; --quick 1000; --smoke 256)")
+    arguments.add_argument("--epochs", type=int, default=None, help="epochs of the loop (default 6; --quick 3; --smoke 3)")
+    arguments.add_argument("--subsets", type=int, default=None, help="retrainings per ground truth (default 60; --quick 12; --smoke 3)")
+    arguments.add_argument("--queries", type=int, default=None, help="test images the LDS averages over (default 100; --quick 16; --smoke 4)")
     arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truths")
-    arguments.add_argument("--augmentations", type=int, default=4, help="augmented copies TRAK's features are averaged over in (d)")
+    arguments.add_argument("--augmentations", type=int, default=None, help="augmented copies TRAK's features are averaged over in (d) (default 4; --smoke 2)")
     arguments.add_argument("--replay-queries", type=int, default=None,
-                           help="test images replay scores (it costs two to three trainings per query on this CNN; default 32; --quick 8)")
+                           help="test images replay scores (two to three trainings per query on this CNN; default 32; --quick 8; --smoke 2)")
     args = arguments.parse_args()
-    n_train, epochs = args.train or (1000 if args.quick else 4000), args.epochs or (3 if args.quick else 6)
-    n_subsets, n_queries = args.subsets or (12 if args.quick else 60), args.queries or (16 if args.quick else 100)
-    args.replay_queries = args.replay_queries or (8 if args.quick else 32)
+    n_train = args.train or by_mode(args, full=4000, quick=1000, smoke=SMOKE_TRAIN)
+    epochs = args.epochs or by_mode(args, full=6, quick=3, smoke=3)  # SOURCE needs three checkpoints (one an epoch)
+    n_subsets = args.subsets or by_mode(args, full=60, quick=12, smoke=3)
+    n_queries = args.queries or by_mode(args, full=100, quick=16, smoke=4)
+    args.replay_queries = args.replay_queries or by_mode(args, full=32, quick=8, smoke=2)
+    args.augmentations = args.augmentations or by_mode(args, full=4, quick=4, smoke=2)
+    n_test = by_mode(args, full=1000, quick=1000, smoke=SMOKE_TEST)  # room for the timed block after the LDS queries
     with workspace_root(args.workspace) as root:
-        run = the_run(Workspace(root), n_train, epochs)
+        run = the_run(Workspace(root), n_train, n_test, epochs)
         queries = np.arange(n_queries)
         train_seconds = one_training_seconds(run)
         print(f"one training of the loop: {train_seconds:.1f} s ({run.record.n_steps} steps)", flush=True)
@@ -153,7 +167,7 @@ def main() -> None:
         for name, settings in {"reshuffled": LdsSettings(n_subsets=n_subsets, alpha=0.5),
                                "order_keeping": LdsSettings(n_subsets=n_subsets, alpha=0.95, mode="order_keeping")}.items():
             with timed() as clock:
-                truths[name] = groundtruth(run, settings, workers=args.workers)
+                truths[name] = groundtruth(run, settings, workers=by_mode(args, full=args.workers, quick=args.workers, smoke=1))
             print(f"{name} ground truth: {n_subsets} retrainings in {clock.seconds:.0f} s", flush=True)
         methods, rows = {}, []
         for method in (name for name, method in METHODS.items() if method.unsupported_reason(run) is None):
