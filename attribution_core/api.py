@@ -1,7 +1,7 @@
 """The front door: `attribute(run, method=..., queries=..., checkpoints=..., settings=...) -> Scores`.
 
-Train-side work (features, curvature) is computed once per (run, task, method, settings,
-checkpoints), stored under a content-hash key in runs/<id>/features/<key>/ and reused; scores
+Train-side work (a method's fitted state: projected gradients, curvature) is computed once per (run, task,
+method, settings, checkpoints), stored under a content-hash key in runs/<id>/states/<key>/ and reused; scores
 of test-set queries are stored under runs/<id>/scores/<key>/ and self-influence under
 runs/<id>/self_influence/<key>/. Queries that are not in the data set (an uploaded image) cost
 their gradients and a product and are not stored. What a method is (its settings, default
@@ -102,7 +102,7 @@ def default_checkpoints(run: Run, method: str) -> list[int]:
 def state_artifact(run: Run, method: Method, checkpoints: list[int], task: Task) -> Artifact:
     """Where a method's train-side state for these checkpoints and task is stored."""
     return run.artifact(
-        "features", method=method.name, settings=dataclasses.asdict(method.settings),
+        "states", method=method.name, settings=dataclasses.asdict(method.settings),
         version=getattr(method.settings, "state_version", 1), checkpoints=checkpoints, task=task.key(),
     )
 
