@@ -335,7 +335,7 @@ def test_explore_note_is_saved_by_enter_once_the_example_has_a_verdict(workspace
 def test_find_similar_from_the_dialog_and_from_the_query_lists_nearest_training_examples_by_cosine(workspace):
     import numpy as np
 
-    from attribution_core.inspection import penultimate_features
+    from attribution_core.inspection import penultimate_representations
 
     app = open_app(run="fmnist-mlp", method="trak")
     query = app.selectbox(key="query").value
@@ -344,14 +344,14 @@ def test_find_similar_from_the_dialog_and_from_the_query_lists_nearest_training_
     app.button(key="inspect_similar").click().run()
     assert f"Most similar to training example #{index}" in texts(app)
     run = load_run(workspace, "fmnist-mlp")
-    train = penultimate_features(run, split="train")
+    train = penultimate_representations(run, split="train")
     cosines = train @ train[index] / (np.linalg.norm(train, axis=1) * np.linalg.norm(train[index]))
     cosines[index] = -np.inf
     assert result_indices(app, "", grid="similar") == list(np.argsort(-cosines, kind="stable")[:10])
     app.button(key="similar_close").click().run()
     assert "Most similar to" not in texts(app)
     app.button(key="query_similar").click().run()
-    test = penultimate_features(run, split="test")[query]
+    test = penultimate_representations(run, split="test")[query]
     test_cosines = train @ test / (np.linalg.norm(train, axis=1) * np.linalg.norm(test))
     assert f"Most similar to test sample {query}" in texts(app)
     assert result_indices(app, "", grid="similar") == list(np.argsort(-test_cosines, kind="stable")[:10])

@@ -47,7 +47,7 @@ HINTS = {
     "layout": "The map is laid out once per run and checkpoint, then stored.",
     "ranking": "A ranking is computed once per run, then stored.",
     "train": "Training runs in the background; the run appears in the list when it is done.",
-    "features": "The training set's features are computed once per run and checkpoint; every lookup after them is instant.",
+    "representations": "The training set's representations are computed once per run and checkpoint; every lookup after them is instant.",
     "smoothness": "Each removal is one replay of the recorded run.",
 }
 """What to know while a job of each kind runs."""

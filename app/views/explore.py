@@ -39,7 +39,7 @@ from attribution_core import inspection
 from attribution_core.api import METHODS, QueryBatch, attribute
 from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
-from attribution_core.jobs.kinds import counterfactual_job, features_job, fit_job, smoothness_job
+from attribution_core.jobs.kinds import counterfactual_job, fit_job, representations_job, smoothness_job
 from attribution_core.runs.replay_engine import why_not_replayable
 from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
@@ -175,7 +175,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     if query is not None:
         moves[2].button("Find similar", key="inspect_similar", icon=":material/image_search:", shortcut=SIMILAR_SHORTCUT,
                         width="stretch", on_click=find_similar, args=("train", index, query),
-                        help="The training examples the model sees as most alike (cosine of its penultimate-layer features)")
+                        help="The training examples the model sees as most alike (cosine of its penultimate-layer representations)")
     if moves[-1].button("Show on map", key="inspect_map", icon=":material/scatter_plot:", shortcut=MAP_SHORTCUT, width="stretch",
                         help="Open the Map with this training example marked"):
         st.switch_page(MAP_PAGE, query_params={"run": run.run_id, MAP_EXAMPLE_PARAM: str(index)})
@@ -224,7 +224,7 @@ def render_results(run: Run, query_scores: Scores, row: int, k: int, *, key: str
 
 
 def render_similar(run: Run, query_scores: Scores, query: int) -> None:
-    """The training examples most similar to the chosen one (or to the query), by cosine of the final model's features."""
+    """The training examples most similar to the chosen one (or to the query), by cosine of the final model's representations."""
     similar = st.session_state.get(SIMILAR_KEY)
     if similar is None or similar[2] != query:
         return
@@ -235,12 +235,12 @@ def render_similar(run: Run, query_scores: Scores, query: int) -> None:
         what = f"training example #{index}" if split == "train" else f"test sample {index}"
         title.markdown(f"#### Most similar to {what}")
         close.button("Close", key="similar_close", icon=":material/close:", on_click=clear_similar, width="stretch")
-        features = call_or_report(job_result, run, features_job(run, -1))  # computed once per run, then stored
-        if features is None:
+        representations = call_or_report(job_result, run, representations_job(run, -1))  # computed once per run, then stored
+        if representations is None:
             return
-        indices, cosines = inspection.most_similar(features, split, index, SIMILAR_SHOWN)
-        st.caption(f"Cosine similarity (1 = alike) of what the model's classifier head sees (its penultimate-layer features at "
-                   f"{checkpoint_label(run, features.checkpoint)}), over all {len(train_set):,} training examples. The tooltip of "
+        indices, cosines = inspection.most_similar(representations, split, index, SIMILAR_SHOWN)
+        st.caption(f"Cosine similarity (1 = alike) of what the model's classifier head sees (its penultimate-layer representations at "
+                   f"{checkpoint_label(run, representations.checkpoint)}), over all {len(train_set):,} training examples. The tooltip of "
                    f"each gives its score for test sample {query}.")
         label = class_name(train_set, int(query_scores.query_labels[0]))
         meaning = ScoreMeaning(query_scores.method, label, query_scores.values[0])

@@ -22,7 +22,7 @@ from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, 
 from ..evaluation.lds import LdsSettings, groundtruth, load_groundtruth
 from ..evaluation.mislabel import rank_mislabels, ranking_label, stored_ranking
 from ..evaluation.smoothness import smoothness, stored_smoothness
-from ..inspection import feature_index, map_layout, stored_feature_index, stored_map_layout
+from ..inspection import map_layout, representation_index, stored_map_layout, stored_representation_index
 from ..methods import method_class
 from ..models import ModelSpec
 from ..progress import ProgressFn
@@ -103,8 +103,8 @@ def _layout(run: Run, params: Params, progress: ProgressFn) -> None:
     map_layout(run, int(params["checkpoint"]), progress=progress)
 
 
-def _features(run: Run, params: Params, progress: ProgressFn) -> None:
-    feature_index(run, int(params["checkpoint"]), progress=progress)
+def _representations(run: Run, params: Params, progress: ProgressFn) -> None:
+    representation_index(run, int(params["checkpoint"]), progress=progress)
 
 
 def _smoothness(run: Run, params: Params, progress: ProgressFn) -> None:
@@ -134,19 +134,29 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("groundtruth", _groundtruth, lambda run, params: load_groundtruth(run, _lds_settings(params)), resumable=True),
     JobKind("counterfactual", _counterfactual, _counterfactual_stored, resumable=True),
     JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"]))),
-    JobKind("features", _features, lambda run, params: stored_feature_index(run, int(params["checkpoint"]))),
+    JobKind("representations", _representations, lambda run, params: stored_representation_index(run, int(params["checkpoint"]))),
     JobKind("smoothness", _smoothness, _smoothness_stored),
     JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"])),
     JobKind("train", _train, _trained, new_run=True),
 )}
 """Every kind of job by name."""
 
+FORMER_NAMES: dict[str, str] = {"features": "representations"}
+"""A kind's name before it was renamed -> its name now: jobs.sqlite keeps a job's kind by name, and a job queued under the
+former name runs (and loads) as the kind it was."""
+
+
+def find_kind(name: str) -> JobKind | None:
+    """The kind of a name (a former name too), or None when there is none (a job queued by another version of tdx)."""
+    return KINDS.get(FORMER_NAMES.get(name, name))
+
 
 def job_kind(name: str) -> JobKind:
-    """The kind of a name, or a SettingsError listing the kinds there are."""
-    if name not in KINDS:
-        raise SettingsError(f"unknown job kind {name!r}; kinds: {', '.join(KINDS)}")
-    return KINDS[name]
+    """The kind of a name (a former name too), or a SettingsError listing the kinds there are."""
+    kind = find_kind(name)
+    if kind is None:
+        raise SettingsError(f"unknown job kind {name!r} (queued by another version of tdx?); kinds: {', '.join(KINDS)}")
+    return kind
 
 
 def load_result(target: Run | Workspace, spec: JobSpec) -> Any:
@@ -165,7 +175,7 @@ def _resolved(run: Run, method: str, checkpoints: list[int] | None) -> list[int]
 
 
 def fit_job(run: Run, method: str, checkpoints: list[int] | None = None, *, priority: int = INTERACTIVE) -> JobSpec:
-    """Fit a method's train-side state (features, curvature) on the run."""
+    """Fit a method's train-side state (projected gradients, curvature) on the run."""
     label = method_class(method).label
     return _spec(run, "fit", {"method": method, "checkpoints": _resolved(run, method, checkpoints)},
                  f"{label}: fit on the training set", priority)
@@ -207,10 +217,10 @@ def layout_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> Job
     return _spec(run, "layout", {"checkpoint": index}, f"Map: laying out checkpoint {index} (UMAP)", priority)
 
 
-def features_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
-    """The unit-length penultimate features of a checkpoint that find-similar compares."""
+def representations_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
+    """The unit-length penultimate-layer representations of a checkpoint that find-similar compares."""
     index = run.checkpoint_index(checkpoint)
-    return _spec(run, "features", {"checkpoint": index}, f"Find similar: features of checkpoint {index}", priority)
+    return _spec(run, "representations", {"checkpoint": index}, f"Find similar: representations of checkpoint {index}", priority)
 
 
 def ranking_job(run: Run, ranking: str, *, priority: int = INTERACTIVE) -> JobSpec:
