@@ -19,10 +19,10 @@ from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.context import url_selectbox
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
-from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
 from app.components.examples import FLAG_COLOURS, UNREVIEWED, class_name, marks, verdicts
 from app.components.flagging import UNDO_KEY, flag_controls, undo_button
 from app.components.images import GridItem, current_page, enlarged, image_grid
+from app.components.rankings import mislabel_ranking, ranking_choices, stored_rankings
 from attribution_core.annotations import FLAG_KINDS
 from attribution_core.evaluation import dynamics
 from attribution_core.evaluation.mislabel import (
