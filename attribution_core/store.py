@@ -24,14 +24,17 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
+from .distributed import agreed, barrier, rank_and_world
 from .errors import CheckpointError, UnknownRunError, WorkspaceError
+
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 """Bump when the layout of a stored artifact changes: old artifacts then get new keys."""
@@ -280,6 +283,26 @@ class Artifact:
                 extra = compute(self)
                 self.commit(self.inputs, extra=extra)
         return self
+
+
+def compute_once_across_ranks(artifact: Artifact, compute: Callable[[], T], save: Callable[[Artifact, T], dict[str, Any] | None],
+                              *, collective: bool = True) -> Artifact:
+    """The artifact, computed first if needed: compute() gives the result, save(artifact, result) writes its files.
+
+    Under a process group with collective=True, every rank takes part in compute() (a sharded fit, queries shared between
+    the ranks) when rank 0 finds the artifact missing; rank 0 alone stores the result and every rank waits for it. Without a
+    process group, or with collective=False, this is Artifact.compute_once: a process that finds the same artifact being
+    computed elsewhere waits on its lock, then reuses it.
+    """
+    rank, world = rank_and_world()
+    if world == 1 or not collective:
+        return artifact.compute_once(lambda stored: save(stored, compute()))
+    if agreed(not artifact.is_complete()):  # one decision for every rank: all of them compute, or none does
+        result = compute()
+        if rank == 0:
+            artifact.compute_once(lambda stored: save(stored, result))
+        barrier()
+    return artifact
 
 
 class Workspace:

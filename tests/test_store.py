@@ -21,6 +21,7 @@ from attribution_core.store import (
     atomic_save_npy,
     atomic_write_bytes,
     check_name,
+    compute_once_across_ranks,
     content_key,
     load_npy,
     load_tensors,
@@ -233,3 +234,16 @@ def test_a_complete_artifact_is_kept_and_an_incomplete_former_one_is_not_adopted
     incomplete.mkdir()
     (incomplete / "data.bin").write_bytes(b"no manifest")
     assert not fresh.adopt(incomplete) and incomplete.is_dir() and not fresh.directory.exists()
+
+
+def test_without_a_process_group_an_artifact_computed_across_ranks_is_computed_once_here(tmp_path):
+    computed = []
+
+    def compute() -> bytes:
+        computed.append(1)
+        return b"result"
+
+    artifact = Artifact(tmp_path / "a", {"made": "here"})
+    for _ in range(2):
+        compute_once_across_ranks(artifact, compute, lambda stored, result: atomic_write_bytes(stored.path("r.bin"), result))
+    assert computed == [1] and artifact.verify() and artifact.path("r.bin").read_bytes() == b"result"

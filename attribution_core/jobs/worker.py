@@ -108,7 +108,7 @@ class _Runs:
             run.datasets()
             method = default_method(run)
             if load_result(run, fit_job(run, method)) is not None:
-                prepare(run, method)  # the state stays loaded in this process (api's cache of fitted states)
+                prepare(run, method)  # the state stays loaded in this process (state_cache)
 
     def get(self, run_id: str, created: str) -> Run:
         run = self.cache.get(run_id)
