@@ -157,7 +157,7 @@ def fake_kinds(monkeypatch, log: list, *, stop_after: int | None = None, fail: E
                 raise fail
             progress(step, 4)
 
-    monkeypatch.setitem(kinds.KINDS, "fake", JobKind("fake", run, lambda run_, params: None, resumable=resumable))
+    monkeypatch.setitem(kinds.KINDS, "fake", JobKind("fake", run, lambda run_, params: None, "a fake", resumable=resumable))
     monkeypatch.setattr("attribution_core.jobs.worker._Runs.target", lambda self, job: None)
     monkeypatch.setattr("attribution_core.jobs.worker.REPORT_SECONDS", 0.0)
 

@@ -5,6 +5,12 @@ own atomic, resumable artifacts), `load` returns the stored result or None. A pa
 first and submits a job only on None, so a result is computed once, whoever asked and whenever.
 Parameters hold the default Task only (the app's): custom tasks are for the API, which calls the
 core directly.
+
+Adding a job kind: its `run` and `load` functions, one `JobKind(...)` in KINDS (its name, the two
+functions, the hint a page shows while it runs, whether it is resumable or makes a new run), and a
+`<kind>_job(run, ...) -> JobSpec` builder for the callers; then its test. Nothing else: the workers
+(worker.py), `tdx jobs` and the app's progress panels (app/components/jobs.py) read KINDS. A renamed
+kind keeps its former name in FORMER_NAMES, since jobs.sqlite stores kinds by name.
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ class JobKind:
     name: str
     run: Callable[[Any, Params, ProgressFn], None]
     load: Callable[[Any, Params], Any]
+    hint: str
+    """What to know while a job of this kind runs, shown under its progress bar on a page."""
     resumable: bool = False
     """True when the computation keeps its finished parts (a ground truth model by model): the worker may then stop it
     between progress reports to run a more urgent job first, and it continues where it stopped."""
@@ -129,15 +137,23 @@ def _trained(workspace: Workspace, params: Params) -> Run | None:
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
-    JobKind("fit", _fit, _fitted),
-    JobKind("scores", _score, _scored),
-    JobKind("groundtruth", _groundtruth, lambda run, params: load_groundtruth(run, _lds_settings(params)), resumable=True),
-    JobKind("counterfactual", _counterfactual, _counterfactual_stored, resumable=True),
-    JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"]))),
-    JobKind("representations", _representations, lambda run, params: stored_representation_index(run, int(params["checkpoint"]))),
-    JobKind("smoothness", _smoothness, _smoothness_stored),
-    JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"])),
-    JobKind("train", _train, _trained, new_run=True),
+    JobKind("fit", _fit, _fitted, "The fit is done once per run, method and checkpoints; every query after it is quick."),
+    JobKind("scores", _score, _scored,
+            "Scores are stored per block of test samples: the neighbours of this sample open at once afterwards."),
+    JobKind("groundtruth", _groundtruth, lambda run, params: load_groundtruth(run, _lds_settings(params)),
+            "Fewer subsets are faster. Every finished retraining is kept: cancelling and starting again loses nothing.",
+            resumable=True),
+    JobKind("counterfactual", _counterfactual, _counterfactual_stored,
+            "Each removal is one retraining of the whole run. Finished retrainings are kept if you cancel.", resumable=True),
+    JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"])),
+            "The map is laid out once per run and checkpoint, then stored."),
+    JobKind("representations", _representations, lambda run, params: stored_representation_index(run, int(params["checkpoint"])),
+            "The training set's representations are computed once per run and checkpoint; every lookup after them is instant."),
+    JobKind("smoothness", _smoothness, _smoothness_stored, "Each removal is one replay of the recorded run."),
+    JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"]),
+            "A ranking is computed once per run, then stored."),
+    JobKind("train", _train, _trained, "Training runs in the background; the run appears in the list when it is done.",
+            new_run=True),
 )}
 """Every kind of job by name."""
 
@@ -165,7 +181,7 @@ def load_result(target: Run | Workspace, spec: JobSpec) -> Any:
 
 
 def _spec(run: Run, kind: str, params: dict[str, Any], title: str, priority: int) -> JobSpec:
-    return JobSpec(kind, run.run_id, run.created, params, title, priority)
+    return JobSpec(job_kind(kind).name, run.run_id, run.created, params, title, priority)
 
 
 def _resolved(run: Run, method: str, checkpoints: list[int] | None) -> list[int]:
