@@ -8,8 +8,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from helpers_app import open_app, texts
 from streamlit.testing.v1 import AppTest
-from test_app_pages import open_app, texts
 
 from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, QUEUED, JobQueue, JobSpec
 from attribution_core.jobs.worker import work

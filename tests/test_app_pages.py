@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_app import MAIN, TIMEOUT, button_keys, open_app, texts
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -16,8 +16,6 @@ from attribution_core.evaluation.lds import LdsSettings
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
-MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
-TIMEOUT = 120
 GROUND_TRUTH = LdsSettings(n_subsets=6)
 
 
@@ -34,32 +32,9 @@ def workspace_env(workspace, monkeypatch):
     monkeypatch.setenv("TDX_JOBS", "inline")
 
 
-def open_app(page: str | None = None, **query_params: str) -> AppTest:
-    """A fresh session of the app (like a new browser tab) on a page, with URL query parameters."""
-    app = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT)
-    app.query_params.update(query_params)
-    app.run()
-    if page is not None:
-        app.switch_page(f"views/{page}.py").run()
-    assert not app.exception, [exception.message for exception in app.exception]
-    return app
-
-
-def texts(app: AppTest) -> str:
-    """Every markdown, caption, subheader, alert and progress-bar text of the page, joined."""
-    parts = [element.value for kind in ("markdown", "caption", "subheader", "title", "info", "error", "warning", "success")
-             for element in getattr(app, kind)] + [bar.proto.text for bar in app.get("progress")]
-    return "\n".join(str(part) for part in parts)
-
-
 def table_with(app: AppTest, column: str):
     """The first dataframe on the page that has this column."""
     return next(frame.value for frame in app.dataframe if column in frame.value.columns)
-
-
-def button_keys(app: AppTest, prefix: str) -> list[str]:
-    """Keys of the page's buttons that start with prefix, in page order."""
-    return [button.key for button in app.button if button.key and button.key.startswith(prefix)]
 
 
 # --- Explore -----------------------------------------------------------------------------------------------------
