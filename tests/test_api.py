@@ -247,5 +247,15 @@ def test_cli_attribute_prints_proponents_and_opponents(run, capsys):
     assert out.count("proponents:") == 3 and out.count("opponents:") == 3
 
 
-def test_auto_device_is_cpu_without_cuda():
-    assert api.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize(("cuda", "expected"), [(True, torch.device("cuda")), (False, torch.device("cpu"))])
+def test_auto_device_is_cuda_exactly_when_cuda_is_available(monkeypatch, cuda, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert api.resolve_device("auto") == api.resolve_device() == expected
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+@pytest.mark.parametrize(("device", "named"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"), (torch.device("cpu"), "cpu"),
+                                               (torch.device("cuda", 0), "cuda:0")])
+def test_a_device_named_explicitly_is_kept_whatever_is_available(monkeypatch, cuda, device, named):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert str(api.resolve_device(device)) == named
