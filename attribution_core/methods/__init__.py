@@ -23,7 +23,7 @@ METHODS: dict[str, type[Method]] = {
 """Every method the front door knows, in the order the CLI and the app list them."""
 
 
-LAYERS = (("base",), ("tracin", "exact"), ("*",), ("",))
+LAYERS = (("base", "kronecker_settings"), ("tracin", "exact"), ("*",), ("",))
 """This package's modules bottom up ("*": every method module not named; "" is this __init__): a new method module
 needs no entry here."""
 
