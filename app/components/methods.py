@@ -25,11 +25,6 @@ def checkpoint_label(run: Run, index: int) -> str:
     return f"ckpt {index} · step {info.step} · {stage}"
 
 
-def segmented_methods() -> str:
-    """The labels of the methods whose scores come per training segment ('SOURCE')."""
-    return " or ".join(method.label for method in METHODS.values() if method.has_segments)
-
-
 def method_selectbox(run: Run, container=None) -> str:
     """The method selector, kept in ?method= (default: the run's default method, as `tdx attribute` has it)."""
     choices = method_choices(run)
