@@ -27,8 +27,8 @@ from app.components.examples import (
     train_items,
     verdicts,
 )
-from app.components.flagging import UNDO_KEY, flag_controls, undo_button
-from app.components.images import current_page, enlarged, image_grid
+from app.components.flagging import UNDO_KEY, flag_controls, undo_button, verdict_keys_text
+from app.components.images import current_page, enlarged, example_card, image_grid
 from app.components.jobs import job_result
 from app.components.methods import checkpoint_label, segment_labels, segment_range
 from app.components.page import chosen_attribution, page_prelude
@@ -53,8 +53,6 @@ SIMILAR_KEY = "similar"
 """Session state: (split, index, query) of the example whose most similar training examples are shown, asked while `query` was chosen."""
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
-VERDICT_KEYS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
-"""The dialog's verdict shortcuts (those of the Mislabels page)."""
 NEXT_KEY, PREVIOUS_KEY, OPEN_KEY, SIMILAR_SHORTCUT, MAP_SHORTCUT = "N", "P", "O", "S", "G"
 """Page: next / previous test sample, open the next proponent, similar examples. Dialog: next / previous example, similar, map.
 U (flagging.UNDO_KEY) undoes on both. The page's buttons are disabled while the dialog is open, so a key never does two
@@ -154,9 +152,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     train_set, _ = run.datasets()
     meaning = ScoreMeaning(scores_.method, class_name(train_set, int(scores_.query_labels[row])), scores_.values[row])
     order = st.session_state.get(order_key(grid), [index])
-    left, right = st.columns([1, 1.6], gap="large")
-    left.image(enlarged(train_set.images[index], 260))
-    with right:
+    with example_card(train_set.images[index], size=260):
         where = f" · {order.index(index) + 1} of {len(order)} in this grid" if index in order else ""
         st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])}){where}")
         st.markdown(f"**Label** {class_name(train_set, int(train_set.y[index]))}")
@@ -180,13 +176,11 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
                         help="Open the Map with this training example marked"):
         st.switch_page(MAP_PAGE, query_params={"run": run.run_id, MAP_EXAMPLE_PARAM: str(index)})
     # a verdict moves to the grid's next example, as on Mislabels (past the last one the dialog closes)
-    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=VERDICT_KEYS,
-                  on_saved=lambda: step_inspector(grid, index, 1))
+    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=True, on_saved=lambda: step_inspector(grid, index, 1))
     undo_column, keys_column = st.columns([1, 3], vertical_alignment="center")
     with undo_column:
         undo_button(run.run_id, key="inspect_undo")
-    keys_column.caption("Keys: " + " · ".join(f"**{letter}** {kind}" for kind, letter in VERDICT_KEYS.items())
-                        + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
+    keys_column.caption("Keys: " + verdict_keys_text() + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
                         + (f"**{SIMILAR_SHORTCUT}** similar · " if query is not None else "")
                         + f"**{MAP_SHORTCUT}** map · **{UNDO_KEY}** undo · **Esc** close")
 
