@@ -15,6 +15,9 @@ record. Sources:
   the top level (recorded in the provenance); anything else in a class folder that Pillow cannot read
   is an error.
 
+Adding a source: its loader (DataSpec -> (train, test)) and one `DataSource` in DATA_SOURCES; DataSpec,
+load_dataset and the CLI's --data help read the table.
+
 Nothing here unpickles: npz files are read with ``allow_pickle=False``.
 """
 from __future__ import annotations
@@ -69,8 +72,8 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         """Reject values no loader can use, naming the field."""
-        if self.source not in SOURCES:
-            raise SettingsError(f"data source {self.source!r} is unknown; choose one of {', '.join(SOURCES)}")
+        if self.source not in DATA_SOURCES:
+            raise SettingsError(f"data source {self.source!r} is unknown; choose one of {', '.join(DATA_SOURCES)}")
         self._check_path()
         self._check_test_size()
         for name in ("split_seed", "noise_seed"):
@@ -408,10 +411,6 @@ DATA_SOURCES: dict[str, DataSource] = {source.name: source for source in (
     DataSource("image_folder", "the folder at path, one sub-folder of images per class", _load_image_folder),
 )}
 """Every data source by name, in the order the CLI lists them."""
-
-SOURCES = tuple(DATA_SOURCES)
-"""The data sources' names."""
-
 
 def describe_sources() -> str:
     """Every data source with what it reads, as a help text lists them ("sample: ...; digits: ...")."""

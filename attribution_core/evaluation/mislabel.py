@@ -14,8 +14,9 @@ ranking_label, rankings_for, ranking_checkpoints, the stored key and the computa
 
 Adding a ranking: one `Ranking(...)` in `_declared_rankings()` below and its test (against a direct
 computation). Nothing else: `tdx mislabels --ranking` lists RANKINGS, the app's Mislabels page offers
-rankings_for(run), and its job (jobs/kinds.py "ranking") and the store take any name RANKINGS holds.
-A method whose class declares has_self_influence gets its "self_influence:<method>" ranking from the same list.
+rankings_for(run), and its job (jobs/kinds.py "ranking") and the store take any name RANKINGS holds;
+tests/test_extensions.py declares a ranking and checks that they do. A method whose class declares
+has_self_influence gets its "self_influence:<method>" ranking from the same list.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ core directly.
 Adding a job kind: its `run` and `load` functions, one `JobKind(...)` in KINDS (its name, the two
 functions, the hint a page shows while it runs, whether it is resumable or makes a new run), and a
 `<kind>_job(run, ...) -> JobSpec` builder for the callers; then its test. Nothing else: the workers
-(worker.py), `tdx jobs` and the app's progress panels (app/components/jobs.py) read KINDS. A renamed
-kind keeps its former name in FORMER_NAMES, since jobs.sqlite stores kinds by name.
+(worker.py), `tdx jobs` and the app's progress panels (app/components/jobs.py) read KINDS, and
+tests/test_extensions.py declares a kind and checks that they do. A renamed kind keeps its former
+name in FORMER_NAMES, since jobs.sqlite stores kinds by name.
 """
 from __future__ import annotations
 

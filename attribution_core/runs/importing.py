@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..data import SOURCES, Dataset, DataSpec, describe_sources, load_dataset
+from ..data import DATA_SOURCES, Dataset, DataSpec, describe_sources, load_dataset
 from ..errors import CheckpointError, SettingsError
 from ..models import ModelSpec
 from ..store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, load_metadata, load_tensors
@@ -197,7 +197,7 @@ def add_import_command(commands: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--options", default="{}", help="the factory's keyword options as JSON, e.g. '{\"hidden\": [128]}'")
     parser.add_argument("--checkpoints", required=True, nargs="+",
                         help="the .safetensors files in training order, or a quoted pattern like 'DIR/*.safetensors'")
-    parser.add_argument("--data", required=True, choices=SOURCES, help=f"the data the model was trained on: {describe_sources()}")
+    parser.add_argument("--data", required=True, choices=list(DATA_SOURCES), help=f"the data the model was trained on: {describe_sources()}")
     parser.add_argument("--data-path", default=None,
                         help="file or folder for fashion_mnist / npz / image_folder (default: the source's own, if it has one)")
     parser.add_argument("--test-size", type=float, default=0.2, help="test split as in training: a fraction, or a count (>= 1)")
