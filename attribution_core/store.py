@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 
 FORMER_KINDS: dict[str, tuple[str, ...]] = {
     "states": ("features",),  # every method's fitted train-side state
-    "representations": ("features",),  # find-similar's unit representations, stored beside the states until 0.1
+    "representations": ("features",),  # find-similar's unit representations, stored beside the states in older workspaces
 }
 """Artifact kind -> the names its artifacts were stored under before (their keys are unchanged)."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
