@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import attribute as attribute_scores
-from ..api import prepare, resolve_device, state_artifact, stored_scores
+from ..api import prepare, resolve_device, stored_scores
+from ..artifacts import state_artifact
 from ..data import DataSpec
 from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
