@@ -1,11 +1,18 @@
 """tda-explorer's Streamlit entry point: page setup, the sidebar's run picker, and navigation.
 
 Run it with `tdx app` (which sets TDX_WORKSPACE) or `streamlit run app/main.py`.
+
+Adding a page: one script in views/ that draws the page when Streamlit runs it (its functions, then a call of its
+render() at the end; widgets it shares with other pages go to components/), one Page in PAGES below (its script, title and
+icon, in navigation order), and its AppTest test (tests/test_app_pages.py, with tests/helpers_app.py). Nothing else: the
+navigation, the URL (/<script name>) and the sidebar come from PAGES, and tests/test_extensions.py checks that every
+script in views/ is a declared page.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import streamlit as st
 
@@ -57,15 +64,28 @@ without it."""
 VIEWS_DIR = Path(__file__).resolve().parent / "views"
 
 
+class Page(NamedTuple):
+    """One page of the app: its script in views/, its title in the navigation, and its icon."""
+
+    script: str
+    title: str
+    icon: str
+
+
+PAGES = (
+    Page("explore.py", "Explore", ":material/manage_search:"),
+    Page("runs.py", "Runs", ":material/model_training:"),
+    Page("mislabels.py", "Mislabels", ":material/label_off:"),
+    Page("compare.py", "Compare", ":material/compare_arrows:"),
+    Page("map.py", "Map", ":material/scatter_plot:"),
+)
+"""Every page, in navigation order; the first opens by default."""
+
+
 def pages() -> list:
-    """The app's pages, Explore first (the default)."""
-    return [
-        st.Page(VIEWS_DIR / "explore.py", title="Explore", icon=":material/manage_search:", default=True),
-        st.Page(VIEWS_DIR / "runs.py", title="Runs", icon=":material/model_training:"),
-        st.Page(VIEWS_DIR / "mislabels.py", title="Mislabels", icon=":material/label_off:"),
-        st.Page(VIEWS_DIR / "compare.py", title="Compare", icon=":material/compare_arrows:"),
-        st.Page(VIEWS_DIR / "map.py", title="Map", icon=":material/scatter_plot:"),
-    ]
+    """The app's pages as Streamlit's navigation takes them, the first one the default."""
+    return [st.Page(VIEWS_DIR / page.script, title=page.title, icon=page.icon, default=number == 0)
+            for number, page in enumerate(PAGES)]
 
 
 def main() -> None:
@@ -82,4 +102,5 @@ def main() -> None:
     navigation.run()
 
 
-main()
+if __name__ == "__main__":  # Streamlit runs this script as __main__; a test imports it for PAGES without drawing anything
+    main()

@@ -14,7 +14,7 @@ tests/test_project.py; a sub-package orders its own modules in its __init__'s LA
 - numerics/: the math the methods share: per-layer gradients, projections, curvature, segments, the inputs every method receives
 - runs/: how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine
 - methods/: one module per attribution method, each a `Method` subclass declaring what it is
-- front door (api, inspection, exports): attribute / prepare / self_influence, what the model sees (probabilities, map, representations), exports
+- front door (artifacts, state_cache, api, inspection, exports): where attribute / prepare / self_influence store what they compute and keep fitted states loaded, the calls themselves, what the model sees (probabilities, map, representations), exports
 - evaluation/: LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics
 - jobs/: long work as background jobs: the queue, what each kind computes, the workers
 - entry points (cli, run, recorder, the package): the `tdx` command, old import paths, this front door
@@ -50,8 +50,9 @@ LAYERS: tuple[Layer, ...] = (
     Layer("runs", "how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine",
           package="runs"),
     Layer("methods", "one module per attribution method, each a `Method` subclass declaring what it is", package="methods"),
-    Layer("front door", "attribute / prepare / self_influence, what the model sees (probabilities, map, representations), "
-          "exports", modules=(("api",), ("inspection", "exports"))),
+    Layer("front door", "where attribute / prepare / self_influence store what they compute and keep fitted states loaded, "
+          "the calls themselves, what the model sees (probabilities, map, representations), exports",
+          modules=(("artifacts", "state_cache"), ("api",), ("inspection", "exports"))),
     Layer("evaluation", "LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics", package="evaluation"),
     Layer("jobs", "long work as background jobs: the queue, what each kind computes, the workers", package="jobs"),
     Layer("entry points", "the `tdx` command, old import paths, this front door", modules=(("cli", "run", "recorder", ""),)),

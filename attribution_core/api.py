@@ -1,27 +1,24 @@
 """The front door: `attribute(run, method=..., queries=..., checkpoints=..., settings=...) -> Scores`.
 
-Train-side work (features, curvature) is computed once per (run, task, method, settings,
-checkpoints), stored under a content-hash key in runs/<id>/features/<key>/ and reused; scores
-of test-set queries are stored under runs/<id>/scores/<key>/ and self-influence under
-runs/<id>/self_influence/<key>/. Queries that are not in the data set (an uploaded image) cost
-their gradients and a product and are not stored. What a method is (its settings, default
-checkpoints, capabilities) is declared by its class (methods/base.py); this module only wires
-a run to it.
+Train-side work (a method's fitted state: projected gradients, curvature) is computed once per (run, task, method,
+settings, checkpoints) and stored; so are the scores of test-set queries and self-influence (artifacts.py says where,
+under which key). Queries that are not in the data set (an uploaded image) cost their gradients and a product and are
+not stored. What a method is (its settings, default checkpoints, capabilities) is declared by its class
+(methods/base.py); fitted states stay loaded in the process (state_cache.py); under torchrun the ranks share the work
+and rank 0 stores it (store.compute_once_across_ranks). This module only wires a run to them.
 """
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, Union
 
 import numpy as np
 import torch
 
-from .distributed import agreed, barrier, rank_and_world
+from .artifacts import scores_artifact, self_influence_artifact, state_artifact
 from .errors import SettingsError
 from .methods import METHODS, method_class
 from .methods.base import Method
@@ -29,7 +26,8 @@ from .numerics.inputs import AttributionInputs, TrainState
 from .progress import ProgressFn, no_progress
 from .runs.run import Run
 from .scores import Scores
-from .store import Artifact, atomic_save_npy, load_npy, load_tensors, save_tensors
+from .state_cache import loaded_state
+from .store import Artifact, atomic_save_npy, compute_once_across_ranks, load_npy, save_tensors
 from .task import Task
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
@@ -99,14 +97,6 @@ def default_checkpoints(run: Run, method: str) -> list[int]:
     return method_class(method).default_checkpoints(len(run.checkpoints))
 
 
-def state_artifact(run: Run, method: Method, checkpoints: list[int], task: Task) -> Artifact:
-    """Where a method's train-side state for these checkpoints and task is stored."""
-    return run.artifact(
-        "features", method=method.name, settings=dataclasses.asdict(method.settings),
-        version=getattr(method.settings, "state_version", 1), checkpoints=checkpoints, task=task.key(),
-    )
-
-
 def _method_at(run: Run, method: str, checkpoints: list[int] | None, settings: MethodSettings) -> tuple[Method, list[int]]:
     """The method object with its settings, and the checkpoints it uses on this run (its default when None)."""
     method_object = method_class(method)(settings)
@@ -136,9 +126,8 @@ def _record_notes(run: Run) -> list[str]:
     return [] if run.record is not None else [RECORDLESS_NOTE]
 
 
-def _state_writer(fit: Callable[[], TrainState]) -> Callable[[Artifact], None]:
-    """What compute_once runs to store a fitted state."""
-    return lambda stored: save_tensors(stored.path("state.safetensors"), fit())
+def _save_state(stored: Artifact, state: TrainState) -> None:
+    save_tensors(stored.path("state.safetensors"), state)
 
 
 def prepare(
@@ -158,43 +147,8 @@ def prepare(
     inputs, notes = method_object.prepare_inputs(_inputs(run, checkpoints, resolve_device(device), progress, task, batch_size), run, checkpoints)
     notes = _record_notes(run) + notes
     artifact = state_artifact(run, method_object, checkpoints, task)
-    rank, world = rank_and_world()
-    if world == 1:  # a second process computing the same state waits on the lock, then reuses it
-        artifact.compute_once(_state_writer(lambda: method_object.fit(inputs)))
-    elif agreed(not artifact.is_complete()):  # every rank takes part in the sharded fit; rank 0 stores it
-        fitted = method_object.fit(inputs)
-        if rank == 0:
-            artifact.compute_once(_state_writer(lambda: fitted))
-        barrier()
-    return Prepared(method_object, checkpoints, task, inputs, _loaded_state(artifact, inputs.device), artifact, notes)
-
-
-STATE_CACHE_BYTES = 4 << 30
-"""Fitted states kept loaded in this process (least recently used dropped beyond it): scoring a new block of queries
-against a 60,000-example fit then costs the queries' gradients and a product, not a read of the state from disk."""
-
-_state_cache: OrderedDict[tuple[str, int, str], dict[str, torch.Tensor]] = OrderedDict()
-_state_cache_lock = threading.Lock()
-
-
-def _loaded_state(artifact: Artifact, device: torch.device) -> dict[str, torch.Tensor]:
-    """A stored fitted state on a device, from this process's cache when its file is unchanged (methods only read states)."""
-    path = artifact.path("state.safetensors")
-    key = (str(path), path.stat().st_mtime_ns, str(device))
-    with _state_cache_lock:
-        if key in _state_cache:
-            _state_cache.move_to_end(key)
-            return _state_cache[key]
-    state = {name: tensor.to(device) for name, tensor in load_tensors(path).items()}
-    size = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
-    with _state_cache_lock:
-        _state_cache[key] = state
-        while len(_state_cache) > 1 and sum(
-                tensor.numel() * tensor.element_size() for cached in _state_cache.values() for tensor in cached.values()) > STATE_CACHE_BYTES:
-            _state_cache.popitem(last=False)
-        if size > STATE_CACHE_BYTES:
-            _state_cache.pop(key, None)
-    return state
+    compute_once_across_ranks(artifact, lambda: method_object.fit(inputs), _save_state)  # every rank takes part in a sharded fit
+    return Prepared(method_object, checkpoints, task, inputs, loaded_state(artifact, inputs.device), artifact, notes)
 
 
 def attribute(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray | QueryBatch | None = None,
@@ -204,28 +158,25 @@ def attribute(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray
     options: checkpoints, settings, progress, device, task, batch_size (see PrepareOptions).
     """
     started = time.perf_counter()
-    if not isinstance(queries, QueryBatch):
-        stored = stored_scores(run, method, queries=queries, checkpoints=options.get("checkpoints"),
-                               settings=options.get("settings"), task=options.get("task"))
-        if stored is not None:
-            return stored
-    prepared = prepare(run, method, **options)
-    train_set, test_set = run.datasets()
     if isinstance(queries, QueryBatch):
+        prepared = prepare(run, method, **options)
         values, segment_values = _score(prepared, queries.x, queries.y)
-        query_y, names, key, query_indices = queries.y, list(queries.names), "", None
-    else:
-        query_indices = _test_indices(run, queries)
-        query_y, names = test_set.y[query_indices], [f"test {i}" for i in query_indices]
-        artifact = run.artifact("scores", state=prepared.state_key, queries=query_indices.tolist())
-        values, segment_values = _stored_scores(artifact, prepared, test_set.x[query_indices], query_y)
-        key = artifact.directory.name
-    return Scores(
-        values=values, method=method, settings=dataclasses.asdict(prepared.method.settings), checkpoints=prepared.checkpoints,
-        train_ids=train_set.ids, query_labels=query_y.numpy(), query_names=names, query_indices=query_indices,
-        self_influence=_free_self_influence(run, prepared), segment_values=segment_values,
-        notes=prepared.notes, key=key, seconds=time.perf_counter() - started,
-    )
+        _store_self_influence_at_fit(run, prepared)
+        return _assembled(run, prepared.method, prepared.checkpoints, queries, values, segment_values,
+                          _stored_self_influence_values(run, prepared.state_key), prepared.notes, "", started)
+    stored = stored_scores(run, method, queries=queries, checkpoints=options.get("checkpoints"),
+                           settings=options.get("settings"), task=options.get("task"))
+    if stored is not None:
+        return stored
+    prepared = prepare(run, method, **options)
+    query_indices = _test_indices(run, queries)
+    artifact = scores_artifact(run, prepared.state_key, query_indices)
+    _, test_set = run.datasets()
+    compute_once_across_ranks(artifact, lambda: _score(prepared, test_set.x[query_indices], test_set.y[query_indices]),
+                              lambda stored_, scored: _save_scores(stored_, *scored, prepared.notes),
+                              collective=prepared.method.shards_queries)  # every rank scores its share; all come back
+    _store_self_influence_at_fit(run, prepared)
+    return _from_store(run, prepared.method, prepared.checkpoints, query_indices, artifact, prepared.state_key, started)
 
 
 def stored_scores(run: Run, method: str = "trak", *, queries: list[int] | np.ndarray | None = None,
@@ -237,22 +188,36 @@ def stored_scores(run: Run, method: str = "trak", *, queries: list[int] | np.nda
     """
     started = time.perf_counter()
     method_object, checkpoints = _method_at(run, method, checkpoints, settings)
-    task = task or Task()
-    state = state_artifact(run, method_object, checkpoints, task)
+    state = state_artifact(run, method_object, checkpoints, task or Task())
     query_indices = _test_indices(run, queries)
-    artifact = run.artifact("scores", state=state.directory.name, queries=query_indices.tolist())
+    artifact = scores_artifact(run, state.directory.name, query_indices)
     if not (state.is_complete() and artifact.is_complete()):
         return None
-    train_set, test_set = run.datasets()
+    return _from_store(run, method_object, checkpoints, query_indices, artifact, state.directory.name, started)
+
+
+def _from_store(run: Run, method: Method, checkpoints: list[int], query_indices: np.ndarray, artifact: Artifact, state_key: str,
+                started: float) -> Scores:
+    """The Scores a complete scores artifact holds, with the self-influence stored under its state when there is one."""
     segments_path = artifact.path("segments.npy")
-    self_influence_artifact = run.artifact("self_influence", state=state.directory.name)
+    return _assembled(run, method, checkpoints, query_indices, load_npy(artifact.path("scores.npy")),
+                      load_npy(segments_path) if segments_path.exists() else None, _stored_self_influence_values(run, state_key),
+                      artifact.manifest().get("notes", _record_notes(run)), artifact.directory.name, started)
+
+
+def _assembled(run: Run, method: Method, checkpoints: list[int], queries: np.ndarray | QueryBatch, values: np.ndarray,
+               segment_values: np.ndarray | None, self_influence_values: np.ndarray | None, notes: list[str], key: str,
+               started: float) -> Scores:
+    """The one place a Scores is made: values (Q, N) of queries (test-set indices, or a QueryBatch) and what goes with them."""
+    train_set, test_set = run.datasets()
+    if isinstance(queries, QueryBatch):
+        labels, names, indices = queries.y, list(queries.names), None
+    else:
+        labels, names, indices = test_set.y[queries], [f"test {index}" for index in queries], queries
     return Scores(
-        values=load_npy(artifact.path("scores.npy")), method=method, settings=dataclasses.asdict(method_object.settings),
-        checkpoints=checkpoints, train_ids=train_set.ids, query_labels=test_set.y[query_indices].numpy(),
-        query_names=[f"test {i}" for i in query_indices], query_indices=query_indices,
-        self_influence=load_npy(self_influence_artifact.path("self_influence.npy")) if self_influence_artifact.is_complete() else None,
-        segment_values=load_npy(segments_path) if segments_path.exists() else None,
-        notes=artifact.manifest().get("notes", _record_notes(run)), key=artifact.directory.name,
+        values=values, method=method.name, settings=dataclasses.asdict(method.settings), checkpoints=checkpoints,
+        train_ids=train_set.ids, query_labels=labels.numpy(), query_names=names, query_indices=indices,
+        self_influence=self_influence_values, segment_values=segment_values, notes=notes, key=key,
         seconds=time.perf_counter() - started,
     )
 
@@ -274,10 +239,6 @@ def self_influence(run: Run, method: str = "trak", **options: Unpack[PrepareOpti
     return _stored_self_influence(run, prepare(run, method, **options))
 
 
-def _self_influence_artifact(run: Run, prepared: Prepared) -> Artifact:
-    return run.artifact("self_influence", state=prepared.state_key)
-
-
 def _stored_self_influence(run: Run, prepared: Prepared) -> np.ndarray:
     if not prepared.method.has_self_influence:
         raise SettingsError(f"method {prepared.method.name!r} defines no self-influence")
@@ -286,15 +247,19 @@ def _stored_self_influence(run: Run, prepared: Prepared) -> np.ndarray:
         values = prepared.method.self_influence(prepared.state, prepared.inputs)
         atomic_save_npy(artifact.path("self_influence.npy"), values.float().cpu().numpy())
 
-    return load_npy(_self_influence_artifact(run, prepared).compute_once(compute).path("self_influence.npy"))
+    return load_npy(self_influence_artifact(run, prepared.state_key).compute_once(compute).path("self_influence.npy"))
 
 
-def _free_self_influence(run: Run, prepared: Prepared) -> np.ndarray | None:
-    """Self-influence when it costs nothing more: stored already, or held by the fitted state."""
-    artifact = _self_influence_artifact(run, prepared)
-    if artifact.is_complete() or prepared.method.self_influence_at_fit:
-        return _stored_self_influence(run, prepared)
-    return None
+def _store_self_influence_at_fit(run: Run, prepared: Prepared) -> None:
+    """Store the self-influence when the fitted state holds it (it costs nothing more), so that every score shows it."""
+    if prepared.method.self_influence_at_fit:
+        _stored_self_influence(run, prepared)
+
+
+def _stored_self_influence_values(run: Run, state_key: str) -> np.ndarray | None:
+    """The self-influence (n_train,) stored under a state, or None when none is."""
+    artifact = self_influence_artifact(run, state_key)
+    return load_npy(artifact.path("self_influence.npy")) if artifact.is_complete() else None
 
 
 def _score(prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -312,16 +277,3 @@ def _save_scores(stored: Artifact, values: np.ndarray, segment_values: np.ndarra
     if segment_values is not None:
         atomic_save_npy(stored.path("segments.npy"), segment_values.astype(np.float32))
     return {"notes": notes}  # read back by stored_scores, which never prepares the method
-
-
-def _stored_scores(artifact: Artifact, prepared: Prepared, query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    rank, world = rank_and_world()
-    if world > 1 and prepared.method.shards_queries and agreed(not artifact.is_complete()):
-        scored = _score(prepared, query_x, query_y)  # every rank scores its share of the queries; all of them come back
-        if rank == 0:
-            artifact.compute_once(lambda stored: _save_scores(stored, *scored, prepared.notes))
-        barrier()
-    else:
-        artifact.compute_once(lambda stored: _save_scores(stored, *_score(prepared, query_x, query_y), prepared.notes))
-    segments_path = artifact.path("segments.npy")
-    return load_npy(artifact.path("scores.npy")), (load_npy(segments_path) if segments_path.exists() else None)

@@ -1,4 +1,10 @@
-"""The `tdx` command: train runs, build the demo workspace, attribute, evaluate, open the app."""
+"""The `tdx` command: train runs, build the demo workspace, attribute, evaluate, open the app.
+
+Each subcommand is declared beside its handler by an `add_<name>_command(commands)` function (the
+subparsers action), and COMMANDS lists them in the order `tdx --help` shows them; a command of its
+own module (runs/importing.py's add_import_command) is one more entry. Every parser is a TdxParser,
+whose help shows each option's default.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +17,14 @@ import threading
 import time
 import urllib.request
 import webbrowser
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from .data import describe_sources
 from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
 from .evaluation.mislabel import RANKINGS
@@ -28,7 +35,50 @@ from .runs.importing import add_import_command
 from .store import Workspace
 
 DEFAULT_WORKSPACE = "workspace"
-METHOD_HELP = ", ".join(f"{name} ({method.label})" for name, method in METHODS.items())
+
+Commands = argparse._SubParsersAction
+"""What an add_<name>_command function adds its subcommand to."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends each option with its default, unless the help says it in words ("default: ...") or there is none to
+    show (a default of None, which the help must then explain; a flag, off unless given; an empty list of repeats)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        nothing_to_show = action.default is None or action.default is False or action.default == []
+        if nothing_to_show or "default:" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class TdxParser(argparse.ArgumentParser):
+    """An argument parser with tdx's help format; the parsers of its subcommands are TdxParsers too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_command(commands: Commands, name: str, what: str) -> argparse.ArgumentParser:
+    """A subcommand whose one-line help (in `tdx --help`) is also its description (in `tdx <name> --help`)."""
+    return commands.add_parser(name, help=what, description=what)
+
+
+def add_workspace_option(parser: argparse.ArgumentParser) -> None:
+    """--workspace, defaulting to $TDX_WORKSPACE or ./workspace."""
+    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", DEFAULT_WORKSPACE),
+                        help="workspace directory (default: $TDX_WORKSPACE, else ./workspace)")
+
+
+def method_help() -> str:
+    """Every method's name and label, as the help of a --method option lists them ("trak: TRAK; ...")."""
+    return "; ".join(f"{name}: {method.label}" for name, method in METHODS.items())
+
+
+def checkpoints_help(default: str) -> str:
+    """The help of a --checkpoints option."""
+    return f"checkpoint indices, e.g. 2-5 or 0,3 (negative from the end; default: {default})"
 
 
 @contextmanager
@@ -75,14 +125,15 @@ def parse_stage(text: str, defaults: dict) -> dict:
     return stage
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose a run's data (train, record)."""
-    parser.add_argument("--data", default="sample", help="sample, digits, fashion_mnist, npz or image_folder (default: sample)")
-    parser.add_argument("--data-path", default=None, help="file or folder for fashion_mnist / npz / image_folder")
-    parser.add_argument("--max-train", type=int, default=None, help="use this many training examples (default: all)")
-    parser.add_argument("--max-test", type=int, default=None, help="use this many test examples (default: all)")
-    parser.add_argument("--noise", type=float, default=0.0, help="fraction of training labels to flip (default: 0)")
-    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the flipped labels (default: 0)")
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a run's data (train, record): the source, its path, subsampling and flipped labels."""
+    parser.add_argument("--data", default="sample", help=f"the data source: {describe_sources()}")
+    parser.add_argument("--data-path", default=None,
+                        help="file or folder for fashion_mnist / npz / image_folder (default: the source's own, if it has one)")
+    parser.add_argument("--max-train", type=int, default=None, help="keep this many training examples, stratified (default: all)")
+    parser.add_argument("--max-test", type=int, default=None, help="keep this many test examples, stratified (default: all)")
+    parser.add_argument("--noise", type=float, default=0.0, help="fraction of training labels to flip")
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the flipped labels")
 
 
 def _data_spec(args: argparse.Namespace):
@@ -115,6 +166,34 @@ def cmd_train(args: argparse.Namespace) -> None:
     _queue_ready(workspace, [run], with_groundtruth=False)
 
 
+def add_train_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx train RUN --data ... --model ... [--stage ...]`."""
+    train = add_command(commands, "train", "train a run and record its trajectory")
+    add_workspace_option(train)
+    train.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
+    add_data_options(train)
+    train.add_argument("--model", default="mlp", help="mlp, cnn, resnet9 or package.module:factory")
+    train.add_argument("--hidden", default=None, help="MLP hidden widths, e.g. 128,128 (default: the model's)")
+    train.add_argument("--epochs", type=int, default=10, help="passes over the data (each stage's, without --stage)")
+    train.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Adam: beta1)")
+    train.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
+    train.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
+    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="the optimizer")
+    train.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine", "linear"],
+                       help="learning-rate schedule")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from 0 over this many steps")
+    train.add_argument("--stage", action="append", default=[],
+                       help="a training stage as key=value pairs, e.g. 'name=finetune;epochs=3;lr=0.01;classes=0-4' (repeat for "
+                            "more stages; keys not given take the options above; default: one stage of the options above)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    train.add_argument("--checkpoints", type=int, default=None, help="keep C evenly spaced checkpoints (default: --checkpoint-every)")
+    train.add_argument("--checkpoint-every", type=int, default=1, help="keep one every k epochs")
+    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (CUDA when present)")
+    train.set_defaults(handler=cmd_train)
+    return train
+
+
 def _queue_ready(workspace: Workspace, runs: list, *, with_groundtruth: bool) -> None:
     """Queue what the app's first pages will show of these runs (the app's workers compute it); say so in one line."""
     from .jobs.ready import queue_ready_jobs
@@ -140,6 +219,26 @@ def cmd_record(args: argparse.Namespace) -> None:
     _queue_ready(workspace, [run], with_groundtruth=False)
 
 
+def add_record_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx record package.module:function RUN --model ... --data ... [--set key=value]`."""
+    record = add_command(commands, "record", "train a run by your own training function, which tdx then calls again to retrain and "
+                                             "replay it (README: Your own model)")
+    add_workspace_option(record)
+    record.add_argument("function", help="the training function, package.module:function, called as function(session)")
+    record.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
+    record.add_argument("--model", required=True, help="the factory that builds the architecture: package.module:factory (or mlp, cnn, "
+                                                       "resnet9), called as factory(input_shape, n_classes, **options)")
+    record.add_argument("--model-option", action="append", default=[],
+                        help="a factory option as name=value, e.g. --model-option hidden=64 (repeat for more; default: none)")
+    add_data_options(record)
+    record.add_argument("--set", action="append", default=[],
+                        help="an option the function reads from session.options, e.g. --set epochs=6 (repeat for more; default: none)")
+    record.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order, augmentation and dropout")
+    record.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (CUDA when present)")
+    record.set_defaults(handler=cmd_record)
+    return record
+
+
 def cmd_trust(args: argparse.Namespace) -> None:
     from .runs.run import load_run
     from .trust import config_dir, trust, untrusted
@@ -155,6 +254,26 @@ def cmd_trust(args: argparse.Namespace) -> None:
     print(f"trusted for workspace {run.workspace.root}: {', '.join(module for module, _ in needed)} (consent kept in {config_dir()})")
 
 
+def add_trust_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx trust RUN`: consent to import the code a run names, for its workspace."""
+    trust = add_command(commands, "trust", "agree to import the code a run names (its model factory and training function) for "
+                                           "this workspace; prints each module's file first")
+    add_workspace_option(trust)
+    trust.add_argument("run_id", help="the run whose code to trust")
+    trust.set_defaults(handler=cmd_trust)
+    return trust
+
+
+RUNS_COLUMNS = ("run", "model", "data", "stages", "test acc", "checkpoints")
+"""The columns `tdx runs` lists, named in its header line."""
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Lines of a plain-text table: the header, then the rows, each column as wide as its widest cell (the last unpadded)."""
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+
+
 def cmd_runs(args: argparse.Namespace) -> None:
     from .runs.recorder import describe_incomplete, list_incomplete
     from .runs.run import list_runs
@@ -165,14 +284,21 @@ def cmd_runs(args: argparse.Namespace) -> None:
         return
     if not runs:
         print(f"no runs in {Path(args.workspace).resolve()} (try `tdx demo`)")
-    for run in runs:
-        stages = " → ".join(stage.name for stage in run.recipe.stages)
-        print(
-            f"{run.run_id:24s} {run.model.name:8s} {run.data.source:14s} stages: {stages:20s} "
-            f"test acc {run.metrics.get('test_accuracy', float('nan')):.3f}  checkpoints {len(run.checkpoints)}"
-        )
+    else:
+        rows = [(run.run_id, run.model.name, run.data.source, " → ".join(stage.name for stage in run.recipe.stages),
+                 f"{run.metrics.get('test_accuracy', float('nan')):.3f}", str(len(run.checkpoints))) for run in runs]
+        print("\n".join(table(RUNS_COLUMNS, rows)))
     for run_id in list_incomplete(args.workspace):
         print("incomplete: " + describe_incomplete(args.workspace, run_id))
+
+
+def add_runs_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx runs [--json]`."""
+    runs = add_command(commands, "runs", "list the workspace's runs (and the incomplete ones a recorded loop left)")
+    add_workspace_option(runs)
+    runs.add_argument("--json", action="store_true", help="print every run.json as a JSON list instead of a table")
+    runs.set_defaults(handler=cmd_runs)
+    return runs
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -202,6 +328,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     # An LDS ground truth of the sample's runs is minutes; of the 60,000-image run it would be an hour: asked for on its page only.
     _queue_ready(workspace, [run for run in runs if run.run_id != FULL_RUN_ID], with_groundtruth=True)
     _queue_ready(workspace, [run for run in runs if run.run_id == FULL_RUN_ID], with_groundtruth=False)
+
+
+def add_demo_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx demo [--tiny] [--full]`."""
+    demo = add_command(commands, "demo", "build the demo workspace on the shipped sample")
+    add_workspace_option(demo)
+    demo.add_argument("--tiny", action="store_true", help="a smaller, faster demo (for tests)")
+    demo.add_argument("--full", action="store_true",
+                      help="also train a CNN on all 60,000 Fashion-MNIST images (Debian's dataset-fashion-mnist; a few minutes)")
+    demo.set_defaults(handler=cmd_demo)
+    return demo
 
 
 APP_ENTRY = Path(__file__).resolve().parent.parent / "app" / "main.py"
@@ -267,6 +404,20 @@ def cmd_app(args: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
+def add_app_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx app [--port N] [--open]`."""
+    app = add_command(commands, "app", "serve the explorer (never prompts; --open for a browser window)")
+    add_workspace_option(app)
+    app.add_argument("--port", type=int, default=8501, help="port to serve on")
+    app.add_argument("--address", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    app.add_argument("--open", action="store_true", help="open the app in a browser once it answers")
+    app.add_argument("--headless", action="store_true",
+                     help="deprecated, no effect: headless is the default now (--open asks for a browser)")
+    app.add_argument("--no-demo", action="store_true", help="do not build the demo workspace when empty")
+    app.set_defaults(handler=cmd_app)
+    return app
+
+
 def cmd_jobs(args: argparse.Namespace) -> None:
     from .jobs.queue import JobQueue
     from .jobs.worker import LANES, work
@@ -290,6 +441,19 @@ def cmd_jobs(args: argparse.Namespace) -> None:
                   + (f"  ({job.error})" if job.error else ""))
         if not rows:
             print("no jobs waiting, running or failed" + ("" if args.all else " (--all lists finished ones too)"))
+
+
+def add_jobs_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx jobs [list|run|cancel KEY] [--all]`."""
+    jobs = add_command(commands, "jobs", "the workspace's background jobs (fits, scores, ground truths, maps): list, run, cancel")
+    add_workspace_option(jobs)
+    jobs.add_argument("jobs_command", nargs="?", default="list", choices=("list", "run", "cancel"),
+                      help="list the queued, running and failed jobs; run the queued ones here until none is left; or "
+                           "cancel one")
+    jobs.add_argument("key", nargs="?", help="the job to cancel, by the key `tdx jobs` lists")
+    jobs.add_argument("--all", action="store_true", help="list finished jobs too")
+    jobs.set_defaults(handler=cmd_jobs)
+    return jobs
 
 
 def _load_run(args: argparse.Namespace):
@@ -318,13 +482,15 @@ def _checkpoint_list(text: str | None) -> list[int] | None:
 
 def cmd_attribute(args: argparse.Namespace) -> None:
     from .api import attribute
+    from .jobs.ready import default_method
 
     run = _load_run(args)
     if args.out:
         score_suffix(args.out)  # a bad --out fails now, not after the scoring
     queries = list(_parse_classes(args.queries)) if args.queries else None
-    with tqdm_progress(f"{args.method} on {args.run_id}") as progress:
-        scores = attribute(run, args.method, queries=queries, checkpoints=_checkpoint_list(args.checkpoints),
+    method = args.method or default_method(run)
+    with tqdm_progress(f"{method} on {args.run_id}") as progress:
+        scores = attribute(run, method, queries=queries, checkpoints=_checkpoint_list(args.checkpoints),
                            settings=_settings_overrides(args.set), progress=progress, device=args.device)
     train_set, _ = run.datasets()
     for note in scores.notes:
@@ -342,6 +508,34 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         print(f"wrote {', '.join(str(path) for path in written)}")
 
 
+DEFAULT_METHOD_HELP = "default: the run's own, as in the app: the first method that can attribute the run, TRAK for most runs"
+"""What a --method option without a value means."""
+
+
+def add_attribute_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx attribute RUN [--method M] [--queries 0-9] [--out scores.npy]`."""
+    attribute = add_command(commands, "attribute", "score test examples against the training set")
+    add_workspace_option(attribute)
+    attribute.add_argument("run_id", help="the run to attribute")
+    attribute.add_argument("--method", default=None, help=f"the method ({DEFAULT_METHOD_HELP}); one of {method_help()}")
+    attribute.add_argument("--queries", default=None,
+                           help="test indices, e.g. 0-9 or 3,7 (default: the whole test set, one row of scores per test sample, "
+                                "all stored; EK-FAC and SOURCE without --set k stream the training set once per block of "
+                                "queries: minutes on a CPU for thousands of queries)")
+    attribute.add_argument("--checkpoints", default=None, help=checkpoints_help("the method's"))
+    attribute.add_argument("--set", action="append", default=[],
+                           help="a method setting as name=value, e.g. --set k=512 (repeat for more; default: the method's)")
+    attribute.add_argument("--top", type=int, default=5, help="proponents/opponents to print per query")
+    attribute.add_argument("--show", type=int, default=3, help="queries to print")
+    attribute.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (CUDA when present)")
+    attribute.add_argument("--out", type=Path, default=None,
+                           help="also write the scores: .npy (matrix + .json ids), .parquet (long table) or .csv (top k per "
+                                "query) (default: write none)")
+    attribute.add_argument("--out-top", type=int, default=10, help="proponents/opponents per query in an --out .csv")
+    attribute.set_defaults(handler=cmd_attribute)
+    return attribute
+
+
 def cmd_flags_export(args: argparse.Namespace) -> None:
     from .annotations import Annotations
 
@@ -349,6 +543,21 @@ def cmd_flags_export(args: argparse.Namespace) -> None:
     annotations = Annotations(Workspace(args.workspace).annotations_path)
     path = export_flags(run, annotations, args.format, args.out)
     print(f"wrote {path}: {args.format} export of the {len(annotations.flags(run.run_id))} verdicts on {run.run_id}")
+
+
+def add_flags_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx flags export RUN --format csv|cleanlab|fiftyone --out PATH`."""
+    flags = add_command(commands, "flags", "the flags users set on training examples")
+    flag_commands = flags.add_subparsers(dest="flags_command", required=True)
+    flags_export = add_command(flag_commands, "export", "write a run's flags for other tools")
+    add_workspace_option(flags_export)
+    flags_export.add_argument("run_id", help="the run whose flags to write")
+    flags_export.add_argument("--format", required=True, choices=FLAG_FORMATS,
+                              help="csv (the flags table), cleanlab (label-issues mask .npy of 'mislabeled' flags) "
+                                   "or fiftyone (a FiftyOneDataset directory, one tag per flag)")
+    flags_export.add_argument("--out", type=Path, required=True, help="file (csv, cleanlab) or directory (fiftyone) to write")
+    flags_export.set_defaults(handler=cmd_flags_export)
+    return flags
 
 
 def cmd_lds(args: argparse.Namespace) -> None:
@@ -366,13 +575,34 @@ def cmd_lds(args: argparse.Namespace) -> None:
         print(f"{method:10s} LDS {result.mean:.3f} ± {result.stderr:.3f}")
 
 
+def add_lds_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx lds RUN [--methods trak,ekfac] [--subsets N] [--mode reshuffled|order_keeping]`."""
+    lds_parser = add_command(commands, "lds", "LDS ground truth by retraining on random subsets, then each method's LDS")
+    add_workspace_option(lds_parser)
+    lds_parser.add_argument("run_id", help="the run to evaluate")
+    lds_parser.add_argument("--methods", default="trak,ekfac,tracin", help=f"comma-separated, each one of {method_help()}")
+    lds_parser.add_argument("--subsets", type=int, default=100, help="random subsets retrained (or replayed)")
+    lds_parser.add_argument("--alpha", type=float, default=None,
+                            help="fraction kept per subset (default: 0.5; 0.95 with --mode order_keeping)")
+    lds_parser.add_argument("--mode", default="reshuffled", choices=("reshuffled", "order_keeping"),
+                            help="reshuffled: retrain each subset from scratch; order_keeping: replay the recorded batch order "
+                                 "with the removed examples weighted 0 (the question replay answers)")
+    lds_parser.add_argument("--seed", type=int, default=0, help="seed of the subsets")
+    lds_parser.add_argument("--seeds-per-subset", type=int, default=1, help="retraining seeds averaged per subset")
+    lds_parser.add_argument("--workers", type=int, default=1, help="retraining processes")
+    lds_parser.add_argument("--checkpoints", default=None, help=checkpoints_help("each method's"))
+    lds_parser.set_defaults(handler=cmd_lds)
+    return lds_parser
+
+
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from .evaluation.counterfactual import CounterfactualSettings, counterfactual
+    from .jobs.ready import default_method
 
     run = _load_run(args)
     settings = CounterfactualSettings(k=args.k, n_random=args.random, seeds=tuple(range(args.seeds)))
     with tqdm_progress(f"counterfactual {args.run_id} query {args.query}") as progress:
-        result = counterfactual(run, args.query, args.method, settings=settings, progress=progress,
+        result = counterfactual(run, args.query, args.method or default_method(run), settings=settings, progress=progress,
                                 checkpoints=_checkpoint_list(args.checkpoints))
     print(f"query test {args.query}: margin {np.mean(result.base_margins):+.3f} with all training data")
     for kind in result.margins:
@@ -380,13 +610,32 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
               f"(change {result.margin_change(kind):+.3f}), predicted {result.predictions[kind]}")
 
 
+def add_counterfactual_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx counterfactual RUN QUERY [--method M] [--k 0.05]`."""
+    counterfactual = add_command(commands, "counterfactual", "remove a query's top proponents, retrain, compare")
+    add_workspace_option(counterfactual)
+    counterfactual.add_argument("run_id", help="the run to retrain")
+    counterfactual.add_argument("query", type=int, help="test-set index")
+    counterfactual.add_argument("--method", default=None, help=f"the method that chooses the proponents ({DEFAULT_METHOD_HELP}); "
+                                                                f"one of {method_help()}")
+    counterfactual.add_argument("--k", type=float, default=0.05, help="fraction (<1) or count of examples to remove")
+    counterfactual.add_argument("--random", type=int, default=3, help="random-removal draws")
+    counterfactual.add_argument("--seeds", type=int, default=1, help="retraining seeds per removal")
+    counterfactual.add_argument("--checkpoints", default=None, help=checkpoints_help("the method's"))
+    counterfactual.set_defaults(handler=cmd_counterfactual)
+    return counterfactual
+
+
 def cmd_mislabels(args: argparse.Namespace) -> None:
-    from .evaluation.mislabel import mislabel_metrics, rank_mislabels
+    from .evaluation.mislabel import default_ranking, mislabel_metrics, rank_mislabels
 
     run = _load_run(args)
     train_set, _ = run.datasets()
-    with tqdm_progress(f"{args.ranking} on {args.run_id}") as progress:
-        ranking = rank_mislabels(run, args.ranking, checkpoints=_checkpoint_list(args.checkpoints), progress=progress)
+    name, fallback_reason = (args.ranking, None) if args.ranking else default_ranking(run)
+    if fallback_reason is not None:
+        print(f"note: {fallback_reason}")
+    with tqdm_progress(f"{name} on {args.run_id}") as progress:
+        ranking = rank_mislabels(run, name, checkpoints=_checkpoint_list(args.checkpoints), progress=progress)
     for index in ranking.order()[: args.top]:
         suggestion = ranking.suggestion(index, int(train_set.y[index]))
         suggested = "" if suggestion is None else f" → {train_set.class_names[suggestion]}"
@@ -396,150 +645,34 @@ def cmd_mislabels(args: argparse.Namespace) -> None:
         print(f"injected noise found: top 10 % {metrics['top10']:.2f}, top 20 % {metrics['top20']:.2f}, ROC-AUC {metrics['auc']:.3f}")
 
 
-def _add_workspace(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", DEFAULT_WORKSPACE),
-                        help="workspace directory (default ./workspace)")
+def add_mislabels_command(commands: Commands) -> argparse.ArgumentParser:
+    """`tdx mislabels RUN [--ranking R] [--top 20]`."""
+    mislabels = add_command(commands, "mislabels", "rank training examples by how likely their label is wrong")
+    add_workspace_option(mislabels)
+    mislabels.add_argument("run_id", help="the run whose training set to rank")
+    mislabels.add_argument("--ranking", default=None,
+                           help="the ranking (default: the run's own, which the app opens with too: dynamics for a run with a "
+                                "training record, else loss_avg); one of " + ", ".join(RANKINGS))
+    mislabels.add_argument("--checkpoints", default=None, help=checkpoints_help("the ranking's"))
+    mislabels.add_argument("--top", type=int, default=20, help="suspects to print")
+    mislabels.set_defaults(handler=cmd_mislabels)
+    return mislabels
+
+
+COMMANDS: list[Callable[[Commands], argparse.ArgumentParser]] = [
+    add_train_command, add_record_command, add_trust_command, add_runs_command, add_demo_command, add_app_command, add_attribute_command, add_flags_command,
+    add_lds_command, add_counterfactual_command, add_mislabels_command, add_jobs_command, add_import_command,
+]
+"""Every subcommand's adder, in the order `tdx --help` lists them: a new command is its handler, its add_<name>_command
+beside it (in this module or its own) and one entry here."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every tdx subcommand."""
-    parser = argparse.ArgumentParser(prog="tdx", description="tda-explorer: training-data attribution")
+    parser = TdxParser(prog="tdx", description="tda-explorer: training-data attribution")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="train a run and record its trajectory")
-    _add_workspace(train)
-    train.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
-    _add_data_arguments(train)
-    train.add_argument("--model", default="mlp", help="mlp, cnn, resnet9 or package.module:factory")
-    train.add_argument("--hidden", default=None, help="MLP hidden widths, e.g. 128,128")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=0.05)
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    train.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine", "linear"])
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--stage", action="append", default=[],
-                       help="a training stage as key=value pairs, e.g. 'name=finetune;epochs=3;lr=0.01;classes=0-4' (repeat for more stages)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoints", type=int, default=None, help="keep C evenly spaced checkpoints")
-    train.add_argument("--checkpoint-every", type=int, default=1, help="keep one every k epochs")
-    train.add_argument("--device", default="cpu")
-    train.set_defaults(handler=cmd_train)
-
-    record = commands.add_parser("record", help="train a run by your own training function, which tdx then calls again to retrain and "
-                                                "replay it (README: Your own model)")
-    _add_workspace(record)
-    record.add_argument("function", help="the training function, package.module:function, called as function(session)")
-    record.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
-    record.add_argument("--model", required=True, help="the factory that builds the architecture: package.module:factory (or mlp, cnn, "
-                                                       "resnet9); called as factory(input_shape, n_classes, **options)")
-    record.add_argument("--model-option", action="append", default=[], help="a factory option, e.g. --model-option hidden=64")
-    _add_data_arguments(record)
-    record.add_argument("--set", action="append", default=[], help="an option the function reads from session.options, e.g. --set epochs=6")
-    record.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order, augmentation and dropout (default: 0)")
-    record.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    record.set_defaults(handler=cmd_record)
-
-    trust = commands.add_parser("trust", help="agree to import the code a run names (its model factory and training function) for "
-                                              "this workspace; prints each module's file first")
-    _add_workspace(trust)
-    trust.add_argument("run_id")
-    trust.set_defaults(handler=cmd_trust)
-
-    runs = commands.add_parser("runs", help="list the workspace's runs")
-    _add_workspace(runs)
-    runs.add_argument("--json", action="store_true", help="print every run.json as a JSON list")
-    runs.set_defaults(handler=cmd_runs)
-
-    demo = commands.add_parser("demo", help="build the demo workspace on the shipped sample")
-    _add_workspace(demo)
-    demo.add_argument("--tiny", action="store_true", help="a smaller, faster demo (for tests)")
-    demo.add_argument("--full", action="store_true",
-                      help="also train a CNN on all 60,000 Fashion-MNIST images (Debian's dataset-fashion-mnist; a few minutes)")
-    demo.set_defaults(handler=cmd_demo)
-
-    app = commands.add_parser("app", help="serve the explorer (never prompts; --open for a browser window)")
-    _add_workspace(app)
-    app.add_argument("--port", type=int, default=8501)
-    app.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
-    app.add_argument("--open", action="store_true", help="open the app in a browser once it answers")
-    app.add_argument("--headless", action="store_true",
-                     help="deprecated, no effect: headless is the default now (--open asks for a browser)")
-    app.add_argument("--no-demo", action="store_true", help="do not build the demo workspace when empty")
-    app.set_defaults(handler=cmd_app)
-
-    attribute = commands.add_parser("attribute", help="score test examples against the training set")
-    _add_workspace(attribute)
-    attribute.add_argument("run_id")
-    attribute.add_argument("--method", default="trak", help=f"one of {METHOD_HELP}")
-    attribute.add_argument("--queries", default=None, help="test indices, e.g. 0-9 or 3,7 (default: all)")
-    attribute.add_argument("--checkpoints", default=None, help="checkpoint indices, e.g. 2-5 (default: the method's)")
-    attribute.add_argument("--set", action="append", default=[], help="a method setting, e.g. --set k=512")
-    attribute.add_argument("--top", type=int, default=5, help="proponents/opponents to print per query")
-    attribute.add_argument("--show", type=int, default=3, help="queries to print")
-    attribute.add_argument("--device", default="auto")
-    attribute.add_argument("--out", type=Path, default=None,
-                           help="also write the scores: .npy (matrix + .json ids), .parquet (long table) or .csv (top k per query)")
-    attribute.add_argument("--out-top", type=int, default=10, help="proponents/opponents per query in an --out .csv")
-    attribute.set_defaults(handler=cmd_attribute)
-
-    flags = commands.add_parser("flags", help="the flags users set on training examples")
-    flag_commands = flags.add_subparsers(dest="flags_command", required=True)
-    flags_export = flag_commands.add_parser("export", help="write a run's flags for other tools")
-    _add_workspace(flags_export)
-    flags_export.add_argument("run_id")
-    flags_export.add_argument("--format", required=True, choices=FLAG_FORMATS,
-                              help="csv (the flags table), cleanlab (label-issues mask .npy of 'mislabeled' flags) "
-                                   "or fiftyone (a FiftyOneDataset directory, one tag per flag)")
-    flags_export.add_argument("--out", type=Path, required=True, help="file (csv, cleanlab) or directory (fiftyone) to write")
-    flags_export.set_defaults(handler=cmd_flags_export)
-
-    lds_parser = commands.add_parser("lds", help="LDS ground truth by retraining on random subsets, then each method's LDS")
-    _add_workspace(lds_parser)
-    lds_parser.add_argument("run_id")
-    lds_parser.add_argument("--methods", default="trak,ekfac,tracin", help=f"comma-separated, each one of {METHOD_HELP}")
-    lds_parser.add_argument("--subsets", type=int, default=100)
-    lds_parser.add_argument("--alpha", type=float, default=None, help="fraction kept per subset (default 0.5; 0.95 with --mode order_keeping)")
-    lds_parser.add_argument("--mode", default="reshuffled", choices=("reshuffled", "order_keeping"),
-                            help="reshuffled: retrain each subset from scratch; order_keeping: replay the recorded batch order "
-                                 "with the removed examples weighted 0 (the question replay answers)")
-    lds_parser.add_argument("--seed", type=int, default=0)
-    lds_parser.add_argument("--seeds-per-subset", type=int, default=1)
-    lds_parser.add_argument("--workers", type=int, default=1, help="retraining processes")
-    lds_parser.add_argument("--checkpoints", default=None)
-    lds_parser.set_defaults(handler=cmd_lds)
-
-    counterfactual = commands.add_parser("counterfactual", help="remove a query's top proponents, retrain, compare")
-    _add_workspace(counterfactual)
-    counterfactual.add_argument("run_id")
-    counterfactual.add_argument("query", type=int, help="test-set index")
-    counterfactual.add_argument("--method", default="trak", help=f"one of {METHOD_HELP}")
-    counterfactual.add_argument("--k", type=float, default=0.05, help="fraction (<1) or count of examples to remove")
-    counterfactual.add_argument("--random", type=int, default=3, help="random-removal draws")
-    counterfactual.add_argument("--seeds", type=int, default=1, help="retraining seeds per removal")
-    counterfactual.add_argument("--checkpoints", default=None)
-    counterfactual.set_defaults(handler=cmd_counterfactual)
-
-    mislabels = commands.add_parser("mislabels", help="rank training examples by how likely their label is wrong")
-    _add_workspace(mislabels)
-    mislabels.add_argument("run_id")
-    mislabels.add_argument("--ranking", default="self_influence:trak", help="one of " + ", ".join(RANKINGS))
-    mislabels.add_argument("--checkpoints", default=None)
-    mislabels.add_argument("--top", type=int, default=20)
-    mislabels.set_defaults(handler=cmd_mislabels)
-
-    jobs = commands.add_parser("jobs", help="the workspace's background jobs (fits, scores, ground truths, maps): list, run, cancel")
-    _add_workspace(jobs)
-    jobs.add_argument("jobs_command", nargs="?", default="list", choices=("list", "run", "cancel"),
-                      help="list (default) the queued, running and failed jobs; run the queued ones here until none is left; "
-                           "cancel one")
-    jobs.add_argument("key", nargs="?", help="the job to cancel, by the key `tdx jobs` lists")
-    jobs.add_argument("--all", action="store_true", help="list finished jobs too")
-    jobs.set_defaults(handler=cmd_jobs)
-
-    add_import_command(commands)
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 

@@ -15,6 +15,9 @@ record. Sources:
   the top level (recorded in the provenance); anything else in a class folder that Pillow cannot read
   is an error.
 
+Adding a source: its loader (DataSpec -> (train, test)) and one `DataSource` in DATA_SOURCES; DataSpec,
+load_dataset and the CLI's --data help read the table.
+
 Nothing here unpickles: npz files are read with ``allow_pickle=False``.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -37,7 +41,6 @@ from PIL import Image, UnidentifiedImageError
 from .errors import DataError, SettingsError
 from .store import file_sha256
 
-SOURCES = ("sample", "digits", "fashion_mnist", "npz", "image_folder")
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "sample_data" / "fashion_mnist_sample.npz"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -69,8 +72,8 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         """Reject values no loader can use, naming the field."""
-        if self.source not in SOURCES:
-            raise SettingsError(f"data source {self.source!r} is unknown; choose one of {', '.join(SOURCES)}")
+        if self.source not in DATA_SOURCES:
+            raise SettingsError(f"data source {self.source!r} is unknown; choose one of {', '.join(DATA_SOURCES)}")
         self._check_path()
         self._check_test_size()
         for name in ("split_seed", "noise_seed"):
@@ -152,11 +155,7 @@ class Dataset:
 
 def load_dataset(spec: DataSpec) -> tuple[Dataset, Dataset]:
     """(train, test) for a spec; deterministic: same spec → identical tensors and ids."""
-    loaders = {
-        "sample": _load_sample, "digits": _load_digits, "fashion_mnist": _load_fashion_mnist,
-        "npz": _load_npz, "image_folder": _load_image_folder,
-    }
-    train, test = loaders[spec.source](spec)
+    train, test = DATA_SOURCES[spec.source].load(spec)
     train = _limit(train, spec.max_train, spec.split_seed, "max_train")
     test = _limit(test, spec.max_test, spec.split_seed, "max_test")
     if spec.noise_fraction > 0:
@@ -392,6 +391,30 @@ def _load_image_folder(spec: DataSpec) -> tuple[Dataset, Dataset]:
     }
     everything = dataset_from_arrays(images, np.array(labels), [d.name for d in class_dirs], provenance=provenance, where=str(root))
     return _split_dataset(everything, spec, str(root))
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data source: its name (DataSpec.source, `tdx train --data`), one line on what it reads, and its loader."""
+
+    name: str
+    description: str
+    load: Callable[[DataSpec], tuple[Dataset, Dataset]]
+
+
+DATA_SOURCES: dict[str, DataSource] = {source.name: source for source in (
+    DataSource("sample", "the Fashion-MNIST subset shipped in sample_data/ (or an npz of its layout at path)", _load_sample),
+    DataSource("digits", "scikit-learn's 8x8 digits", _load_digits),
+    DataSource("fashion_mnist", f"the four IDX files of Fashion-MNIST or MNIST in the folder at path (without one, {FASHION_MNIST_DIR} "
+               "of Debian's dataset-fashion-mnist)", _load_fashion_mnist),
+    DataSource("npz", "an .npz file at path: x and y, optional x_test and y_test, class_names, ids", _load_npz),
+    DataSource("image_folder", "the folder at path, one sub-folder of images per class", _load_image_folder),
+)}
+"""Every data source by name, in the order the CLI lists them."""
+
+def describe_sources() -> str:
+    """Every data source with what it reads, as a help text lists them ("sample: ...; digits: ...")."""
+    return "; ".join(f"{name}: {source.description}" for name, source in DATA_SOURCES.items())
 
 
 def _make_dataset(

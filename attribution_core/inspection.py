@@ -1,4 +1,8 @@
-"""What a run's model says about examples: predicted probabilities, penultimate features, a 2-D map."""
+"""What a run's model says about examples: predicted probabilities, its penultimate-layer representations, a 2-D map.
+
+"Representations" are what the classifier head sees (the inputs of the last tracked nn.Linear); "features" elsewhere in the
+core are projected gradients (TRAK's φ), and a method's fitted train-side state is its "state".
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +44,7 @@ def predict(run: Run, x: torch.Tensor | None = None, *, split: str = "test", che
     return model_probabilities(run.load_model(checkpoint), task or Task(), inputs, batch_size=batch_size)
 
 
-def penultimate_features(run: Run, *, split: str = "train", checkpoint: int = -1, task: Task | None = None) -> np.ndarray:
+def penultimate_representations(run: Run, *, split: str = "train", checkpoint: int = -1, task: Task | None = None) -> np.ndarray:
     """Inputs of the task's representation layer (n, d) (the last tracked nn.Linear): what the classifier head sees."""
     task = task or Task()
     model = run.load_model(checkpoint)
@@ -48,12 +52,12 @@ def penultimate_features(run: Run, *, split: str = "train", checkpoint: int = -1
     return representations(model, task, task.representation_layer(model), batches(dataset.x, dataset.y, 512, torch.device("cpu"))).numpy()
 
 
-def umap_layout(features: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """2-D UMAP positions (n, 2) of feature rows (n, d), seeded so the same features give the same map."""
+def umap_layout(rows: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """2-D UMAP positions (n, 2) of rows (n, d) (representations), seeded so the same rows give the same map."""
     import umap  # imported on use: numba compiles it, which takes seconds
 
-    n_neighbors = int(min(15, len(features) - 1))
-    return umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(features)
+    n_neighbors = int(min(15, len(rows) - 1))
+    return umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(rows)
 
 
 @dataclass(frozen=True)
@@ -78,19 +82,19 @@ def stored_map_layout(run: Run, checkpoint: int = -1) -> MapLayout | None:
 
 
 def map_layout(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_progress) -> MapLayout:
-    """UMAP of a checkpoint's penultimate features of train and test examples together, computed once and stored.
+    """UMAP of a checkpoint's penultimate-layer representations of train and test examples together, computed once and stored.
 
-    Seeded, so the same run gives the same map. progress(done, 3): features of each split, then the layout.
+    Seeded, so the same run gives the same map. progress(done, 3): representations of each split, then the layout.
     """
 
     def compute(stored: Artifact) -> None:
-        train_features = penultimate_features(run, split="train", checkpoint=checkpoint)
+        train_rows = penultimate_representations(run, split="train", checkpoint=checkpoint)
         progress(1, 3)
-        test_features = penultimate_features(run, split="test", checkpoint=checkpoint)
+        test_rows = penultimate_representations(run, split="test", checkpoint=checkpoint)
         progress(2, 3)
-        positions = umap_layout(np.concatenate([train_features, test_features])).astype(np.float32)
-        atomic_save_npy(stored.path("train.npy"), positions[: len(train_features)])
-        atomic_save_npy(stored.path("test.npy"), positions[len(train_features) :])
+        positions = umap_layout(np.concatenate([train_rows, test_rows])).astype(np.float32)
+        atomic_save_npy(stored.path("train.npy"), positions[: len(train_rows)])
+        atomic_save_npy(stored.path("test.npy"), positions[len(train_rows) :])
         progress(3, 3)
 
     _layout_artifact(run, checkpoint).compute_once(compute)
@@ -119,56 +123,58 @@ def test_probabilities(run: Run) -> np.ndarray:
     return load_npy(artifact.compute_once(compute).path("probabilities.npy"))
 
 
-FEATURES_VERSION = 1
-"""Bump when feature_index computes features differently: stored indexes then get new keys."""
+REPRESENTATIONS_VERSION = 1
+"""Bump when representation_index computes representations differently: stored indexes then get new keys."""
 
 
 @dataclass(frozen=True)
-class FeatureIndex:
-    """Penultimate features of one checkpoint scaled to unit length: train (N, d), test (n_test, d); a cosine is one dot product."""
+class RepresentationIndex:
+    """Penultimate-layer representations of one checkpoint scaled to unit length: train (N, d), test (n_test, d); a cosine is
+    one dot product."""
 
     checkpoint: int
     train: np.ndarray
     test: np.ndarray
 
 
-def unit_rows(features: np.ndarray) -> np.ndarray:
-    """Feature rows (n, d) divided by their length (a zero row stays zero), as float32."""
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows (n, d) divided by their length (a zero row stays zero), as float32."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def _features_artifact(run: Run, checkpoint: int) -> Artifact:
+def _representations_artifact(run: Run, checkpoint: int) -> Artifact:
     index = run.checkpoint_index(checkpoint)
-    return run.artifact("representations", checkpoint=index, version=FEATURES_VERSION)  # "features" holds the methods' states
+    return run.artifact("representations", checkpoint=index, version=REPRESENTATIONS_VERSION)
 
 
-def stored_feature_index(run: Run, checkpoint: int = -1) -> FeatureIndex | None:
-    """The feature index of a checkpoint when it is stored already, else None (nothing is computed)."""
-    artifact = _features_artifact(run, checkpoint)
+def stored_representation_index(run: Run, checkpoint: int = -1) -> RepresentationIndex | None:
+    """The representation index of a checkpoint when it is stored already, else None (nothing is computed)."""
+    artifact = _representations_artifact(run, checkpoint)
     if not artifact.is_complete():
         return None
     index = run.checkpoint_index(checkpoint)
-    return FeatureIndex(index, load_npy(artifact.path("train.npy")), load_npy(artifact.path("test.npy")))
+    return RepresentationIndex(index, load_npy(artifact.path("train.npy")), load_npy(artifact.path("test.npy")))
 
 
-def feature_index(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_progress) -> FeatureIndex:
-    """Unit-length penultimate features of the training and test sets at a checkpoint, computed once and stored.
+def representation_index(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_progress) -> RepresentationIndex:
+    """Unit-length penultimate-layer representations of the training and test sets at a checkpoint, computed once and stored.
 
     What find-similar compares (cosine of what the classifier head sees). progress(done, 2): one step per split.
     """
 
     def compute(stored: Artifact) -> None:
         for done, split in enumerate(("train", "test"), start=1):
-            atomic_save_npy(stored.path(f"{split}.npy"), unit_rows(penultimate_features(run, split=split, checkpoint=checkpoint)))
+            rows = penultimate_representations(run, split=split, checkpoint=checkpoint)
+            atomic_save_npy(stored.path(f"{split}.npy"), unit_rows(rows))
             progress(done, 2)
 
-    _features_artifact(run, checkpoint).compute_once(compute)
-    return stored_feature_index(run, checkpoint)
+    _representations_artifact(run, checkpoint).compute_once(compute)
+    return stored_representation_index(run, checkpoint)
 
 
-def most_similar(index: FeatureIndex, split: str, example: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices (k,), cosines (k,)) of the training examples whose features are closest to one example's, most similar first.
+def most_similar(index: RepresentationIndex, split: str, example: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices (k,), cosines (k,)) of the training examples whose representations are closest to one example's, most similar first.
 
     split: "train" or "test", the split of `example`; a training example is never its own neighbour.
     """

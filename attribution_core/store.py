@@ -1,9 +1,11 @@
 """The workspace: a directory holding runs, checkpoints and every computed artifact.
 
-Layout (see shared/design/architecture.md):
+Layout (the README's Workspace section):
   runs/<run-id>/run.json, runs/<run-id>/checkpoints/ckpt_XXXX.safetensors,
-  runs/<run-id>/<kind>/<key>/ (features, scores, groundtruth, ...) with manifest.json,
+  runs/<run-id>/<kind>/<key>/ (states, scores, groundtruth, ...) with manifest.json,
   annotations.sqlite.
+A kind that was renamed (FORMER_KINDS) still opens: its complete artifacts are moved to the new
+name, under the same key, the first time they are asked for, never recomputed.
 Every write goes to a temporary file in the same directory, is fsynced, then renamed over the
 target, so a crash leaves the old version or the new one, never half of one. Nothing is
 unpickled: tensors are safetensors, arrays .npy without pickle, metadata JSON.
@@ -18,22 +20,32 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
+from .distributed import agreed, barrier, rank_and_world
 from .errors import CheckpointError, UnknownRunError, WorkspaceError
+
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 """Bump when the layout of a stored artifact changes: old artifacts then get new keys."""
 
 MANIFEST = "manifest.json"
+
+FORMER_KINDS: dict[str, tuple[str, ...]] = {
+    "states": ("features",),  # every method's fitted train-side state
+    "representations": ("features",),  # find-similar's unit representations, stored beside the states in older workspaces
+}
+"""Artifact kind -> the names its artifacts were stored under before (their keys are unchanged)."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -238,6 +250,28 @@ class Artifact:
         """Lock for computing this artifact (see file_lock)."""
         return file_lock(self.directory.parent / f".{self.directory.name}.lock")
 
+    def adopt(self, former: Path) -> bool:
+        """Move a complete artifact stored under an older kind's name (same key) into this one's place; whether it moved.
+
+        An atomic directory rename under this artifact's lock, done only when this one is not complete
+        and the former one is: an incomplete one here (an interrupted computation) is discarded for it.
+        """
+        former = Path(former)
+        if not former.is_dir() or not Artifact(former).is_complete():
+            return False
+        with self.lock():
+            if self.is_complete() or not Artifact(former).is_complete():  # another process adopted it meanwhile
+                return False
+            if self.directory.exists():
+                shutil.rmtree(self.directory)
+            try:
+                os.replace(former, self.directory)
+            except OSError as exc:
+                raise _workspace_error(self.directory, exc) from exc
+            _fsync_dir(self.directory.parent)
+            _fsync_dir(former.parent)
+        return True
+
     def compute_once(self, compute: Callable[["Artifact"], dict[str, Any] | None]) -> "Artifact":
         """The artifact, computed first if needed: under its lock, unless complete, compute(self) writes its files, then the manifest.
 
@@ -249,6 +283,26 @@ class Artifact:
                 extra = compute(self)
                 self.commit(self.inputs, extra=extra)
         return self
+
+
+def compute_once_across_ranks(artifact: Artifact, compute: Callable[[], T], save: Callable[[Artifact, T], dict[str, Any] | None],
+                              *, collective: bool = True) -> Artifact:
+    """The artifact, computed first if needed: compute() gives the result, save(artifact, result) writes its files.
+
+    Under a process group with collective=True, every rank takes part in compute() (a sharded fit, queries shared between
+    the ranks) when rank 0 finds the artifact missing; rank 0 alone stores the result and every rank waits for it. Without a
+    process group, or with collective=False, this is Artifact.compute_once: a process that finds the same artifact being
+    computed elsewhere waits on its lock, then reuses it.
+    """
+    rank, world = rank_and_world()
+    if world == 1 or not collective:
+        return artifact.compute_once(lambda stored: save(stored, compute()))
+    if agreed(not artifact.is_complete()):  # one decision for every rank: all of them compute, or none does
+        result = compute()
+        if rank == 0:
+            artifact.compute_once(lambda stored: save(stored, result))
+        barrier()
+    return artifact
 
 
 class Workspace:
@@ -280,9 +334,16 @@ class Workspace:
         return directory
 
     def artifact(self, run_id: str, kind: str, inputs: Mapping[str, Any]) -> Artifact:
-        """The artifact runs/<id>/<kind>/<key> of everything it is computed from (key = content_key(inputs))."""
-        key = content_key(inputs)
-        return Artifact(self.run_dir(run_id) / check_name(kind, "artifact kind") / check_name(key, "artifact key"), dict(inputs))
+        """The artifact runs/<id>/<kind>/<key> of everything it is computed from (key = content_key(inputs)).
+
+        One stored under a former name of the kind (FORMER_KINDS) is moved here first (Artifact.adopt).
+        """
+        key = check_name(content_key(inputs), "artifact key")
+        run_dir = self.run_dir(run_id)
+        artifact = Artifact(run_dir / check_name(kind, "artifact kind") / key, dict(inputs))
+        for former in FORMER_KINDS.get(kind, ()):
+            artifact.adopt(run_dir / former / key)
+        return artifact
 
     def artifacts(self, run_id: str, kind: str) -> list[Artifact]:
         """The complete artifacts of one kind stored for a run, oldest first."""

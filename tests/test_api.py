@@ -1,6 +1,7 @@
 """The front door: every method through attribute(), stored and reused, recomputed when inputs change."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,11 +18,11 @@ from attribution_core.api import METHODS, QueryBatch, attribute, self_influence
 from attribution_core.cli import main as tdx
 from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError, WorkspaceError
-from attribution_core.methods.trak import Trak
+from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.runs.training import train
-from attribution_core.store import FORMAT_VERSION, Workspace, atomic_write_json, load_tensors, save_tensors
+from attribution_core.store import FORMAT_VERSION, Workspace, atomic_write_json, content_key, load_tensors, save_tensors
 from attribution_core.task import Task
 
 SMALL_TRAK = {"k": 64}
@@ -117,16 +118,16 @@ def test_unknown_setting_is_named(run):
         attribute(run, "trak", settings={"kk": 3})
 
 
-def features_of(run, settings: dict):
-    """The features artifact of TRAK with these settings at its default checkpoints."""
+def state_of(run, settings: dict):
+    """The stored state of TRAK with these settings at its default checkpoints."""
     return api.state_artifact(run, Trak(settings), api.default_checkpoints(run, "trak"), Task())
 
 
 @pytest.mark.badinput
-def test_features_stored_by_an_older_format_version_are_recomputed_not_misread(run, monkeypatch, record_property):
+def test_a_state_stored_by_an_older_format_version_is_recomputed_not_misread(run, monkeypatch, record_property):
     settings = {"k": 40}
     first = api.prepare(run, "trak", settings=settings, device="cpu")
-    artifact = features_of(run, settings)
+    artifact = state_of(run, settings)
     # What an older version left under the same key: a state in another layout, its manifest one format back.
     save_tensors(artifact.path("state.safetensors"), {"old_layout": torch.zeros(3)})
     atomic_write_json(artifact.manifest_path, {**artifact.manifest(), "format": FORMAT_VERSION - 1})
@@ -136,13 +137,13 @@ def test_features_stored_by_an_older_format_version_are_recomputed_not_misread(r
     assert fits == [1] and again.state_key == first.state_key
     assert set(again.state) == set(first.state) and all(torch.equal(again.state[n], first.state[n]) for n in first.state)
     assert artifact.manifest()["format"] == FORMAT_VERSION and artifact.verify()
-    record_property("user_sees", "no error: the older features are recomputed (a progress bar shows the work) and replaced")
+    record_property("user_sees", "no error: the older state is recomputed (a progress bar shows the work) and replaced")
 
 
 @pytest.mark.badinput
-def test_disk_full_while_storing_features_is_reported_and_nothing_is_half_written(run, monkeypatch):
+def test_disk_full_while_storing_a_state_is_reported_and_nothing_is_half_written(run, monkeypatch):
     settings = {"k": 48}
-    artifact = features_of(run, settings)
+    artifact = state_of(run, settings)
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -157,10 +158,38 @@ def test_disk_full_while_storing_features_is_reported_and_nothing_is_half_writte
     assert artifact.verify()
 
 
+def test_a_state_stored_under_the_former_kind_features_is_moved_and_reused_not_refitted(run, monkeypatch):
+    settings = {"k": 24}
+    first = attribute(run, "trak", queries=[3], settings=settings, device="cpu")
+    key = state_of(run, settings).directory.name
+    former = run.directory / "features" / key
+    former.parent.mkdir(exist_ok=True)
+    (run.directory / "states" / key).rename(former)  # the layout of a workspace made before the rename
+
+    def refit(*args, **kwargs):
+        raise AssertionError("train-side state was recomputed")
+
+    monkeypatch.setattr(Trak, "fit", refit)
+    monkeypatch.setattr(Trak, "score", refit)
+    found = api.stored_scores(run, "trak", queries=[3], settings=settings)  # what a page asks on every click
+    assert found is not None and not former.exists() and (run.directory / "states" / key).is_dir()
+    again = attribute(run, "trak", queries=[3], settings=settings, device="cpu")
+    np.testing.assert_array_equal(again.values, first.values)
+    assert again.key == first.key and state_of(run, settings).directory.name == key and state_of(run, settings).verify()
+
+
+def test_a_states_key_hashes_the_inputs_it_hashed_under_its_former_kind(run):
+    """Renaming the kind changed no key: stored states, and the scores keyed by them, stay found."""
+    inputs = {"run": run.run_id, "created": run.created, "method": "trak", "settings": dataclasses.asdict(Trak(SMALL_TRAK).settings),
+              "version": TrakSettings.state_version, "checkpoints": [0, 1, 2, 3], "task": Task().key()}  # TRAK: the last five
+    artifact = state_of(run, SMALL_TRAK)
+    assert artifact.directory == run.directory / "states" / content_key(inputs)
+
+
 SLOW_FIT = """
 import sys, time
 from attribution_core import api
-from attribution_core.methods.trak import Trak
+from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.runs.run import load_run
 real_fit = Trak.fit
 def slow_fit(self, inputs):
@@ -174,13 +203,13 @@ print("stored", flush=True)
 
 
 @pytest.mark.badinput
-def test_two_processes_computing_the_same_features_at_once_compute_them_once(run, monkeypatch, record_property):
+def test_two_processes_computing_the_same_state_at_once_compute_it_once(run, monkeypatch, record_property):
     other = subprocess.Popen([sys.executable, "-c", SLOW_FIT, str(run.workspace.root), run.run_id], stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "computing"
 
         def must_not_fit(self, inputs):
-            raise AssertionError("the features were computed twice")
+            raise AssertionError("the state was computed twice")
 
         monkeypatch.setattr(Trak, "fit", must_not_fit)
         mine = api.prepare(run, "trak", settings={"k": 56}, device="cpu")  # waits for the other process, then reuses
@@ -189,9 +218,9 @@ def test_two_processes_computing_the_same_features_at_once_compute_them_once(run
         if other.poll() is None:
             other.kill()
             other.wait()
-    stored = load_tensors(features_of(run, {"k": 56}).path("state.safetensors"))
-    assert all(torch.equal(mine.state[name], stored[name]) for name in stored) and features_of(run, {"k": 56}).verify()
-    record_property("user_sees", "no error: the second process waits for the first, then reuses its stored features")
+    stored = load_tensors(state_of(run, {"k": 56}).path("state.safetensors"))
+    assert all(torch.equal(mine.state[name], stored[name]) for name in stored) and state_of(run, {"k": 56}).verify()
+    record_property("user_sees", "no error: the second process waits for the first, then reuses its stored state")
 
 
 @pytest.mark.badinput
@@ -218,5 +247,15 @@ def test_cli_attribute_prints_proponents_and_opponents(run, capsys):
     assert out.count("proponents:") == 3 and out.count("opponents:") == 3
 
 
-def test_auto_device_is_cpu_without_cuda():
-    assert api.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize(("cuda", "expected"), [(True, torch.device("cuda")), (False, torch.device("cpu"))])
+def test_auto_device_is_cuda_exactly_when_cuda_is_available(monkeypatch, cuda, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert api.resolve_device("auto") == api.resolve_device() == expected
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+@pytest.mark.parametrize(("device", "named"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"), (torch.device("cpu"), "cpu"),
+                                               (torch.device("cuda", 0), "cuda:0")])
+def test_a_device_named_explicitly_is_kept_whatever_is_available(monkeypatch, cuda, device, named):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert str(api.resolve_device(device)) == named

@@ -8,11 +8,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from helpers_app import open_app, texts
 from streamlit.testing.v1 import AppTest
-from test_app_pages import open_app, texts
 
-from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, QUEUED, JobQueue
+from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, QUEUED, JobQueue, JobSpec
 from attribution_core.jobs.worker import work
+from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 
@@ -92,3 +93,17 @@ def test_the_sidebar_names_waiting_jobs_and_draws_nothing_once_none_is_active(wo
     assert work(workspace.root, "interactive", until_empty=True) == 1
     app.run()
     assert not [caption.value for caption in app.sidebar.caption if "Background jobs" in caption.value]
+
+
+def test_jobs_queued_under_a_former_or_an_unknown_kind_break_no_page(workspace):
+    run = load_run(workspace, "fmnist-mlp-early")
+    queue = JobQueue(workspace.root)
+    former = queue.submit(JobSpec("features", run.run_id, run.created, {"checkpoint": 1}, "Find similar: features of checkpoint 1"))
+    unknown = queue.submit(JobSpec("vibes", run.run_id, run.created, {}, "a kind from a newer tdx"))
+    app = open_app(run="fmnist-mlp-early", method="graddot", query="3")  # open_app checks the page raised nothing
+    sidebar = [caption.value for caption in app.sidebar.caption]  # drawn before the page queued its own block's job
+    assert any("Background jobs" in text and text.endswith("2 waiting") for text in sidebar), sidebar
+    assert work(workspace.root, "background", until_empty=True) == 3
+    assert (queue.get(former.key).state, queue.get(unknown.key).state) == (DONE, FAILED)
+    app.run()
+    assert not app.exception and len(panel_buttons(app, "results_proponents_")) == 10

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_app import MAIN, TIMEOUT, button_keys, open_app, texts
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -16,8 +16,6 @@ from attribution_core.evaluation.lds import LdsSettings
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
-MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
-TIMEOUT = 120
 GROUND_TRUTH = LdsSettings(n_subsets=6)
 
 
@@ -34,32 +32,9 @@ def workspace_env(workspace, monkeypatch):
     monkeypatch.setenv("TDX_JOBS", "inline")
 
 
-def open_app(page: str | None = None, **query_params: str) -> AppTest:
-    """A fresh session of the app (like a new browser tab) on a page, with URL query parameters."""
-    app = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT)
-    app.query_params.update(query_params)
-    app.run()
-    if page is not None:
-        app.switch_page(f"views/{page}.py").run()
-    assert not app.exception, [exception.message for exception in app.exception]
-    return app
-
-
-def texts(app: AppTest) -> str:
-    """Every markdown, caption, subheader, alert and progress-bar text of the page, joined."""
-    parts = [element.value for kind in ("markdown", "caption", "subheader", "title", "info", "error", "warning", "success")
-             for element in getattr(app, kind)] + [bar.proto.text for bar in app.get("progress")]
-    return "\n".join(str(part) for part in parts)
-
-
 def table_with(app: AppTest, column: str):
     """The first dataframe on the page that has this column."""
     return next(frame.value for frame in app.dataframe if column in frame.value.columns)
-
-
-def button_keys(app: AppTest, prefix: str) -> list[str]:
-    """Keys of the page's buttons that start with prefix, in page order."""
-    return [button.key for button in app.button if button.key and button.key.startswith(prefix)]
 
 
 # --- Explore -----------------------------------------------------------------------------------------------------
@@ -335,7 +310,7 @@ def test_explore_note_is_saved_by_enter_once_the_example_has_a_verdict(workspace
 def test_find_similar_from_the_dialog_and_from_the_query_lists_nearest_training_examples_by_cosine(workspace):
     import numpy as np
 
-    from attribution_core.inspection import penultimate_features
+    from attribution_core.inspection import penultimate_representations
 
     app = open_app(run="fmnist-mlp", method="trak")
     query = app.selectbox(key="query").value
@@ -344,14 +319,14 @@ def test_find_similar_from_the_dialog_and_from_the_query_lists_nearest_training_
     app.button(key="inspect_similar").click().run()
     assert f"Most similar to training example #{index}" in texts(app)
     run = load_run(workspace, "fmnist-mlp")
-    train = penultimate_features(run, split="train")
+    train = penultimate_representations(run, split="train")
     cosines = train @ train[index] / (np.linalg.norm(train, axis=1) * np.linalg.norm(train[index]))
     cosines[index] = -np.inf
     assert result_indices(app, "", grid="similar") == list(np.argsort(-cosines, kind="stable")[:10])
     app.button(key="similar_close").click().run()
     assert "Most similar to" not in texts(app)
     app.button(key="query_similar").click().run()
-    test = penultimate_features(run, split="test")[query]
+    test = penultimate_representations(run, split="test")[query]
     test_cosines = train @ test / (np.linalg.norm(train, axis=1) * np.linalg.norm(test))
     assert f"Most similar to test sample {query}" in texts(app)
     assert result_indices(app, "", grid="similar") == list(np.argsort(-test_cosines, kind="stable")[:10])

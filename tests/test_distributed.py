@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from attribution_core.models import ModelSpec
 from attribution_core.numerics.inputs import AttributionInputs, Segment
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.runs.training import train
-from attribution_core.store import Workspace
+from attribution_core.store import Artifact, Workspace, atomic_write_json, compute_once_across_ranks
 
 N_TRAIN = 37  # not a multiple of the world size or of the batch size
 
@@ -111,6 +112,40 @@ def test_two_gloo_processes_share_replay_query_blocks_and_score_as_one(tmp_path)
     stored = attribute(load_run(tmp_path / "sharded", "replay"), "replay", queries=REPLAY_QUERIES, settings=REPLAY_SETTINGS)
     assert stored.key == single.key  # rank 0 stored them where one process would have
     np.testing.assert_allclose(stored.values, single.values, rtol=1e-5, atol=1e-6 * np.abs(single.values).max())
+
+
+def _compute_once_rank_main(rank: int, world: int, init_file: str, directory: str) -> None:
+    """One rank: ask twice for one artifact computed once across the ranks; log who computed and who saved, and when."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        artifact = Artifact(Path(directory) / "artifact", {"made": "once"})
+        log = Path(directory) / f"rank{rank}.log"
+
+        def compute() -> int:
+            with open(log, "a") as handle:
+                handle.write("computed\n")
+            return 40 + rank
+
+        def save(stored: Artifact, result: int) -> None:
+            with open(log, "a") as handle:
+                handle.write("saved\n")
+            atomic_write_json(stored.path("result.json"), result)
+
+        for _ in range(2):
+            compute_once_across_ranks(artifact, compute, save)
+            with open(log, "a") as handle:  # every rank returns only once the artifact is stored
+                handle.write(f"complete {artifact.is_complete()}\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_artifact_computed_across_ranks_is_computed_by_all_stored_by_rank_0_and_then_reused(tmp_path):
+    mp.spawn(_compute_once_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    logs = [(tmp_path / f"rank{rank}.log").read_text().split("\n")[:-1] for rank in range(2)]
+    assert logs[0] == ["computed", "saved", "complete True", "complete True"]
+    assert logs[1] == ["computed", "complete True", "complete True"]
+    assert (tmp_path / "artifact" / "result.json").read_text() == "40", "rank 0's result"
 
 
 def test_torchrun_environment_names_this_process_share(monkeypatch):

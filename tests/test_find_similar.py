@@ -1,4 +1,4 @@
-"""Find-similar's feature index and the small score helpers the review pages read (attribution_core.inspection)."""
+"""Find-similar's representation index and the small score helpers the review pages read (attribution_core.inspection)."""
 from __future__ import annotations
 
 import shutil
@@ -8,36 +8,36 @@ import pytest
 from scipy.stats import rankdata
 
 from attribution_core import inspection
-from attribution_core.jobs.kinds import features_job, load_result
+from attribution_core.jobs.kinds import load_result, representations_job
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 
 @pytest.fixture(scope="module")
 def run(demo_workspace, tmp_path_factory):
-    """fmnist-mlp on a private copy of the demo (these tests store a feature index)."""
+    """fmnist-mlp on a private copy of the demo (these tests store a representation index)."""
     root = tmp_path_factory.mktemp("find_similar") / "workspace"
     shutil.copytree(demo_workspace.root, root)
     return load_run(Workspace(root), "fmnist-mlp")
 
 
-def test_feature_index_is_unit_penultimate_features_stored_once(run):
-    assert inspection.stored_feature_index(run) is None
-    assert load_result(run, features_job(run, -1)) is None, "the job's load computes nothing"
+def test_representation_index_is_unit_penultimate_representations_stored_once(run):
+    assert inspection.stored_representation_index(run) is None
+    assert load_result(run, representations_job(run, -1)) is None, "the job's load computes nothing"
     calls = []
-    index = inspection.feature_index(run, progress=lambda done, total: calls.append((done, total)))
+    index = inspection.representation_index(run, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 2), (2, 2)]
     assert index.checkpoint == len(run.checkpoints) - 1
     for split, stored in (("train", index.train), ("test", index.test)):
-        raw = inspection.penultimate_features(run, split=split)
+        raw = inspection.penultimate_representations(run, split=split)
         np.testing.assert_allclose(stored * np.linalg.norm(raw, axis=1, keepdims=True), raw, rtol=1e-4, atol=1e-5)
-    again = load_result(run, features_job(run, -1))
+    again = load_result(run, representations_job(run, -1))
     np.testing.assert_array_equal(again.train, index.train)
 
 
 def test_most_similar_ranks_training_examples_by_cosine_and_skips_the_example_itself(run):
-    index = inspection.feature_index(run)
-    raw = inspection.penultimate_features(run, split="train")
+    index = inspection.representation_index(run)
+    raw = inspection.penultimate_representations(run, split="train")
     example = 7
     cosines = raw @ raw[example] / (np.linalg.norm(raw, axis=1) * np.linalg.norm(raw[example]))
     cosines[example] = -np.inf
@@ -46,7 +46,7 @@ def test_most_similar_ranks_training_examples_by_cosine_and_skips_the_example_it
     assert example not in indices
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_allclose(values, cosines[expected], rtol=1e-4)
-    test_raw = inspection.penultimate_features(run, split="test")[3]
+    test_raw = inspection.penultimate_representations(run, split="test")[3]
     test_cosines = raw @ test_raw / (np.linalg.norm(raw, axis=1) * np.linalg.norm(test_raw))
     test_indices, _ = inspection.most_similar(index, "test", 3, 4)
     np.testing.assert_array_equal(test_indices, np.argsort(-test_cosines, kind="stable")[:4])

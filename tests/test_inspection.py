@@ -1,4 +1,4 @@
-"""Predictions, penultimate features and the 2-D map a run's model gives."""
+"""Predictions, penultimate-layer representations and the 2-D map a run's model gives."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,17 +18,17 @@ def test_predictions_are_the_final_models_softmax(demo_workspace):
     np.testing.assert_allclose(inspection.predict(run, test_set.x[:3]), expected[:3], rtol=1e-5, atol=1e-7)
 
 
-def test_penultimate_features_feed_the_classifier_head(demo_workspace):
+def test_penultimate_representations_feed_the_classifier_head(demo_workspace):
     run = load_run(demo_workspace, "fmnist-mlp")
-    features = inspection.penultimate_features(run, split="test")
+    representations = inspection.penultimate_representations(run, split="test")
     head = run.load_model(-1)[-1]
     _, test_set = run.datasets()
     with torch.no_grad():
-        np.testing.assert_allclose(head(torch.as_tensor(features)).numpy(), run.load_model(-1)(test_set.x).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(head(torch.as_tensor(representations)).numpy(), run.load_model(-1)(test_set.x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_umap_layout_is_seeded():
-    features = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
-    first, second = inspection.umap_layout(features), inspection.umap_layout(features)
+    rows = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    first, second = inspection.umap_layout(rows), inspection.umap_layout(rows)
     assert first.shape == (60, 2)
     np.testing.assert_allclose(first, second)

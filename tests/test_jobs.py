@@ -15,7 +15,7 @@ from attribution_core.api import attribute, stored_scores
 from attribution_core.errors import SettingsError
 from attribution_core.evaluation.lds import LdsSettings, groundtruth_status, load_groundtruth
 from attribution_core.jobs import kinds
-from attribution_core.jobs.kinds import JobKind, fit_job, groundtruth_job, load_result, scores_job
+from attribution_core.jobs.kinds import JobKind, fit_job, groundtruth_job, load_result, representations_job, scores_job
 from attribution_core.jobs.queue import (
     CANCELLED,
     DONE,
@@ -157,7 +157,7 @@ def fake_kinds(monkeypatch, log: list, *, stop_after: int | None = None, fail: E
                 raise fail
             progress(step, 4)
 
-    monkeypatch.setitem(kinds.KINDS, "fake", JobKind("fake", run, lambda run_, params: None, resumable=resumable))
+    monkeypatch.setitem(kinds.KINDS, "fake", JobKind("fake", run, lambda run_, params: None, "a fake", resumable=resumable))
     monkeypatch.setattr("attribution_core.jobs.worker._Runs.target", lambda self, job: None)
     monkeypatch.setattr("attribution_core.jobs.worker.REPORT_SECONDS", 0.0)
 
@@ -185,6 +185,17 @@ def test_a_bug_in_a_job_is_reported_as_an_internal_error(monkeypatch, tmp_path, 
     job = queue.submit(spec())
     work(tmp_path, "background", until_empty=True)
     assert queue.get(job.key).error == "Internal error: ZeroDivisionError: division by zero"
+
+
+def test_a_job_of_a_kind_this_version_does_not_know_fails_with_the_reason_and_the_worker_goes_on(monkeypatch, tmp_path, queue):
+    log: list = []
+    fake_kinds(monkeypatch, log)
+    unknown = queue.submit(spec("from a newer tdx", kind="vibes"))
+    known = queue.submit(spec("known", PREFETCH))
+    assert work(tmp_path, "background", until_empty=True) == 2
+    failed = queue.get(unknown.key)
+    assert failed.state == FAILED and failed.error.startswith("unknown job kind 'vibes': this version of tdx cannot run it; kinds: ")
+    assert queue.get(known.key).state == DONE and {name for name, _ in log} == {"known"}
 
 
 def test_a_cancelled_running_job_stops_at_its_next_report(monkeypatch, tmp_path, queue):
@@ -256,6 +267,20 @@ def test_score_and_fit_jobs_store_what_the_front_door_then_loads(workspace):
     direct = attribute(run, "trak", queries=list(range(32, 64)))
     assert stored.values.shape == (32, 600) and (stored.values == direct.values).all()
     assert stored.self_influence is not None and stored.key == direct.key
+
+
+def test_a_job_queued_under_a_kinds_former_name_runs_and_loads_as_that_kind(workspace):
+    run = load_run(workspace, "fmnist-mlp")
+    last = len(run.checkpoints) - 1
+    # the row an older tdx left in jobs.sqlite: find-similar's job was named "features"
+    former = JobSpec("features", run.run_id, run.created, {"checkpoint": last}, "Find similar: features of checkpoint 3")
+    queue = JobQueue(workspace.root)
+    job = queue.submit(former)
+    assert load_result(run, former) is None
+    assert work(workspace.root, "background", until_empty=True) == 1 and queue.get(job.key).state == DONE
+    index = load_result(run, representations_job(run, -1))
+    assert index is not None and index.checkpoint == last
+    assert (load_result(run, former).train == index.train).all()
 
 
 def test_stored_scores_compute_nothing(workspace, monkeypatch):

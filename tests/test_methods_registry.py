@@ -9,6 +9,8 @@ from attribution_core.errors import SettingsError
 from attribution_core.methods import METHODS, method_class
 from attribution_core.methods.base import CHECKPOINT_POLICIES, Method
 from attribution_core.methods.influence import InfluenceSettings, KfacInfluence
+from attribution_core.methods.source import SourceSettings
+from attribution_core.store import content_key
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -48,3 +50,22 @@ def test_unknown_methods_and_foreign_settings_are_refused_by_name():
         method_class("magic")
     with pytest.raises(SettingsError, match="trak: settings must be a TrakSettings or a mapping"):
         METHODS["trak"](InfluenceSettings())
+
+
+@pytest.mark.parametrize(("settings", "fields", "key"), [
+    (InfluenceSettings(), [("curvature", "ekfac"), ("damping", None), ("damping_ratio", 1.0), ("fisher", "true_fisher"), ("seed", 0),
+                           ("query_batch_size", None), ("k", None), ("kronecker_block", 4)], "4387e8f7522dc542"),
+    (SourceSettings(k=64), [("n_segments", 3), ("segments", None), ("fisher", "true_fisher"), ("seed", 0), ("query_batch_size", None),
+                            ("k", 64), ("kronecker_block", 4)], "c17dcd23781e6c3d"),
+])
+def test_the_kronecker_methods_shared_settings_keep_their_fields_defaults_and_stored_keys(settings, fields, key):
+    """The fields, their order and defaults, and so the content key of asdict (part of every stored state's key), as they were
+    before the shared fields moved to methods/kronecker_settings.py (keys taken from that version)."""
+    assert list(dataclasses.asdict(settings).items()) == fields
+    assert content_key(dataclasses.asdict(settings)) == key
+
+
+def test_the_kronecker_methods_share_each_common_settings_help_where_it_means_the_same():
+    influence, source = ({f.name: f.metadata["help"] for f in dataclasses.fields(cls)} for cls in (InfluenceSettings, SourceSettings))
+    assert all(influence[name] == source[name] for name in ("fisher", "seed", "kronecker_block"))
+    assert "once per segment" in source["k"] and "once per segment" not in influence["k"], "k and query_batch_size say what differs"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,15 +87,15 @@ def test_cleanlab_gets_only_out_of_sample_probabilities(noisy_run, monkeypatch, 
     assert len({row.numpy().tobytes() for row in train_set.x}) == len(train_set)  # membership is identifiable
     keep_masks, received = [], {}
 
-    def fake_fit(dataset, model_spec, recipe, *, keep_mask, keep_checkpoints):
+    def fake_retrain(run, keep_mask, *, task):
         keep_masks.append(keep_mask.copy())
-        return SimpleNamespace(model=MembershipModel(dataset.x, keep_mask))
+        return MembershipModel(train_set.x, keep_mask)
 
     def spy(labels, pred_probs, **options):
         received.update(labels=labels, pred_probs=pred_probs, options=options)
         return pred_probs[np.arange(len(labels)), labels]
 
-    monkeypatch.setattr(mislabel, "fit_model", fake_fit)
+    monkeypatch.setattr(mislabel, "retrain", fake_retrain)
     monkeypatch.setattr(mislabel, "label_quality_scores", spy)
     ranking = rank_mislabels(noisy_run, "cleanlab", folds=3)
     assert len(keep_masks) == 3 and np.array_equal(np.sum([~mask for mask in keep_masks], axis=0), np.ones(len(train_set)))

@@ -119,3 +119,9 @@ def test_old_import_paths_give_the_moved_modules_themselves():
     assert run is moved_run and recorder is moved_recorder
     from attribution_core.recorder import Recorder  # noqa: F401
     from attribution_core.run import Run  # noqa: F401 (the README's path)
+
+
+def test_readme_states_the_torch_versions_pyproject_accepts():
+    (floor,) = re.findall(r'^\s*"torch>=([\d.]+)",', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"any torch ≥ {floor} (pyproject.toml's `torch>={floor}`)" in readme

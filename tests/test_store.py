@@ -21,6 +21,7 @@ from attribution_core.store import (
     atomic_save_npy,
     atomic_write_bytes,
     check_name,
+    compute_once_across_ranks,
     content_key,
     load_npy,
     load_tensors,
@@ -195,3 +196,54 @@ def test_read_only_workspace_is_reported(tmp_path, monkeypatch):
     with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {tmp_path / 'x'}: the workspace is read-only; pass a writable")):
         atomic_write_bytes(tmp_path / "x", b"1")
     assert list(tmp_path.iterdir()) == []
+
+
+def _complete(directory: Path, content: bytes) -> Artifact:
+    """A complete artifact in directory holding one file with this content."""
+    artifact = Artifact(directory, {"made": "here"})
+    atomic_write_bytes(artifact.path("data.bin"), content)
+    artifact.commit(artifact.inputs)
+    return artifact
+
+
+def test_an_artifact_of_a_renamed_kind_is_moved_to_the_new_name_under_its_key(tmp_path):
+    workspace = Workspace(tmp_path)
+    run_dir = workspace.run_dir("r", must_exist=False)
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    key = content_key({"method": "m"})
+    _complete(run_dir / "features" / key, b"fitted")
+    partial = run_dir / "states" / key
+    partial.mkdir(parents=True)
+    (partial / "half.bin").write_bytes(b"an interrupted computation")
+    moved = workspace.artifact("r", "states", {"method": "m"})
+    assert moved.directory == partial and moved.is_complete() and moved.path("data.bin").read_bytes() == b"fitted"
+    assert not (run_dir / "features" / key).exists() and not moved.path("half.bin").exists()
+    other = content_key({"method": "n"})
+    _complete(run_dir / "features" / other, b"left alone")
+    assert not workspace.artifact("r", "scores", {"method": "n"}).is_complete(), "scores had no former name"
+    assert (run_dir / "features" / other).is_dir()
+
+
+def test_a_complete_artifact_is_kept_and_an_incomplete_former_one_is_not_adopted(tmp_path):
+    current = _complete(tmp_path / "states" / "k", b"current")
+    former = _complete(tmp_path / "features" / "k", b"former")
+    assert not current.adopt(former.directory) and current.path("data.bin").read_bytes() == b"current"
+    fresh = Artifact(tmp_path / "states" / "j")
+    incomplete = tmp_path / "features" / "j"
+    incomplete.mkdir()
+    (incomplete / "data.bin").write_bytes(b"no manifest")
+    assert not fresh.adopt(incomplete) and incomplete.is_dir() and not fresh.directory.exists()
+
+
+def test_without_a_process_group_an_artifact_computed_across_ranks_is_computed_once_here(tmp_path):
+    computed = []
+
+    def compute() -> bytes:
+        computed.append(1)
+        return b"result"
+
+    artifact = Artifact(tmp_path / "a", {"made": "here"})
+    for _ in range(2):
+        compute_once_across_ranks(artifact, compute, lambda stored, result: atomic_write_bytes(stored.path("r.bin"), result))
+    assert computed == [1] and artifact.verify() and artifact.path("r.bin").read_bytes() == b"result"

@@ -146,13 +146,6 @@ def remembered(key: tuple, compute: Callable[[], T]) -> T:
     return value
 
 
-def is_remembered(key: tuple) -> bool:
-    """Whether the process holds a result under this key (without marking it used)."""
-    results = _results()
-    with results.lock:
-        return key in results.values
-
-
 def run_key(run: Run) -> tuple[str, str, str]:
     """What identifies a run's results: workspace, id and creation time (a retrained id differs)."""
     return str(run.workspace.root), run.run_id, run.created

@@ -1,4 +1,4 @@
-"""The Map page's 2-D layout: UMAP of the penultimate-layer features of training and test examples, laid out by a job."""
+"""The Map page's 2-D layout: UMAP of the penultimate-layer representations of training and test examples, laid out by a job."""
 from __future__ import annotations
 
 from attribution_core.inspection import MapLayout

@@ -15,6 +15,9 @@ FLAG_ICONS = {"mislabeled": ":material/label_off:", "ambiguous": ":material/help
               "fine": ":material/check_circle:"}
 """Button icon of each flag kind."""
 
+VERDICT_KEYS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
+"""Keyboard shortcut of each verdict's button, wherever verdicts are given from the keyboard (Explore's dialog, Mislabels)."""
+
 UNDO_KEY = "U"
 """Keyboard shortcut of the undo button (a letter, like the review keys; Streamlit reserves C and R)."""
 
@@ -87,7 +90,7 @@ def flag_controls(
     *,
     key: str,
     suggested_label: int | None = None,
-    shortcuts: dict[str, str] | None = None,
+    shortcuts: bool = False,
     per_row: int = 4,
     on_saved: Callable[[], None] | None = None,
 ) -> str | None:
@@ -96,7 +99,7 @@ def flag_controls(
     The mislabeled verdict stores the suggested label chosen in the selectbox (preset to
     `suggested_label`), every verdict stores the note; pressing Enter in the note saves it at once
     when the example has a verdict. Each write is one undoable action of this tab (session.actor)
-    and is confirmed by a toast. `shortcuts` maps a kind to a key ("M"); the buttons come
+    and is confirmed by a toast. With `shortcuts`, each verdict has its VERDICT_KEYS key ("M"); the buttons come
     `per_row` to a row. on_saved() runs after a verdict is saved, before the next run (say, to move on).
     Keys: the buttons are `<key>_<kind>` whatever the example, the fields `<key>_<index>_suggested` and `_note`.
     """
@@ -127,11 +130,16 @@ def flag_controls(
     columns = [column for start in range(0, len(FLAG_KINDS), per_row) for column in st.columns(per_row)]
     for column, kind in zip(columns, FLAG_KINDS):
         pressed |= column.button(
-            kind.capitalize(), key=f"{key}_{kind}", icon=FLAG_ICONS[kind], width="stretch", shortcut=(shortcuts or {}).get(kind),
+            kind.capitalize(), key=f"{key}_{kind}", icon=FLAG_ICONS[kind], width="stretch", shortcut=VERDICT_KEYS[kind] if shortcuts else None,
             type="primary" if flag is not None and flag.kind == kind else "secondary",
             on_click=save_verdict, args=(run_id, example_id, index, kind, key, on_saved))
     saved = st.session_state.pop(_saved_key(key), None)  # set by save_verdict, which ran before this run
     return saved if pressed else None
+
+
+def verdict_keys_text() -> str:
+    """The verdict keys as a keys caption lists them: "**M** mislabeled · **A** ambiguous · ..."."""
+    return " · ".join(f"**{letter}** {kind}" for kind, letter in VERDICT_KEYS.items())
 
 
 def undo_last(run_id: str) -> None:

@@ -7,7 +7,8 @@ wrap between words only (GRID_CSS too).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,3 +100,16 @@ def image_grid(
                         if clicked:
                             pressed = item.index
     return pressed
+
+
+@contextmanager
+def example_card(image: np.ndarray, *, size: int, caption: str | None = None, widths: tuple[float, float] = (1, 1.6),
+                 gap: str = "large", align: str = "top") -> Iterator[None]:
+    """One example shown large: its image (`size` pixels wide, with a caption) on the left; the block writes its text on the right.
+
+    widths: the two columns' relative widths; gap and align: st.columns' gap and vertical_alignment.
+    """
+    image_column, text_column = st.columns(list(widths), gap=gap, vertical_alignment=align)
+    image_column.image(enlarged(image, size), caption=caption)
+    with text_column:
+        yield

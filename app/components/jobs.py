@@ -17,7 +17,7 @@ from typing import Any
 
 import streamlit as st
 
-from attribution_core.jobs.kinds import job_kind, load_result
+from attribution_core.jobs.kinds import find_kind, job_kind, load_result
 from attribution_core.jobs.queue import ACTIVE, CANCELLED, DONE, FAILED, QUEUED, Job, JobQueue, JobSpec
 from attribution_core.jobs.worker import ensure_workers, job_mode
 from attribution_core.runs.run import Run
@@ -38,20 +38,6 @@ REFRESH_SECONDS = 1.0
 
 RESUBMIT_AFTER_SECONDS = 10.0
 """A job done longer ago than this whose result is gone (deleted from the workspace) runs again; a newer one is a bug to show."""
-
-HINTS = {
-    "fit": "The fit is done once per run, method and checkpoints; every query after it is quick.",
-    "scores": "Scores are stored per block of test samples: the neighbours of this sample open at once afterwards.",
-    "groundtruth": "Fewer subsets are faster. Every finished retraining is kept: cancelling and starting again loses nothing.",
-    "counterfactual": "Each removal is one retraining of the whole run. Finished retrainings are kept if you cancel.",
-    "layout": "The map is laid out once per run and checkpoint, then stored.",
-    "ranking": "A ranking is computed once per run, then stored.",
-    "train": "Training runs in the background; the run appears in the list when it is done.",
-    "features": "The training set's features are computed once per run and checkpoint; every lookup after them is instant.",
-    "smoothness": "Each removal is one replay of the recorded run.",
-}
-"""What to know while a job of each kind runs."""
-
 
 def job_queue() -> JobQueue:
     """The app's workspace's job queue."""
@@ -164,7 +150,8 @@ def _progress_panel(key: str) -> None:
         st.markdown(f":material/hourglass_top: **{job.spec.title}**")
         st.progress(job.fraction, text=status_line(job, queue))
         hint_column, cancel_column = st.columns([4, 1], vertical_alignment="center")
-        hint_column.caption(HINTS.get(job.spec.kind, "") + " The page stays usable meanwhile.")
+        kind = find_kind(job.spec.kind)  # None for a kind of another version of tdx: its title says enough
+        hint_column.caption((kind.hint + " " if kind is not None else "") + "The page stays usable meanwhile.")
         cancel_column.button("Cancel", key=f"cancel_{key}", icon=":material/stop_circle:", on_click=queue.cancel, args=(key,),
                              disabled=job.cancel_requested, width="stretch")
 

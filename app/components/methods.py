@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from attribution_core.api import METHODS
+from attribution_core.jobs.ready import default_method
 from attribution_core.numerics.segments import even_ranges
 from attribution_core.runs.run import Run
 
@@ -24,17 +25,12 @@ def checkpoint_label(run: Run, index: int) -> str:
     return f"ckpt {index} · step {info.step} · {stage}"
 
 
-def segmented_methods() -> str:
-    """The labels of the methods whose scores come per training segment ('SOURCE')."""
-    return " or ".join(method.label for method in METHODS.values() if method.has_segments)
-
-
 def method_selectbox(run: Run, container=None) -> str:
-    """The method selector, kept in ?method= (default: the first method the core lists that fits the run)."""
+    """The method selector, kept in ?method= (default: the run's default method, as `tdx attribute` has it)."""
     choices = method_choices(run)
     unsupported = unsupported_methods(run)
     return url_selectbox(
-        "Method", choices, key=METHOD_KEY, default=choices[0], target=container, persist_state="session", format_func=method_label,
+        "Method", choices, key=METHOD_KEY, default=default_method(run), target=container, persist_state="session", format_func=method_label,
         help=("Not offered for this run: " + "; ".join(unsupported.values()) + ".") if unsupported
         else "Every method of the core can attribute this run.",
     )

@@ -8,7 +8,7 @@ from attribution_core import inspection
 
 from .context import url_selectbox
 from .examples import class_name
-from .images import GridItem, enlarged
+from .images import GridItem, example_card
 
 QUERY_KEY = "query"
 """Session-state key and URL query parameter of the chosen test sample."""
@@ -59,9 +59,7 @@ def query_card(test_set, predictions: pd.DataFrame, index: int, *, size: int = 1
     """The chosen test sample, large, with its true and predicted label."""
     row = predictions.iloc[index]
     true, predicted = class_name(test_set, int(row["true"])), class_name(test_set, int(row["predicted"]))
-    image_column, text_column = st.columns([1, 1.4], vertical_alignment="center")
-    image_column.image(enlarged(test_set.images[index], size), caption=f"test {index}")
-    with text_column:
+    with example_card(test_set.images[index], size=size, caption=f"test {index}", widths=(1, 1.4), gap="small", align="center"):
         st.markdown(f"**True label** {true}")
         st.markdown(f"**Predicted** {predicted} ({row['confidence']:.0%})")
         if row["correct"]:

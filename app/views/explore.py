@@ -27,8 +27,8 @@ from app.components.examples import (
     train_items,
     verdicts,
 )
-from app.components.flagging import UNDO_KEY, flag_controls, undo_button
-from app.components.images import current_page, enlarged, image_grid
+from app.components.flagging import UNDO_KEY, flag_controls, undo_button, verdict_keys_text
+from app.components.images import current_page, enlarged, example_card, image_grid
 from app.components.jobs import job_result
 from app.components.methods import checkpoint_label, segment_labels, segment_range
 from app.components.page import chosen_attribution, page_prelude
@@ -39,7 +39,7 @@ from attribution_core import inspection
 from attribution_core.api import METHODS, QueryBatch, attribute
 from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
-from attribution_core.jobs.kinds import counterfactual_job, features_job, fit_job, smoothness_job
+from attribution_core.jobs.kinds import counterfactual_job, fit_job, representations_job, smoothness_job
 from attribution_core.runs.replay_engine import why_not_replayable
 from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
@@ -53,8 +53,6 @@ SIMILAR_KEY = "similar"
 """Session state: (split, index, query) of the example whose most similar training examples are shown, asked while `query` was chosen."""
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REMOVAL_FRACTIONS = {"1 %": 0.01, "5 %": 0.05, "10 %": 0.1}
-VERDICT_KEYS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
-"""The dialog's verdict shortcuts (those of the Mislabels page)."""
 NEXT_KEY, PREVIOUS_KEY, OPEN_KEY, SIMILAR_SHORTCUT, MAP_SHORTCUT = "N", "P", "O", "S", "G"
 """Page: next / previous test sample, open the next proponent, similar examples. Dialog: next / previous example, similar, map.
 U (flagging.UNDO_KEY) undoes on both. The page's buttons are disabled while the dialog is open, so a key never does two
@@ -154,9 +152,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     train_set, _ = run.datasets()
     meaning = ScoreMeaning(scores_.method, class_name(train_set, int(scores_.query_labels[row])), scores_.values[row])
     order = st.session_state.get(order_key(grid), [index])
-    left, right = st.columns([1, 1.6], gap="large")
-    left.image(enlarged(train_set.images[index], 260))
-    with right:
+    with example_card(train_set.images[index], size=260):
         where = f" · {order.index(index) + 1} of {len(order)} in this grid" if index in order else ""
         st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])}){where}")
         st.markdown(f"**Label** {class_name(train_set, int(train_set.y[index]))}")
@@ -175,18 +171,16 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     if query is not None:
         moves[2].button("Find similar", key="inspect_similar", icon=":material/image_search:", shortcut=SIMILAR_SHORTCUT,
                         width="stretch", on_click=find_similar, args=("train", index, query),
-                        help="The training examples the model sees as most alike (cosine of its penultimate-layer features)")
+                        help="The training examples the model sees as most alike (cosine of its penultimate-layer representations)")
     if moves[-1].button("Show on map", key="inspect_map", icon=":material/scatter_plot:", shortcut=MAP_SHORTCUT, width="stretch",
                         help="Open the Map with this training example marked"):
         st.switch_page(MAP_PAGE, query_params={"run": run.run_id, MAP_EXAMPLE_PARAM: str(index)})
     # a verdict moves to the grid's next example, as on Mislabels (past the last one the dialog closes)
-    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=VERDICT_KEYS,
-                  on_saved=lambda: step_inspector(grid, index, 1))
+    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=True, on_saved=lambda: step_inspector(grid, index, 1))
     undo_column, keys_column = st.columns([1, 3], vertical_alignment="center")
     with undo_column:
         undo_button(run.run_id, key="inspect_undo")
-    keys_column.caption("Keys: " + " · ".join(f"**{letter}** {kind}" for kind, letter in VERDICT_KEYS.items())
-                        + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
+    keys_column.caption("Keys: " + verdict_keys_text() + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
                         + (f"**{SIMILAR_SHORTCUT}** similar · " if query is not None else "")
                         + f"**{MAP_SHORTCUT}** map · **{UNDO_KEY}** undo · **Esc** close")
 
@@ -224,7 +218,7 @@ def render_results(run: Run, query_scores: Scores, row: int, k: int, *, key: str
 
 
 def render_similar(run: Run, query_scores: Scores, query: int) -> None:
-    """The training examples most similar to the chosen one (or to the query), by cosine of the final model's features."""
+    """The training examples most similar to the chosen one (or to the query), by cosine of the final model's representations."""
     similar = st.session_state.get(SIMILAR_KEY)
     if similar is None or similar[2] != query:
         return
@@ -235,12 +229,12 @@ def render_similar(run: Run, query_scores: Scores, query: int) -> None:
         what = f"training example #{index}" if split == "train" else f"test sample {index}"
         title.markdown(f"#### Most similar to {what}")
         close.button("Close", key="similar_close", icon=":material/close:", on_click=clear_similar, width="stretch")
-        features = call_or_report(job_result, run, features_job(run, -1))  # computed once per run, then stored
-        if features is None:
+        representations = call_or_report(job_result, run, representations_job(run, -1))  # computed once per run, then stored
+        if representations is None:
             return
-        indices, cosines = inspection.most_similar(features, split, index, SIMILAR_SHOWN)
-        st.caption(f"Cosine similarity (1 = alike) of what the model's classifier head sees (its penultimate-layer features at "
-                   f"{checkpoint_label(run, features.checkpoint)}), over all {len(train_set):,} training examples. The tooltip of "
+        indices, cosines = inspection.most_similar(representations, split, index, SIMILAR_SHOWN)
+        st.caption(f"Cosine similarity (1 = alike) of what the model's classifier head sees (its penultimate-layer representations at "
+                   f"{checkpoint_label(run, representations.checkpoint)}), over all {len(train_set):,} training examples. The tooltip of "
                    f"each gives its score for test sample {query}.")
         label = class_name(train_set, int(query_scores.query_labels[0]))
         meaning = ScoreMeaning(query_scores.method, label, query_scores.values[0])

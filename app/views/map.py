@@ -15,13 +15,13 @@ from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
 from app.components.core_calls import annotations, call_or_report, method_label
 from app.components.embedding import embedding
-from app.components.evaluation_calls import stored_default_ranking
 from app.components.examples import FLAG_COLOURS, class_name, flipped_from, marks, score_legend, train_items
 from app.components.flagging import flag_controls, undo_button
 from app.components.images import enlarged, image_grid
 from app.components.methods import checkpoint_label
 from app.components.page import chosen_attribution, page_prelude
 from app.components.queries import query_card, query_selectbox
+from app.components.rankings import stored_default_ranking
 from attribution_core.inspection import MapLayout
 from attribution_core.runs.run import Run
 

@@ -19,10 +19,10 @@ from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.context import url_selectbox
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
-from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
 from app.components.examples import FLAG_COLOURS, UNREVIEWED, class_name, marks, verdicts
-from app.components.flagging import UNDO_KEY, flag_controls, undo_button
-from app.components.images import GridItem, current_page, enlarged, image_grid
+from app.components.flagging import UNDO_KEY, flag_controls, undo_button, verdict_keys_text
+from app.components.images import GridItem, current_page, example_card, image_grid
+from app.components.rankings import mislabel_ranking, ranking_choices, stored_rankings
 from attribution_core.annotations import FLAG_KINDS
 from attribution_core.evaluation import dynamics
 from attribution_core.evaluation.mislabel import (
@@ -35,7 +35,6 @@ from attribution_core.evaluation.mislabel import (
 from attribution_core.runs.run import Run
 
 RANKING_KEY = "ranking"
-SHORTCUTS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
 NEXT_KEY, PREVIOUS_KEY = "N", "P"
 LIST_COLUMNS, LIST_ROWS = 3, 4
 """The suspects' grid beside the review card: three cells a row keep a whole "mislabeled" badge in a cell at 1280 px."""
@@ -242,9 +241,7 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
                     disabled=position == 0, on_click=move_to, args=(key, position - 1))
     following.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut=NEXT_KEY, width="stretch",
                      disabled=position == len(queue) - 1, on_click=move_to, args=(key, position + 1))
-    image_column, text_column = st.columns([1, 1.3], gap="medium")
-    image_column.image(enlarged(train_set.images[index], 220), caption=f"training example #{index}")
-    with text_column:
+    with example_card(train_set.images[index], size=220, caption=f"training example #{index}", widths=(1, 1.3), gap="medium"):
         st.markdown(f"**Given label** {class_name(train_set, int(train_set.y[index]))}")
         if suggested is not None:
             st.markdown(f"**Suggested label** {class_name(train_set, suggested)}")
@@ -254,14 +251,12 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
         st.markdown(marks(train_set, index, annotations().flags(run.run_id).get(int(train_set.ids[index]))))
     if dynamics.has_dynamics(run.record):
         render_curve(run, index)
-    verdict = flag_controls(run.run_id, train_set, index, key="review", suggested_label=suggested,
-                            shortcuts=SHORTCUTS, per_row=2)
+    verdict = flag_controls(run.run_id, train_set, index, key="review", suggested_label=suggested, shortcuts=True, per_row=2)
     if verdict is not None:
         # an example the verdict filters out leaves the queue: the next suspect moves into its place
         move_to(key, position if shown and verdict not in shown else min(position + 1, len(queue) - 1))
         st.rerun()
-    st.caption("Keys: " + " · ".join(f"**{letter}** {kind}" for kind, letter in SHORTCUTS.items())
-               + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous · **{UNDO_KEY}** undo")
+    st.caption("Keys: " + verdict_keys_text() + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous · **{UNDO_KEY}** undo")
 
 
 def render_ranked_list(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: str) -> None:

@@ -7,11 +7,21 @@ method (an example that only its own gradient explains), the training loss at ch
 (or averaged over them), and confident learning (cleanlab) on out-of-sample probabilities from
 k-fold cross-validated retraining. Each ranking is stored under runs/<id>/mislabels/<key>/ and
 reused. With labels flipped on purpose, `mislabel_metrics` says how many flips each ranking finds.
-RANKINGS says what each ranking measures, RANKING_LABELS (ranking_label) what to call it on a page.
+
+Each ranking is one declaration, a `Ranking` in RANKINGS (its name, label, description, compute
+function, default checkpoints, and whether it needs the training record or an attribution method);
+ranking_label, rankings_for, ranking_checkpoints, the stored key and the computation read it.
+
+Adding a ranking: one `Ranking(...)` in `_declared_rankings()` below and its test (against a direct
+computation). Nothing else: `tdx mislabels --ranking` lists RANKINGS, the app's Mislabels page offers
+rankings_for(run), and its job (jobs/kinds.py "ranking") and the store take any name RANKINGS holds;
+tests/test_extensions.py declares a ranking and checks that they do. A method whose class declares
+has_self_influence gets its "self_influence:<method>" ranking from the same list.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,58 +41,32 @@ from ..task import Task
 from .dynamics import COMBINED, SIGNALS, combined, has_dynamics, signal_scores
 from .dynamics import settings as dynamics_settings
 
-DYNAMICS_RANKINGS: dict[str, str] = {
-    "dynamics": "rank average of " + " and ".join(SIGNALS[name].label[0].lower() + SIGNALS[name].label[1:] for name in COMBINED)
-                + ": what the training record says before the model memorises (default)",
-    **{name: signal.description for name, signal in SIGNALS.items()},
-}
-"""The rankings read from the training record alone (no model is run): name -> what it measures."""
-
 FALLBACK_RANKING = "loss_avg"
 """The ranking of a run without training dynamics: the loss averaged over its checkpoints."""
 
-RANKINGS: dict[str, str] = {
-    **DYNAMICS_RANKINGS,
-    **{f"self_influence:{name}": f"self-influence τ(z, z) of {method.label}: examples only their own gradient explains"
-       for name, method in METHODS.items() if method.has_self_influence},
-    "loss": "training loss at the chosen checkpoints (default: the last)",
-    "loss_avg": "training loss averaged over the chosen checkpoints (default: all; AUM-style)",
-    "margin_avg": "minus the correct-class margin averaged over the chosen checkpoints (default: all)",
-    "cleanlab": "confident learning (cleanlab self-confidence) on k-fold cross-validated probabilities",
-}
-"""Every mislabel ranking by name, with what it measures."""
 
-RANKING_LABELS: dict[str, str] = {
-    "dynamics": "Training dynamics (early loss and margin)",
-    **{name: signal.label for name, signal in SIGNALS.items()},
-    # a method label's own parenthesis ("exact influence (small models)") would nest in this one
-    **{f"self_influence:{name}": f"Self-influence ({method.label.split(' (')[0]})"
-       for name, method in METHODS.items() if method.has_self_influence},
-    "loss": "Loss at chosen checkpoints",
-    "loss_avg": "Mean loss over checkpoints",
-    "margin_avg": "Mean margin over checkpoints",
-    "cleanlab": "Confident learning (cleanlab, cross-validated)",
-}
-"""Every mislabel ranking's name for people (RANKINGS says what it measures)."""
+def declared_ranking(name: str) -> "Ranking":
+    """The declaration of a ranking, or a SettingsError listing the rankings there are."""
+    if name not in RANKINGS:
+        raise SettingsError(f"unknown ranking {name!r}; choose one of {', '.join(RANKINGS)}")
+    return RANKINGS[name]
 
 
 def ranking_label(name: str) -> str:
     """A ranking's name for people: "Self-influence (TRAK)" for "self_influence:trak"."""
-    if name not in RANKING_LABELS:
-        raise SettingsError(f"unknown ranking {name!r}; choose one of {', '.join(RANKINGS)}")
-    return RANKING_LABELS[name]
+    return declared_ranking(name).label
 
 
 def rankings_for(run: Run) -> dict[str, str]:
     """The rankings a run supports: name -> description.
 
-    RANKINGS less the self-influence of methods that cannot attribute the run, and less the
-    dynamics rankings where the run has no record of per-example losses (missing_dynamics).
+    RANKINGS less those whose attribution method cannot attribute the run, and less those that read
+    the training record where the run has no record of per-example losses (missing_dynamics).
     """
     dynamic = missing_dynamics(run) is None
-    return {name: text for name, text in RANKINGS.items()
-            if (dynamic or name not in DYNAMICS_RANKINGS)
-            and ((method := _self_influence_method(name)) is None or METHODS[method].unsupported_reason(run) is None)}
+    return {name: ranking.description for name, ranking in RANKINGS.items()
+            if (dynamic or not ranking.needs_record)
+            and (ranking.method is None or METHODS[ranking.method].unsupported_reason(run) is None)}
 
 
 def missing_dynamics(run: Run) -> str | None:
@@ -101,7 +85,7 @@ def default_ranking(run: Run) -> tuple[str, str | None]:
     reason = missing_dynamics(run)
     if reason is None:
         return "dynamics", None
-    return FALLBACK_RANKING, f"{reason}. Ranking by {FALLBACK_RANKING} ({RANKINGS[FALLBACK_RANKING]}) instead."
+    return FALLBACK_RANKING, f"{reason}. Ranking by {FALLBACK_RANKING} ({RANKINGS[FALLBACK_RANKING].description}) instead."
 
 
 @dataclass
@@ -133,18 +117,12 @@ class MislabelRanking:
         return int(self.suggested_labels[index])
 
 
-def _self_influence_method(ranking: str) -> str | None:
-    return ranking.split(":", 1)[1] if ranking.startswith("self_influence:") else None
-
-
 def ranking_checkpoints(run: Run, ranking: str, checkpoints: list[int] | None) -> list[int]:
-    """The checkpoints a ranking uses: the caller's (sorted, negatives from the end) or its default."""
-    n = len(run.checkpoints)
-    if ranking == "cleanlab" or ranking in DYNAMICS_RANKINGS:
+    """The checkpoints a ranking uses: the caller's (sorted, negatives from the end) or its default; none for one that reads none."""
+    default = declared_ranking(ranking).checkpoints
+    if default is None:
         return []
-    method = _self_influence_method(ranking)
-    default = METHODS[method].default_checkpoints(n) if method else ([n - 1] if ranking == "loss" else list(range(n)))
-    return run.resolve_checkpoints(checkpoints, default)
+    return run.resolve_checkpoints(checkpoints, default(len(run.checkpoints)))
 
 
 @torch.no_grad()
@@ -196,28 +174,120 @@ def label_quality_scores(labels: np.ndarray, probabilities: np.ndarray, **option
     return get_label_quality_scores(labels, probabilities, **options)
 
 
-def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int,
-             progress: ProgressFn) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores (N,), suggested labels (N,) or None) of one ranking."""
-    train_set, _ = run.datasets()
-    if ranking in DYNAMICS_RANKINGS:
-        scores = (combined(run.record, len(train_set)) if ranking == "dynamics"
-                  else signal_scores(run.record, len(train_set), ranking))
+RankingCompute = Callable[[Run, list[int], Task, int, ProgressFn], tuple[np.ndarray, np.ndarray | None]]
+"""compute(run, checkpoints, task, folds, progress) -> (scores (N,), higher = more suspicious; suggested labels (N,) or None)."""
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One mislabel ranking, declared once: what every consumer (the CLI, the app, its job, the store) reads about it."""
+
+    name: str
+    """The key everywhere: `tdx mislabels --ranking`, the page's URL, stored manifests."""
+    label: str
+    """How a page names it."""
+    description: str
+    """What it measures, in one line."""
+    compute: RankingCompute
+    checkpoints: Callable[[int], list[int]] | None = None
+    """The checkpoints it uses by default, of n_checkpoints; None: it reads no checkpoint (a caller's choice is ignored)."""
+    needs_record: bool = False
+    """It reads the training record's per-example losses (a run without them cannot use it; the record's settings key it)."""
+    method: str | None = None
+    """The attribution method it needs (a run that method cannot attribute cannot use it)."""
+    folds: bool = False
+    """It retrains k folds: their number is part of its stored key."""
+
+
+def _last(n_checkpoints: int) -> list[int]:
+    return [n_checkpoints - 1]
+
+
+def _every(n_checkpoints: int) -> list[int]:
+    return list(range(n_checkpoints))
+
+
+def _dynamics_scores(signal: str | None) -> RankingCompute:
+    """A record's signal (None: their combination), suggesting the earliest checkpoint's prediction (see MislabelRanking)."""
+
+    def compute(run: Run, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+        train_set, _ = run.datasets()
+        scores = combined(run.record, len(train_set)) if signal is None else signal_scores(run.record, len(train_set), signal)
         earliest = model_probabilities(run.load_model(0), task, train_set.x)  # one pass: only the probabilities are needed
         progress(1, 1)
         return scores, earliest.argmax(1)
-    if ranking == "cleanlab":
-        probabilities = cross_validated_probabilities(run, task, folds=folds, progress=progress)
-        quality = label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
-        return 1.0 - quality, probabilities.argmax(1)
-    method = _self_influence_method(ranking)
-    losses, margins, probabilities = checkpoint_outputs(run, checkpoints, task, progress=progress if method is None else no_progress)
-    suggested = probabilities.mean(0).argmax(1)
-    if method is not None:
-        return np.asarray(self_influence(run, method, checkpoints=checkpoints, progress=progress, task=task), dtype=np.float64), suggested
-    if ranking == "margin_avg":
-        return -margins.mean(0).astype(np.float64), suggested
-    return losses.mean(0).astype(np.float64), suggested
+
+    return compute
+
+
+def _self_influence_scores(method: str) -> RankingCompute:
+    """Self-influence under an attribution method, suggesting the chosen checkpoints' mean prediction."""
+
+    def compute(run: Run, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+        _, _, probabilities = checkpoint_outputs(run, checkpoints, task)
+        scores = self_influence(run, method, checkpoints=checkpoints, progress=progress, task=task)
+        return np.asarray(scores, dtype=np.float64), probabilities.mean(0).argmax(1)
+
+    return compute
+
+
+def _mean_loss(run: Run, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+    """The training loss averaged over the checkpoints, suggesting their mean prediction."""
+    losses, _, probabilities = checkpoint_outputs(run, checkpoints, task, progress=progress)
+    return losses.mean(0).astype(np.float64), probabilities.mean(0).argmax(1)
+
+
+def _mean_negative_margin(run: Run, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+    """Minus the measurement (the correct-class margin) averaged over the checkpoints, suggesting their mean prediction."""
+    _, margins, probabilities = checkpoint_outputs(run, checkpoints, task, progress=progress)
+    return -margins.mean(0).astype(np.float64), probabilities.mean(0).argmax(1)
+
+
+def _cleanlab(run: Run, checkpoints: list[int], task: Task, folds: int, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+    """1 − cleanlab's self-confidence on k-fold out-of-sample probabilities, suggesting their most probable class."""
+    train_set, _ = run.datasets()
+    probabilities = cross_validated_probabilities(run, task, folds=folds, progress=progress)
+    quality = label_quality_scores(train_set.y.numpy(), probabilities, method="self_confidence")
+    return 1.0 - quality, probabilities.argmax(1)
+
+
+def _declared_rankings() -> list[Ranking]:
+    """Every ranking, in the order the CLI and the app list them (the record's first: the default where a run has one)."""
+    combined_of = " and ".join(SIGNALS[name].label[0].lower() + SIGNALS[name].label[1:] for name in COMBINED)
+    return [
+        Ranking("dynamics", "Training dynamics (early loss and margin)",
+                f"rank average of {combined_of}: what the training record says before the model memorises (default)",
+                _dynamics_scores(None), needs_record=True),
+        *(Ranking(name, signal.label, signal.description, _dynamics_scores(name), needs_record=True)
+          for name, signal in SIGNALS.items()),
+        # a method label's own parenthesis ("exact influence (small models)") would nest in the ranking's
+        *(Ranking(f"self_influence:{name}", f"Self-influence ({method.label.split(' (')[0]})",
+                  f"self-influence τ(z, z) of {method.label}: examples only their own gradient explains",
+                  _self_influence_scores(name), checkpoints=method.default_checkpoints, method=name)
+          for name, method in METHODS.items() if method.has_self_influence),
+        Ranking("loss", "Loss at chosen checkpoints", "training loss at the chosen checkpoints (default: the last)",
+                _mean_loss, checkpoints=_last),
+        Ranking("loss_avg", "Mean loss over checkpoints",
+                "training loss averaged over the chosen checkpoints (default: all; AUM-style)", _mean_loss, checkpoints=_every),
+        Ranking("margin_avg", "Mean margin over checkpoints",
+                "minus the correct-class margin averaged over the chosen checkpoints (default: all)", _mean_negative_margin,
+                checkpoints=_every),
+        Ranking("cleanlab", "Confident learning (cleanlab, cross-validated)",
+                "confident learning (cleanlab self-confidence) on k-fold cross-validated probabilities", _cleanlab, folds=True),
+    ]
+
+
+RANKINGS: dict[str, Ranking] = {ranking.name: ranking for ranking in _declared_rankings()}
+"""Every mislabel ranking by name, as declared."""
+
+DYNAMICS_RANKINGS: tuple[str, ...] = tuple(name for name, ranking in RANKINGS.items() if ranking.needs_record)
+"""The rankings read from the training record alone (no model is run but the earliest, for its suggestions)."""
+
+
+def _compute(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int,
+             progress: ProgressFn) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores (N,), suggested labels (N,) or None) of one ranking, by its declared compute function."""
+    return RANKINGS[ranking].compute(run, checkpoints, task, folds, progress)
 
 
 def rank_mislabels(
@@ -230,11 +300,10 @@ def rank_mislabels(
     folds: int = 5,
 ) -> MislabelRanking:
     """A run's training set ranked by one of RANKINGS (under the task's loss and measurement), computed once and then loaded."""
-    if ranking not in RANKINGS:
-        raise SettingsError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    declared = declared_ranking(ranking)
     if folds < 2:
         raise SettingsError(f"folds={folds}: cross-validation needs at least 2 folds")
-    if ranking in DYNAMICS_RANKINGS and (missing := missing_dynamics(run)) is not None:
+    if declared.needs_record and (missing := missing_dynamics(run)) is not None:
         raise SettingsError(f"ranking {ranking!r} reads the training record, but {missing}; "
                             f"or rank by the checkpoints instead ({FALLBACK_RANKING}, cleanlab, self-influence)")
     checkpoints, task = ranking_checkpoints(run, ranking, checkpoints), task or Task()
@@ -260,9 +329,10 @@ def stored_ranking(run: Run, ranking: str, *, checkpoints: list[int] | None = No
 
 
 def _ranking_artifact(run: Run, ranking: str, checkpoints: list[int], task: Task, folds: int) -> Artifact:
+    declared = declared_ranking(ranking)
     # the dynamics rankings' settings are in their key, so that a change to them is not answered by a stale ranking
-    dynamic = {"dynamics": dynamics_settings(), "suggested": "earliest checkpoint"} if ranking in DYNAMICS_RANKINGS else {}
-    return run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if ranking == "cleanlab" else None,
+    dynamic = {"dynamics": dynamics_settings(), "suggested": "earliest checkpoint"} if declared.needs_record else {}
+    return run.artifact("mislabels", ranking=ranking, checkpoints=checkpoints, folds=folds if declared.folds else None,
                         task=task.key(), **dynamic)
 
 

@@ -5,6 +5,13 @@ own atomic, resumable artifacts), `load` returns the stored result or None. A pa
 first and submits a job only on None, so a result is computed once, whoever asked and whenever.
 Parameters hold the default Task only (the app's): custom tasks are for the API, which calls the
 core directly.
+
+Adding a job kind: its `run` and `load` functions, one `JobKind(...)` in KINDS (its name, the two
+functions, the hint a page shows while it runs, whether it is resumable or makes a new run), and a
+`<kind>_job(run, ...) -> JobSpec` builder for the callers; then its test. Nothing else: the workers
+(worker.py), `tdx jobs` and the app's progress panels (app/components/jobs.py) read KINDS, and
+tests/test_extensions.py declares a kind and checks that they do. A renamed kind keeps its former
+name in FORMER_NAMES, since jobs.sqlite stores kinds by name.
 """
 from __future__ import annotations
 
@@ -15,14 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import attribute as attribute_scores
-from ..api import prepare, resolve_device, state_artifact, stored_scores
+from ..api import prepare, resolve_device, stored_scores
+from ..artifacts import state_artifact
 from ..data import DataSpec
 from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
 from ..evaluation.lds import LdsSettings, groundtruth, load_groundtruth
 from ..evaluation.mislabel import rank_mislabels, ranking_label, stored_ranking
 from ..evaluation.smoothness import smoothness, stored_smoothness
-from ..inspection import feature_index, map_layout, stored_feature_index, stored_map_layout
+from ..inspection import map_layout, representation_index, stored_map_layout, stored_representation_index
 from ..methods import method_class
 from ..models import ModelSpec
 from ..progress import ProgressFn
@@ -45,6 +53,8 @@ class JobKind:
     name: str
     run: Callable[[Any, Params, ProgressFn], None]
     load: Callable[[Any, Params], Any]
+    hint: str
+    """What to know while a job of this kind runs, shown under its progress bar on a page."""
     resumable: bool = False
     """True when the computation keeps its finished parts (a ground truth model by model): the worker may then stop it
     between progress reports to run a more urgent job first, and it continues where it stopped."""
@@ -103,8 +113,8 @@ def _layout(run: Run, params: Params, progress: ProgressFn) -> None:
     map_layout(run, int(params["checkpoint"]), progress=progress)
 
 
-def _features(run: Run, params: Params, progress: ProgressFn) -> None:
-    feature_index(run, int(params["checkpoint"]), progress=progress)
+def _representations(run: Run, params: Params, progress: ProgressFn) -> None:
+    representation_index(run, int(params["checkpoint"]), progress=progress)
 
 
 def _smoothness(run: Run, params: Params, progress: ProgressFn) -> None:
@@ -129,24 +139,42 @@ def _trained(workspace: Workspace, params: Params) -> Run | None:
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
-    JobKind("fit", _fit, _fitted),
-    JobKind("scores", _score, _scored),
-    JobKind("groundtruth", _groundtruth, lambda run, params: load_groundtruth(run, _lds_settings(params)), resumable=True),
-    JobKind("counterfactual", _counterfactual, _counterfactual_stored, resumable=True),
-    JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"]))),
-    JobKind("features", _features, lambda run, params: stored_feature_index(run, int(params["checkpoint"]))),
-    JobKind("smoothness", _smoothness, _smoothness_stored),
-    JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"])),
-    JobKind("train", _train, _trained, new_run=True),
+    JobKind("fit", _fit, _fitted, "The fit is done once per run, method and checkpoints; every query after it is quick."),
+    JobKind("scores", _score, _scored,
+            "Scores are stored per block of test samples: the neighbours of this sample open at once afterwards."),
+    JobKind("groundtruth", _groundtruth, lambda run, params: load_groundtruth(run, _lds_settings(params)),
+            "Fewer subsets are faster. Every finished retraining is kept: cancelling and starting again loses nothing.",
+            resumable=True),
+    JobKind("counterfactual", _counterfactual, _counterfactual_stored,
+            "Each removal is one retraining of the whole run. Finished retrainings are kept if you cancel.", resumable=True),
+    JobKind("layout", _layout, lambda run, params: stored_map_layout(run, int(params["checkpoint"])),
+            "The map is laid out once per run and checkpoint, then stored."),
+    JobKind("representations", _representations, lambda run, params: stored_representation_index(run, int(params["checkpoint"])),
+            "The training set's representations are computed once per run and checkpoint; every lookup after them is instant."),
+    JobKind("smoothness", _smoothness, _smoothness_stored, "Each removal is one replay of the recorded run."),
+    JobKind("ranking", _ranking, lambda run, params: stored_ranking(run, params["ranking"]),
+            "A ranking is computed once per run, then stored."),
+    JobKind("train", _train, _trained, "Training runs in the background; the run appears in the list when it is done.",
+            new_run=True),
 )}
 """Every kind of job by name."""
 
+FORMER_NAMES: dict[str, str] = {"features": "representations"}
+"""A kind's name before it was renamed -> its name now: jobs.sqlite keeps a job's kind by name, and a job queued under the
+former name runs (and loads) as the kind it was."""
+
+
+def find_kind(name: str) -> JobKind | None:
+    """The kind of a name (a former name too), or None when there is none (a job queued by another version of tdx)."""
+    return KINDS.get(FORMER_NAMES.get(name, name))
+
 
 def job_kind(name: str) -> JobKind:
-    """The kind of a name, or a SettingsError listing the kinds there are."""
-    if name not in KINDS:
-        raise SettingsError(f"unknown job kind {name!r}; kinds: {', '.join(KINDS)}")
-    return KINDS[name]
+    """The kind of a name (a former name too), or a SettingsError listing the kinds there are."""
+    kind = find_kind(name)
+    if kind is None:
+        raise SettingsError(f"unknown job kind {name!r} (queued by another version of tdx?); kinds: {', '.join(KINDS)}")
+    return kind
 
 
 def load_result(target: Run | Workspace, spec: JobSpec) -> Any:
@@ -155,7 +183,7 @@ def load_result(target: Run | Workspace, spec: JobSpec) -> Any:
 
 
 def _spec(run: Run, kind: str, params: dict[str, Any], title: str, priority: int) -> JobSpec:
-    return JobSpec(kind, run.run_id, run.created, params, title, priority)
+    return JobSpec(job_kind(kind).name, run.run_id, run.created, params, title, priority)
 
 
 def _resolved(run: Run, method: str, checkpoints: list[int] | None) -> list[int]:
@@ -165,7 +193,7 @@ def _resolved(run: Run, method: str, checkpoints: list[int] | None) -> list[int]
 
 
 def fit_job(run: Run, method: str, checkpoints: list[int] | None = None, *, priority: int = INTERACTIVE) -> JobSpec:
-    """Fit a method's train-side state (features, curvature) on the run."""
+    """Fit a method's train-side state (projected gradients, curvature) on the run."""
     label = method_class(method).label
     return _spec(run, "fit", {"method": method, "checkpoints": _resolved(run, method, checkpoints)},
                  f"{label}: fit on the training set", priority)
@@ -207,10 +235,10 @@ def layout_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> Job
     return _spec(run, "layout", {"checkpoint": index}, f"Map: laying out checkpoint {index} (UMAP)", priority)
 
 
-def features_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
-    """The unit-length penultimate features of a checkpoint that find-similar compares."""
+def representations_job(run: Run, checkpoint: int, *, priority: int = INTERACTIVE) -> JobSpec:
+    """The unit-length penultimate-layer representations of a checkpoint that find-similar compares."""
     index = run.checkpoint_index(checkpoint)
-    return _spec(run, "features", {"checkpoint": index}, f"Find similar: features of checkpoint {index}", priority)
+    return _spec(run, "representations", {"checkpoint": index}, f"Find similar: representations of checkpoint {index}", priority)
 
 
 def ranking_job(run: Run, ranking: str, *, priority: int = INTERACTIVE) -> JobSpec:

@@ -14,7 +14,7 @@ from ..inspection import query_order, test_probabilities
 from ..methods import METHODS
 from ..runs.run import Run
 from ..store import Workspace
-from .kinds import features_job, fit_job, groundtruth_job, layout_job, load_result, ranking_job, scores_job
+from .kinds import fit_job, groundtruth_job, layout_job, load_result, ranking_job, representations_job, scores_job
 from .queue import PREFETCH, Job, JobQueue, JobSpec
 
 QUERY_BLOCK = 32
@@ -77,7 +77,7 @@ def ready_jobs(run: Run, *, with_groundtruth: bool = False) -> list[JobSpec]:
              scores_job(run, method, first_block, priority=PREFETCH),
              layout_job(run, -1, priority=PREFETCH),
              ranking_job(run, default_ranking(run)[0], priority=PREFETCH),
-             features_job(run, -1, priority=PREFETCH)]  # Explore's find-similar
+             representations_job(run, -1, priority=PREFETCH)]  # Explore's find-similar
     # Compare shows the compared methods' proponents of the first query, and with a ground truth their LDS on the first queries.
     blocks = blocks_covering(LDS_QUERIES, len(test_set)) if with_groundtruth else [first_block]
     specs += [scores_job(run, compared, block, priority=PREFETCH) for compared in compared_methods(run) for block in blocks]

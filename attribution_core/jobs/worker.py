@@ -29,7 +29,7 @@ from ..api import prepare
 from ..errors import TdxError
 from ..runs.run import Run, load_run
 from ..store import Workspace
-from .kinds import fit_job, job_kind, load_result
+from .kinds import KINDS, find_kind, fit_job, job_kind, load_result
 from .queue import CANCELLED, DONE, FAILED, INTERACTIVE, PREFETCH, QUEUED, Job, JobQueue
 from .ready import default_method, queue_ready_jobs
 
@@ -108,7 +108,7 @@ class _Runs:
             run.datasets()
             method = default_method(run)
             if load_result(run, fit_job(run, method)) is not None:
-                prepare(run, method)  # the state stays loaded in this process (api's cache of fitted states)
+                prepare(run, method)  # the state stays loaded in this process (state_cache)
 
     def get(self, run_id: str, created: str) -> Run:
         run = self.cache.get(run_id)
@@ -125,7 +125,10 @@ def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fre
 
     A resumable job yields to a more urgent one that this worker would claim (max_priority, leave_fresh: JobQueue.claim).
     """
-    kind = job_kind(job.spec.kind)
+    kind = find_kind(job.spec.kind)
+    if kind is None:  # queued by another version of tdx: the job fails with a message, the worker goes on
+        queue.finish(job.key, FAILED, f"unknown job kind {job.spec.kind!r}: this version of tdx cannot run it; kinds: {', '.join(KINDS)}")
+        return FAILED
     last = {"report": 0.0}
 
     def progress(done: int, total: int) -> None:

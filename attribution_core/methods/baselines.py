@@ -2,7 +2,7 @@
 
 - Gradient dot: −∇f(z_q)ᵀ∇L(z_m), TracIn with the last checkpoint only and η = 1.
 - Gradient cosine: the same, divided by ‖∇f(z_q)‖ ‖∇L(z_m)‖ (norms always exact).
-- Representation similarity: cosine of penultimate-layer features, taken as the inputs of the
+- Representation similarity: cosine of penultimate-layer representations, taken as the inputs of the
   last tracked nn.Linear layer (or a named tracked layer) and captured by a forward hook.
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def representations(
 
 
 class RepresentationSimilarity(Method):
-    """Cosine similarity of penultimate-layer features at the final checkpoint."""
+    """Cosine similarity of penultimate-layer representations at the final checkpoint."""
 
     name = "repsim"
     label = "representation similarity"
@@ -135,20 +135,20 @@ class RepresentationSimilarity(Method):
             raise SettingsError(f"layer={self.settings.layer!r} is not a tracked layer; tracked: {list(modules)}")
         return modules[self.settings.layer]
 
-    def _features(self, inputs: AttributionInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _unit_representations(self, inputs: AttributionInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Unit-norm representations (n, d) at the final checkpoint, on the device."""
         model = inputs.models[-1]
         progress = Progress(inputs.progress, n_chunks(len(y), inputs.batch_size))
         chunks = batches(x, y, inputs.batch_size, inputs.device)
-        features = representations(model, inputs.task, self._module(model, inputs.task), chunks, progress.step)
-        return _divide_safely(features, features.norm(dim=1, keepdim=True))
+        rows = representations(model, inputs.task, self._module(model, inputs.task), chunks, progress.step)
+        return _divide_safely(rows, rows.norm(dim=1, keepdim=True))
 
     def fit(self, inputs: AttributionInputs) -> TrainState:
-        """'train_features': unit-norm train representations (N, d)."""
-        return {"train_features": self._features(inputs, inputs.train_view(inputs.models[-1]), inputs.train_y).cpu()}
+        """'train_features' (the stored state's name for them, kept so stored states still load): unit-norm train representations (N, d)."""
+        return {"train_features": self._unit_representations(inputs, inputs.train_view(inputs.models[-1]), inputs.train_y).cpu()}
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Cosine similarities (n_queries, n_train): similar examples count as proponents."""
         train_features = state_tensor(state, "train_features", inputs.device)
-        return (self._features(inputs, query_x, query_y) @ train_features.T).cpu()
+        return (self._unit_representations(inputs, query_x, query_y) @ train_features.T).cpu()
 

@@ -57,6 +57,7 @@ from ..numerics.projection import KroneckerProjector
 from ..progress import Progress, n_chunks
 from ..validation import check_settings
 from .base import Method
+from .kronecker_settings import fisher_field, k_field, kronecker_block_field, query_batch_size_field, seed_field
 
 CURVATURES = ("ekfac", "kfac")
 
@@ -72,11 +73,12 @@ class InfluenceSettings:
     curvature: str = field(default="ekfac", metadata={"help": "ekfac (eigenvalues refitted in the Kronecker eigenbasis, one more data pass) or kfac (products of the factors' eigenvalues)"})
     damping: float | None = field(default=None, metadata={"help": "λ added to every eigenvalue (> 0); None: damping_ratio × the layer's mean eigenvalue, per layer"})
     damping_ratio: float = field(default=1.0, metadata={"help": "with damping=None, λ per layer as a fraction of its mean eigenvalue (> 0); 1 beat the common 0.1 on every LDS benchmark here (B1 digits 0.540 vs 0.478, B2 0.318 vs 0.254 and 0.226 vs 0.192)"})
-    fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher and of the projection"})
-    query_batch_size: int | None = field(default=None, metadata={"help": "queries scored per pass over the training set (memory: this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
-    k: int | None = field(default=None, metadata={"help": "projected dimension; None: exact scores (each block of queries streams the training set); k: fit stores k-dim Kronecker projections of the rotated training gradients and scoring is one product (LoGra-style, approximate, far faster for many queries)"})
-    kronecker_block: int = field(default=4, metadata={"help": "with k: features per P_out ⊗ P_in block (as TRAK's)"})
+    fisher: str = fisher_field()
+    seed: int = seed_field()
+    query_batch_size: int | None = query_batch_size_field("queries scored per pass over the training set (memory: this × tracked parameters)")
+    k: int | None = k_field("each block of queries streams the training set", "the rotated training gradients and scoring is one product "
+                            "(LoGra-style, approximate, far faster for many queries)")
+    kronecker_block: int = kronecker_block_field()
 
     def __post_init__(self) -> None:
         check_settings(

@@ -91,6 +91,7 @@ from ..progress import Progress, n_chunks
 from ..runs.run import Run
 from ..validation import check_settings
 from .base import Method
+from .kronecker_settings import fisher_field, k_field, kronecker_block_field, query_batch_size_field, seed_field
 
 EigenFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -101,11 +102,13 @@ class SourceSettings:
 
     n_segments: int = field(default=3, metadata={"help": "segments L the checkpoints are split into, evenly within each training stage (ignored when segments is given)"})
     segments: list[tuple[int, int]] | None = field(default=None, metadata={"help": "explicit half-open checkpoint index ranges [(lo, hi), ...] tiling all checkpoints in order, none crossing a stage; None: the even split"})
-    fisher: str = field(default="true_fisher", metadata={"help": "true_fisher (labels sampled from the model: Gauss–Newton in expectation) or empirical (given labels)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled labels of the true Fisher and of the projection"})
-    query_batch_size: int | None = field(default=None, metadata={"help": "queries propagated per pass over the training set (memory: about 3 × this × tracked parameters); None: as many as 256 MiB of query vectors hold"})
-    k: int | None = field(default=None, metadata={"help": "projected dimension; None: exact scores (each block of queries streams the training set once per segment); k: fit stores k-dim Kronecker projections of each segment's rotated mean training gradients and scoring is one product per segment (LoGra-style, approximate)"})
-    kronecker_block: int = field(default=4, metadata={"help": "with k: features per P_out ⊗ P_in block (as TRAK's)"})
+    fisher: str = fisher_field()
+    seed: int = seed_field()
+    query_batch_size: int | None = query_batch_size_field(
+        "queries propagated per pass over the training set (memory: about 3 × this × tracked parameters)")
+    k: int | None = k_field("each block of queries streams the training set once per segment", "each segment's rotated mean training "
+                            "gradients and scoring is one product per segment (LoGra-style, approximate)")
+    kronecker_block: int = kronecker_block_field()
 
     def __post_init__(self) -> None:
         check_settings(

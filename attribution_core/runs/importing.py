@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..data import SOURCES, Dataset, DataSpec, load_dataset
+from ..data import DATA_SOURCES, Dataset, DataSpec, describe_sources, load_dataset
 from ..errors import CheckpointError, SettingsError
 from ..models import ModelSpec
 from ..store import Workspace, atomic_write_bytes, atomic_write_json, file_sha256, load_metadata, load_tensors
@@ -189,19 +189,21 @@ def _trajectory(checkpoint_steps: list[int], rates: list[float]) -> Trajectory:
 
 def add_import_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `tdx import RUN --model package.module:factory --checkpoints 'DIR/*.safetensors' --data SOURCE ...` to tdx's subcommands."""
-    parser = commands.add_parser("import", help="make a run of finished .safetensors checkpoints (no training record: approximate)")
-    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", "workspace"), help="workspace directory (default ./workspace)")
+    what = "make a run of finished .safetensors checkpoints (no training record: approximate)"
+    parser = commands.add_parser("import", help=what, description=what)
+    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", "workspace"), help="workspace directory (default: $TDX_WORKSPACE, else ./workspace)")
     parser.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
     parser.add_argument("--model", required=True, help="the factory that builds the architecture: package.module:factory (or mlp, cnn, resnet9)")
     parser.add_argument("--options", default="{}", help="the factory's keyword options as JSON, e.g. '{\"hidden\": [128]}'")
     parser.add_argument("--checkpoints", required=True, nargs="+",
                         help="the .safetensors files in training order, or a quoted pattern like 'DIR/*.safetensors'")
-    parser.add_argument("--data", required=True, choices=SOURCES, help="the data the model was trained on")
-    parser.add_argument("--data-path", default=None, help="file or folder for fashion_mnist / npz / image_folder")
+    parser.add_argument("--data", required=True, choices=list(DATA_SOURCES), help=f"the data the model was trained on: {describe_sources()}")
+    parser.add_argument("--data-path", default=None,
+                        help="file or folder for fashion_mnist / npz / image_folder (default: the source's own, if it has one)")
     parser.add_argument("--test-size", type=float, default=0.2, help="test split as in training: a fraction, or a count (>= 1)")
     parser.add_argument("--split-seed", type=int, default=0, help="split seed as in training")
-    parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--max-test", type=int, default=None)
+    parser.add_argument("--max-train", type=int, default=None, help="as in training: training examples kept (default: all)")
+    parser.add_argument("--max-test", type=int, default=None, help="as in training: test examples kept (default: all)")
     parser.add_argument("--lr", type=float, nargs="+", default=None,
                         help="learning rate at each checkpoint (one for all); default: checkpoints weigh equally")
     parser.add_argument("--steps", type=int, nargs="+", default=None,

@@ -1,18 +1,24 @@
 """The app as a user drives it in Chromium: explore a misprediction, flag a proponent, reload, review, compare, map."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
 
+from attribution_core.inspection import stored_map_layout
 from attribution_core.runs.run import load_run
 
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
 
 TIMEOUT_MS = 120_000
+FIRST_MAP_MS = 420_000
+"""The first map of a server waits for its UMAP layout job: numba compiles UMAP in the worker first (about a minute alone,
+several on a loaded machine; test_review_mislabels.py waits as long)."""
 MAX_SCREENSHOT_HEIGHT = 4000
 
 
@@ -134,21 +140,50 @@ def test_runs_page_shows_the_training_timeline(page, app_url, screenshots: Path)
     screenshot(page, screenshots / "runs.png")
 
 
-def test_map_selection_shows_the_selected_examples(page, app_url, screenshots: Path):
+MAX_SELECTION_SHOWN = 32
+"""The most selected training examples the Map's grid shows (views/map.py, which runs its page when imported)."""
+
+LASSO = ((0.05, 0.05), (0.45, 0.05), (0.45, 0.95), (0.05, 0.95), (0.05, 0.06))
+"""The lasso drawn on the Map, as fractions of the plot area from its top left: about the rectangle [0.05, 0.45] x [0.05, 0.95]."""
+
+AXIS_RANGES = """() => { const plot = document.querySelector('.st-key-map_chart .js-plotly-plot');
+    return [plot._fullLayout.xaxis.range, plot._fullLayout.yaxis.range]; }"""
+"""The data ranges the Map's plot area spans, [[x0, x1], [y0, y1]]."""
+
+
+def lassoed(positions: np.ndarray, ranges, margin: float) -> np.ndarray:
+    """(n,) bool: which points (n, 2) lie inside LASSO's rectangle grown by margin (a fraction of the plot area; negative shrinks)."""
+    (x0, x1), (y0, y1) = ranges
+    across, down = (positions[:, 0] - x0) / (x1 - x0), (y1 - positions[:, 1]) / (y1 - y0)
+    return (0.05 - margin < across) & (across < 0.45 + margin) & (0.05 - margin < down) & (down < 0.95 + margin)
+
+
+def test_map_selection_shows_the_examples_inside_the_lasso(page, app_url, browser_workspace, screenshots: Path):
     page.goto(f"{app_url}/map?run=fmnist-noisy")
     chart = page.locator(".st-key-map_chart")
-    chart.locator(".scatterlayer .point").first.wait_for(timeout=TIMEOUT_MS)
+    chart.locator(".scatterlayer .point").first.wait_for(timeout=FIRST_MAP_MS)
     settle(page)
     box = chart.locator(".nsewdrag").first.bounding_box()
     left, top, width, height = box["x"], box["y"], box["width"], box["height"]
-    page.mouse.move(left + 0.05 * width, top + 0.05 * height)
+    page.mouse.move(left + LASSO[0][0] * width, top + LASSO[0][1] * height)
     page.mouse.down()
-    for x, y in ((0.45, 0.05), (0.45, 0.95), (0.05, 0.95), (0.05, 0.06)):
+    for x, y in LASSO[1:]:
         page.mouse.move(left + x * width, top + y * height, steps=8)
     page.mouse.up()
-    page.get_by_text("Selection:").first.wait_for(timeout=TIMEOUT_MS)  # a rerun may briefly show the old and new line
+    line = page.get_by_text(re.compile(r"Selection: \d+ training examples, \d+ test samples")).first
+    line.wait_for(timeout=TIMEOUT_MS)  # a rerun may briefly show the old and new line
     page.locator("[data-testid=stImage] img").first.wait_for(timeout=TIMEOUT_MS)
     settle(page)
+    n_train, n_test = map(int, re.search(r"Selection: (\d+) training examples, (\d+) test samples", line.inner_text()).groups())
+    layout = stored_map_layout(load_run(browser_workspace, "fmnist-noisy"))  # the map the page drew (the last checkpoint's)
+    ranges = page.evaluate(AXIS_RANGES)
+    # points within a hundredth of the lasso's edge may fall either way: inside it must be selected, beyond it must not
+    sure_train, maybe_train = (np.flatnonzero(lassoed(layout.train, ranges, margin)) for margin in (-0.01, 0.01))
+    sure_test, maybe_test = (np.flatnonzero(lassoed(layout.test, ranges, margin)) for margin in (-0.01, 0.01))
+    assert 0 < len(sure_train) <= n_train <= len(maybe_train) and len(sure_test) <= n_test <= len(maybe_test)
+    shown = sorted(int(key.removeprefix("map_selection_")) for key in keys(page, "map_selection_"))
+    assert len(shown) == min(n_train, MAX_SELECTION_SHOWN) and set(shown) <= set(maybe_train)
+    assert set(sure_train[sure_train <= shown[-1]]) <= set(shown), "the grid shows the selection's first examples by index"
     screenshot(page, screenshots / "map.png")
 
 

@@ -30,7 +30,7 @@ TIMEOUT_MS = 180_000
 @pytest.fixture
 def fresh_workspace(demo_workspace, tmp_path) -> Workspace:
     """A copy of the tiny demo with nothing computed, and the jobs `tdx demo` queues for the first pages."""
-    shutil.copytree(demo_workspace.root, tmp_path / "workspace", ignore=shutil.ignore_patterns("features", "scores", "groundtruth",
+    shutil.copytree(demo_workspace.root, tmp_path / "workspace", ignore=shutil.ignore_patterns("states", "scores", "groundtruth",
                                                                                                "layouts", "mislabels", "self_influence",
                                                                                                "counterfactual", "jobs*"))
     workspace = Workspace(tmp_path / "workspace")

@@ -1,0 +1,32 @@
+"""Driving the app headless with Streamlit's AppTest, shared by the page tests (a plain module, not a test module)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
+TIMEOUT = 120
+
+
+def open_app(page: str | None = None, **query_params: str) -> AppTest:
+    """A fresh session of the app (like a new browser tab) on a page, with URL query parameters; it must raise nothing."""
+    app = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT)
+    app.query_params.update(query_params)
+    app.run()
+    if page is not None:
+        app.switch_page(f"views/{page}.py").run()
+    assert not app.exception, [exception.message for exception in app.exception]
+    return app
+
+
+def texts(app: AppTest) -> str:
+    """Every markdown, caption, subheader, alert and progress-bar text of the page, joined."""
+    parts = [element.value for kind in ("markdown", "caption", "subheader", "title", "info", "error", "warning", "success")
+             for element in getattr(app, kind)] + [bar.proto.text for bar in app.get("progress")]
+    return "\n".join(str(part) for part in parts)
+
+
+def button_keys(app: AppTest, prefix: str) -> list[str]:
+    """Keys of the page's buttons that start with prefix, in page order."""
+    return [button.key for button in app.button if button.key and button.key.startswith(prefix)]
