@@ -1,13 +1,21 @@
 """Errors a user can act on: each names the file or value at fault and what to do."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class TdxError(Exception):
     """Base class of every error tda-explorer raises on purpose."""
 
+    retryable: ClassVar[bool] = True
+    """Whether the same call may succeed later with the same inputs (after space is freed, consent given, a file
+    restored, the user's code fixed); False where only other inputs can help, so a page offers no 'Try again'."""
+
 
 class DataError(TdxError):
     """A data source is missing, malformed or inconsistent."""
+
+    retryable = False
 
 
 class CheckpointError(TdxError):
@@ -23,4 +31,6 @@ class WorkspaceError(TdxError):
 
 
 class SettingsError(TdxError, ValueError):
-    """A settings field holds a value the method cannot use."""
+    """A settings field holds a value the method cannot use (or a run cannot do what is asked of it)."""
+
+    retryable = False

@@ -75,6 +75,16 @@ def test_a_failed_job_says_why_and_offers_to_try_again(workspace):
     assert panel_buttons(app, "again_") == [f"again_{job.key}"]
 
 
+def test_a_job_that_would_fail_again_offers_no_try_again(workspace):
+    open_app(run="fmnist-mlp-early", method="graddot", query="3")
+    queue = JobQueue(workspace.root)
+    (job,) = queue.jobs()
+    queue.finish(job.key, FAILED, "run 'x' was recorded from a plain loop, which tdx cannot call again", retryable=False)
+    app = open_app(run="fmnist-mlp-early", method="graddot", query="3")
+    assert any("failed: run 'x' was recorded from a plain loop" in error.value for error in app.error)
+    assert panel_buttons(app, "again_") == []
+
+
 def test_compare_queues_the_ground_truth_only_when_asked_and_shows_its_progress(workspace):
     app = open_app("compare", run="fmnist-mlp-early")
     queue = JobQueue(workspace.root)

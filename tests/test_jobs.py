@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from attribution_core.api import attribute, stored_scores
-from attribution_core.errors import SettingsError
+from attribution_core.errors import SettingsError, WorkspaceError
 from attribution_core.evaluation.lds import LdsSettings, groundtruth_status, load_groundtruth
 from attribution_core.jobs import kinds
 from attribution_core.jobs.kinds import JobKind, fit_job, groundtruth_job, load_result, representations_job, scores_job
@@ -178,6 +179,33 @@ def test_a_failing_job_keeps_its_message_and_the_worker_goes_on(monkeypatch, tmp
     work(tmp_path, "background", until_empty=True)
     failed = queue.get(job.key)
     assert (failed.state, failed.error) == (FAILED, "k=0 removes nothing")
+    assert not failed.retryable  # the same settings fail the same way: a page offers no 'Try again'
+
+
+@pytest.mark.parametrize("error", [WorkspaceError("disk full while writing x: free space and run again"), ZeroDivisionError("bug")])
+def test_a_job_that_may_succeed_later_stays_retryable(monkeypatch, tmp_path, queue, error):
+    fake_kinds(monkeypatch, [], fail=error)
+    job = queue.submit(spec())
+    work(tmp_path, "background", until_empty=True)
+    assert queue.get(job.key).state == FAILED and queue.get(job.key).retryable
+
+
+def test_a_queue_made_before_failures_said_whether_to_retry_opens_and_gains_the_column(tmp_path):
+    with sqlite3.connect(tmp_path / "jobs.sqlite") as connection:  # the table as it was, without `retryable`
+        connection.executescript(OLD_SCHEMA)
+        connection.execute("INSERT INTO jobs (key, kind, run_id, run_created, params, title, priority, state, submitted, error) "
+                           "VALUES ('k', 'fit', 'r', '', '{}', 'old', 1, 'failed', 0, 'it failed')")
+    (old,) = JobQueue(tmp_path).jobs()
+    assert old.state == FAILED and old.error == "it failed" and old.retryable
+
+
+OLD_SCHEMA = """
+CREATE TABLE jobs (key TEXT PRIMARY KEY, kind TEXT NOT NULL, run_id TEXT NOT NULL, run_created TEXT NOT NULL, params TEXT NOT NULL,
+    title TEXT NOT NULL, priority INTEGER NOT NULL, state TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0, submitted REAL NOT NULL, started REAL, finished REAL, heartbeat REAL, worker_pid INTEGER,
+    cancel INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, error TEXT);
+"""
+"""jobs.sqlite's table before failures said whether a retry may succeed."""
 
 
 def test_a_bug_in_a_job_is_reported_as_an_internal_error(monkeypatch, tmp_path, queue):

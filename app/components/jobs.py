@@ -157,10 +157,12 @@ def _progress_panel(key: str) -> None:
 
 
 def _stopped_panel(job: Job) -> None:
-    """A failed or cancelled job: why, and a button to run it again."""
+    """A failed or cancelled job: why, and a button to run it again where that may succeed."""
     with st.container(border=True, key=f"job_{job.key}"):
         if job.state == FAILED:
             st.error(f"**{job.spec.title}** failed: {job.error}", icon=":material/error:")
+            if not job.retryable:  # the same job would fail the same way: only other inputs can help
+                return
         else:
             done = f" ({job.done} of {job.total} done, kept)" if job.done else ""
             st.info(f"**{job.spec.title}** was cancelled{done}.", icon=":material/stop_circle:")

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_pid INTEGER,
     cancel INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    retryable INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (state, priority, submitted);
 """
@@ -103,6 +104,8 @@ class Job:
     cancel_requested: bool
     attempts: int
     error: str | None
+    retryable: bool = True
+    """For a failed job: whether running it again may succeed (errors.TdxError.retryable of what it raised)."""
 
     @property
     def fraction(self) -> float:
@@ -139,6 +142,7 @@ class JobQueue:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA busy_timeout=30000")
             connection.executescript(_SCHEMA)
+            _add_missing_columns(connection)
             yield connection
         finally:
             connection.close()
@@ -238,13 +242,13 @@ class JobQueue:
                                      (*_claimable(max_priority, leave_fresh, time.time()), priority)).fetchone()
         return row is not None
 
-    def finish(self, key: str, state: str, error: str | None = None) -> None:
-        """End a running job: done, failed (with the message a user reads) or cancelled."""
+    def finish(self, key: str, state: str, error: str | None = None, *, retryable: bool = True) -> None:
+        """End a running job: done, failed (with the message a user reads, and whether a retry may succeed) or cancelled."""
         if state not in FINISHED:
             raise ValueError(f"not a finished state: {state}")
         with self._connect() as connection:
-            connection.execute("UPDATE jobs SET state = ?, finished = ?, error = ?, worker_pid = NULL WHERE key = ?",
-                               (state, time.time(), error, key))
+            connection.execute("UPDATE jobs SET state = ?, finished = ?, error = ?, retryable = ?, worker_pid = NULL WHERE key = ?",
+                               (state, time.time(), error, int(retryable), key))
 
     def requeue(self, key: str) -> None:
         """Put a running job back in the queue (its worker stops, or yields to a more urgent job); what it stored is kept."""
@@ -301,7 +305,19 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
+_ADDED_COLUMNS = {"retryable": "INTEGER NOT NULL DEFAULT 1"}
+"""Columns added after the table was first created: a jobs.sqlite made before them gets them on its next open."""
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    present = {row["name"] for row in connection.execute("PRAGMA table_info(jobs)")}
+    for name, declaration in _ADDED_COLUMNS.items():
+        if name not in present:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+                connection.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+
+
 def _job(row: sqlite3.Row) -> Job:
     spec = JobSpec(row["kind"], row["run_id"], row["run_created"], json.loads(row["params"]), row["title"], row["priority"])
     return Job(row["key"], spec, row["state"], row["done"], row["total"], row["submitted"], row["started"], row["finished"],
-               row["heartbeat"], row["worker_pid"], bool(row["cancel"]), row["attempts"], row["error"])
+               row["heartbeat"], row["worker_pid"], bool(row["cancel"]), row["attempts"], row["error"], bool(row["retryable"]))

@@ -152,7 +152,7 @@ def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fre
             queue.finish(job.key, CANCELLED)
         return stop.state
     except TdxError as exc:
-        queue.finish(job.key, FAILED, str(exc))
+        queue.finish(job.key, FAILED, str(exc), retryable=exc.retryable)
         return FAILED
     except Exception as exc:  # noqa: BLE001 (a bug in one job must not end the worker; its message reaches the page)
         traceback.print_exc()
