@@ -406,40 +406,64 @@ def test_a_function_path_that_does_not_import_is_named_and_nothing_is_written(tm
 # --- consent before a run's code is imported ---------------------------------------------------------------------------
 
 
-@pytest.mark.badinput
-def test_a_run_naming_code_the_user_has_not_trusted_imports_nothing_before_consent(tmp_path, monkeypatch):
+STRANGERS_LOOP = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    def factory(input_shape, n_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, n_classes))
+
+    def train(session):
+        optimizer = torch.optim.SGD(session.model.parameters(), lr=0.1)
+        for batch in session.batches(40):
+            losses = F.cross_entropy(session.model(batch.x), batch.y, reduction="none")
+            optimizer.zero_grad()
+            batch.loss(losses).backward()
+            optimizer.step()
+            session.step(optimizer, batch, losses)
+        session.checkpoint()
+''')
+"""Someone else's loop, in a module outside the project and the installed packages."""
+
+
+@pytest.fixture
+def strangers_run(tmp_path, monkeypatch) -> Run:
+    """A run recorded with someone else's code, then opened by another user (another consent folder), nothing imported yet."""
     package = tmp_path / "their_code"
     package.mkdir()
-    (package / "strangers_loop.py").write_text(textwrap.dedent('''
-        import torch
-        from torch import nn
-        from torch.nn import functional as F
-
-        def factory(input_shape, n_classes):
-            return nn.Sequential(nn.Flatten(), nn.Linear(64, n_classes))
-
-        def train(session):
-            optimizer = torch.optim.SGD(session.model.parameters(), lr=0.1)
-            for batch in session.batches(40):
-                losses = F.cross_entropy(session.model(batch.x), batch.y, reduction="none")
-                optimizer.zero_grad()
-                batch.loss(losses).backward()
-                optimizer.step()
-                session.step(optimizer, batch, losses)
-    '''))
+    (package / "strangers_loop.py").write_text(STRANGERS_LOOP)
     monkeypatch.syspath_prepend(str(package))
     workspace = Workspace(tmp_path / "ws")
     record_run(workspace, "theirs", "strangers_loop:train", data=DIGITS, model="strangers_loop:factory")
-    monkeypatch.setenv("TDX_CONFIG_DIR", str(tmp_path / "another_users_config"))  # the workspace opened by someone else
+    monkeypatch.setenv("TDX_CONFIG_DIR", str(tmp_path / "another_users_config"))
     monkeypatch.delitem(sys.modules, "strangers_loop")
-    theirs = load_run(workspace, "theirs")
+    return load_run(workspace, "theirs")
+
+
+@pytest.mark.badinput
+def test_a_run_naming_code_the_user_has_not_trusted_imports_nothing_before_consent(strangers_run):
     with pytest.raises(UntrustedCodeError, match=r"strangers_loop \(from .*strangers_loop.py\).*tdx trust theirs"):
-        theirs.load_model(-1)
+        strangers_run.load_model(-1)
     with pytest.raises(UntrustedCodeError):
-        retrain(theirs)
+        retrain(strangers_run)
     assert "strangers_loop" not in sys.modules  # nothing was imported
-    trust(theirs.code(), workspace.root)
-    assert theirs.load_model(-1) is not None and "strangers_loop" in sys.modules
+    trust(strangers_run.code(), strangers_run.workspace.root)
+    assert strangers_run.load_model(-1) is not None and "strangers_loop" in sys.modules
+
+
+@pytest.mark.badinput
+def test_the_app_lists_untrusted_code_and_opens_the_run_only_after_consent(strangers_run, monkeypatch):
+    monkeypatch.setenv("TDX_WORKSPACE", str(strangers_run.workspace.root))
+    app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    app.query_params.update(run="theirs")
+    app.run()
+    assert not app.exception, [exception.message for exception in app.exception]
+    assert any("imports code that is neither installed nor part of tda-explorer" in warning.value for warning in app.warning)
+    assert list(app.dataframe[0].value["module"]) == ["strangers_loop"] and "strangers_loop" not in sys.modules
+    app.button(key="trust_code").click().run()
+    assert not any("imports code" in warning.value for warning in app.warning)
+    assert "strangers_loop" in sys.modules  # the page went on to open the run
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from attribution_core.jobs.ready import blocks_covering, offered_methods, query_
 from attribution_core.runs.run import Run, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
+from attribution_core.trust import trust, untrusted
 
 from .context import current_run_id, workspace_root
 from .jobs import job_result
@@ -82,7 +83,22 @@ def require_run() -> Run:
     run = call_or_report(load_run_cached, run_id)
     if run is None or call_or_report(run.datasets) is None:
         st.stop()
+    ask_consent_to_its_code(run)
     return run
+
+
+def ask_consent_to_its_code(run: Run) -> None:
+    """Stop the page, importing nothing, while the run names code the user has not agreed to run: list it, offer consent."""
+    needed = untrusted(run.code(), run.workspace.root)
+    if not needed:
+        return
+    st.warning(f"Run **{run.run_id}** imports code that is neither installed nor part of tda-explorer: opening, retraining and "
+               "replaying the run run it. Read it first; nothing of it has been imported.", icon=":material/gpp_maybe:")
+    st.dataframe(pd.DataFrame(needed, columns=["module", "file"]), hide_index=True)
+    st.button("Trust this code and open the run", key="trust_code", icon=":material/verified_user:",
+              on_click=trust, args=([module for module, _ in needed], run.workspace.root),
+              help="Remembered for this workspace (outside it, in tda-explorer's settings folder): `tdx trust` does the same")
+    st.stop()
 
 
 def list_runs_cached() -> list[Run]:
