@@ -209,3 +209,9 @@ def test_a_run_without_a_record_falls_back_to_checkpoints_and_says_what_is_missi
     silent = dataclasses.replace(noisy_run.record, losses=np.full_like(noisy_run.record.losses, np.nan))
     with pytest.raises(SettingsError, match="no per-example losses"):
         rank_mislabels(dataclasses.replace(noisy_run, record=silent), "early_loss")
+
+
+def test_a_run_tdx_cannot_train_again_is_offered_no_cross_validated_ranking(noisy_run):
+    assert "cleanlab" in rankings_for(noisy_run)
+    recorded = dataclasses.replace(noisy_run, metrics=noisy_run.metrics | {"origin": "recorded"}, trained_by=None)  # a plain loop's
+    assert "cleanlab" not in rankings_for(recorded) and "dynamics" in rankings_for(recorded)

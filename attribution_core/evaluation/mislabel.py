@@ -35,7 +35,7 @@ from ..numerics.inputs import batches
 from ..progress import ProgressFn, no_progress
 from ..runs.run import Run
 from ..runs.threads import one_thread
-from ..runs.training import retrain
+from ..runs.training import retrain, why_not_retrainable
 from ..store import Artifact, atomic_save_npy, load_npy
 from ..task import Task
 from .dynamics import COMBINED, SIGNALS, combined, has_dynamics, signal_scores
@@ -60,12 +60,13 @@ def ranking_label(name: str) -> str:
 def rankings_for(run: Run) -> dict[str, str]:
     """The rankings a run supports: name -> description.
 
-    RANKINGS less those whose attribution method cannot attribute the run, and less those that read
-    the training record where the run has no record of per-example losses (missing_dynamics).
+    RANKINGS less those whose attribution method cannot attribute the run, less those that read
+    the training record where the run has no record of per-example losses (missing_dynamics), and
+    less those that retrain k folds where tdx cannot train the run again (why_not_retrainable).
     """
-    dynamic = missing_dynamics(run) is None
+    dynamic, retrainable = missing_dynamics(run) is None, why_not_retrainable(run) is None
     return {name: ranking.description for name, ranking in RANKINGS.items()
-            if (dynamic or not ranking.needs_record)
+            if (dynamic or not ranking.needs_record) and (retrainable or not ranking.folds)
             and (ranking.method is None or METHODS[ranking.method].unsupported_reason(run) is None)}
 
 
