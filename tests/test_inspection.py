@@ -32,3 +32,21 @@ def test_umap_layout_is_seeded():
     first, second = inspection.umap_layout(rows), inspection.umap_layout(rows)
     assert first.shape == (60, 2)
     np.testing.assert_allclose(first, second)
+
+
+def test_a_large_map_lays_out_landmarks_by_umap_and_places_every_other_row_among_its_nearest():
+    generator = np.random.default_rng(1)
+    centres = generator.normal(scale=10, size=(3, 5))
+    rows = np.concatenate([centre + generator.normal(size=(100, 5)) for centre in centres]).astype(np.float32)
+    positions = inspection.landmark_layout(rows, landmarks=60, neighbours=4)
+    chosen = np.sort(np.random.default_rng(0).choice(300, size=60, replace=False))
+    np.testing.assert_allclose(positions[chosen], inspection.umap_layout(rows[chosen]), rtol=1e-5)  # the landmarks: UMAP's
+    other = np.setdiff1d(np.arange(300), chosen)[0]
+    distances = np.linalg.norm(rows[chosen] - rows[other], axis=1)
+    nearest = np.argsort(distances)[:4]
+    weights = 1 / (distances[nearest] + 1e-6)
+    expected = (weights[:, None] * positions[chosen][nearest]).sum(0) / weights.sum()
+    np.testing.assert_allclose(positions[other], expected, rtol=1e-4, atol=1e-4)
+    cluster = np.repeat(np.arange(3), 100)  # every row lands among its own cluster's landmarks
+    centroids = np.stack([positions[chosen][cluster[chosen] == c].mean(0) for c in range(3)])
+    assert (np.linalg.norm(positions[:, None] - centroids[None], axis=2).argmin(1) == cluster).mean() > 0.95
