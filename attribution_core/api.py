@@ -121,9 +121,17 @@ RECORDLESS_NOTE = (
 )
 
 
+AUGMENTED_NOTE = (
+    "this run's loop augments its inputs at random: every method scores each training example on its un-augmented image, "
+    "in eval mode (the field's convention; benchmarks/RESULTS.md, B8, measures the alternative)"
+)
+
+
 def _record_notes(run: Run) -> list[str]:
-    """What the user should know about the scores of a run because of what its record holds."""
-    return [] if run.record is not None else [RECORDLESS_NOTE]
+    """What the user should know about the scores of a run because of what its record holds and how it was trained."""
+    trained_by = run.training_function()
+    augmented = trained_by is not None and any(path is not None for _, path in trained_by.augment)
+    return ([] if run.record is not None else [RECORDLESS_NOTE]) + ([AUGMENTED_NOTE] if augmented else [])
 
 
 def _save_state(stored: Artifact, state: TrainState) -> None:

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from torch import nn
 from torch.nn import functional as F
 
-from attribution_core.api import attribute
+from attribution_core.api import AUGMENTED_NOTE, attribute
 from attribution_core.data import DataSpec
 from attribution_core.errors import DataError, SettingsError
 from attribution_core.evaluation.counterfactual import CounterfactualSettings, counterfactual, query_outcome
@@ -254,6 +254,7 @@ def test_replays_derivative_is_a_finite_difference_of_the_order_keeping_retrain(
 def test_replay_attributes_the_run_through_the_front_door(run):
     scores = attribute(run, "replay", queries=[0, 1], device="cpu")
     assert scores.values.shape == (2, 120) and np.isfinite(scores.values).all()
+    assert AUGMENTED_NOTE in scores.notes  # the page says the loop's flips are not what examples are scored on
     assert METHODS["replay"].unsupported_reason(run) is None
 
 
