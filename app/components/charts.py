@@ -216,7 +216,8 @@ def embedding_map(groups: list[PointGroup], *, colour_title: str = "") -> go.Fig
     _compact(figure, 520)
     coloured = any(group.values is not None for group in groups)
     legend = dict(orientation="h", x=0.0, y=-0.02, yanchor="top") if coloured else dict(orientation="v", x=1.0, y=1.0)
-    figure.update_layout(dragmode="lasso", xaxis=dict(visible=False), yaxis=dict(visible=False), legend=legend)
+    # a drag draws a box: a lasso drag that does not close around points selects nothing, without a word
+    figure.update_layout(dragmode="select", xaxis=dict(visible=False), yaxis=dict(visible=False), legend=legend)
     return figure
 
 
