@@ -1,10 +1,12 @@
 """The rough edges a first-time user met (issue 29, item 5), each as the page now answers it; AppTest on the tiny demo."""
 from __future__ import annotations
 
+import base64
 import json
 
+import numpy as np
 import pytest
-from test_app_pages import GROUND_TRUTH, button_keys, open_app, texts
+from test_app_pages import GROUND_TRUTH, button_keys, open_app, table_with, texts
 
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
@@ -26,6 +28,13 @@ def workspace_env(workspace, monkeypatch):
 def figure(app, chart: int = 0) -> dict:
     """The plotly figure of a chart of the page, as the browser receives it."""
     return json.loads(app.get("plotly_chart")[chart].proto.spec)
+
+
+def plotly_array(value) -> np.ndarray:
+    """A figure's array, decoded from plotly's typed-array encoding ({"bdata", "dtype"}) when it uses it."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return np.asarray(value)
 
 
 # --- Explore: a note ------------------------------------------------------------------------------------------------
@@ -64,3 +73,35 @@ def test_map_draws_training_points_over_test_samples_shows_the_shapes_and_drags_
     app.toggle(key="map_show_test").set_value(False).run()
     names = [trace["name"] for trace in figure(app)["data"] if trace.get("showlegend", True)]
     assert "test samples" not in names and "training examples" in names
+
+
+# --- Compare ------------------------------------------------------------------------------------------------------
+
+
+def test_compare_draws_the_lds_scatter_of_a_sample_outside_the_first_ones_from_its_own_scores(workspace, monkeypatch):
+    from scipy.stats import spearmanr
+
+    from attribution_core.api import default_checkpoints
+    from attribution_core.api import stored_scores as stored
+    from attribution_core.evaluation.lds import load_groundtruth
+    from attribution_core.jobs.ready import query_block
+
+    monkeypatch.setattr("attribution_core.jobs.ready.LDS_QUERIES", 20)  # the demo's 100 test samples are all covered by 100
+    app = open_app("compare", query="57")
+    assert app.selectbox(key="query").value == 57
+    run = load_run(workspace, "fmnist-mlp")
+    truth = load_groundtruth(run, GROUND_TRUTH)
+    block = query_block(57, len(run.datasets()[1]))
+    expected = {}
+    for method, label in (("trak", "TRAK"), ("tracin", "TracIn")):
+        values = stored(run, method, queries=block, checkpoints=default_checkpoints(run, method)).values[block.index(57)]
+        expected[label] = spearmanr(truth.masks.astype(float) @ values, truth.margins[:, 57]).statistic
+    table = table_with(app, "LDS")
+    assert dict(zip(table["method"], table["test 57"])) == pytest.approx(expected)
+    scatter = figure(app, 1)
+    assert [trace["name"] for trace in scatter["data"]] == [f"{label} (ρ = {rho:.2f})" for label, rho in expected.items()]
+    for trace, label in zip(scatter["data"], expected):
+        np.testing.assert_allclose(plotly_array(trace["y"]), truth.margins[:, 57], err_msg=f"{label}: the retrained margins")
+    text = texts(app)
+    assert "Test 57 is not among the first 20 test samples of the mean" in text and "choose one of them" not in text
+    assert "**Mean over the first 20 test samples**" in text
