@@ -105,3 +105,45 @@ def test_compare_draws_the_lds_scatter_of_a_sample_outside_the_first_ones_from_i
     text = texts(app)
     assert "Test 57 is not among the first 20 test samples of the mean" in text and "choose one of them" not in text
     assert "**Mean over the first 20 test samples**" in text
+
+
+# --- Runs -----------------------------------------------------------------------------------------------------------
+
+
+def test_runs_page_describes_a_recorded_loop_from_its_record(tmp_path, monkeypatch):
+    import math
+
+    import torch
+    from torch.nn import functional as F
+
+    from attribution_core.data import DataSpec
+    from attribution_core.models import ModelSpec, build_model
+    from attribution_core.runs.recorder import Recorder
+
+    def warm_then_cosine(step: int) -> float:
+        """The lr factor of step 0, 1, ...: up over 4 steps to 1, then a half cosine down to 0 at step 19."""
+        return (step + 1) / 4 if step < 4 else (1 + math.cos(math.pi * (step - 3) / 16)) / 2
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("mlp", {"hidden": [8]}), (1, 8, 8), 10)
+    with Recorder(tmp_path, "own-loop", model=model, factory="mlp", options={"hidden": [8]},
+                  data=DataSpec(source="digits", test_size=30, max_train=64)) as recorder:
+        x, y = recorder.train_set.x, recorder.train_set.y
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
+        for _ in range(5):
+            for batch in torch.randperm(len(x)).split(16):
+                losses = F.cross_entropy(model(x[batch]), y[batch], reduction="none")
+                optimizer.zero_grad()
+                losses.mean().backward()
+                optimizer.step()
+                recorder.step(optimizer, batch, losses=losses)
+                scheduler.step()
+            recorder.checkpoint()
+    monkeypatch.setenv("TDX_WORKSPACE", str(tmp_path))
+    app = open_app("runs", run="own-loop")
+    stages = table_with(app, "learning rate")
+    assert stages.to_dict("records") == [{
+        "stage": recorder.run.recipe.stages[0].name, "steps": 20, "epochs": 5, "optimizer": "SGD (momentum 0.9, weight decay 0.0005)",
+        "learning rate": "warm-up over 3 steps from 0.025 to a peak of 0.1, then cosine decay to 0 over 16 steps", "batch": 16}]
+    assert "Read from the training record" in texts(app)
