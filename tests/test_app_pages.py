@@ -553,7 +553,7 @@ def test_mislabels_downloads_are_cleanlab_mask_and_fiftyone_dataset(workspace):
 
     import numpy as np
 
-    from app.components.downloads import cleanlab_mask, fiftyone_zip
+    from app.components.downloads import cleanlab_zip, fiftyone_zip
 
     store = Annotations(workspace.annotations_path)
     run = load_run(workspace, "fmnist-noisy")
@@ -564,8 +564,11 @@ def test_mislabels_downloads_are_cleanlab_mask_and_fiftyone_dataset(workspace):
     assert [(button.key, button.label, button.disabled) for button in app.get("download_button")] == [
         ("export_csv", "CSV", False), ("export_cleanlab", "cleanlab mask", False), ("export_fiftyone", "FiftyOne dataset", False)]
     flags = store.flags("fmnist-noisy")
-    mask = np.load(io.BytesIO(cleanlab_mask(run, store)), allow_pickle=False)
+    mask_archive = zipfile.ZipFile(io.BytesIO(cleanlab_zip(run, store)))
+    assert sorted(mask_archive.namelist()) == ["label_issues.npy", "label_issues.npy.json"]
+    mask = np.load(io.BytesIO(mask_archive.read("label_issues.npy")), allow_pickle=False)
     assert mask.dtype == bool and mask.shape == (len(train_set),)
+    assert json.loads(mask_archive.read("label_issues.npy.json"))["example_id"] == train_set.ids.tolist()
     assert set(np.flatnonzero(mask)) == {i for i, example_id in enumerate(train_set.ids)
                                          if flags.get(int(example_id)) and flags[int(example_id)].kind == "mislabeled"}
     archive = zipfile.ZipFile(io.BytesIO(fiftyone_zip(run, store)))

@@ -1,6 +1,8 @@
 """The app as a user drives it in Chromium: explore a misprediction, flag a proponent, reload, review, compare, map."""
 from __future__ import annotations
 
+import csv
+import io
 import time
 from pathlib import Path
 
@@ -106,9 +108,9 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
     page.get_by_text("1 flagged of 1 reviewed").wait_for(timeout=TIMEOUT_MS)
     with page.expect_download() as download:
         page.locator(".st-key-export_csv button").click()
-    exported = Path(download.value.path()).read_text()
+    exported = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
     example_id = int(load_run(browser_workspace, "fmnist-mlp").datasets()[0].ids[index])
-    assert f"fmnist-mlp,{example_id},mislabeled" in exported
+    assert [(row["train_index"], row["example_id"], row["kind"]) for row in exported] == [(str(index), str(example_id), "mislabeled")]
     page.get_by_text("Suspect 1 of").wait_for()
     page.keyboard.press("n")
     page.get_by_text("Suspect 2 of").wait_for(timeout=TIMEOUT_MS)
