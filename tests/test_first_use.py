@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_app_pages import GROUND_TRUTH, button_keys, open_app, table_with, texts
 
 from attribution_core.runs.run import load_run
@@ -147,3 +149,41 @@ def test_runs_page_describes_a_recorded_loop_from_its_record(tmp_path, monkeypat
         "stage": recorder.run.recipe.stages[0].name, "steps": 20, "epochs": 5, "optimizer": "SGD (momentum 0.9, weight decay 0.0005)",
         "learning rate": "warm-up over 3 steps from 0.025 to a peak of 0.1, then cosine decay to 0 over 16 steps", "batch": 16}]
     assert "Read from the training record" in texts(app)
+
+
+# --- Explore: an uploaded image -----------------------------------------------------------------------------------
+
+
+def png(array: np.ndarray) -> bytes:
+    """A PNG file of a uint8 image array."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_upload_shows_what_the_model_sees_what_was_done_to_it_and_whether_it_is_like_the_training_images(workspace):
+    from attribution_core.data import image_to_input, pixel_statistics
+
+    train_set, test_set = load_run(workspace, "fmnist-mlp").datasets()
+    low, high = np.quantile(pixel_statistics(train_set.x), [0.001, 0.999], axis=0)  # the page's range: 99.8 % of the images
+    strip = np.random.default_rng(3).integers(0, 256, (60, 900, 3), dtype=np.uint8)
+    app = open_app()
+    app.file_uploader(key="upload").upload("strip.png", png(strip), "image/png").run()
+    assert not app.error
+    captions = [image.caption for element in app.get("image") for image in element.proto.imgs]
+    assert "Yours: strip.png" in captions and "What the model sees" in captions
+    text = texts(app)
+    assert ":material/info: Converted to grayscale: the model was trained on grayscale images." in text
+    assert ":material/info: Resized from 900×60 to 28×28 pixels, its width-to-height ratio changed from 15 to 1." in text
+    spread = pixel_statistics(image_to_input(Image.fromarray(strip), train_set))[0, 1]
+    (warning,) = [warning.value for warning in app.warning if warning.value.startswith("Unlike the training images")]
+    assert (f"pixel standard deviation (contrast) {spread:.3g} is outside the range {low[1]:.3g} to {high[1]:.3g} "
+            "of 99.8% of them") in warning
+    assert len(button_keys(app, "upload_results_proponents_")) == 10, "still explained, with the warning beside it"
+
+    statistics = pixel_statistics(test_set.x)
+    typical = int(np.flatnonzero(((low <= statistics) & (statistics <= high)).all(axis=1))[0])
+    app.file_uploader(key="upload").clear().upload("test.png", png(test_set.images[typical]), "image/png").run()
+    text = texts(app)
+    assert "Converted to grayscale" not in text and "Resized" not in text
+    assert not [warning for warning in app.warning if warning.value.startswith("Unlike the training images")]
