@@ -22,6 +22,8 @@ GRID_CSS = """<style>
 /* Badges (a flag, a flipped label) wrap too, rather than end in an ellipsis: smaller (over Streamlit's inline size), without
    their icon (the colour and the words say it), so "mislabeled" and "flipped, was Dress" read whole in a cell at 1280 px;
    a word still wider than its cell breaks rather than being cut. */
+/* A cell's caption is its image's (images.py): left-aligned like the rest of the page, not centred under the image. */
+[class*="st-key-grid_"] [data-testid="stImageCaption"] { text-align: left; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] { overflow: hidden; font-size: 0.8rem; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] p { word-break: normal; overflow-wrap: normal; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] .stMarkdownBadge {

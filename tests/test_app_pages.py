@@ -46,10 +46,15 @@ def open_app(page: str | None = None, **query_params: str) -> AppTest:
 
 
 def texts(app: AppTest) -> str:
-    """Every markdown, caption, subheader, alert and progress-bar text of the page, joined."""
+    """Every markdown, caption (an image's too), subheader, alert and progress-bar text of the page, joined."""
     parts = [element.value for kind in ("markdown", "caption", "subheader", "title", "info", "error", "warning", "success")
-             for element in getattr(app, kind)] + [bar.proto.text for bar in app.get("progress")]
+             for element in getattr(app, kind)] + image_captions(app) + [bar.proto.text for bar in app.get("progress")]
     return "\n".join(str(part) for part in parts)
+
+
+def image_captions(app: AppTest) -> list[str]:
+    """The captions of the page's images, in page order (an image grid's cell captions are its images', images.py)."""
+    return [image.caption for element in app.get("image") for image in element.proto.imgs if image.caption]
 
 
 def table_with(app: AppTest, column: str):
@@ -113,7 +118,7 @@ def test_picking_a_test_sample_in_the_grid_makes_it_the_query():
 def test_mispredictions_filter_leaves_only_mispredictions_in_the_grid():
     app = open_app()
     app.toggle(key="filter_wrong").set_value(True).run()
-    grid_captions = [caption.value for caption in app.caption if caption.value.startswith("#")]
+    grid_captions = [caption for caption in image_captions(app) if caption.startswith("#")]
     assert grid_captions and all("→" in caption for caption in grid_captions)
 
 
@@ -155,10 +160,10 @@ def test_source_scores_split_by_segment_and_restricted_to_chosen_segments():
     labels = segments.options
     assert any("pretrain" in label for label in labels) and any("finetune" in label for label in labels)
     assert app.get("plotly_chart"), "each segment's contribution"
-    all_segments = [caption.value for caption in app.caption if caption.value.startswith("**")]
+    all_segments = [caption for caption in image_captions(app) if caption.startswith("**")]
     segments.set_value((2, 2)).run()
     assert not app.exception and not app.error
-    assert [caption.value for caption in app.caption if caption.value.startswith("**")] != all_segments
+    assert [caption for caption in image_captions(app) if caption.startswith("**")] != all_segments
     assert "segment 3" in texts(app)
 
 
@@ -255,7 +260,7 @@ def test_explore_states_a_removal_methods_unit_and_a_similaritys_place(workspace
     assert similar.selectbox(key="checkpoints_repsim").value == len(run.checkpoints) - 1, "one checkpoint: a plain selector"
     assert not [slider for slider in similar.select_slider if slider.key == "checkpoints_repsim"]
     assert "representation similarity's similarity to this sample" in texts(similar)
-    first = [caption.value for caption in similar.caption if caption.value.startswith("**+")][0]
+    first = [caption for caption in image_captions(similar) if caption.startswith("**+")][0]
     assert first.split("**")[2].startswith(f" · top\u00a0{1 / n_train:.1%}"), first  # the strongest of all is in the top 1/N
 
 

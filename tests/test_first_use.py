@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_app_pages import GROUND_TRUTH, button_keys, open_app, table_with, texts
+from test_app_pages import GROUND_TRUTH, button_keys, image_captions, open_app, table_with, texts
 
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
@@ -170,7 +170,7 @@ def test_an_upload_shows_what_the_model_sees_what_was_done_to_it_and_whether_it_
     app = open_app()
     app.file_uploader(key="upload").upload("strip.png", png(strip), "image/png").run()
     assert not app.error
-    captions = [image.caption for element in app.get("image") for image in element.proto.imgs]
+    captions = image_captions(app)
     assert "Yours: strip.png" in captions and "What the model sees" in captions
     text = texts(app)
     assert ":material/info: Converted to grayscale: the model was trained on grayscale images." in text

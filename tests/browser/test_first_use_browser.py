@@ -1,8 +1,10 @@
-"""First-use rough edges (issue 29, item 5) as a user meets them in Chromium: nothing fetched from the internet."""
+"""First-use rough edges (issue 29, item 5) as a user meets them in Chromium: a grid's captions and images change together,
+and nothing is fetched from the internet."""
 from __future__ import annotations
 
 import pytest
-from test_browser import TIMEOUT_MS, settle
+from test_browser import TIMEOUT_MS, selected, settle
+from test_review_explore import grid_indices, results_shown
 
 pytestmark = pytest.mark.browser
 
@@ -46,3 +48,40 @@ def test_no_page_fetches_anything_from_the_internet(browser, app_url):
         assert failed == [], "failed loads (a font or icon the app could not fetch)"
     finally:
         context.close()
+
+
+WATCH_CELLS = """() => {
+    const observe = () => window.__cells.push([...document.querySelectorAll('[class*="st-key-grid_"] [data-testid=stColumn]')]
+        .map(cell => [cell.querySelector('[data-testid=stCaptionContainer]')?.innerText.match(/#\\d+/)?.[0] ?? null,
+                      cell.querySelector('img')?.alt ?? null, cell.querySelector('img')?.src.slice(0, 5) ?? null]));
+    window.__cells = [];
+    window.__watch = new MutationObserver(observe);
+    window.__watch.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+    const frame = () => { observe(); window.__frame = requestAnimationFrame(frame); };
+    frame();
+}"""
+"""Record, at every change of the page and every frame, each grid cell's caption number (#N), its image's alt text and
+the start of its image's address."""
+
+STOP_WATCHING = """() => { window.__watch.disconnect(); cancelAnimationFrame(window.__frame); return window.__cells; }"""
+
+
+def test_after_next_every_caption_stays_with_its_own_image(page, app_url):
+    page.goto(f"{app_url}/?run=fmnist-mlp")
+    results_shown(page)
+    for _ in range(3):
+        before = selected(page, "query")
+        page.locator(".st-key-query_next button:enabled").first.wait_for(timeout=TIMEOUT_MS)
+        page.evaluate(WATCH_CELLS)
+        page.keyboard.press("n")
+        page.wait_for_function("before => document.querySelector('.st-key-query input').value !== before", arg=before,
+                               timeout=TIMEOUT_MS)
+        results_shown(page)
+        observations = page.evaluate(STOP_WATCHING)
+        cells = [cell for observation in observations for cell in observation if cell[0] is not None]
+        assert cells, "the grids were watched"
+        assert [cell for cell in cells if cell[1] != cell[0]] == [], "a caption under another example's image"
+        assert {cell[2] for cell in cells} == {"data:"}, "each image comes inside its cell's element, nothing to fetch"
+        final = [cell[1] for cell in observations[-1]]
+        shown = [f"#{index}" for grid in ("results_proponents", "results_opponents") for index in grid_indices(page, grid)]
+        assert set(shown) <= set(final), "the settled grids show the new sample's examples"
