@@ -82,7 +82,7 @@ def shape_key(split: str) -> PointGroup:
     """A legend entry without points that shows a split's marker shape."""
     name, symbol, size = SHAPES[split]
     return PointGroup(name, split, np.array([], dtype=int), np.zeros((0, 2)), [], colour=SHAPE_KEY_COLOUR, symbol=symbol,
-                      size=size + 2)
+                      size=size + 2, legend_only=True)
 
 
 def groups_by_flag(run: Run, layout: MapLayout) -> list[PointGroup]:

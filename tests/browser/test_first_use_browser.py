@@ -85,3 +85,24 @@ def test_after_next_every_caption_stays_with_its_own_image(page, app_url):
         final = [cell[1] for cell in observations[-1]]
         shown = [f"#{index}" for grid in ("results_proponents", "results_opponents") for index in grid_indices(page, grid)]
         assert set(shown) <= set(final), "the settled grids show the new sample's examples"
+
+
+MAP_LAYOUT = """() => {
+    const plot = document.querySelector('.st-key-map_chart .js-plotly-plot');
+    return {dragmode: plot._fullLayout.dragmode,
+            legend: [...plot.querySelectorAll('.legend .traces')].map(entry => [entry.querySelector('.legendtext').textContent,
+                                                                              entry.querySelector('.legendpoints path').getAttribute('d')])};
+}"""
+"""The map's drag mode, and each legend entry's text with the outline of its marker as drawn."""
+
+
+def test_the_map_legend_shows_the_shapes_and_a_drag_draws_a_box(page, app_url):
+    page.goto(f"{app_url}/map?run=fmnist-mlp")
+    page.locator(".st-key-map_chart .legendtext", has_text="training examples").wait_for(timeout=TIMEOUT_MS)
+    settle(page)
+    drawn = page.evaluate(MAP_LAYOUT)
+    assert drawn["dragmode"] == "select"
+    # plotly draws a circle marker with arcs (A) and a diamond with straight lines (L) only
+    shapes = {name: "circle" if "A" in outline else "diamond" if "L" in outline else outline for name, outline in drawn["legend"]}
+    assert shapes.pop("test samples") == "diamond" and shapes.pop("training examples") == "circle"
+    assert set(shapes.values()) == {"circle"} and len(shapes) == 10, "one entry per class, in the colour of its circles"
