@@ -107,7 +107,7 @@ def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace
     open_page(page, "Mislabels")
     page.get_by_text("1 flagged of 1 reviewed").wait_for(timeout=TIMEOUT_MS)
     with page.expect_download() as download:
-        page.locator(".st-key-export_csv button").click()
+        page.locator(".st-key-export_csv button:visible").click()  # a button with a tooltip is drawn twice, once hidden
     exported = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
     example_id = int(load_run(browser_workspace, "fmnist-mlp").datasets()[0].ids[index])
     assert [(row["train_index"], row["example_id"], row["kind"]) for row in exported] == [(str(index), str(example_id), "mislabeled")]
