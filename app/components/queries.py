@@ -8,7 +8,7 @@ from attribution_core import inspection
 
 from .context import url_selectbox
 from .examples import class_name
-from .images import GridItem, enlarged
+from .images import GridItem, enlarged, inline_png
 
 QUERY_KEY = "query"
 """Session-state key and URL query parameter of the chosen test sample."""
@@ -60,7 +60,7 @@ def query_card(test_set, predictions: pd.DataFrame, index: int, *, size: int = 1
     row = predictions.iloc[index]
     true, predicted = class_name(test_set, int(row["true"])), class_name(test_set, int(row["predicted"]))
     image_column, text_column = st.columns([1, 1.4], vertical_alignment="center")
-    image_column.image(enlarged(test_set.images[index], size), caption=f"test {index}")
+    image_column.image(inline_png(enlarged(test_set.images[index], size)), caption=f"test {index}", alt=f"test {index}")
     with text_column:
         st.markdown(f"**True label** {true}")
         st.markdown(f"**Predicted** {predicted} ({row['confidence']:.0%})")

@@ -28,7 +28,7 @@ from app.components.examples import (
     verdicts,
 )
 from app.components.flagging import UNDO_KEY, flag_controls, undo_button
-from app.components.images import current_page, enlarged, image_grid
+from app.components.images import current_page, enlarged, image_grid, inline_png
 from app.components.jobs import job_result
 from app.components.methods import checkpoint_label, segment_labels, segment_range
 from app.components.page import chosen_attribution, page_prelude
@@ -163,7 +163,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     meaning = ScoreMeaning(scores_.method, class_name(train_set, int(scores_.query_labels[row])), scores_.values[row])
     order = st.session_state.get(order_key(grid), [index])
     left, right = st.columns([1, 1.6], gap="large")
-    left.image(enlarged(train_set.images[index], 260))
+    left.image(inline_png(enlarged(train_set.images[index], 260)), alt=f"#{index}")
     with right:
         where = f" · {order.index(index) + 1} of {len(order)} in this grid" if index in order else ""
         st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])}){where}")

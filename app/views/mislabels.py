@@ -22,7 +22,7 @@ from app.components.downloads import MASK_FILE, cleanlab_zip, fiftyone_folder, f
 from app.components.evaluation_calls import mislabel_ranking, ranking_choices, stored_rankings
 from app.components.examples import FLAG_COLOURS, UNREVIEWED, class_name, marks, verdicts
 from app.components.flagging import UNDO_KEY, flag_controls, undo_button
-from app.components.images import GridItem, current_page, enlarged, image_grid
+from app.components.images import GridItem, current_page, enlarged, image_grid, inline_png
 from attribution_core.annotations import FLAG_KINDS
 from attribution_core.evaluation import dynamics
 from attribution_core.evaluation.mislabel import (
@@ -243,7 +243,7 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
     following.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut=NEXT_KEY, width="stretch",
                      disabled=position == len(queue) - 1, on_click=move_to, args=(key, position + 1))
     image_column, text_column = st.columns([1, 1.3], gap="medium")
-    image_column.image(enlarged(train_set.images[index], 220), caption=f"training example #{index}")
+    image_column.image(inline_png(enlarged(train_set.images[index], 220)), caption=f"training example #{index}", alt=f"#{index}")
     with text_column:
         st.markdown(f"**Given label** {class_name(train_set, int(train_set.y[index]))}")
         if suggested is not None:
