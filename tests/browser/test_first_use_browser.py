@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 from test_browser import TIMEOUT_MS, selected, settle
 from test_review_explore import grid_indices, results_shown
+from test_review_mislabels import FIRST_MAP_MS
 
 pytestmark = pytest.mark.browser
 
 LOCAL = ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:")
 """Where the app may load anything from: its own server, and what the page builds in memory."""
 
-PAGES = (("/", "Proponents: training examples"), ("/runs", "Run fmnist-mlp"), ("/mislabels", "flagged of"),
-         ("/compare", "agree on"), ("/map", "UMAP of the inputs"))
-"""Each page, with a text it shows once its main content is drawn."""
+PAGES = (("/", "Proponents: training examples", TIMEOUT_MS), ("/runs", "Run fmnist-mlp", TIMEOUT_MS),
+         ("/mislabels", "flagged of", TIMEOUT_MS), ("/compare", "agree on", TIMEOUT_MS), ("/map", "UMAP of the inputs", FIRST_MAP_MS))
+"""Each page, with a text it shows once its main content is drawn and how long that may take (the run's first map is a job)."""
 
 
 def test_no_page_fetches_anything_from_the_internet(browser, app_url):
@@ -39,9 +40,9 @@ def test_no_page_fetches_anything_from_the_internet(browser, app_url):
     page.on("console", lambda message: failed.append(message.text)
             if message.type == "error" and any(word in message.text.lower() for word in ("font", "icon")) else None)
     try:
-        for path, shown in PAGES:
+        for path, shown, timeout in PAGES:
             page.goto(f"{app_url}{path}?run=fmnist-mlp")
-            page.get_by_text(shown).first.wait_for(timeout=TIMEOUT_MS)
+            page.get_by_text(shown).first.wait_for(timeout=timeout)
             settle(page)
             icons = page.evaluate("() => [...document.querySelectorAll('link[rel~=icon]')].map(link => link.href)")
             assert icons and all(icon.startswith(LOCAL) for icon in icons), f"{path}: the tab's icon comes from {icons}"
@@ -101,7 +102,7 @@ MAP_LAYOUT = """() => {
 
 def test_the_map_legend_shows_the_shapes_and_a_drag_draws_a_box(page, app_url):
     page.goto(f"{app_url}/map?run=fmnist-mlp")
-    page.locator(".st-key-map_chart .legendtext", has_text="training examples").wait_for(timeout=TIMEOUT_MS)
+    page.locator(".st-key-map_chart .legendtext", has_text="training examples").wait_for(timeout=FIRST_MAP_MS)
     settle(page)
     drawn = page.evaluate(MAP_LAYOUT)
     assert drawn["dragmode"] == "select"
