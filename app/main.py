@@ -29,6 +29,8 @@ GRID_CSS = """<style>
 /* Badges (a flag, a flipped label) wrap too, rather than end in an ellipsis: smaller (over Streamlit's inline size), without
    their icon (the colour and the words say it), so "mislabeled" and "flipped, was Dress" read whole in a cell at 1280 px;
    a word still wider than its cell breaks rather than being cut. */
+/* A cell's caption is its image's (images.py): left-aligned like the rest of the page, not centred under the image. */
+[class*="st-key-grid_"] [data-testid="stImageCaption"] { text-align: left; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] { overflow: hidden; font-size: 0.8rem; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] p { word-break: normal; overflow-wrap: normal; }
 [class*="st-key-grid_"] [data-testid="stCaptionContainer"] .stMarkdownBadge {
@@ -60,6 +62,10 @@ rules or comments: an HTML sanitizer drops a style element whose text holds one)
 with st.html's style-only path: that one goes to an event container, and a browser test caught a page drawn
 without it."""
 
+PAGE_ICON = "🔎"
+"""The browser tab's icon. An emoji, which Streamlit draws as an inline SVG: a ':material/...:' page icon is fetched from
+fonts.gstatic.com (the page and button icons come from the Material font Streamlit ships, the tab's does not)."""
+
 # One script per page. Not named pages/: Streamlit would serve a pages/ folder's scripts without running main.py.
 VIEWS_DIR = Path(__file__).resolve().parent / "views"
 
@@ -90,7 +96,7 @@ def pages() -> list:
 
 def main() -> None:
     """Set up the page, the sidebar and the navigation, then run the chosen page."""
-    st.set_page_config(page_title="tda-explorer", page_icon=":material/manage_search:", layout="wide")
+    st.set_page_config(page_title="tda-explorer", page_icon=PAGE_ICON, layout="wide")
     navigation = st.navigation(pages())
     start_workers()
     begin_script_run()

@@ -541,8 +541,9 @@ def cmd_flags_export(args: argparse.Namespace) -> None:
 
     run = _load_run(args)
     annotations = Annotations(Workspace(args.workspace).annotations_path)
-    path = export_flags(run, annotations, args.format, args.out)
-    print(f"wrote {path}: {args.format} export of the {len(annotations.flags(run.run_id))} verdicts on {run.run_id}")
+    written = export_flags(run, annotations, args.format, args.out)
+    print(f"wrote {', '.join(str(path) for path in written)}: {args.format} export of the "
+          f"{len(annotations.flags(run.run_id))} verdicts on {run.run_id}")
 
 
 def add_flags_command(commands: Commands) -> argparse.ArgumentParser:

@@ -237,6 +237,56 @@ def read_uploaded_image(name: str, data: bytes, limit_mb: int = UPLOAD_LIMIT_MB)
     return image
 
 
+def input_conversion(image: Image.Image, like: Dataset) -> dict[str, Any]:
+    """What image_to_input does to a picture to match like's inputs: sizes (width, height) and whether colour is dropped.
+
+    Keys: original_size, input_size; resized (the sizes differ); original_aspect, input_aspect (width / height: a
+    picture squeezed to another shape changes it); colour_dropped (a picture whose channels differ, given to a
+    grayscale model).
+    """
+    channels, height, width = like.input_shape
+    rgb = np.asarray(image.convert("RGB"))
+    return {
+        "original_size": image.size, "input_size": (width, height), "resized": image.size != (width, height),
+        "original_aspect": image.width / image.height, "input_aspect": width / height,
+        "colour_dropped": channels == 1 and bool((rgb != rgb[..., :1]).any()),
+    }
+
+
+def input_to_image(x: torch.Tensor) -> np.ndarray:
+    """One model input x (1, C, H, W) in [0, 1] as the uint8 image it is: (H, W) for one channel, else (H, W, C)."""
+    pixels = np.clip(x[0].numpy().transpose(1, 2, 0) * 255.0, 0, 255).round().astype(np.uint8)
+    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+
+
+PIXEL_STATISTICS = ("mean", "standard deviation")
+"""What pixel_statistics measures of each input, in its columns' order: brightness and contrast."""
+
+
+def pixel_statistics(x: torch.Tensor) -> np.ndarray:
+    """(n, 2) each model input's PIXEL_STATISTICS over all its pixels; x: (n, C, H, W)."""
+    flat = x.reshape(len(x), -1).double()
+    return torch.stack([flat.mean(dim=1), flat.std(dim=1, unbiased=False)], dim=1).numpy()
+
+
+def typical_pixel_range(like: Dataset, share: float = 0.99) -> np.ndarray:
+    """(2, 2): per row of PIXEL_STATISTICS, the low and high bound of the central `share` of like's examples."""
+    tail = (1 - share) / 2
+    return np.quantile(pixel_statistics(like.x), [tail, 1 - tail], axis=0).T
+
+
+def unlike_training(x: torch.Tensor, typical: np.ndarray) -> dict[str, tuple[float, float, float]]:
+    """{statistic: (value, low, high)} of one input x (1, C, H, W) for each of its PIXEL_STATISTICS outside `typical`.
+
+    typical: typical_pixel_range of the training set. Pixel statistics, not the model's features: they need no model
+    and catch what people upload to a model of small centred images (a photo on a white background, a noise strip, a
+    blank), but an input can be unlike the training data with typical statistics: an empty answer proves nothing.
+    """
+    values = pixel_statistics(x)[0]
+    return {name: (float(value), float(low), float(high)) for name, value, (low, high) in zip(PIXEL_STATISTICS, values, typical)
+            if not low <= value <= high}
+
+
 def read_idx(path: str | Path, kind: str) -> np.ndarray:
     """The array in one IDX file (``kind`` "images" or "labels"; plain or gzipped), checked against its header."""
     path = Path(path)

@@ -1,7 +1,10 @@
 """Exports for other tools: cleanlab's label-issues mask, a FiftyOne dataset of the flagged examples, score files.
 
 Flags are keyed by example id (`Dataset.ids`), not by position, so every export maps ids to training
-indices through the run's training set and refuses flags on ids that set does not hold. Every file is
+indices through the run's training set and refuses flags on ids that set does not hold. Every export names
+a training example the same ways: train_index (its row in the run's training set, the app's "#N", a mask's
+position), example_id (the dataset's id; train_id in score files), its given label and, for flags, the
+suggested one. Every file is
 written atomically (store.atomic_write_bytes); an export of several files that fails part-way removes
 the files it had written, so a failure never leaves half an export behind.
 """
@@ -30,7 +33,15 @@ SCORE_SUFFIXES = (".npy", ".parquet", ".csv")
 FLAG_FORMATS = ("csv", "cleanlab", "fiftyone")
 SCORES_FORMAT = 1
 """Version of the .npy sidecar's layout; bump when its keys change."""
-CSV_COLUMNS = ("query", "query_label", "rank", "kind", "train_id", "train_label", "score")
+CSV_COLUMNS = ("query", "query_label", "rank", "kind", "train_index", "train_id", "train_label", "score")
+"""The top-k scores CSV: train_index is the example's row in the training set (the app's #N), train_id its example id,
+train_label its given class."""
+FLAG_COLUMNS = ("run_id", "train_index", "example_id", "kind", "given_label", "given_class", "suggested_label",
+                "suggested_class", "note", "updated_at")
+"""The flags CSV, one row per verdict: the example's row in the training set (the app's #N, the cleanlab mask's position),
+its example id, the verdict, the given and the suggested label (class index and name; empty when none was suggested)."""
+MASK_FORMAT = 1
+"""Version of the cleanlab mask's sidecar layout; bump when its keys change."""
 
 
 class ExportError(TdxError):
@@ -49,11 +60,54 @@ def label_issues_mask(flags: Mapping[int, Flag], train_ids: np.ndarray, kinds: I
     return mask
 
 
-def save_label_issues(path: str | Path, mask: np.ndarray) -> Path:
-    """Write a (N,) bool label-issues mask as .npy (np.load(path) gives it back); returns the path."""
+def save_label_issues(path: str | Path, mask: np.ndarray, describe: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write a (N,) bool label-issues mask as .npy (np.load(path) gives it back), with describe as <path>.json; returns the files.
+
+    describe: what names the mask's positions (mask_sidecar); no sidecar without it.
+    """
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(mask, dtype=bool), allow_pickle=False)
-    return _write_files({Path(path): buffer.getvalue()})[0]
+    path = Path(path)
+    files = {path: buffer.getvalue()}
+    if describe is not None:
+        files[sidecar_path(path)] = _json_bytes({**describe, "file": path.name})
+    return _write_files(files)
+
+
+def mask_sidecar(run: Run, flags: Mapping[int, Flag]) -> dict[str, Any]:
+    """What names a label-issues mask's positions: per training index, the example id, the given and the suggested label.
+
+    suggested_label is None where the example has no suggestion; class_names gives each label's name.
+    """
+    train_set, _ = run.datasets()
+    positions = _train_positions(flags, train_set.ids)
+    suggested: list[int | None] = [None] * len(train_set)
+    for example_id, flag in flags.items():
+        suggested[positions[example_id]] = flag.suggested_label
+    return {
+        "format": MASK_FORMAT, "run_id": run.run_id,
+        "layout": "label_issues[i] is True where training example i (train_index i, the app's #i) was flagged mislabeled; "
+                  "example_id[i], given_label[i] and suggested_label[i] describe the same example",
+        "shape": [len(train_set)], "example_id": train_set.ids.tolist(), "given_label": train_set.y.tolist(),
+        "suggested_label": suggested, "class_names": list(train_set.class_names),
+    }
+
+
+def flags_csv(run: Run, flags: Mapping[int, Flag]) -> str:
+    """The flags as CSV text (FLAG_COLUMNS), one row per verdict in training-set order; cells escaped against formula injection."""
+    train_set, _ = run.datasets()
+    names = train_set.class_names
+    positions = _train_positions(flags, train_set.ids)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(FLAG_COLUMNS)
+    for example_id, flag in sorted(flags.items(), key=lambda item: positions[item[0]]):
+        index = positions[example_id]
+        given = int(train_set.y[index])
+        suggested = ("", "") if flag.suggested_label is None else (flag.suggested_label, names[flag.suggested_label])
+        writer.writerow([escape_cell(str(value)) for value in (run.run_id, index, example_id, flag.kind, given, names[given],
+                                                                *suggested, flag.note, flag.updated_at)])
+    return buffer.getvalue()
 
 
 def fiftyone_dataset(run: Run, flags: Mapping[int, Flag]) -> dict[str, Any]:
@@ -105,25 +159,29 @@ def export_fiftyone(run: Run, flags: Mapping[int, Flag], directory: str | Path) 
     return directory
 
 
-def export_flags(run: Run, annotations: Annotations, fmt: str, path: str | Path) -> Path:
-    """Write a run's flags as `fmt` (csv: the flags table; cleanlab: the (N,) mislabeled mask .npy; fiftyone: a dataset directory)."""
+def export_flags(run: Run, annotations: Annotations, fmt: str, path: str | Path) -> list[Path]:
+    """Write a run's flags as `fmt` and return what was written.
+
+    csv: the flags table (flags_csv); cleanlab: the (N,) mislabeled mask .npy and its sidecar <path>.json naming each
+    position (mask_sidecar); fiftyone: a dataset directory (export_fiftyone).
+    """
     if fmt not in FLAG_FORMATS:
         raise ExportError(f"flags export format {fmt!r}: choose one of {', '.join(FLAG_FORMATS)}")
     train_set, _ = run.datasets()
-    if fmt == "csv":
-        return _write_files({Path(path): annotations.export_csv(run.run_id, train_set.class_names).encode()})[0]
     flags = annotations.flags(run.run_id)
+    if fmt == "csv":
+        return _write_files({Path(path): flags_csv(run, flags).encode()})
     if fmt == "cleanlab":
-        return save_label_issues(path, label_issues_mask(flags, train_set.ids))
-    return export_fiftyone(run, flags, path)
+        return save_label_issues(path, label_issues_mask(flags, train_set.ids), mask_sidecar(run, flags))
+    return [export_fiftyone(run, flags, path)]
 
 
 def save_scores(path: str | Path, scores: Scores, train_set: Dataset, *, top: int = 10) -> list[Path]:
     """Write scores by the path's suffix (SCORE_SUFFIXES) and return the files written.
 
-    .npy: the (n_queries, n_train) float32 matrix, plus <path>.json (scores_sidecar) naming its rows
-    and columns; .parquet: a long table (query, train_id, score), one row per pair; .csv: the `top`
-    proponents and opponents of each query (CSV_COLUMNS).
+    .npy: the (n_queries, n_train) float32 matrix, plus <path>.json (sidecar_path) naming its rows
+    and columns; .parquet: a long table (query, train_index, train_id, score), one row per pair; .csv: the
+    `top` proponents and opponents of each query (CSV_COLUMNS).
     """
     path = Path(path)
     suffix = score_suffix(path)
@@ -133,7 +191,7 @@ def save_scores(path: str | Path, scores: Scores, train_set: Dataset, *, top: in
     if suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, values, allow_pickle=False)
-        sidecar = {
+        description = {
             "format": SCORES_FORMAT,
             "layout": "values[q, m]: score of training example train_ids[m] for query query_names[q]; positive = proponent",
             "file": path.name,
@@ -144,7 +202,7 @@ def save_scores(path: str | Path, scores: Scores, train_set: Dataset, *, top: in
             "class_names": list(train_set.class_names),
             "query_labels": np.asarray(scores.query_labels).tolist(),
         }
-        return _write_files({path: buffer.getvalue(), scores_sidecar(path): _json_bytes(sidecar)})
+        return _write_files({path: buffer.getvalue(), sidecar_path(path): _json_bytes(description)})
     if suffix == ".parquet":
         return _write_files({path: _parquet_bytes(values, scores)})
     if top < 1:
@@ -169,8 +227,8 @@ def score_suffix(path: str | Path) -> str:
     return suffix
 
 
-def scores_sidecar(path: str | Path) -> Path:
-    """The JSON file beside a .npy score matrix that names its rows and columns (<path>.json)."""
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON file beside a .npy (score matrix, label-issues mask) that names its rows and columns (<path>.json)."""
     path = Path(path)
     return path.with_name(path.name + ".json")
 
@@ -233,6 +291,7 @@ def _parquet_bytes(values: np.ndarray, scores: Scores) -> bytes:
     n_queries, n_train = values.shape
     table = pa.table({
         "query": pa.array(np.repeat(np.asarray(scores.query_names, dtype=object), n_train), type=pa.string()),
+        "train_index": pa.array(np.tile(np.arange(n_train, dtype=np.int64), n_queries)),
         "train_id": pa.array(np.tile(np.asarray(scores.train_ids, dtype=np.int64), n_queries)),
         "score": pa.array(values.reshape(-1)),
     }).replace_schema_metadata({"tdx_scores": _json_bytes(_description(scores))})
@@ -251,7 +310,7 @@ def _top_csv(scores: Scores, train_set: Dataset, top: int) -> str:
         query_cells = (escape_cell(scores.query_names[query]), escape_cell(names[int(scores.query_labels[query])]))
         for kind, (indices, row) in (("proponent", scores.top_proponents(query, top)), ("opponent", scores.top_opponents(query, top))):
             for rank, (index, score) in enumerate(zip(indices, row), start=1):
-                writer.writerow((*query_cells, rank, kind, int(train_set.ids[index]),
+                writer.writerow((*query_cells, rank, kind, int(index), int(train_set.ids[index]),
                                  escape_cell(names[int(train_set.y[index])]), float(score)))
     return buffer.getvalue()
 

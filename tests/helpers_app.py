@@ -21,12 +21,22 @@ def open_app(page: str | None = None, **query_params: str) -> AppTest:
 
 
 def texts(app: AppTest) -> str:
-    """Every markdown, caption, subheader, alert and progress-bar text of the page, joined."""
+    """Every markdown, caption (an image's too), subheader, alert and progress-bar text of the page, joined."""
     parts = [element.value for kind in ("markdown", "caption", "subheader", "title", "info", "error", "warning", "success")
-             for element in getattr(app, kind)] + [bar.proto.text for bar in app.get("progress")]
+             for element in getattr(app, kind)] + image_captions(app) + [bar.proto.text for bar in app.get("progress")]
     return "\n".join(str(part) for part in parts)
+
+
+def image_captions(app: AppTest) -> list[str]:
+    """The captions of the page's images, in page order (an image grid's cell captions are its images', images.py)."""
+    return [image.caption for element in app.get("image") for image in element.proto.imgs if image.caption]
 
 
 def button_keys(app: AppTest, prefix: str) -> list[str]:
     """Keys of the page's buttons that start with prefix, in page order."""
     return [button.key for button in app.button if button.key and button.key.startswith(prefix)]
+
+
+def table_with(app: AppTest, column: str):
+    """The first dataframe on the page that has this column."""
+    return next(frame.value for frame in app.dataframe if column in frame.value.columns)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from helpers_app import MAIN, TIMEOUT, button_keys, open_app, texts
+from helpers_app import MAIN, TIMEOUT, button_keys, image_captions, open_app, table_with, texts
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -30,11 +30,6 @@ def workspace_env(workspace, monkeypatch):
     """The app reads its workspace from TDX_WORKSPACE; its jobs run inline, in the page (tests/test_app_jobs.py covers workers)."""
     monkeypatch.setenv("TDX_WORKSPACE", str(workspace.root))
     monkeypatch.setenv("TDX_JOBS", "inline")
-
-
-def table_with(app: AppTest, column: str):
-    """The first dataframe on the page that has this column."""
-    return next(frame.value for frame in app.dataframe if column in frame.value.columns)
 
 
 # --- Explore -----------------------------------------------------------------------------------------------------
@@ -88,7 +83,7 @@ def test_picking_a_test_sample_in_the_grid_makes_it_the_query():
 def test_mispredictions_filter_leaves_only_mispredictions_in_the_grid():
     app = open_app()
     app.toggle(key="filter_wrong").set_value(True).run()
-    grid_captions = [caption.value for caption in app.caption if caption.value.startswith("#")]
+    grid_captions = [caption for caption in image_captions(app) if caption.startswith("#")]
     assert grid_captions and all("→" in caption for caption in grid_captions)
 
 
@@ -130,10 +125,10 @@ def test_source_scores_split_by_segment_and_restricted_to_chosen_segments():
     labels = segments.options
     assert any("pretrain" in label for label in labels) and any("finetune" in label for label in labels)
     assert app.get("plotly_chart"), "each segment's contribution"
-    all_segments = [caption.value for caption in app.caption if caption.value.startswith("**")]
+    all_segments = [caption for caption in image_captions(app) if caption.startswith("**")]
     segments.set_value((2, 2)).run()
     assert not app.exception and not app.error
-    assert [caption.value for caption in app.caption if caption.value.startswith("**")] != all_segments
+    assert [caption for caption in image_captions(app) if caption.startswith("**")] != all_segments
     assert "segment 3" in texts(app)
 
 
@@ -230,7 +225,7 @@ def test_explore_states_a_removal_methods_unit_and_a_similaritys_place(workspace
     assert similar.selectbox(key="checkpoints_repsim").value == len(run.checkpoints) - 1, "one checkpoint: a plain selector"
     assert not [slider for slider in similar.select_slider if slider.key == "checkpoints_repsim"]
     assert "representation similarity's similarity to this sample" in texts(similar)
-    first = [caption.value for caption in similar.caption if caption.value.startswith("**+")][0]
+    first = [caption for caption in image_captions(similar) if caption.startswith("**+")][0]
     assert first.split("**")[2].startswith(f" · top\u00a0{1 / n_train:.1%}"), first  # the strongest of all is in the top 1/N
 
 
@@ -528,7 +523,7 @@ def test_mislabels_downloads_are_cleanlab_mask_and_fiftyone_dataset(workspace):
 
     import numpy as np
 
-    from app.components.downloads import cleanlab_mask, fiftyone_zip
+    from app.components.downloads import cleanlab_zip, fiftyone_zip
 
     store = Annotations(workspace.annotations_path)
     run = load_run(workspace, "fmnist-noisy")
@@ -539,8 +534,11 @@ def test_mislabels_downloads_are_cleanlab_mask_and_fiftyone_dataset(workspace):
     assert [(button.key, button.label, button.disabled) for button in app.get("download_button")] == [
         ("export_csv", "CSV", False), ("export_cleanlab", "cleanlab mask", False), ("export_fiftyone", "FiftyOne dataset", False)]
     flags = store.flags("fmnist-noisy")
-    mask = np.load(io.BytesIO(cleanlab_mask(run, store)), allow_pickle=False)
+    mask_archive = zipfile.ZipFile(io.BytesIO(cleanlab_zip(run, store)))
+    assert sorted(mask_archive.namelist()) == ["label_issues.npy", "label_issues.npy.json"]
+    mask = np.load(io.BytesIO(mask_archive.read("label_issues.npy")), allow_pickle=False)
     assert mask.dtype == bool and mask.shape == (len(train_set),)
+    assert json.loads(mask_archive.read("label_issues.npy.json"))["example_id"] == train_set.ids.tolist()
     assert set(np.flatnonzero(mask)) == {i for i, example_id in enumerate(train_set.ids)
                                          if flags.get(int(example_id)) and flags[int(example_id)].kind == "mislabeled"}
     archive = zipfile.ZipFile(io.BytesIO(fiftyone_zip(run, store)))

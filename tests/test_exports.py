@@ -19,13 +19,14 @@ from attribution_core.data import DataSpec
 from attribution_core.errors import SettingsError
 from attribution_core.exports import (
     CSV_COLUMNS,
+    FLAG_COLUMNS,
     ExportError,
     export_fiftyone,
     export_flags,
     label_issues_mask,
     save_label_issues,
     save_scores,
-    scores_sidecar,
+    sidecar_path,
 )
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import Recipe, Stage
@@ -100,7 +101,7 @@ def test_label_issues_mask_has_cleanlabs_layout_and_cleanlab_ranks_exactly_the_f
 
 def test_a_saved_label_issues_mask_loads_back_without_pickle(tmp_path):
     mask = np.array([False, True, True, False])
-    path = save_label_issues(tmp_path / "issues.npy", mask)
+    (path,) = save_label_issues(tmp_path / "issues.npy", mask)
     loaded = np.load(path, allow_pickle=False)
     assert loaded.dtype == np.bool_
     np.testing.assert_array_equal(loaded, mask)
@@ -142,7 +143,7 @@ def test_fiftyone_export_holds_one_sample_per_flag_with_its_tag_labels_and_image
 def test_npy_scores_round_trip_with_a_sidecar_naming_rows_and_columns(run, scores, tmp_path):
     train_set, _ = run.datasets()
     written = save_scores(tmp_path / "scores.npy", scores, train_set)
-    assert written == [tmp_path / "scores.npy", tmp_path / "scores.npy.json"] == [tmp_path / "scores.npy", scores_sidecar(written[0])]
+    assert written == [tmp_path / "scores.npy", tmp_path / "scores.npy.json"] == [tmp_path / "scores.npy", sidecar_path(written[0])]
     loaded = np.load(written[0], allow_pickle=False)
     assert loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, scores.values)
@@ -166,7 +167,8 @@ def test_csv_scores_hold_the_top_k_proponents_and_opponents_of_every_query(run, 
                             ("opponent", np.argsort(scores.values[query], kind="stable"))):
             for rank, index in enumerate(order[:4], start=1):
                 expected.append({"query": query_name, "query_label": names[query_label], "rank": str(rank), "kind": kind,
-                                 "train_id": str(train_set.ids[index]), "train_label": names[int(train_set.y[index])],
+                                 "train_index": str(index), "train_id": str(train_set.ids[index]),
+                                 "train_label": names[int(train_set.y[index])],
                                  "score": str(float(scores.values[query, index]))})
     assert rows == expected
 
@@ -177,9 +179,9 @@ def test_parquet_scores_are_a_long_table_of_every_query_and_training_example(run
     train_set, _ = run.datasets()
     (path,) = save_scores(tmp_path / "scores.parquet", scores, train_set)
     table = pd.read_parquet(path)
-    assert list(table.columns) == ["query", "train_id", "score"] and len(table) == 3 * 60
-    found = {(row.query, row.train_id): row.score for row in table.itertuples()}
-    assert found == {(name, int(train_id)): float(scores.values[q, m])
+    assert list(table.columns) == ["query", "train_index", "train_id", "score"] and len(table) == 3 * 60
+    found = {(row.query, row.train_index, row.train_id): row.score for row in table.itertuples()}
+    assert found == {(name, m, int(train_id)): float(scores.values[q, m])
                      for q, name in enumerate(scores.query_names) for m, train_id in enumerate(train_set.ids)}
 
 
@@ -261,10 +263,12 @@ def test_tdx_flags_export_writes_csv_cleanlab_and_fiftyone(run, tmp_path, capsys
     annotations.set_flag(run.run_id, int(train_set.ids[2]), "mislabeled", suggested_label=1, note="=1+1")
     annotations.set_flag(run.run_id, int(train_set.ids[7]), "ambiguous")
     root = str(run.workspace.root)
-    for fmt, out in (("csv", tmp_path / "flags.csv"), ("cleanlab", tmp_path / "issues.npy"), ("fiftyone", tmp_path / "fo")):
+    for fmt, out, written in (("csv", tmp_path / "flags.csv", "flags.csv"), ("cleanlab", tmp_path / "issues.npy", "issues.npy, "
+                              f"{tmp_path / 'issues.npy.json'}"), ("fiftyone", tmp_path / "fo", "fo")):
         tdx(["flags", "export", run.run_id, "--workspace", root, "--format", fmt, "--out", str(out)])
-        assert f"wrote {out}: {fmt} export of the 2 verdicts on {run.run_id}" in capsys.readouterr().out
-    assert (tmp_path / "flags.csv").read_bytes() == annotations.export_csv(run.run_id, train_set.class_names).encode()
+        assert f"wrote {tmp_path / written}: {fmt} export of the 2 verdicts on {run.run_id}" in capsys.readouterr().out
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "flags.csv").read_text())))
+    assert [(row["train_index"], row["kind"], row["note"]) for row in rows] == [("2", "mislabeled", "'=1+1"), ("7", "ambiguous", "")]
     np.testing.assert_array_equal(np.flatnonzero(np.load(tmp_path / "issues.npy", allow_pickle=False)), [2])
     samples = json.loads((tmp_path / "fo" / "samples.json").read_text())["samples"]
     assert [(sample["train_index"], sample["tags"]) for sample in samples] == [(2, ["mislabeled"]), (7, ["ambiguous"])]
@@ -277,3 +281,47 @@ def test_tdx_flags_export_of_an_unknown_run_names_the_runs_there(run, tmp_path, 
     assert exited.value.code == 2
     assert f"no run 'nope' in workspace {run.workspace.root}; runs: {run.run_id}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_export_names_an_example_by_its_training_index_id_given_and_suggested_label(run, scores, tmp_path):
+    train_set, _ = run.datasets()
+    ids, labels, names = train_set.ids, train_set.y.numpy(), train_set.class_names
+    assert not np.array_equal(ids, np.arange(len(ids))), "the digits split: ids are not positions"
+    annotations = Annotations(tmp_path / "annotations.sqlite")
+    annotations.set_flag(run.run_id, int(ids[30]), "mislabeled", suggested_label=(int(labels[30]) + 1) % 10, note="a 7?")
+    annotations.set_flag(run.run_id, int(ids[4]), "mislabeled")
+    annotations.set_flag(run.run_id, int(ids[12]), "outlier")
+    (flags_file,) = export_flags(run, annotations, "csv", tmp_path / "flags.csv")
+    rows = list(csv.DictReader(io.StringIO(flags_file.read_text())))
+    assert tuple(rows[0]) == FLAG_COLUMNS
+    suggested = {30: (labels[30] + 1) % 10}
+    assert [{name: row[name] for name in FLAG_COLUMNS[:8]} for row in rows] == [
+        {"run_id": run.run_id, "train_index": str(index), "example_id": str(ids[index]), "kind": kind,
+         "given_label": str(labels[index]), "given_class": names[labels[index]],
+         "suggested_label": str(suggested[index]) if index in suggested else "",
+         "suggested_class": names[suggested[index]] if index in suggested else ""}
+        for index, kind in ((4, "mislabeled"), (12, "outlier"), (30, "mislabeled"))], "in training-set order, the page's #N"
+
+    mask_file, mask_sidecar = export_flags(run, annotations, "cleanlab", tmp_path / "issues.npy")
+    mask = np.load(mask_file, allow_pickle=False)
+    described = json.loads(mask_sidecar.read_text())
+    assert mask_sidecar == tmp_path / "issues.npy.json" and described["file"] == "issues.npy"
+    for row in rows:  # the CSV joins the mask and its sidecar on train_index
+        index = int(row["train_index"])
+        assert mask[index] == (row["kind"] == "mislabeled")
+        assert (described["example_id"][index], described["given_label"][index]) == (int(row["example_id"]), int(row["given_label"]))
+        assert described["suggested_label"][index] == (int(row["suggested_label"]) if row["suggested_label"] else None)
+    assert described["example_id"] == ids.tolist() and described["given_label"] == labels.tolist()
+    assert described["class_names"] == list(names) and described["shape"] == [len(ids)]
+
+    (directory,) = export_flags(run, annotations, "fiftyone", tmp_path / "fo")
+    samples = {sample["train_index"]: sample for sample in json.loads((directory / "samples.json").read_text())["samples"]}
+    for row in rows:
+        sample = samples[int(row["train_index"])]
+        assert (sample["example_id"], sample["ground_truth"]["label"]) == (int(row["example_id"]), row["given_class"])
+        assert sample.get("suggested_label", {}).get("label", "") == row["suggested_class"]
+
+    (top,) = save_scores(tmp_path / "top.csv", scores, train_set, top=5)
+    for row in csv.DictReader(io.StringIO(top.read_text())):
+        index = int(row["train_index"])
+        assert (int(row["train_id"]), row["train_label"]) == (ids[index], names[labels[index]])

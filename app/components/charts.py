@@ -136,6 +136,7 @@ class PointGroup:
 
     split: "train" or "test"; indices: (n,) example indices in that split; positions: (n, 2);
     colour: one colour for all, or values: (n,) scores drawn on a diverging rank scale (rank_colours).
+    legend_only: a legend entry without points (indices empty), such as the key of a marker shape.
     """
 
     name: str
@@ -149,6 +150,7 @@ class PointGroup:
     size: int = 6
     legend_group: str | None = None
     show_legend: bool = True
+    legend_only: bool = False
 
 
 RANK_TICKS = (0.5, 0.9)
@@ -194,8 +196,10 @@ def _point_trace(group: PointGroup, colour_title: str, *, webgl: bool = False) -
                        colorbar=_rank_colour_bar(group.values, colour_title))
     else:
         marker["color"] = group.colour
+    # plotly lists no trace without points in its legend: a legend key gets one point with no position
+    x, y = ([None], [None]) if group.legend_only else (group.positions[order, 0], group.positions[order, 1])
     return (go.Scattergl if webgl else go.Scatter)(
-        x=group.positions[order, 0], y=group.positions[order, 1], mode="markers", name=group.name, marker=marker,
+        x=x, y=y, mode="markers", name=group.name, marker=marker,
         legendgroup=group.legend_group, showlegend=group.show_legend,
         text=[group.hover[position] for position in order], hovertemplate="%{text}<extra></extra>",
         customdata=[[group.split, int(group.indices[position])] for position in order],
@@ -216,7 +220,8 @@ def embedding_map(groups: list[PointGroup], *, colour_title: str = "") -> go.Fig
     _compact(figure, 520)
     coloured = any(group.values is not None for group in groups)
     legend = dict(orientation="h", x=0.0, y=-0.02, yanchor="top") if coloured else dict(orientation="v", x=1.0, y=1.0)
-    figure.update_layout(dragmode="lasso", xaxis=dict(visible=False), yaxis=dict(visible=False), legend=legend)
+    # a drag draws a box: a lasso drag that does not close around points selects nothing, without a word
+    figure.update_layout(dragmode="select", xaxis=dict(visible=False), yaxis=dict(visible=False), legend=legend)
     return figure
 
 

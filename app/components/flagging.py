@@ -74,7 +74,8 @@ def save_note(run_id: str, example_id: int, index: int, key: str) -> None:
     flag = annotations().flags(run_id).get(example_id)
     note = st.session_state.get(f"{_example_key(key, index)}_note", "")
     if flag is None:
-        announce(f"Note on #{index} kept: it is saved with the verdict you choose.", ":material/edit_note:")
+        if note.strip():  # an emptied field keeps nothing: no toast
+            announce(f"Note on #{index} kept: it is saved with the verdict you choose.", ":material/edit_note:")
         return
     if note == flag.note:
         return

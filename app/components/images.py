@@ -4,9 +4,15 @@ A cell of a dense grid is 50 to 120 pixels wide between 1280 and 1920 pixels of 
 narrow for a word on a button: a cell's button shows an icon, its label is there for screen
 readers only (main.py's GRID_CSS hides it from view), and "label #index" is its tooltip. Captions
 wrap between words only (GRID_CSS too).
+
+A cell's image and caption are one element, the image inline in it: drawn as two, with the image a
+file the browser fetched afterwards, a new sample's captions showed under the old sample's images
+until the fetches came back (1 to 3 s on a busy server).
 """
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +30,13 @@ def enlarged(image: np.ndarray, size: int) -> Image.Image:
     picture = Image.fromarray(array.astype(np.uint8))
     height = max(1, round(size * picture.height / picture.width))
     return picture.resize((size, height), Image.Resampling.NEAREST)
+
+
+def inline_png(picture: Image.Image) -> str:
+    """The picture as a PNG data URI: it arrives inside the element that shows it, with nothing to fetch."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,8 @@ def image_grid(
 ) -> int | None:
     """Draw items in rows of `columns` cells; returns the index whose button was pressed, if any.
 
+    Each cell's image and caption are one element (its image's alt text "#index"), so they change together.
+
     With button_label, each cell gets a button (keyed `{key}_{index}`) that shows `button_icon`
     (the label is its accessible name) and has "{button_label} #{index}" as its tooltip, followed by
     the item's own tooltip when it has one;
@@ -83,8 +98,7 @@ def image_grid(
             cells = st.columns(columns, gap="small")
             for cell, item in zip(cells, items[start : start + columns]):
                 with cell.container(border=bordered, gap="xsmall"):
-                    st.image(enlarged(item.image, image_size), width="stretch")
-                    st.caption(item.caption)
+                    st.image(inline_png(enlarged(item.image, image_size)), caption=item.caption, alt=f"#{item.index}", width="stretch")
                     if on_check is not None:
                         check_key = f"check_{key}_{item.index}"
                         st.session_state[check_key] = item.index in checked  # before the widget: the caller's record rules
@@ -103,13 +117,14 @@ def image_grid(
 
 
 @contextmanager
-def example_card(image: np.ndarray, *, size: int, caption: str | None = None, widths: tuple[float, float] = (1, 1.6),
+def example_card(image: np.ndarray, *, size: int, alt: str, caption: str | None = None, widths: tuple[float, float] = (1, 1.6),
                  gap: str = "large", align: str = "top") -> Iterator[None]:
-    """One example shown large: its image (`size` pixels wide, with a caption) on the left; the block writes its text on the right.
+    """One example shown large: its image (`size` pixels wide, inline, with a caption) on the left; the block writes its text on the right.
 
-    widths: the two columns' relative widths; gap and align: st.columns' gap and vertical_alignment.
+    alt names the example ("#609"), as a grid cell's image does; widths: the two columns' relative widths; gap and align:
+    st.columns' gap and vertical_alignment.
     """
     image_column, text_column = st.columns(list(widths), gap=gap, vertical_alignment=align)
-    image_column.image(enlarged(image, size), caption=caption)
+    image_column.image(inline_png(enlarged(image, size)), caption=caption, alt=alt)
     with text_column:
         yield

@@ -59,7 +59,8 @@ def query_card(test_set, predictions: pd.DataFrame, index: int, *, size: int = 1
     """The chosen test sample, large, with its true and predicted label."""
     row = predictions.iloc[index]
     true, predicted = class_name(test_set, int(row["true"])), class_name(test_set, int(row["predicted"]))
-    with example_card(test_set.images[index], size=size, caption=f"test {index}", widths=(1, 1.4), gap="small", align="center"):
+    with example_card(test_set.images[index], size=size, alt=f"test {index}", caption=f"test {index}", widths=(1, 1.4), gap="small",
+                      align="center"):
         st.markdown(f"**True label** {true}")
         st.markdown(f"**Predicted** {predicted} ({row['confidence']:.0%})")
         if row["correct"]:

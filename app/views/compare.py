@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -162,8 +161,13 @@ def lds_scores(run: Run, methods: list[str], n_queries: int) -> dict[str, Scores
     return {method: scores_ for method, scores_ in computed.items() if scores_ is not None}
 
 
-def render_lds(run: Run, methods: list[str], query: int) -> None:
-    """LDS of each method with its standard error, and the scatter of the chosen test sample, over the first test samples."""
+def render_lds(run: Run, computed: dict[str, Scores], query: int) -> None:
+    """LDS of each method over the first test samples with its standard error, and the scatter of the chosen test sample.
+
+    computed: each method's scores of the chosen sample (one row). The ground truth holds the retrained margins of every
+    test sample, so the chosen one's scatter is drawn from its own scores wherever it is in the test set.
+    """
+    methods = list(computed)
     st.subheader("Linear datamodeling score")
     st.caption("How well a method's scores predict retraining: per test sample, the Spearman correlation over the subsets of "
                "the summed scores of the examples each subset keeps against the margin the model trained on it measures.")
@@ -179,14 +183,13 @@ def render_lds(run: Run, methods: list[str], query: int) -> None:
         st.caption(f"Over the first {n_queries} of the {len(test_set):,} test samples. The whole test set is a job for the "
                    f"command line: `tdx lds {run.run_id} --methods {','.join(methods)} --subsets {settings.n_subsets} "
                    f"--alpha {settings.alpha:g} --mode {settings.mode}`.")
-    computed = lds_scores(run, methods, n_queries)
-    results = {method: call_or_report(lds, method_result, truth) for method, method_result in computed.items()}
+    first_queries = lds_scores(run, methods, n_queries)
+    results = {method: call_or_report(lds, method_result, truth) for method, method_result in first_queries.items()}
     results = {method: result for method, result in results.items() if result is not None}
     if not results:
         return
     labels = [method_label(method) for method in results]
     question = mode_question(settings)
-    covered = query < n_queries
     left, right = st.columns(2, gap="large")
     with left:
         over = f"the first {n_queries} test samples" if n_queries < len(test_set) else "the test set"
@@ -195,21 +198,18 @@ def render_lds(run: Run, methods: list[str], query: int) -> None:
         st.plotly_chart(charts.lds_bars(labels, [r.mean for r in results.values()], [r.stderr for r in results.values()]), key="lds_bars")
     series, rows = {}, []
     for method, result in results.items():
+        chosen = call_or_report(lds, computed[method], truth)  # one row: the chosen sample's own scores
         row = {"method": method_label(method), "LDS": result.mean, "± s.e.": result.stderr, "queries": result.n_valid}
-        if covered:
-            position = int(np.flatnonzero(result.query_indices == query)[0])
-            correlation = result.per_query[position]
-            series[f"{method_label(method)} (ρ = {correlation:.2f})"] = (result.predicted[position], result.actual[position])
-            row[f"test {query}"] = correlation
+        if chosen is not None:
+            series[f"{method_label(method)} (ρ = {chosen.per_query[0]:.2f})"] = (chosen.predicted[0], chosen.actual[0])
+            row[f"test {query}"] = chosen.per_query[0]
         rows.append(row)
     with right:
-        if covered:
-            st.markdown(f"**Test {query}: predicted effect against the retrained margin**")
-            st.caption(question)
-            st.plotly_chart(charts.lds_scatter(series), key="lds_scatter")
-        else:
-            st.caption(f"Test {query} is not among the first {n_queries} test samples the LDS covers: choose one of them to see "
-                       "its predicted effects against the retrained margins.")
+        st.markdown(f"**Test {query}: predicted effect against the retrained margin**")
+        st.caption(question if query < n_queries else
+                   f"{question} Test {query} is not among the first {n_queries} test samples of the mean; the retrained "
+                   "models' margins cover every test sample, so its own scores are drawn against them here.")
+        st.plotly_chart(charts.lds_scatter(series), key="lds_scatter")
     st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
         column: st.column_config.NumberColumn(format="%.3f") for column in ("LDS", "± s.e.", f"test {query}")})
 
@@ -241,6 +241,6 @@ def render() -> None:
     render_method_rows(run, computed, k)
     st.subheader("Agreement")
     render_agreement(computed, k)
-    render_lds(run, list(computed), query)
+    render_lds(run, computed, query)
 
 render()

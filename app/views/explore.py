@@ -37,7 +37,15 @@ from app.components.queries import query_card, query_grid_item, query_order, que
 from app.components.review import review_filters
 from attribution_core import inspection
 from attribution_core.api import METHODS, QueryBatch, attribute
-from attribution_core.data import UPLOAD_LIMIT_MB, image_to_input, read_uploaded_image
+from attribution_core.data import (
+    UPLOAD_LIMIT_MB,
+    image_to_input,
+    input_conversion,
+    input_to_image,
+    read_uploaded_image,
+    typical_pixel_range,
+    unlike_training,
+)
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
 from attribution_core.jobs.kinds import counterfactual_job, fit_job, representations_job, smoothness_job
 from attribution_core.runs.replay_engine import why_not_replayable
@@ -152,7 +160,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     train_set, _ = run.datasets()
     meaning = ScoreMeaning(scores_.method, class_name(train_set, int(scores_.query_labels[row])), scores_.values[row])
     order = st.session_state.get(order_key(grid), [index])
-    with example_card(train_set.images[index], size=260):
+    with example_card(train_set.images[index], size=260, alt=f"#{index}"):
         where = f" · {order.index(index) + 1} of {len(order)} in this grid" if index in order else ""
         st.markdown(f"**Training example #{index}** (id {int(train_set.ids[index])}){where}")
         st.markdown(f"**Label** {class_name(train_set, int(train_set.y[index]))}")
@@ -373,6 +381,32 @@ def upload_scores_cached(run: Run, method: str, checkpoints: tuple[int, ...], x:
     return remembered(("upload", *run_key(run), method, checkpoints, digest, label), compute)
 
 
+STATISTIC_WORDS = {"mean": "mean pixel value (brightness)", "standard deviation": "pixel standard deviation (contrast)"}
+"""How the upload's warning names data.PIXEL_STATISTICS."""
+TYPICAL_SHARE = 0.998
+"""An upload is unlike the training images when a pixel statistic lies outside the range of this share of them."""
+
+
+def render_upload_notes(image: Image.Image, x: torch.Tensor, run: Run) -> None:
+    """What was done to an upload to make it a model input, and a warning when its pixels are unlike the training images'."""
+    train_set, _ = run.datasets()
+    conversion = input_conversion(image, train_set)
+    if conversion["colour_dropped"]:
+        st.caption(":material/info: Converted to grayscale: the model was trained on grayscale images.")
+    if conversion["resized"]:
+        (width, height), (input_width, input_height) = conversion["original_size"], conversion["input_size"]
+        shape = ("its shape kept" if abs(conversion["original_aspect"] / conversion["input_aspect"] - 1) < 0.01 else
+                 f"its width-to-height ratio changed from {conversion['original_aspect']:.3g} to {conversion['input_aspect']:.3g}")
+        st.caption(f":material/info: Resized from {width}×{height} to {input_width}×{input_height} pixels, {shape}.")
+    typical = remembered(("pixel_range", *run_key(run)), lambda: typical_pixel_range(train_set, TYPICAL_SHARE))
+    unusual = unlike_training(x, typical)
+    if unusual:
+        st.warning("Unlike the training images: its " + "; its ".join(
+            f"{STATISTIC_WORDS[name]} {value:.3g} is outside the range {low:.3g} to {high:.3g} of {TYPICAL_SHARE:.1%} of them"
+            for name, (value, low, high) in unusual.items())
+            + ". The prediction, and the examples behind it, say little about such an image.", icon=":material/warning:")
+
+
 def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -> None:
     """Query an uploaded image against the run: its prediction, proponents and opponents."""
     uploaded = st.file_uploader(f"An image to explain (PNG, JPEG, … up to {UPLOAD_LIMIT_MB} MB)", type=UPLOAD_TYPES,
@@ -387,9 +421,11 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
     if x is None:
         return
     predicted, confidence = predict(run, x)
-    left, right = st.columns([1, 2.4], vertical_alignment="center")
-    left.image(enlarged(np.asarray(image.convert("L" if train_set.images.ndim == 3 else "RGB")), 140), caption=uploaded.name)
+    original, seen, right = st.columns([1, 1, 2.4], vertical_alignment="center")
+    original.image(enlarged(np.asarray(image.convert("RGB")), 140), caption=f"Yours: {uploaded.name}")
+    seen.image(enlarged(input_to_image(x), 140), caption="What the model sees")
     with right:
+        render_upload_notes(image, x, run)
         st.markdown(f"**Predicted** {class_name(train_set, predicted)} ({confidence:.0%})")
         label = st.selectbox("Explain the margin of class", range(len(train_set.class_names)), index=predicted,
                              format_func=lambda c: class_name(train_set, c), key="upload_label")

@@ -50,20 +50,39 @@ def linked_example(n_train: int) -> int | None:
     return index if 0 <= index < n_train else None
 
 
+SHAPES = {"train": ("training examples", "circle", 6), "test": ("test samples", "diamond", 8)}
+"""Each split's legend name, marker symbol and size on the map coloured by label."""
+
+SHAPE_KEY_COLOUR = "#8A8F98"
+"""The grey of the legend's shape entries (a shape, not a class)."""
+
+
 def groups_by_label(run: Run, layout: MapLayout, show_test: bool) -> list[PointGroup]:
-    """One trace per class and split (test samples as diamonds); one legend entry per class."""
+    """One trace per class and split, test samples first so the training points are drawn over them.
+
+    The legend has one entry per class (its colour) and one per split shown (its shape: circle, diamond).
+    """
+    train_set, test_set = run.datasets()
+    shown = [("test", test_set, layout.test)] if show_test else []
+    shown.append(("train", train_set, layout.train))
     groups = []
-    for split, dataset, positions, symbol in zip(("train", "test"), run.datasets(), (layout.train, layout.test), ("circle", "diamond")):
-        if split == "test" and not show_test:
-            continue
+    for split, dataset, positions in shown:
+        _, symbol, size = SHAPES[split]
         labels = dataset.y.numpy()
         for label in np.unique(labels):
             indices = np.flatnonzero(labels == label)
             name = class_name(dataset, int(label))
             groups.append(PointGroup(name, split, indices, positions[indices], hover_texts(dataset, split, indices),
                                      colour=QUALITATIVE[int(label) % len(QUALITATIVE)], symbol=symbol,
-                                     size=6 if split == "train" else 8, legend_group=name, show_legend=split == "train"))
-    return groups
+                                     size=size, legend_group=name, show_legend=split == "train"))
+    return groups + [shape_key(split) for split, _, _ in shown]
+
+
+def shape_key(split: str) -> PointGroup:
+    """A legend entry without points that shows a split's marker shape."""
+    name, symbol, size = SHAPES[split]
+    return PointGroup(name, split, np.array([], dtype=int), np.zeros((0, 2)), [], colour=SHAPE_KEY_COLOUR, symbol=symbol,
+                      size=size + 2, legend_only=True)
 
 
 def groups_by_flag(run: Run, layout: MapLayout) -> list[PointGroup]:
@@ -177,7 +196,8 @@ def render_selection(run: Run, values: np.ndarray | None, legend: str | None, li
     train_set, _ = run.datasets()
     if not train and not test:
         if linked is None:
-            st.caption("Draw a box or lasso on the map, or click a point, to see the examples inside it.")
+            st.caption("Draw a box or lasso on the map, or click a point, to see the examples inside it. Dragging draws a "
+                       "box; for a lasso, choose it in the chart's toolbar (top right), then draw around the points.")
             return
         st.markdown(f"**Linked example:** training example #{linked}, the star on the map. "
                     "Draw a box or lasso, or click a point, to see others.")

@@ -18,7 +18,7 @@ from app.components import charts
 from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.context import url_selectbox
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
-from app.components.downloads import cleanlab_mask, fiftyone_folder, fiftyone_zip
+from app.components.downloads import MASK_FILE, cleanlab_zip, fiftyone_folder, fiftyone_zip, flags_table
 from app.components.examples import FLAG_COLOURS, UNREVIEWED, class_name, marks, verdicts
 from app.components.flagging import UNDO_KEY, flag_controls, undo_button, verdict_keys_text
 from app.components.images import GridItem, current_page, example_card, image_grid
@@ -241,7 +241,8 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
                     disabled=position == 0, on_click=move_to, args=(key, position - 1))
     following.button("Next", key="review_next", icon=":material/arrow_forward:", shortcut=NEXT_KEY, width="stretch",
                      disabled=position == len(queue) - 1, on_click=move_to, args=(key, position + 1))
-    with example_card(train_set.images[index], size=220, caption=f"training example #{index}", widths=(1, 1.3), gap="medium"):
+    with example_card(train_set.images[index], size=220, alt=f"#{index}", caption=f"training example #{index}", widths=(1, 1.3),
+                      gap="medium"):
         st.markdown(f"**Given label** {class_name(train_set, int(train_set.y[index]))}")
         if suggested is not None:
             st.markdown(f"**Suggested label** {class_name(train_set, suggested)}")
@@ -381,17 +382,22 @@ def render_export(run: Run) -> None:
     store = annotations()
     flagged, reviewed = store.counts(run.run_id)
     mislabeled = sum(flag.kind == "mislabeled" for flag in store.flags(run.run_id).values())
-    csv_text = store.export_csv(run.run_id, train_set.class_names)
+    csv_text = call_or_report(flags_table, run, store)
+    if csv_text is None:
+        return
     columns = st.columns([2, 0.8, 1.1, 1.3], vertical_alignment="center")
     columns[0].markdown(f"### {flagged} flagged of {reviewed} reviewed")
     columns[1].download_button("CSV", csv_text, file_name=f"{run.run_id}-flags.csv", mime="text/csv",
-                               icon=":material/download:", key="export_csv", disabled=reviewed == 0, on_click="ignore", width="stretch")
+                               icon=":material/download:", key="export_csv", disabled=reviewed == 0, on_click="ignore", width="stretch",
+                               help="One row per verdict: train_index is the example's #N on these pages, example_id its id in "
+                                    "the dataset, then its given and suggested label")
     columns[2].download_button(
-        "cleanlab mask", lambda: cleanlab_mask(run, store), file_name=f"{run.run_id}-label_issues.npy",
-        mime="application/octet-stream", icon=":material/download:", key="export_cleanlab", disabled=mislabeled == 0,
+        "cleanlab mask", lambda: cleanlab_zip(run, store), file_name=f"{run.run_id}-label_issues.zip",
+        mime="application/zip", icon=":material/download:", key="export_cleanlab", disabled=mislabeled == 0,
         on_click="ignore", width="stretch",
-        help=f"cleanlab's label_issues layout: np.load gives a bool array of {len(train_set)} (the training set, in order), "
-             f"True where flagged mislabeled ({mislabeled} now)")
+        help=f"{MASK_FILE}, cleanlab's label_issues layout: np.load gives a bool array of {len(train_set)}, position i the "
+             f"example #i, True where flagged mislabeled ({mislabeled} now); {MASK_FILE}.json gives each position's example "
+             "id, given and suggested label")
     columns[3].download_button(
         "FiftyOne dataset", lambda: fiftyone_zip(run, store), file_name=f"{fiftyone_folder(run)}.zip", mime="application/zip",
         icon=":material/download:", key="export_fiftyone", disabled=reviewed == 0, on_click="ignore", width="stretch",

@@ -1,6 +1,7 @@
 """Runs: the workspace's trained runs, the chosen run's recipe and training timeline, and a form to train a new one."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -14,6 +15,8 @@ from attribution_core.errors import SettingsError
 from attribution_core.jobs.kinds import train_job
 from attribution_core.jobs.queue import JobSpec
 from attribution_core.models import ModelSpec
+from attribution_core.runs.record import schedule_summary
+from attribution_core.runs.recorder import ORIGIN_RECORDED
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage
 
 DATA_SOURCES = {"sample": "Fashion-MNIST sample (shipped)", "digits": "scikit-learn digits (8×8)"}
@@ -82,11 +85,15 @@ def render_details(run: Run) -> None:
     st.markdown(f"**Data** {data_text(run)} · {run.metrics.get('n_train', '?')} training, "
                 f"{run.metrics.get('n_test', '?')} test examples · **Model** {run.model.name} {run.model.options} · "
                 f"seed {run.recipe.seed} · trained in {run.metrics.get('train_seconds', float('nan')):.0f} s")
-    st.dataframe(pd.DataFrame([{
-        "stage": stage.name, "epochs": stage.epochs, "optimizer": stage.optimizer, "lr": stage.lr,
-        "schedule": stage.schedule, "batch": stage.batch_size,
-        "classes": "all" if stage.classes is None else ",".join(map(str, stage.classes)), "transform": stage.transform,
-    } for stage in run.recipe.stages]), hide_index=True)
+    if run.record is not None and run.metrics.get("origin") == ORIGIN_RECORDED:
+        st.dataframe(recorded_stages(run), hide_index=True)
+        st.caption("Read from the training record: what every optimizer step of your loop ran with.")
+    else:
+        st.dataframe(pd.DataFrame([{
+            "stage": stage.name, "epochs": stage.epochs, "optimizer": stage.optimizer, "lr": stage.lr,
+            "schedule": stage.schedule, "batch": stage.batch_size,
+            "classes": "all" if stage.classes is None else ",".join(map(str, stage.classes)), "transform": stage.transform,
+        } for stage in run.recipe.stages]), hide_index=True)
     st.caption(record_text(run))
     left, right = st.columns([1, 1.6], gap="large")
     left.dataframe(pd.DataFrame([{
@@ -95,6 +102,51 @@ def render_details(run: Run) -> None:
         "test accuracy": st.column_config.NumberColumn(format="percent")})
     with right:
         st.plotly_chart(charts.training_timeline(run), key="timeline")
+
+
+OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "other": "an optimizer the record does not name"}
+DECAY_WORDS = {"linear": "linear decay", "cosine": "cosine decay", "step": "stepped down", "other": "down"}
+"""How the Runs page names record.schedule_summary's decay shapes (after "then", before "to <final lr>")."""
+
+
+def recorded_stages(run: Run) -> pd.DataFrame:
+    """One row per stage of a run recorded from a user's loop, described from its record (its recipe only describes it)."""
+    rows = []
+    for number, stage in enumerate(run.recipe.stages):
+        steps = np.flatnonzero(run.record.stage == number) + 1  # a recorded stage is one stretch of steps
+        if len(steps):
+            summary = schedule_summary(run.record, int(steps[0]), int(steps[-1]))
+            rows.append({"stage": stage.name, "steps": summary["steps"], "epochs": stage.epochs,
+                         "optimizer": optimizer_text(summary), "learning rate": schedule_text(summary), "batch": stage.batch_size})
+    return pd.DataFrame(rows)
+
+
+def optimizer_text(summary: dict) -> str:
+    """'SGD (momentum 0.9, weight decay 0.0005)' or 'Adam (β1 0.9, β2 0.999, weight decay 0)' from a schedule summary."""
+    name = summary["optimizer"]
+    if name == "sgd":
+        settings = [f"momentum {summary['momentum']:g}" if summary["momentum"] else "no momentum"]
+    elif name in ("adam", "adamw"):
+        settings = [f"β1 {summary['momentum']:g}", f"β2 {summary['beta2']:g}"]
+    else:
+        settings = []
+    settings.append(f"weight decay {summary['weight_decay']:g}")
+    return f"{OPTIMIZER_NAMES[name]} ({', '.join(settings)})"
+
+
+def schedule_text(summary: dict) -> str:
+    """The learning rate's course in words: 'warm-up over 4 steps from 0.02 to a peak of 0.1, then cosine decay to 0.0002 over 39 steps'."""
+    peak, decay = f"{summary['peak_lr']:.3g}", summary["decay"]
+    if summary["warmup_steps"]:
+        parts = [f"warm-up over {summary['warmup_steps']} steps from {summary['first_lr']:.3g} to a peak of {peak}"]
+    else:
+        parts = [f"constant {peak}" if decay == "none" else f"peak {peak}"]
+    if decay == "none":
+        return ", ".join(parts + (["then constant"] if summary["warmup_steps"] else []))
+    if summary["hold_steps"] > 1:
+        parts.append(f"held for {summary['hold_steps']} steps")
+    parts.append(f"then {DECAY_WORDS[decay]} to {summary['final_lr']:.3g} over {summary['decay_steps']} steps")
+    return ", ".join(parts)
 
 
 def record_text(run: Run) -> str:

@@ -180,3 +180,57 @@ class RecordWriter:
         save_tensors(self.directory / _PART.format(self.steps_written + 1), tensors)
         self.steps_written += len(self._pending)
         self._pending = []
+
+
+def schedule_summary(record: TrainingRecord, first_step: int = 1, last_step: int | None = None, *,
+                     tolerance: float = 0.03) -> dict[str, float | int | str]:
+    """What steps first_step..last_step (1-based, inclusive; default: to the end) trained with, read from their record.
+
+    Keys: steps; optimizer (the most frequent name), momentum, beta2, weight_decay (at the first step); first_lr, peak_lr,
+    final_lr; warmup_steps (steps before the lr first reaches its peak: 0 without a warm-up); hold_steps (steps at the
+    peak from then on); decay_steps (the steps after those); decay: the course of the lr from the end of the hold to the
+    last step: "none" (it stays at the peak), "linear" or "cosine" (the closer of a straight line and a half cosine from
+    the peak to the final lr, when no step is further than `tolerance` of the drop from it), "step" (else a non-increasing
+    lr of at most 5 values) or "other".
+    """
+    last_step = record.n_steps if last_step is None else last_step
+    if not 1 <= first_step <= last_step <= record.n_steps:
+        raise DataError(f"steps {first_step}..{last_step} are not within the record's 1..{record.n_steps}")
+    lr = np.asarray(record.lr[first_step - 1 : last_step], dtype=np.float64)
+    peak = float(lr.max())
+    at_peak = np.isclose(lr, peak, rtol=1e-9, atol=0.0)
+    warmup = int(np.argmax(at_peak))
+    hold = int(np.argmin(at_peak[warmup:])) if not at_peak[warmup:].all() else len(lr) - warmup
+    tail = lr[warmup + hold - 1 :]  # from the last step at the peak
+    names = record.optimizer[first_step - 1 : last_step]
+    return {
+        "steps": len(lr), "optimizer": max(set(names), key=names.count),
+        "momentum": float(record.momentum[first_step - 1]), "beta2": float(record.beta2[first_step - 1]),
+        "weight_decay": float(record.weight_decay[first_step - 1]),
+        "first_lr": float(lr[0]), "peak_lr": peak, "final_lr": float(lr[-1]),
+        "warmup_steps": warmup, "hold_steps": hold, "decay_steps": len(tail) - 1, "decay": _decay_shape(tail, tolerance),
+    }
+
+
+def _decay_shape(tail: np.ndarray, tolerance: float) -> str:
+    """schedule_summary's decay name ("none", "linear", "cosine", "step", "other") of an lr from its peak (tail[0]) to its last step."""
+    drop = tail[0] - tail[-1]
+    if len(tail) < 2 or drop <= 0:
+        return "none" if np.allclose(tail, tail[0], rtol=1e-9, atol=0.0) else "other"
+    shapes = {"linear": lambda position: 1 - position, "cosine": lambda position: (1 + np.cos(np.pi * position)) / 2}
+    gaps = {name: min(_gap(tail, shape, span) for span in (len(tail) - 1, len(tail))) for name, shape in shapes.items()}
+    closest = min(gaps, key=gaps.get)
+    if gaps[closest] <= tolerance:
+        return closest
+    return "step" if (np.diff(tail) <= 0).all() and len(np.unique(tail)) <= 5 else "other"
+
+
+def _gap(tail: np.ndarray, shape, span: int) -> float:
+    """Largest distance, as a fraction of the drop, between an lr and shape(step / span) scaled to its first and last value.
+
+    span len(tail) - 1: the shape ends at the last step; len(tail): one step later, as torch's schedulers do (the lr a
+    step trained with is recorded, the one after the last is never used).
+    """
+    reference = shape(np.arange(len(tail)) / span)
+    scaled = (reference - reference[-1]) / (reference[0] - reference[-1])
+    return float(np.abs((tail - tail[-1]) / (tail[0] - tail[-1]) - scaled).max())

@@ -7,10 +7,11 @@ SCRIPT_FINISHED = """() => {
 }"""
 """Streamlit's script run has finished (not running, not the initial state)."""
 
-IMAGES_LOADED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
+IMAGES_LOADED = """() => !document.querySelector('[data-testid=stSkeletonElement], [data-testid=stSkeleton]')
     && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete && image.naturalWidth > 0)"""
-"""No skeleton placeholder is left and every image on the page has loaded."""
+"""No skeleton placeholder is left and every image on the page has loaded. (stSkeleton holds the place of an element whose
+code is still loading: an image grid's cells, captions included, until the image element's script has come.)"""
 
-IMAGES_SETTLED = """() => !document.querySelector('[data-testid=stSkeletonElement]')
+IMAGES_SETTLED = """() => !document.querySelector('[data-testid=stSkeletonElement], [data-testid=stSkeleton]')
     && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete)"""
 """No skeleton placeholder is left and every image on the page has loaded or failed to."""

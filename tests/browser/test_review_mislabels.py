@@ -5,6 +5,7 @@ Screenshots at 1280 and 1920 px go to test-artifacts/screenshots/ (review-*.png)
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import zipfile
@@ -126,9 +127,11 @@ def test_bulk_flag_a_box_selection_undo_a_key_verdict_filter_to_flagged_and_expo
     flagged = {index for index, example_id in enumerate(train_set.ids) if int(example_id) in after_bulk}
     with page.expect_download() as download:
         page.locator(".st-key-export_cleanlab button:visible").click()
-    mask = np.load(download.value.path(), allow_pickle=False)
-    assert download.value.suggested_filename == "fmnist-noisy-label_issues.npy"
+    assert download.value.suggested_filename == "fmnist-noisy-label_issues.zip"
+    mask_archive = zipfile.ZipFile(download.value.path())
+    mask = np.load(io.BytesIO(mask_archive.read("label_issues.npy")), allow_pickle=False)
     assert mask.dtype == bool and mask.shape == (len(train_set),) and set(np.flatnonzero(mask)) == flagged
+    assert json.loads(mask_archive.read("label_issues.npy.json"))["example_id"] == train_set.ids.tolist()
 
     with page.expect_download() as download:
         page.locator(".st-key-export_fiftyone button:visible").click()
