@@ -339,6 +339,22 @@ def test_the_app_opens_the_example_run(example_run, monkeypatch):
     assert not app.exception, [exception.message for exception in app.exception]
 
 
+@pytest.mark.slow
+def test_the_app_shows_what_a_recorded_loop_cannot_do_disabled_with_the_reason_before_any_click(by_hand, run, monkeypatch):
+    monkeypatch.setenv("TDX_WORKSPACE", str(by_hand.workspace.root))
+    monkeypatch.setenv("TDX_JOBS", "inline")  # the page computes its scores itself: no worker in this test
+    for run_id, can in ((by_hand.run_id, False), (run.run_id, True)):
+        app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=300)
+        app.query_params.update(run=run_id, method="trak")  # a method that estimates removal: Explore offers the smoothness check
+        app.run()
+        app.switch_page("views/compare.py").run()
+        assert not app.exception, [exception.message for exception in app.exception]
+        assert app.button(key="lds_compute").disabled is not can
+        assert any("cannot retrain it on subsets" in warning.value for warning in app.warning) is not can
+        app.switch_page("views/explore.py").run()
+        assert app.button(key="counterfactual_run").disabled is not can and app.button(key="smoothness_run").disabled is not can
+
+
 # --- bad functions ---------------------------------------------------------------------------------------------------
 
 

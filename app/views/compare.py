@@ -35,7 +35,7 @@ from attribution_core.evaluation.lds import (
 from attribution_core.jobs.kinds import groundtruth_job
 from attribution_core.jobs.ready import FIRST_GROUND_TRUTH, LDS_QUERIES, compared_methods
 from attribution_core.jobs.worker import job_mode
-from attribution_core.runs.replay_engine import why_not_replayable
+from attribution_core.runs.capabilities import capabilities
 from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
 
@@ -123,9 +123,9 @@ def lds_settings_controls(run: Run) -> LdsSettings | None:
     mode_column, subsets_column, alpha_column = st.columns([1.2, 1, 1], vertical_alignment="bottom")
     mode = mode_column.segmented_control(
         "Ground truth", MODES, format_func=MODE_NAMES.get, key=MODE_KEY, required=True,
-        help="Reshuffled: each subset retrained from scratch by the recipe, its batches drawn anew (the classic LDS). "
-             "Order-keeping: the recorded run replayed in its own batch order with the removed examples weighted 0, "
-             "the question replay answers exactly.")
+        help="Reshuffled: each subset retrained from scratch by the run's training function, its batches drawn anew (the "
+             "classic LDS). Order-keeping: the run trained again in its own recorded batch order with the removed examples "
+             "weighted 0, the question replay answers exactly.")
     preset = preset_sizes(run, stored, mode)
     n_subsets = subsets_column.number_input("Random subsets (retrained models)", 2, 1000, key=SUBSETS_KEY)
     alpha = alpha_column.slider("Share kept per subset", 0.05, 0.95, step=0.05, key=ALPHA_KEY,
@@ -133,10 +133,6 @@ def lds_settings_controls(run: Run) -> LdsSettings | None:
     settings = LdsSettings(n_subsets=int(n_subsets), alpha=round(float(alpha), 6), seed=preset.seed,
                            seeds_per_subset=preset.seeds_per_subset if mode == "reshuffled" else 1, mode=mode)
     st.caption(mode_question(settings))
-    reason = why_not_replayable(run) if mode == "order_keeping" else None
-    if reason is not None:
-        st.info(f"An order-keeping ground truth replays the recorded run, and this run cannot be replayed: {reason}.")
-        return None
     return settings
 
 
@@ -148,9 +144,13 @@ def render_groundtruth(run: Run, settings: LdsSettings) -> GroundTruth | None:
         return truth
     done, total = groundtruth_status(run, settings)
     models = ("models retrained on random subsets" if settings.mode == "reshuffled" else
-              f"replays of the recorded run, each with a random {1 - settings.alpha:.0%} of the examples weighted 0")
+              f"retrainings in the recorded batch order, each with a random {1 - settings.alpha:.0%} of the examples weighted 0")
     st.info(f"LDS needs the ground truth: {total} {models}. {done} of {total} exist" + (" (computing resumes from there)." if done else "."))
-    pressed = st.button(f"Compute the ground truth ({total - done} retrainings)", icon=":material/model_training:", key="lds_compute")
+    capability = capabilities(run)["retrain" if settings.mode == "reshuffled" else "order_keeping"]
+    if not capability.supported:  # said before the click: a button that can only fail is not offered as one that works
+        st.warning(f"This run cannot {capability.label}: {capability.reason}", icon=":material/block:")
+    pressed = st.button(f"Compute the ground truth ({total - done} retrainings)", icon=":material/model_training:", key="lds_compute",
+                        disabled=not capability.supported, help=capability.reason)
     return call_or_report(job_result, run, spec, submit=True) if pressed else None
 
 

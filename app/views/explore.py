@@ -48,7 +48,7 @@ from attribution_core.data import (
 )
 from attribution_core.evaluation.counterfactual import CounterfactualResult, CounterfactualSettings
 from attribution_core.jobs.kinds import counterfactual_job, fit_job, representations_job, smoothness_job
-from attribution_core.runs.replay_engine import why_not_replayable
+from attribution_core.runs.capabilities import capabilities
 from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
 
@@ -328,13 +328,17 @@ def render_counterfactual(run: Run, query: int, query_scores: Scores, checkpoint
     query_scores: the query's row of the method's scores over every segment (what the check removes by).
     """
     method = query_scores.method
-    st.markdown("Remove this sample's top proponents from the training set, retrain the whole pipeline with the same "
-                "recipe and seed, and see what happens to its margin, against removing as many random examples.")
+    st.markdown("Remove this sample's top proponents from the training set, train the run again by its own training function "
+                "with the same seed, and see what happens to its margin, against removing as many random examples.")
+    capability = capabilities(run)["retrain"]
+    if not capability.supported:  # said before any click
+        st.warning(f"This run cannot {capability.label}: {capability.reason}", icon=":material/block:")
     left, right = st.columns([2, 1], vertical_alignment="bottom")
     fraction = left.segmented_control("Examples removed (share of the training set)", list(REMOVAL_FRACTIONS), default="5 %",
                                       key="counterfactual_k", required=True)
     spec = counterfactual_job(run, query, method, list(checkpoints), CounterfactualSettings(k=REMOVAL_FRACTIONS[fraction]))
-    pressed = right.button("Remove and retrain", icon=":material/replay:", key="counterfactual_run", type="primary")
+    pressed = right.button("Remove and retrain", icon=":material/replay:", key="counterfactual_run", type="primary",
+                           disabled=not capability.supported, help=capability.reason)
     result = call_or_report(job_result, run, spec, submit=pressed)  # stored, or the job's panel once asked for
     if result is None:
         return
@@ -436,12 +440,16 @@ def render_upload(run: Run, method: str, checkpoints: tuple[int, ...], k: int) -
 
 def render_smoothness(run: Run, query: int, method: str, checkpoints: tuple[int, ...]) -> None:
     """Whether first-order predictions hold here: random 1 % removals replayed in the recorded batch order, predicted against actual."""
-    st.markdown("Remove a few random 1 % of the training set, replay the recorded run in its own batch order without them, and "
+    st.markdown("Remove a few random 1 % of the training set, train the run again in its own recorded batch order without them, and "
                 f"compare the change of this sample's margin with what {method_label(method)}'s scores predict (minus the sum of "
                 "the removed examples' scores). Points on the diagonal mean the scores add up as a linear model of training; "
                 "a cloud means this run is not smooth enough for any first-order method here.")
+    capability = capabilities(run)["order_keeping"]
+    if not capability.supported:  # said before any click
+        st.warning(f"This run cannot {capability.label}: {capability.reason}", icon=":material/block:")
     spec = smoothness_job(run, query, method, list(checkpoints))
-    pressed = st.button("Replay random removals", icon=":material/scatter_plot:", key="smoothness_run")
+    pressed = st.button("Replay random removals", icon=":material/scatter_plot:", key="smoothness_run",
+                        disabled=not capability.supported, help=capability.reason)
     result = call_or_report(job_result, run, spec, submit=pressed)
     if result is None:
         return
@@ -482,7 +490,7 @@ def render() -> None:
     proponents = render_results(run, shown_scores, 0, k, key="results", query=query)
     with keys_row:
         render_review_keys(run, candidates, query, proponents)
-    smooth = METHODS[method].estimates_removal and why_not_replayable(run) is None  # the check replays the recorded run
+    smooth = METHODS[method].estimates_removal  # a similarity predicts no change to check
     tab_names = ["Counterfactual check", *(["Segments"] if labels else []), *(["Smoothness check"] if smooth else []),
                  "Query your own image"]
     tabs = dict(zip(tab_names, st.tabs(tab_names)))
