@@ -11,6 +11,7 @@ import pytest
 from attribution_core.evaluation.lds import LdsSettings, groundtruth
 from attribution_core.runs.demo import build_demo
 from attribution_core.runs.run import load_run
+from attribution_core.runs.threads import one_thread
 from attribution_core.store import Workspace
 from attribution_core.trust import CONFIG_ENV
 
@@ -26,6 +27,20 @@ def private_config_dir(tmp_path_factory) -> Iterator[Path]:
         os.environ.pop(CONFIG_ENV, None)
     else:
         os.environ[CONFIG_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def single_threaded() -> Iterator[None]:
+    """Torch on one thread for a module: its small models gain nothing from threads, which slow them badly on a busy machine."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def app_serves_workspace(workspace, monkeypatch) -> None:
+    """The app reads its workspace (the module's `workspace` fixture) from TDX_WORKSPACE; its jobs run inline, in the page."""
+    monkeypatch.setenv("TDX_WORKSPACE", str(workspace.root))
+    monkeypatch.setenv("TDX_JOBS", "inline")
 
 
 @pytest.fixture(scope="session")

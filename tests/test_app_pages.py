@@ -17,19 +17,13 @@ from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 GROUND_TRUTH = LdsSettings(n_subsets=6)
+pytestmark = pytest.mark.usefixtures("app_serves_workspace")  # jobs inline (tests/test_app_jobs.py covers workers)
 
 
 @pytest.fixture(scope="module")
 def workspace(demo_copy) -> Workspace:
     """A private copy of the demo workspace (these tests flag examples and delete a checkpoint), with LDS ground truth."""
     return demo_copy("app_pages", GROUND_TRUTH)
-
-
-@pytest.fixture(autouse=True)
-def workspace_env(workspace, monkeypatch):
-    """The app reads its workspace from TDX_WORKSPACE; its jobs run inline, in the page (tests/test_app_jobs.py covers workers)."""
-    monkeypatch.setenv("TDX_WORKSPACE", str(workspace.root))
-    monkeypatch.setenv("TDX_JOBS", "inline")
 
 
 # --- Explore -----------------------------------------------------------------------------------------------------

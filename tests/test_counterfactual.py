@@ -24,11 +24,11 @@ from attribution_core.evaluation.counterfactual import (
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
 from attribution_core.runs.session import TrainingSession
-from attribution_core.runs.threads import one_thread
 from attribution_core.runs.training import retrain, stage_indices, train
 from attribution_core.store import Workspace
 from attribution_core.task import Task
 
+pytestmark = pytest.mark.usefixtures("single_threaded")
 DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=240, max_test=20)
 TWO_STAGES = Recipe(
     (Stage(name="pretrain", epochs=2, lr=0.05, batch_size=32),
@@ -37,13 +37,6 @@ TWO_STAGES = Recipe(
     checkpoints=CheckpointPolicy(every_epochs=1),
 )
 QUERY = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_threaded():
-    """The tests' small models gain nothing from threads, and threads slow them badly on a busy machine."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

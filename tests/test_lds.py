@@ -28,22 +28,15 @@ from attribution_core.evaluation.lds import (
 )
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
-from attribution_core.runs.threads import one_thread
 from attribution_core.runs.training import retrain, train
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
 from attribution_core.task import correct_class_margin
 
+pytestmark = pytest.mark.usefixtures("single_threaded")
 SMALL = DataSpec(source="digits", test_size=360, split_seed=0, max_train=200, max_test=40)
 TINY_MLP = ModelSpec("mlp", {"hidden": [16]})
 QUICK = Recipe((Stage(epochs=2, lr=0.05, batch_size=32),), seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_threaded():
-    """The tests' small models gain nothing from threads, and threads slow them badly on a busy machine."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -26,19 +26,12 @@ from attribution_core.evaluation.mislabel import (
 )
 from attribution_core.models import ModelSpec
 from attribution_core.runs.run import CheckpointPolicy, Recipe, Stage, load_run
-from attribution_core.runs.threads import one_thread
 from attribution_core.runs.training import train
 from attribution_core.store import Workspace
 
+pytestmark = pytest.mark.usefixtures("single_threaded")
 NOISY_DIGITS = DataSpec(source="digits", test_size=360, split_seed=0, max_train=300, max_test=20, noise_fraction=0.1, noise_seed=0)
 RECIPE = Recipe((Stage(epochs=6, lr=0.05, batch_size=32),), seed=0, checkpoints=CheckpointPolicy(every_epochs=2))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_threaded():
-    """The tests' small models gain nothing from threads, and threads slow them badly on a busy machine."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
