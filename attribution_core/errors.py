@@ -24,3 +24,7 @@ class WorkspaceError(TdxError):
 
 class SettingsError(TdxError, ValueError):
     """A settings field holds a value the method cannot use."""
+
+
+class PlanError(TdxError):
+    """A cleaning plan that cannot be applied as given: it changes nothing, names examples the run lacks, or relabels to the given class."""
