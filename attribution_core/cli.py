@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .cleaning.command import add_clean_command
 from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
 from .evaluation.mislabel import RANKINGS
@@ -540,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.set_defaults(handler=cmd_jobs)
 
     add_import_command(commands)
+    add_clean_command(commands)
     return parser
 
 
