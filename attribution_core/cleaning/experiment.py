@@ -14,8 +14,9 @@ their ids), so every page opens it. It is trained on the cleaned rows only, so i
 from the cleaned retrain's (which draws the kept rows of the full index range): the numbers come
 from the retrains, the run is for looking.
 
-Stored under runs/<id>/cleaning/<key>/: each retrain's outcome as its own file when it finishes (a
-stopped experiment resumes where it was), result.json and the manifest at the end.
+Each retrain's outcome is stored as it finishes, under runs/<id>/retrained/<key>/ keyed by what it changes
+and its seed (a stopped experiment resumes where it was, and plans share their base retrains); the
+experiment's result under runs/<id>/cleaning/<key>/ at the end.
 """
 from __future__ import annotations
 
@@ -141,14 +142,25 @@ def _load(artifact: Artifact) -> ExperimentResult:
         seconds=summary["seconds"])
 
 
-def _retrained(run: Run, artifact: Artifact, name: str, keep: np.ndarray | None, labels: np.ndarray | None, seed: int, task: Task) -> np.ndarray:
-    """(2, n_test) test margins and classes of the run retrained on keep / labels with a seed offset, stored as name.npy once."""
-    path = artifact.path(f"{name}.npy")
-    if not path.exists():
+def retrained_outcomes(run: Run, keep: np.ndarray | None, labels: np.ndarray | None, seed: int, *, task: Task) -> np.ndarray:
+    """(2, n_test) test margins and classes of the run retrained on keep (N,) / labels (N,) with a seed offset, stored once.
+
+    Keyed by what the retrain changes (the rows it removes and relabels, and how) and the seed, so
+    experiments that share a retrain share it: the base of every plan, a plan asked with more seeds.
+    """
+    train_set, test_set = run.datasets()
+    keep = np.ones(len(train_set), dtype=bool) if keep is None else keep
+    labels = train_set.y.numpy() if labels is None else labels
+    changed = np.flatnonzero(labels != train_set.y.numpy())
+    artifact = run.artifact("retrained", removed=np.flatnonzero(~keep).tolist(), relabelled=changed.tolist(),
+                            labels=labels[changed].tolist(), seed=seed, task=task.key())
+
+    def compute(stored: Artifact) -> None:
         with one_thread():  # see threads.one_thread: small models retrain faster on one thread
             model = retrain(run, keep, labels=labels, seed=run.recipe.seed + seed, task=task)
-        atomic_save_npy(path, np.stack(test_outcomes(model, run.datasets()[1], task)).astype(np.float64))
-    return load_npy(path)
+        atomic_save_npy(stored.path("outcomes.npy"), np.stack(test_outcomes(model, test_set, task)).astype(np.float64))
+
+    return load_npy(artifact.compute_once(compute).path("outcomes.npy"))
 
 
 def keep_cleaned_run(run: Run, plan: CleaningPlan, *, progress: ProgressFn = no_progress) -> Run:
@@ -192,7 +204,7 @@ def clean_and_retrain(run: Run, plan: CleaningPlan, settings: ExperimentSettings
             if (kind, seed) == ("base", 0):  # the run's own seed with nothing changed is the run itself
                 outcomes[kind].append(final)
                 continue
-            outcomes[kind].append(_retrained(run, artifact, f"{kind}_s{seed}", *applied[kind], seed, task))
+            outcomes[kind].append(retrained_outcomes(run, *applied[kind], seed, task=task))
             progress(jobs.index((kind, seed)) + 1, total)
     cleaned = keep_cleaned_run(run, plan).run_id if settings.keep_run else ""
     progress(total, total)
