@@ -56,18 +56,22 @@ class ExperimentSettings:
                        control_seed=self.control_seed >= 0)
 
 
-def control_plan(run: Run, plan: CleaningPlan, seed: int) -> CleaningPlan:
-    """As many random examples given random other classes as the plan relabels, and as many others removed as it removes."""
+def random_plan(run: Run, relabels: int, removals: int, seed: int, *, origin: str = "random") -> CleaningPlan:
+    """`relabels` random examples given random other classes and `removals` other random examples removed (numpy seed `seed`)."""
     train_set, _ = run.datasets()
-    counts = plan.counts()
     generator = np.random.default_rng(seed)
-    chosen = generator.choice(len(train_set), size=counts["relabel"] + counts["remove"], replace=False)
-    relabelled, removed = chosen[: counts["relabel"]], chosen[counts["relabel"]:]
-    given = train_set.y.numpy()[relabelled]
-    labels = (given + generator.integers(1, train_set.n_classes, size=len(relabelled))) % train_set.n_classes
-    entries = [PlanEntry(int(train_set.ids[index]), "relabel", int(label), "control") for index, label in zip(relabelled, labels)]
-    entries += [PlanEntry(int(train_set.ids[index]), "remove", None, "control") for index in removed]
-    return CleaningPlan(run.run_id, tuple(sorted(entries, key=lambda entry: entry.example_id)), f"control of {plan.key()}")
+    chosen = generator.choice(len(train_set), size=relabels + removals, replace=False)
+    relabelled, removed = chosen[:relabels], chosen[relabels:]
+    labels = (train_set.y.numpy()[relabelled] + generator.integers(1, train_set.n_classes, size=relabels)) % train_set.n_classes
+    entries = [PlanEntry(int(train_set.ids[index]), "relabel", int(label), origin) for index, label in zip(relabelled, labels)]
+    entries += [PlanEntry(int(train_set.ids[index]), "remove", None, origin) for index in removed]
+    return CleaningPlan(run.run_id, tuple(sorted(entries, key=lambda entry: entry.example_id)), f"{relabels} random relabels, {removals} random removals")
+
+
+def control_plan(run: Run, plan: CleaningPlan, seed: int) -> CleaningPlan:
+    """The plan's control: as many random examples given random other classes as it relabels, as many others removed as it removes."""
+    counts = plan.counts()
+    return random_plan(run, counts["relabel"], counts["remove"], seed, origin="control")
 
 
 def cleaned_run_id(run: Run, plan: CleaningPlan) -> str:
