@@ -49,6 +49,10 @@ HINTS = {
     "train": "Training runs in the background; the run appears in the list when it is done.",
     "features": "The training set's features are computed once per run and checkpoint; every lookup after them is instant.",
     "smoothness": "Each removal is one replay of the recorded run.",
+    "cleaning_prediction": "The test set's scores are stored once per run and method; a plan that relabels fits the method once "
+                           "more with its labels. Editing a relabel into a removal costs nothing after that.",
+    "cleaning_experiment": "Each seed retrains the run as it was, with the plan and with a random control. Finished retrains are "
+                           "kept if you cancel.",
 }
 """What to know while a job of each kind runs."""
 
