@@ -20,6 +20,7 @@ import streamlit as st
 from attribution_core.cleaning.experiment import ExperimentResult, ExperimentSettings, compare
 from attribution_core.cleaning.export import image_folder_files, npz_bytes
 from attribution_core.cleaning.plan import (
+    ACTIONS,
     CleaningPlan,
     PlanEntry,
     PlanSource,
@@ -33,6 +34,7 @@ from attribution_core.cleaning.plan import (
 from attribution_core.cleaning.predict import DEFAULT_METHOD, PredictedEffect, predicting_methods
 from attribution_core.errors import PlanError
 from attribution_core.jobs.kinds import cleaning_experiment_job, cleaning_prediction_job
+from attribution_core.jobs.queue import ACTIVE, JobSpec
 from attribution_core.jobs.ready import offered_methods
 from attribution_core.runs.capabilities import capabilities
 from attribution_core.runs.run import Run
@@ -41,11 +43,16 @@ from .context import select_run
 from .core_calls import annotations, call_or_report, method_label
 from .evaluation_calls import mislabel_ranking
 from .examples import class_name
-from .jobs import job_result
+from .jobs import job_queue, job_result
 
 METHOD_KEY, TOP_K_KEY, FLAGS_KEY, RETRAIN_KEY = "cleaning_method", "cleaning_top_k", "cleaning_flags", "cleaning_retrain"
+PREDICTION_JOB_KEY = "cleaning_prediction_job"
+"""Session state: the key of the prediction job this tab asked for last."""
 ERROR_KEY = "cleaning_edit_error"
 """Session state: why the last edit of the plan was refused (shown once above the table)."""
+COLUMN_WIDTHS = {"example": 90, "given class": 140, "action": 110, "new class": 140, "why": 260}
+"""The plan table's column widths in pixels, the table as wide as they are: a cell is found at the same place whatever the
+classes' names and the window (the browser test clicks into it)."""
 EXPERIMENT = ExperimentSettings()
 """The retrain the button queues: three seeds, a random control of the plan's size, the cleaned data kept as a run."""
 
@@ -100,7 +107,8 @@ def render_source(run: Run, source: PlanSource, ranking: str) -> None:
     columns[1].number_input("and this ranking's top k", min_value=0, max_value=len(run.datasets()[0]), value=source.top_k, step=10,
                             key=TOP_K_KEY, on_change=set_source, args=(run, source, ranking),
                             help="Also the ranking's most suspicious examples: relabelled to its suggestion, removed without one")
-    columns[2].button(f"Undo {len(source.edits)} edits", key="cleaning_drop_edits", icon=":material/restart_alt:", disabled=not source.edits,
+    edits = len(source.edits)
+    columns[2].button(f"Undo {edits} edit{'s' if edits != 1 else ''}" if edits else "Undo edits", key="cleaning_drop_edits", icon=":material/restart_alt:", disabled=not source.edits,
                       on_click=drop_edits, args=(run, source), help="Every example back to its default action")
 
 
@@ -125,16 +133,30 @@ def render_plan_table(run: Run, source: PlanSource, plan: CleaningPlan) -> None:
         st.error(f"That edit was not kept: {refused}", icon=":material/error:")
     table_key = f"{plan_key_of(run)}_{plan.key()}"
     st.data_editor(
-        plan_table(run, plan), key=table_key, hide_index=True, width="stretch", height=min(400, 38 + 35 * max(1, len(plan.entries))),
+        plan_table(run, plan), key=table_key, hide_index=True, width="content", height=min(400, 38 + 35 * max(1, len(plan.entries))),
         disabled=["example", "given class", "why"], num_rows="fixed",
-        column_config={"action": st.column_config.SelectboxColumn(options=["relabel", "remove", "keep"], required=True),
-                       "new class": st.column_config.SelectboxColumn(options=list(train_set.class_names))},
+        column_config={"example": st.column_config.NumberColumn(width=COLUMN_WIDTHS["example"], format="%d"),
+                       "given class": st.column_config.TextColumn(width=COLUMN_WIDTHS["given class"]),
+                       "action": st.column_config.SelectboxColumn(options=list(ACTIONS), required=True, width=COLUMN_WIDTHS["action"]),
+                       "new class": st.column_config.SelectboxColumn(options=list(train_set.class_names), width=COLUMN_WIDTHS["new class"]),
+                       "why": st.column_config.TextColumn(width=COLUMN_WIDTHS["why"])},
         on_change=save_edits, args=(run, source, table_key, plan))
+
+
+def cancel_stale_prediction(spec: JobSpec) -> None:
+    """Cancel the prediction job this tab asked for last when the plan changed since: flagging one example after another would
+    otherwise queue a prediction of every plan on the way (the new one would wait behind them)."""
+    previous = st.session_state.get(PREDICTION_JOB_KEY)
+    if previous not in (None, spec.key) and (job := job_queue().get(previous)) is not None and job.state in ACTIVE:
+        job_queue().cancel(previous)
+    st.session_state[PREDICTION_JOB_KEY] = spec.key
 
 
 def render_prediction(run: Run, plan: CleaningPlan, key: str, method: str) -> PredictedEffect | None:
     """The predicted effect: accuracy now and after, per class, and the test samples predicted to flip (or the job's panel)."""
-    predicted = call_or_report(job_result, run, cleaning_prediction_job(run, key, method))
+    spec = cleaning_prediction_job(run, key, method)
+    cancel_stale_prediction(spec)
+    predicted = call_or_report(job_result, run, spec)
     if predicted is None:
         return None
     before, after = predicted.accuracy()
@@ -178,7 +200,7 @@ def class_table(run: Run, predicted: PredictedEffect, actual: ExperimentResult) 
 
 def scatter(predicted: PredictedEffect, actual: ExperimentResult) -> go.Figure:
     """Each test sample's predicted margin change against the actual one (the seeds' mean)."""
-    figure = go.Figure(go.Scattergl(x=predicted.change, y=actual.margin_change("cleaned"), mode="markers",
+    figure = go.Figure(go.Scatter(x=predicted.change, y=actual.margin_change("cleaned"), mode="markers",
                                     marker={"size": 5, "color": "#4C78A8", "opacity": 0.6},
                                     hovertemplate="predicted %{x:.2f}<br>actual %{y:.2f}<extra></extra>"))
     figure.update_layout(xaxis_title="predicted change of the margin", yaxis_title="actual change (mean over seeds)", height=360,
@@ -199,8 +221,9 @@ def render_comparison(run: Run, predicted: PredictedEffect, actual: ExperimentRe
         text.markdown(f"**Predicted against actual margin change:** Spearman {fared.spearman:.2f} over {len(actual.labels)} test samples.  \n"
                       f"**Flips:** {fared.predicted_flips} predicted, {fared.observed_flips} observed in most seeds, {fared.flips_both} both.")
         if actual.cleaned_run:
-            text.button(f"Open the cleaned run {actual.cleaned_run}", key="cleaning_open_run", icon=":material/open_in_new:",
-                        on_click=select_run, args=(actual.cleaned_run,))
+            text.markdown(f"**The cleaned data** is kept as run `{actual.cleaned_run}`: every page opens it.")
+            text.button("Open the cleaned run", key="cleaning_open_run", icon=":material/open_in_new:", on_click=select_run,
+                        args=(actual.cleaned_run,))
         st.dataframe(class_table(run, predicted, actual), hide_index=True, key="cleaning_classes",
                      column_config={name: st.column_config.NumberColumn(format="percent")
                                     for name in ("now", "predicted", "retrained as it was", "retrained with the plan", "control")})
@@ -241,7 +264,8 @@ def render_cleaning(run: Run, ranking: str) -> None:
     plan = current_plan(run, source)
     if plan is None:
         return
-    render_plan_table(run, source, plan)
+    if plan.entries:
+        render_plan_table(run, source, plan)
     if not any(entry.action != "keep" for entry in plan.entries):
         st.info("The plan changes nothing yet: flag suspects above (mislabeled, outlier), or take the ranking's top k.",
                 icon=":material/playlist_remove:")
