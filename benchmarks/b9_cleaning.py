@@ -13,10 +13,9 @@ For each plan: the predicted change of test accuracy and of every test margin (c
 TRAK and SOURCE beside it), against the run retrained with the plan and with a random control of the same size, on the
 same seeds (cleaning.experiment). Spearman: predicted against actual per-query margin change (the seeds' mean);
 "as removals": the same with every planned example removed instead (what removal scores alone predict).
+--smoke runs tiny sizes (a minute) and writes no RESULTS.md; this script adds the option where common.parser has none.
 
     python benchmarks/b9_cleaning.py [--quick | --smoke] [--json PATH] [--workspace DIR]
-
---smoke (this script's own: benchmarks/common.py has none yet) runs tiny sizes in seconds and writes no RESULTS.md.
 """
 from __future__ import annotations
 
@@ -50,6 +49,8 @@ from attribution_core.runs.run import CheckpointPolicy, Recipe, Run, Stage, load
 from attribution_core.runs.training import train
 from attribution_core.store import Workspace
 
+JSON_KEYS = ("settings",)
+"""The --json output's top-level keys: {"settings": {"noisy": {"plans": {...}, ...}, "memorising": {...}}}."""
 PLANS = ("top5", "top10", "oracle", "random5", "random10")
 JSON_PLANS = ("top5", "top10", "oracle", "random10")
 """The plans the --json output's "plans" holds (other tools read these names); random5 is in the table."""
@@ -189,7 +190,8 @@ def goals(payload: dict) -> list[str]:
 
 def main() -> None:
     cli = parser(__doc__.splitlines()[0])
-    cli.add_argument("--smoke", action="store_true", help="tiny sizes, seconds, no RESULTS.md (this script's own until common.py has one)")
+    if not any("--smoke" in action.option_strings for action in cli._actions):  # common.parser offers it on newer branches
+        cli.add_argument("--smoke", action="store_true", help="tiny sizes, a minute, no RESULTS.md")
     args = cli.parse_args()
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     with workspace_root(args.workspace) as root:
