@@ -50,6 +50,10 @@ PREDICTION_JOB_KEY = "cleaning_prediction_job"
 """Session state: the key of the prediction job this tab asked for last."""
 ERROR_KEY = "cleaning_edit_error"
 """Session state: why the last edit of the plan was refused (shown once above the table)."""
+SIZE_CAVEAT = ("The predicted changes order the test samples well (benchmark B9: Spearman 0.86 against retraining on the demo's "
+               "noisy run with EK-FAC), but EK-FAC and SOURCE overstate their size, TRAK less: the predicted accuracy and flips "
+               "say which way, the retrain says how far.")
+"""What the predicted accuracy can be trusted for, as measured (benchmarks/RESULTS.md, B9)."""
 COLUMN_WIDTHS = {"example": 90, "given class": 140, "action": 110, "new class": 140, "why": 260}
 """The plan table's column widths in pixels, the table as wide as they are: a cell is found at the same place whatever the
 classes' names and the window (the browser test clicks into it)."""
@@ -164,6 +168,7 @@ def render_prediction(run: Run, plan: CleaningPlan, key: str, method: str) -> Pr
     columns[0].metric("Test accuracy now", f"{before:.1%}")
     columns[1].metric(f"Predicted after ({method_label(method)})", f"{after:.1%}", f"{after - before:+.1%}")
     columns[2].metric("Predicted to flip", f"{len(predicted.to_right)} right, {len(predicted.to_wrong)} wrong")
+    st.caption(SIZE_CAVEAT)
     _, test_set = run.datasets()
     flips = np.concatenate([predicted.to_right, predicted.to_wrong])
     if len(flips):
