@@ -61,9 +61,9 @@ EXPERIMENT = ExperimentSettings()
 """The retrain the button queues: three seeds, a random control of the plan's size, the cleaned data kept as a run."""
 
 
-def plan_key_of(run: Run) -> str:
-    """Session-state key prefix of the run's plan table (its plan's key is appended: an edit draws a fresh table)."""
-    return f"cleaning_table_{run.run_id}"
+def table_key(run: Run, plan: CleaningPlan) -> str:
+    """Session-state key of the plan's table: the run's, with the plan's key (an edit makes a new plan, drawn in a fresh table)."""
+    return f"cleaning_table_{run.run_id}_{plan.key()}"
 
 
 def current_plan(run: Run, source: PlanSource) -> CleaningPlan | None:
@@ -74,11 +74,11 @@ def current_plan(run: Run, source: PlanSource) -> CleaningPlan | None:
     return call_or_report(make_plan, run, source, annotations().flags(run.run_id), ranking)
 
 
-def save_edits(run: Run, source: PlanSource, table_key: str, plan: CleaningPlan) -> None:
+def save_edits(run: Run, source: PlanSource, key: str, plan: CleaningPlan) -> None:
     """The plan table's edits kept in the run's plan source, checked first (a callback); a refused edit says why and keeps nothing."""
     names = list(run.datasets()[0].class_names)
     entries, edited = list(plan.entries), source
-    for row, change in st.session_state[table_key]["edited_rows"].items():
+    for row, change in st.session_state[key]["edited_rows"].items():
         current = entries[int(row)]
         action = change.get("action", "relabel" if change.get("new class") else current.action)
         label = (names.index(change["new class"]) if change.get("new class") else current.label) if action == "relabel" else None
@@ -112,8 +112,9 @@ def render_source(run: Run, source: PlanSource, ranking: str) -> None:
                             key=TOP_K_KEY, on_change=set_source, args=(run, source, ranking),
                             help="Also the ranking's most suspicious examples: relabelled to its suggestion, removed without one")
     edits = len(source.edits)
-    columns[2].button(f"Undo {edits} edit{'s' if edits != 1 else ''}" if edits else "Undo edits", key="cleaning_drop_edits", icon=":material/restart_alt:", disabled=not source.edits,
-                      on_click=drop_edits, args=(run, source), help="Every example back to its default action")
+    label = f"Undo {edits} edit{'s' if edits != 1 else ''}" if edits else "Undo edits"
+    columns[2].button(label, key="cleaning_drop_edits", icon=":material/restart_alt:", disabled=not edits, on_click=drop_edits,
+                      args=(run, source), help="Every example back to its default action")
 
 
 def plan_table(run: Run, plan: CleaningPlan) -> pd.DataFrame:
@@ -135,16 +136,16 @@ def render_plan_table(run: Run, source: PlanSource, plan: CleaningPlan) -> None:
     refused = st.session_state.pop(ERROR_KEY, None)
     if refused:
         st.error(f"That edit was not kept: {refused}", icon=":material/error:")
-    table_key = f"{plan_key_of(run)}_{plan.key()}"
+    key = table_key(run, plan)
     st.data_editor(
-        plan_table(run, plan), key=table_key, hide_index=True, width="content", height=min(400, 38 + 35 * max(1, len(plan.entries))),
+        plan_table(run, plan), key=key, hide_index=True, width="content", height=min(400, 38 + 35 * max(1, len(plan.entries))),
         disabled=["example", "given class", "why"], num_rows="fixed",
         column_config={"example": st.column_config.NumberColumn(width=COLUMN_WIDTHS["example"], format="%d"),
                        "given class": st.column_config.TextColumn(width=COLUMN_WIDTHS["given class"]),
                        "action": st.column_config.SelectboxColumn(options=list(ACTIONS), required=True, width=COLUMN_WIDTHS["action"]),
                        "new class": st.column_config.SelectboxColumn(options=list(train_set.class_names), width=COLUMN_WIDTHS["new class"]),
                        "why": st.column_config.TextColumn(width=COLUMN_WIDTHS["why"])},
-        on_change=save_edits, args=(run, source, table_key, plan))
+        on_change=save_edits, args=(run, source, key, plan))
 
 
 def cancel_stale_prediction(spec: JobSpec) -> None:

@@ -107,6 +107,11 @@ class PlanSource:
             raise PlanError(f"edits {bad[:3]}: an action is one of {', '.join(ACTIONS)}")
         object.__setattr__(self, "edits", edits)
 
+    def describe(self) -> str:
+        """'flags + top 300 of dynamics', 'flags', 'top 50 of loss' or 'edits': where the plan's examples come from."""
+        parts = ["flags"] * self.flags + ([f"top {self.top_k} of {self.ranking}"] if self.top_k else [])
+        return " + ".join(parts) or "edits"
+
     def edited(self, example_id: int, action: str, label: int | None = None) -> "PlanSource":
         """The source with one example's action set (replacing an earlier edit of it)."""
         kept = tuple(edit for edit in self.edits if edit[0] != int(example_id))
@@ -162,9 +167,7 @@ def make_plan(run: Run, source: PlanSource, flags: Mapping[int, Flag], ranking: 
                 entries[example_id] = flag_entry(flag, int(given[index_of[example_id]]) if example_id in index_of else -1)
     for example_id, action, label in source.edits:
         entries[example_id] = PlanEntry(example_id, action, label, "edited")
-    description = " + ".join(part for part in ("flags" if source.flags else "", f"top {source.top_k} of {source.ranking}" if source.top_k else "")
-                             if part) or "edits"
-    plan = CleaningPlan(run.run_id, tuple(entries[example_id] for example_id in sorted(entries)), description)
+    plan = CleaningPlan(run.run_id, tuple(entries[example_id] for example_id in sorted(entries)), source.describe())
     check_plan(run, plan, allow_no_change=True)
     return plan
 
