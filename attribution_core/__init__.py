@@ -16,6 +16,7 @@ tests/test_project.py; a sub-package orders its own modules in its __init__'s LA
 - methods/: one module per attribution method, each a `Method` subclass declaring what it is
 - front door (artifacts, state_cache, api, inspection, exports): where attribute / prepare / self_influence store what they compute and keep fitted states loaded, the calls themselves, what the model sees (probabilities, map, representations), exports
 - evaluation/: LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics
+- cleaning/: from flags to a better model: the cleaning plan, its predicted effect, the run retrained with it beside a random control, the cleaned data's exports
 - jobs/: long work as background jobs: the queue, what each kind computes, the workers
 - entry points (cli, run, recorder, the package): the `tdx` command, old import paths, this front door
 """
@@ -54,6 +55,8 @@ LAYERS: tuple[Layer, ...] = (
           "the calls themselves, what the model sees (probabilities, map, representations), exports",
           modules=(("artifacts", "state_cache"), ("api",), ("inspection", "exports"))),
     Layer("evaluation", "LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics", package="evaluation"),
+    Layer("cleaning", "from flags to a better model: the cleaning plan, its predicted effect, the run retrained with it beside a "
+          "random control, the cleaned data's exports", package="cleaning"),
     Layer("jobs", "long work as background jobs: the queue, what each kind computes, the workers", package="jobs"),
     Layer("entry points", "the `tdx` command, old import paths, this front door", modules=(("cli", "run", "recorder", ""),)),
 )

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .cleaning.command import add_clean_command
 from .data import describe_sources
 from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
@@ -662,7 +663,7 @@ def add_mislabels_command(commands: Commands) -> argparse.ArgumentParser:
 
 COMMANDS: list[Callable[[Commands], argparse.ArgumentParser]] = [
     add_train_command, add_record_command, add_trust_command, add_runs_command, add_demo_command, add_app_command, add_attribute_command, add_flags_command,
-    add_lds_command, add_counterfactual_command, add_mislabels_command, add_jobs_command, add_import_command,
+    add_lds_command, add_counterfactual_command, add_mislabels_command, add_clean_command, add_jobs_command, add_import_command,
 ]
 """Every subcommand's adder, in the order `tdx --help` lists them: a new command is its handler, its add_<name>_command
 beside it (in this module or its own) and one entry here."""

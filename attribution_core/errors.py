@@ -34,3 +34,9 @@ class SettingsError(TdxError, ValueError):
     """A settings field holds a value the method cannot use (or a run cannot do what is asked of it)."""
 
     retryable = False
+
+
+class PlanError(TdxError):
+    """A cleaning plan that cannot be applied as given: it changes nothing, names examples the run lacks, or relabels to the given class."""
+
+    retryable = False

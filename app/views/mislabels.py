@@ -2,7 +2,8 @@
 
 Flag them one by one with keyboard shortcuts, or many at once (ticked thumbnails, the map's
 selection, the top k of the queue), undo this tab's last action, and export the flags as CSV, as
-cleanlab's label-issues mask, or as a FiftyOne dataset.
+cleanlab's label-issues mask, or as a FiftyOne dataset. Then clean: the plan the flags make, its
+predicted effect, a retrain with it beside a control, and the cleaned data (components/cleaning.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import streamlit as st
 
 from app.components import charts
 from app.components.bulk import bulk_flag_button, kind_choice
+from app.components.cleaning import render_cleaning
 from app.components.context import url_selectbox
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import MASK_FILE, cleanlab_zip, fiftyone_folder, fiftyone_zip, flags_table
@@ -472,6 +474,7 @@ def render() -> None:
             render_review(run, ranking, queue, key, view.verdicts)
         with list_column:
             render_ranked_list(run, ranking, queue, key)
+    render_cleaning(run, name)
     render_recall(run, name, choices)
 
 

@@ -24,6 +24,9 @@ from typing import Any
 from ..api import attribute as attribute_scores
 from ..api import prepare, resolve_device, stored_scores
 from ..artifacts import state_artifact
+from ..cleaning.experiment import ExperimentSettings, clean_and_retrain, stored_experiment
+from ..cleaning.plan import load_plan
+from ..cleaning.predict import predict_effect, stored_prediction
 from ..data import DataSpec
 from ..errors import SettingsError
 from ..evaluation.counterfactual import CounterfactualSettings, counterfactual, stored_counterfactual
@@ -138,6 +141,14 @@ def _trained(workspace: Workspace, params: Params) -> Run | None:
     return load_run(workspace, params["run_id"]) if params["run_id"] in workspace.run_ids() else None
 
 
+def _predict_cleaning(run: Run, params: Params, progress: ProgressFn) -> None:
+    predict_effect(run, load_plan(run, params["plan"]), params["method"], device=resolve_device("auto"), progress=progress)
+
+
+def _clean(run: Run, params: Params, progress: ProgressFn) -> None:
+    clean_and_retrain(run, load_plan(run, params["plan"]), ExperimentSettings(**params["settings"]), progress=progress)
+
+
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("fit", _fit, _fitted, "The fit is done once per run, method and checkpoints; every query after it is quick."),
     JobKind("scores", _score, _scored,
@@ -156,6 +167,14 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
             "A ranking is computed once per run, then stored."),
     JobKind("train", _train, _trained, "Training runs in the background; the run appears in the list when it is done.",
             new_run=True),
+    JobKind("cleaning_prediction", _predict_cleaning,
+            lambda run, params: stored_prediction(run, load_plan(run, params["plan"]), params["method"]),
+            "The test set's scores are stored once per run and method; a plan that relabels fits the method once more with its "
+            "labels. Editing a relabel into a removal costs nothing after that."),
+    JobKind("cleaning_experiment", _clean,
+            lambda run, params: stored_experiment(run, load_plan(run, params["plan"]), ExperimentSettings(**params["settings"])),
+            "Each seed retrains the run as it was, with the plan and with a random control. Finished retrains are kept if you cancel.",
+            resumable=True),
 )}
 """Every kind of job by name."""
 
@@ -252,6 +271,19 @@ def train_job(workspace: Workspace, run_id: str, data: DataSpec, model: ModelSpe
     check_name(run_id, "run id")
     params = {"run_id": run_id, "data": dataclasses.asdict(data), "model": dataclasses.asdict(model), "recipe": dataclasses.asdict(recipe)}
     return JobSpec("train", run_id, "", json.loads(json.dumps(params)), f"Training run {run_id}", priority)
+
+
+def cleaning_prediction_job(run: Run, plan_key: str, method: str, *, priority: int = INTERACTIVE) -> JobSpec:
+    """A cleaning plan's predicted effect: the method's scores of the whole test set, with the plan's labels too where it relabels."""
+    label = method_class(method).label
+    return _spec(run, "cleaning_prediction", {"plan": plan_key, "method": method},
+                 f"{label}: scoring the test set for cleaning plan {plan_key[:8]}", priority)
+
+
+def cleaning_experiment_job(run: Run, plan_key: str, settings: ExperimentSettings, *, priority: int = REQUESTED) -> JobSpec:
+    """A cleaning plan's actual effect: the run retrained with it and with a random control, over seeds; the cleaned run kept."""
+    return _spec(run, "cleaning_experiment", {"plan": plan_key, "settings": _settings_dict(settings)},
+                 f"Cleaning plan {plan_key[:8]}: retraining with it and with a random control ({len(settings.seeds)} seeds)", priority)
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:

@@ -114,19 +114,25 @@ class ArrayData:
     x_test: np.ndarray | torch.Tensor
     y_test: np.ndarray | torch.Tensor
     class_names: Sequence[str] | None = None
+    ids_train: np.ndarray | torch.Tensor | None = None
+    """Optional stable example ids (n_train,) (default 0..n_train-1): a cleaned data set keeps the ids its examples had."""
+    ids_test: np.ndarray | torch.Tensor | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The npz payload (keys the npz loader reads)."""
         payload = {name: _numpy(getattr(self, name)) for name in ("x_train", "y_train", "x_test", "y_test")}
         if self.class_names is not None:
             payload["class_names"] = np.asarray([str(name) for name in self.class_names])
+        payload |= {name: _numpy(getattr(self, name)) for name in ("ids_train", "ids_test") if getattr(self, name) is not None}
         return payload
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         """(train, test) as the npz loader will read the stored file (class names shared by both splits)."""
         payload = self.arrays()
-        train = dataset_from_arrays(payload["x_train"], payload["y_train"], self.class_names, where="ArrayData [x_train/y_train]")
-        test = dataset_from_arrays(payload["x_test"], payload["y_test"], self.class_names, where="ArrayData [x_test/y_test]")
+        train = dataset_from_arrays(payload["x_train"], payload["y_train"], self.class_names, ids=payload.get("ids_train"),
+                                    where="ArrayData [x_train/y_train]")
+        test = dataset_from_arrays(payload["x_test"], payload["y_test"], self.class_names, ids=payload.get("ids_test"),
+                                   where="ArrayData [x_test/y_test]")
         names = max(train.class_names, test.class_names, key=len)
         return replace(train, class_names=names), replace(test, class_names=names)
 
