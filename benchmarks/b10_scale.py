@@ -181,12 +181,49 @@ def run_size(rows: list[Row], inputs: AttributionInputs, queries: tuple[torch.Te
     return measured(rows, n, f"score {len(queries[1]):,} queries", storage, lambda: method.score(state, inputs, *queries))
 
 
+def measure_sizes(rows: list[Row], model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], queries: tuple[torch.Tensor, torch.Tensor],
+                  scale: Scale, scratch: Path) -> bool:
+    """Every size with memory-mapped arrays, then the smallest in RAM; whether the two gave identical scores.
+
+    The run in RAM comes last, so that the heap it leaves does not raise the mapped runs' peaks.
+    """
+    def inputs(n: int, directory: Path | None) -> AttributionInputs:
+        return AttributionInputs([model], [0.1], data[0][:n], data[1][:n], device=DEVICE, batch_size=BATCH, scratch=directory)
+
+    reference = run_size(rows, inputs(scale.sizes[0], scratch), queries, scale.k, "memory-mapped")
+    for n in scale.sizes[1:]:
+        run_size(rows, inputs(n, scratch), queries, scale.k, "memory-mapped")
+    return bool(torch.equal(reference, run_size(rows, inputs(scale.sizes[0], None), queries, scale.k, "in RAM")))
+
+
 def scaling_rows(rows: list[Row], small: int, large: int) -> list[tuple]:
     """Per job with scratch: µs per example at the smallest and largest N and their ratio (1.0: linear)."""
     by_key = {(row.n, row.job): row for row in rows if row.storage == "memory-mapped"}
     jobs = dict.fromkeys(row.job for row in rows if row.storage == "memory-mapped")
     return [(job, f"{by_key[small, job].us_per_example:.1f}", f"{by_key[large, job].us_per_example:.1f}",
              by_key[large, job].us_per_example / by_key[small, job].us_per_example) for job in jobs]
+
+
+def describe(rows: list[Row], scale: Scale, train: Dataset, data_note: str, identical: bool) -> str:
+    """The RESULTS.md section's body: the setting, the table of jobs and the per-example cost at the smallest and largest N."""
+    small, large = scale.sizes[0], scale.sizes[-1]
+    features_mb, scores_mb = large * scale.k * 4 / 2**20, scale.n_queries * large * 4 / 2**20
+    widths = "-".join(str(width) for width in (np.prod(train.input_shape), *scale.hidden, train.n_classes))
+    return (
+        f"Device: {DEVICE}. Data: {data_note}, tiled {TILES} times ({large:,} examples, "
+        f"{large * np.prod(train.input_shape) * 4 / 2**20:,.0f} MB memory-mapped). Model: MLP {widths}, one epoch on "
+        f"{scale.train_examples:,} examples. Kronecker TRAK, k = {scale.k}, one checkpoint, batch {BATCH}; {scale.n_queries:,} "
+        f"test queries. At N = {large:,} the features (N·k·4 bytes) are {features_mb:,.0f} MB and the scores {scores_mb:,.0f} MB, "
+        "memory-mapped in the workspace's scratch directory (AttributionInputs.scratch). Peak memory: the whole process "
+        "during the job, RSS and its anonymous part (RSS less the resident pages of mapped files: the data, features and "
+        "scores, which the kernel writes back and evicts under memory pressure).\n\n"
+        + markdown_table(["N", "job", "arrays", "seconds", "µs / training example", "peak RSS MB", "peak anonymous MB"],
+                         [row.cells() for row in rows])
+        + f"\n\nCost per training example, memory-mapped, N = {small:,} against N = {large:,} (1.0: linear):\n\n"
+        + markdown_table(["job", f"µs / example at {small:,}", f"µs / example at {large:,}", "ratio"], scaling_rows(rows, small, large))
+        + f"\n\nAt N = {small:,}, the scores from memory-mapped arrays are {'identical to' if identical else 'NOT identical to'} "
+        "those computed in RAM."
+    )
 
 
 def main() -> None:
@@ -201,40 +238,15 @@ def main() -> None:
     with workspace_root(args.workspace) as root:
         x, y = tiled_inputs(train, root), train.y.repeat(TILES)
         model = trained_model(x, y, scale, train.n_classes)
-        identical = None
-        for n in scale.sizes:
-            inputs = AttributionInputs([model], [0.1], x[:n], y[:n], device=DEVICE, batch_size=BATCH, scratch=root / "scratch")
-            mapped = run_size(rows, inputs, queries, scale.k, "memory-mapped")
-            if n == scale.sizes[0]:  # small enough for RAM: the same work in memory, for its time and the comparison
-                in_memory = run_size(rows, AttributionInputs([model], [0.1], x[:n], y[:n], device=DEVICE, batch_size=BATCH),
-                                     queries, scale.k, "in RAM")
-                identical = bool(torch.equal(mapped, in_memory))
-            del mapped
-    small, large = scale.sizes[0], scale.sizes[-1]
-    scaling = scaling_rows(rows, small, large)
-    features_mb, scores_mb = large * scale.k * 4 / 2**20, scale.n_queries * large * 4 / 2**20
-    body = (
-        f"Device: {DEVICE}. Data: {data_note}, tiled {TILES} times ({large:,} examples, {large * np.prod(train.input_shape) * 4 / 2**20:,.0f} MB "
-        f"memory-mapped). Model: MLP {'-'.join(str(w) for w in (np.prod(train.input_shape), *scale.hidden, train.n_classes))}, "
-        f"one epoch on {scale.train_examples:,} examples. Kronecker TRAK, k = {scale.k}, one checkpoint, batch {BATCH}; "
-        f"{scale.n_queries:,} test queries. At N = {large:,} the features (N·k·4 bytes) are {features_mb:,.0f} MB and the scores "
-        f"{scores_mb:,.0f} MB, memory-mapped in the workspace's scratch directory (AttributionInputs.scratch). Peak memory: "
-        "the whole process during the job, RSS and its anonymous part (RSS less the resident pages of mapped files: the data, "
-        "features and scores, which the kernel writes back and evicts under memory pressure).\n\n"
-        + markdown_table(["N", "job", "arrays", "seconds", "µs / training example", "peak RSS MB", "peak anonymous MB"],
-                         [row.cells() for row in rows])
-        + f"\n\nCost per training example, memory-mapped, N = {small:,} against N = {large:,} (1.0: linear):\n\n"
-        + markdown_table(["job", f"µs / example at {small:,}", f"µs / example at {large:,}", "ratio"], scaling)
-        + f"\n\nAt N = {small:,}, the scores from memory-mapped arrays are {'identical to' if identical else 'NOT identical to'} "
-        "those computed in RAM."
-    )
+        identical = measure_sizes(rows, model, (x, y), queries, scale, root / "scratch")
     payload = {"device": str(DEVICE), "data": data_note, "k": scale.k, "n_queries": scale.n_queries,
                "rows": [{"n": row.n, "job": row.job, "storage": row.storage, "seconds": row.seconds,
                          "us_per_example": row.us_per_example, "peak_rss_mb": row.peak_rss_mb,
                          "peak_anonymous_mb": row.peak_anonymous_mb} for row in rows],
-               "scaling": [{"job": job, "us_small": float(a), "us_large": float(b), "ratio": ratio} for job, a, b, ratio in scaling],
+               "scaling": [{"job": job, "us_small": float(a), "us_large": float(b), "ratio": ratio}
+                           for job, a, b, ratio in scaling_rows(rows, scale.sizes[0], scale.sizes[-1])],
                "in_memory_identical": identical}
-    report("b10", "B10 · TRAK at 600,000 training examples", body, args, payload)
+    report("b10", "B10 · TRAK at 600,000 training examples", describe(rows, scale, train, data_note, identical), args, payload)
 
 
 if __name__ == "__main__":
