@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -124,6 +125,34 @@ def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as exc:
         raise WorkspaceError(f"cannot read array {path} ({exc}); delete it to recompute") from exc
+
+
+def mapped_zeros(directory: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """A zero-filled float32 tensor of the shape, memory-mapped from a temporary file in directory (on the CPU).
+
+    Its pages live in the page cache, which the kernel writes back and evicts under memory pressure,
+    so arrays larger than RAM fit. The file is unlinked at once: its disk space is freed with the
+    tensor, and a crash leaves nothing behind. The space is reserved up front, so a full disk fails
+    here, with a WorkspaceError, rather than with a SIGBUS in the middle of a computation.
+    """
+    n_bytes = 4 * math.prod(shape)
+    if n_bytes == 0:  # a zero-length file cannot be mapped
+        return torch.zeros(shape)
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".mapped-", suffix=".f32")
+    except OSError as exc:
+        raise _workspace_error(directory, exc) from exc
+    try:
+        os.posix_fallocate(fd, 0, n_bytes)
+        array = np.memmap(name, dtype=np.float32, mode="r+", shape=shape)
+    except OSError as exc:
+        raise _workspace_error(Path(name), exc) from exc
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return torch.from_numpy(array)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -25,6 +25,7 @@ from attribution_core.store import (
     content_key,
     load_npy,
     load_tensors,
+    mapped_zeros,
     save_tensors,
 )
 
@@ -35,6 +36,15 @@ def test_atomic_write_replaces_content_and_leaves_no_temp_files(tmp_path):
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_mapped_zeros_are_writable_float32_zeros_whose_file_is_already_gone(tmp_path):
+    tensor = mapped_zeros(tmp_path / "scratch", (3, 4))
+    assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.zeros(3, 4))
+    tensor[1] = 2.0
+    assert tensor.sum().item() == 8.0
+    assert list((tmp_path / "scratch").iterdir()) == []
+    assert mapped_zeros(tmp_path, (0, 4)).shape == (0, 4)
 
 
 def test_killed_writer_leaves_the_old_version_intact(tmp_path):

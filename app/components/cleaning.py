@@ -41,9 +41,9 @@ from attribution_core.runs.run import Run
 
 from .context import select_run
 from .core_calls import annotations, call_or_report, method_label
-from .rankings import mislabel_ranking
 from .examples import class_name
 from .jobs import job_queue, job_result
+from .rankings import mislabel_ranking
 
 METHOD_KEY, TOP_K_KEY, FLAGS_KEY, RETRAIN_KEY = "cleaning_method", "cleaning_top_k", "cleaning_flags", "cleaning_retrain"
 PREDICTION_JOB_KEY = "cleaning_prediction_job"

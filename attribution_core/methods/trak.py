@@ -26,6 +26,7 @@ Under torch.distributed, Φ is computed by index ranges, one per rank, and all-g
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -43,6 +44,10 @@ from ..progress import Progress, n_chunks
 from ..task import Task
 from ..validation import check_settings
 from .base import Method
+
+ROW_CHUNK = 4096
+"""Training examples multiplied at a time: Φ's float32 products of this many rows are summed in float64 into ΦᵀΦ, and
+the (N, k) preconditioned features and (queries, N) scores are formed this many rows or columns at a time."""
 
 
 @dataclass
@@ -103,27 +108,30 @@ class Trak(Method):
     def fit(self, inputs: AttributionInputs) -> TrainState:
         """Preconditioned train features per checkpoint, 'preconditioned_{s}': (N, k), and 'self_influence': (N,).
 
-        Under torch.distributed each rank featurizes its index range (see distributed.py).
+        Every checkpoint's Φ is computed first (r̄ pools over all of them), then each Φ becomes its
+        scaled Ψ in place in one pass: one (N, k) array per checkpoint is ever allocated (memory-mapped
+        with inputs.scratch; on a GPU they stay in device memory until the end). Under torch.distributed
+        each rank featurizes its index range (see distributed.py).
         """
         projector = self.projector(inputs)
         rows = local_rows(len(inputs.train_y))
         progress = Progress(inputs.progress, len(inputs.models) * n_chunks(rows.stop - rows.start, inputs.batch_size))
-        state: TrainState = {}
-        self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
+        features, residuals = [], []
         weighted_norms, norms = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for s, model in enumerate(inputs.models):
+        for model in inputs.models:
             phi = self.train_features(model, inputs, projector, progress.step)
             q = residual_weights(model, inputs.task, inputs.train_batches(model=model)).to(phi.device)
-            preconditioned = self._precondition(phi, q if self.settings.use_q else None) / len(inputs.models)
-            self_influence += (phi * preconditioned).sum(dim=1)
-            state[f"preconditioned_{s}"] = preconditioned.cpu()
-            squared_norms = phi.double().square().sum(dim=1)
+            squared_norms = torch.cat([chunk.double().square().sum(dim=1) for chunk in phi.split(ROW_CHUNK)])
             weighted_norms += (q.double() * (1 - q.double()) @ squared_norms).cpu()  # R_ii = Q_ii (1 − Q_ii)
             norms += squared_norms.sum().cpu()
+            features.append(phi)
+            residuals.append(q if self.settings.use_q else None)
         # r̄ = 0 only when every Q_ii is 0 or 1: nothing left to learn, every score 0 or undefined alike
         scale = 1 / max((weighted_norms / norms).item(), torch.finfo(torch.float32).tiny)
-        for s in range(len(inputs.models)):
-            state[f"preconditioned_{s}"] *= scale
+        self_influence = torch.zeros(len(inputs.train_y), device=inputs.device)
+        for phi, q in zip(features, residuals):
+            self._precondition_in_place(phi, q, len(inputs.models), scale, self_influence)
+        state: TrainState = {f"preconditioned_{s}": phi.cpu() for s, phi in enumerate(features)}
         state["self_influence"] = self_influence.cpu() * scale
         return state
 
@@ -136,26 +144,40 @@ class Trak(Method):
         chunks = batches(x, y, inputs.batch_size, inputs.device)
         return project_gradients(model, inputs.task, projector, "measurement", chunks, len(y), on_chunk, self.settings.amp_dtype)
 
-    def _precondition(self, phi: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
-        """ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i: phi (N, k), q (N,) or None (Q = 1) -> (N, k)."""
-        # float32 products of 4096-row chunks (2x faster than float64 on a CPU), summed in float64:
+    def _precondition_in_place(self, phi: torch.Tensor, q: torch.Tensor | None, n_models: int, scale: float, self_influence: torch.Tensor) -> None:
+        """Φ (N, k) becomes Ψ scale / n_models, ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i (q (N,) or None: Q = 1); self_influence (N,) += φ_iᵀ ψ_i / n_models."""
+        # float32 products of ROW_CHUNK-row chunks (2x faster than float64 on a CPU), summed in float64:
         # relative error ~1e-7 against an all-float64 Gram matrix on the Fashion-MNIST MLP.
-        gram = sum((chunk.T @ chunk).double() for chunk in phi.split(4096))
+        gram = sum((chunk.T @ chunk).double() for chunk in phi.split(ROW_CHUNK))
         damping = self.settings.damping_ratio * gram.diagonal().mean().item()
         inverse = damped_inverse(gram, damping).float()
-        preconditioned = phi @ inverse
-        return preconditioned if q is None else preconditioned * q[:, None]
+        weights = q.split(ROW_CHUNK) if q is not None else itertools.repeat(None)
+        for rows, influence, weight in zip(phi.split(ROW_CHUNK), self_influence.split(ROW_CHUNK), weights):
+            preconditioned = rows @ inverse
+            if weight is not None:
+                preconditioned *= weight[:, None]
+            preconditioned /= n_models
+            influence += (rows * preconditioned).sum(dim=1)
+            rows.copy_(preconditioned.mul_(scale))  # φ_i is not needed any more: ψ_i takes its place, no second (N, k) array
 
     def score(self, state: TrainState, inputs: AttributionInputs, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_queries, n_train): the change of each query's margin from training with each example, positive = proponent."""
+        """Scores (n_queries, n_train): the change of each query's margin from training with each example, positive = proponent.
+
+        Written ROW_CHUNK training examples at a time into inputs.result_array (memory-mapped with
+        inputs.scratch): beside the scores, only a (n_queries, ROW_CHUNK) product is held.
+        """
         projector = self.projector(inputs)
         progress = Progress(inputs.progress, len(inputs.models) * n_chunks(len(query_y), inputs.batch_size))
-        scores = torch.zeros(len(query_y), len(inputs.train_y), device=inputs.device)
+        preconditioned, query_features = [], []
         for s, model in enumerate(inputs.models):
-            preconditioned = state_tensor(state, f"preconditioned_{s}", inputs.device)
-            if preconditioned.shape[1] != projector.k:
-                raise SettingsError(f"state has {preconditioned.shape[1]} features per example, settings give k={projector.k}: refit")
-            scores += self._project(model, inputs, projector, query_x, query_y, progress.step) @ preconditioned.T
+            preconditioned.append(state_tensor(state, f"preconditioned_{s}", inputs.device))
+            if preconditioned[-1].shape[1] != projector.k:
+                raise SettingsError(f"state has {preconditioned[-1].shape[1]} features per example, settings give k={projector.k}: refit")
+            query_features.append(self._project(model, inputs, projector, query_x, query_y, progress.step))
+        scores = inputs.result_array(len(query_y), len(inputs.train_y))
+        for start in range(0, len(inputs.train_y), ROW_CHUNK):
+            rows = slice(start, start + ROW_CHUNK)  # summed over checkpoints in order, as one product per checkpoint would be
+            scores[:, rows] = sum(features @ train[rows].T for features, train in zip(query_features, preconditioned))
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:

@@ -275,7 +275,7 @@ def fit_corrected_eigenvalues(
     for start, layers in loss_layer_batches(model, inputs, fisher, key, local_rows(len(inputs.train_y))):
         for layer in layers:
             if weights is not None:  # √w on g alone weighs the squared gradient by w
-                layer = LayerBatch(layer.name, layer.conv_input or layer.inputs, layer.output_grads * _root_weights(weights, start, layer))
+                layer = LayerBatch(layer.name, layer.unformed_input or layer.inputs, layer.output_grads * _root_weights(weights, start, layer))
             sums[layer.name] += squared_rotated_sums(layer, bases[layer.name])
         on_chunk()
     return {name: all_reduce_sum(total) / len(inputs.train_y) for name, total in sums.items()}

@@ -31,7 +31,7 @@ class ConvInput:
     module: nn.Conv2d
     x: torch.Tensor
 
-    def patches(self) -> torch.Tensor:
+    def formed(self) -> torch.Tensor:
         """The (B, T, d_in) patches (conv_patches)."""
         return conv_patches(self.module, self.x)
 
@@ -43,37 +43,73 @@ class ConvInput:
         projected = F.conv2d(self.x, kernels, bias, module.stride, _conv_padding(module), module.dilation)
         return projected.flatten(2)
 
+    def float(self) -> "ConvInput":
+        """The same input in float32."""
+        return ConvInput(self.module, self.x.float())
+
+
+@dataclass
+class LinearInput:
+    """A linear layer's input (B, T, d) before the bias column of ones is appended: projections add the bias row instead."""
+
+    x: torch.Tensor
+    bias: bool
+
+    def formed(self) -> torch.Tensor:
+        """The (B, T, d_in) inputs, a column of ones appended for the bias."""
+        if not self.bias:
+            return self.x
+        return torch.cat([self.x, self.x.new_ones(self.x.shape[:-1] + (1,))], dim=-1)
+
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """matrixᵀ a_t at every position, (B, m, T), for matrix (d_in, m): the bias row added by addmm, no ones column copied."""
+        n, positions, d = self.x.shape
+        rows = self.x.reshape(n * positions, d)
+        projected = torch.addmm(matrix[d], rows, matrix[:d]) if self.bias else rows @ matrix
+        return projected.view(n, positions, -1).transpose(1, 2)
+
+    def float(self) -> "LinearInput":
+        """The same input in float32."""
+        return LinearInput(self.x.float(), self.bias)
+
+
+UnformedInput = ConvInput | LinearInput
+"""A captured layer input whose (B, T, d_in) matrix is formed only when asked for."""
+
 
 class LayerBatch:
     """Inputs and output gradients of one layer for one batch.
 
     inputs: (B, T, d_in) layer inputs (conv: unfolded patches; bias column of ones appended),
-        formed on first use when a convolution's raw input was captured (conv_input).
+        formed on first use from the captured input (unformed_input); project_inputs never forms them.
     output_grads: (B, T, d_out) gradients of the summed per-example objective w.r.t. outputs.
     """
 
-    def __init__(self, name: str, inputs: torch.Tensor | ConvInput, output_grads: torch.Tensor):
+    def __init__(self, name: str, inputs: torch.Tensor | UnformedInput, output_grads: torch.Tensor):
         self.name = name
         self._inputs = inputs
         self.output_grads = output_grads
 
     @property
     def inputs(self) -> torch.Tensor:
-        """(B, T, d_in), patches formed (once) if needed."""
-        if isinstance(self._inputs, ConvInput):
-            self._inputs = self._inputs.patches()
+        """(B, T, d_in), formed (once) if needed."""
+        if isinstance(self._inputs, UnformedInput):
+            self._inputs = self._inputs.formed()
         return self._inputs
 
     @property
-    def conv_input(self) -> ConvInput | None:
-        """The convolution's raw input while its patches have not been formed, else None."""
-        return self._inputs if isinstance(self._inputs, ConvInput) else None
+    def unformed_input(self) -> UnformedInput | None:
+        """The captured input while its (B, T, d_in) matrix has not been formed, else None."""
+        return self._inputs if isinstance(self._inputs, UnformedInput) else None
+
+    def project_inputs(self, matrix: torch.Tensor) -> torch.Tensor:
+        """matrixᵀ a_t for every example and position, (B, m, T), for matrix (d_in, m); an unformed input stays unformed."""
+        unformed = self.unformed_input
+        return unformed.project(matrix) if unformed is not None else (self._inputs @ matrix).transpose(1, 2)
 
     def float(self) -> "LayerBatch":
-        """The same layer in float32 (patches still unformed where they were)."""
-        conv = self.conv_input
-        inputs = ConvInput(conv.module, conv.x.float()) if conv is not None else self._inputs.float()
-        return LayerBatch(self.name, inputs, self.output_grads.float())
+        """The same layer in float32 (inputs still unformed where they were)."""
+        return LayerBatch(self.name, self._inputs.float(), self.output_grads.float())
 
     def per_example_gradients(self) -> torch.Tensor:
         """Per-example weight gradients (B, d_out, d_in): only for small layers and tests."""
@@ -106,17 +142,14 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2)
 
 
-def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor | ConvInput:
-    """The (B, T, d_in) matrix a whose outer products with output gradients give weight gradients (conv: formed lazily)."""
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> UnformedInput:
+    """The captured input whose (B, T, d_in) matrix a, outer-multiplied with output gradients, gives weight gradients (formed lazily)."""
     if isinstance(module, nn.Conv2d):
         _conv_padding(module)  # unsupported convolutions fail at capture time
         return ConvInput(module, x)
     if not isinstance(module, nn.Linear):
         raise SettingsError(f"cannot track layer {module!r}: only nn.Linear and nn.Conv2d are supported")
-    inputs = x.reshape(x.shape[0], -1, x.shape[-1])
-    if module.bias is not None:
-        inputs = torch.cat([inputs, inputs.new_ones(inputs.shape[:-1] + (1,))], dim=-1)
-    return inputs
+    return LinearInput(x.reshape(x.shape[0], -1, x.shape[-1]), module.bias is not None)
 
 
 def _flatten_output_grads(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -143,7 +176,7 @@ class LayerCapture:
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
-        self._inputs: dict[str, torch.Tensor | ConvInput] = {}
+        self._inputs: dict[str, UnformedInput] = {}
         self._edges: dict[str, tuple[nn.Module, GradientEdge]] = {}
         self._handles: list = []
 

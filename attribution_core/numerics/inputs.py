@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import SettingsError
 from ..progress import ProgressFn, no_progress
+from ..store import mapped_zeros
 from ..task import Task
 
 TrainState = dict[str, torch.Tensor]
@@ -65,6 +67,8 @@ class AttributionInputs:
         applied); None: train_x for every model. Gradients at a model are taken on its view.
     weights: per model, (n_train,) how much each example was trained on in the stretch of
         training the model closes, mean 1 (TracIn weighs each checkpoint's terms by it); None: 1.
+    scratch: a directory where per-example results (features, scores) are memory-mapped instead
+        of held in RAM when the device is a CPU (result_array); None: in memory.
     """
 
     models: list[nn.Module]
@@ -78,6 +82,7 @@ class AttributionInputs:
     segments: list[Segment] | None = None
     views: list[torch.Tensor] | None = None
     weights: list[torch.Tensor] | None = None
+    scratch: Path | None = None
 
     def _position(self, model: nn.Module) -> int:
         for position, candidate in enumerate(self.models):
@@ -92,6 +97,12 @@ class AttributionInputs:
     def train_weights(self, model: nn.Module) -> torch.Tensor | None:
         """(n_train,) how much each example was trained on in the stretch of training the model closes; None: all alike."""
         return None if self.weights is None else self.weights[self._position(model)]
+
+    def result_array(self, *shape: int) -> torch.Tensor:
+        """A float32 array for a per-example result that the caller fills entirely: memory-mapped in scratch on a CPU, else on the device."""
+        if self.scratch is not None and self.device.type == "cpu":
+            return mapped_zeros(self.scratch, shape)
+        return torch.empty(shape, device=self.device)
 
     def train_batches(self, rows: slice | None = None, model: nn.Module | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(start, x, y) chunks of the training set (or of its rows) on the device, x as the model's stage saw it (see `batches`)."""

@@ -23,17 +23,17 @@ def projected_features(
 ) -> torch.Tensor:
     """The projected objective gradient of every training example, averaged over the models: (N, k).
 
-    Each model's gradients are taken on its view of the training inputs (inputs.train_view).
+    Each model's gradients are taken on its view of the training inputs (inputs.train_view). The
+    features are written into inputs.result_array: memory-mapped where inputs.scratch says so.
 
     Under torch.distributed each rank projects its index range and the ranges are all-gathered.
     """
     def shard(rows: slice) -> torch.Tensor:
-        total = None
-        for model in models:
+        total = inputs.result_array(rows.stop - rows.start, projector.k)
+        for index, model in enumerate(models):
             chunks = batches(inputs.train_view(model)[rows], inputs.train_y[rows], inputs.batch_size, inputs.device)
-            features = project_gradients(model, inputs.task, projector, objective, chunks, rows.stop - rows.start, on_chunk, amp_dtype)
-            total = features if total is None else total.add_(features)
-        return total / len(models) if len(models) > 1 else total
+            project_gradients(model, inputs.task, projector, objective, chunks, len(total), on_chunk, amp_dtype, out=total, add=index > 0)
+        return total.div_(len(models)) if len(models) > 1 else total
 
     return sharded_rows(len(inputs.train_y), shard)
 
@@ -47,16 +47,23 @@ def project_gradients(
     n_examples: int,
     on_chunk: Callable[[], None] = lambda: None,
     amp_dtype: str | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    add: bool = False,
 ) -> torch.Tensor:
     """Projected per-example gradients of the objective, (n_examples, k) float32 on the chunks' device.
 
     The chunks' starts index the rows, which are filled in place: no list of per-chunk features
-    is held beside the result.
+    is held beside the result. out: the (n_examples, k) array to fill (default: a new one), or
+    with add=True to add the features to.
     """
-    features = None
     for start, layers in layer_batches(model, task, objective, chunks, amp_dtype):
-        if features is None:
-            features = torch.empty(n_examples, projector.k, device=layers[0].output_grads.device)
-        projector.project(layers, out=features[start : start + layers[0].output_grads.shape[0]])
+        if out is None:
+            out = torch.empty(n_examples, projector.k, device=layers[0].output_grads.device)
+        rows = out[start : start + layers[0].output_grads.shape[0]]
+        if add:
+            rows += projector.project(layers)
+        else:
+            projector.project(layers, out=rows)
         on_chunk()
-    return features if features is not None else torch.empty(0, projector.k)
+    return out if out is not None else torch.empty(0, projector.k)

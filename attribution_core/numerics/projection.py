@@ -245,13 +245,11 @@ class KroneckerProjector(Projector):
         # (.., 2, 1) x (.., 1, 2) products of small blocks ran 15x slower than the matmuls' memory traffic.
         if positions == 1:
             projected_grads = (layer.output_grads[:, 0] @ p_out).view(n, split.k_out, 1, split.blocks)
-            projected_inputs = (layer.inputs[:, 0] @ p_in).view(n, 1, split.k_in, split.blocks)
+            projected_inputs = layer.project_inputs(p_in)[:, :, 0].view(n, 1, split.k_in, split.blocks)
             products = projected_grads * projected_inputs  # (n, k_out, k_in, blocks)
         else:  # (k, d) @ (n, d, T): convolution captures are channels-first; their patches are never formed
             projected_grads = torch.matmul(p_out.T, layer.output_grads.transpose(1, 2)).view(n, split.k_out, split.blocks, positions)
-            conv = layer.conv_input
-            projected_inputs = conv.project(p_in) if conv is not None else torch.matmul(p_in.T, layer.inputs.transpose(1, 2))
-            projected_inputs = projected_inputs.view(n, split.k_in, split.blocks, positions)
+            projected_inputs = layer.project_inputs(p_in).reshape(n, split.k_in, split.blocks, positions)
             if split.k_out == split.k_in == 1:  # independent rank-one features: a product summed over positions
                 products = (projected_grads * projected_inputs).sum(dim=3)
             else:  # (n, blocks, k_out, T) @ (n, blocks, T, k_in), back to (n, k_out, k_in, blocks)
