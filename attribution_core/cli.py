@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .cleaning.command import add_clean_command
-from .data import describe_sources
+from .data import Dataset, describe_sources
 from .distributed import init_from_torchrun
 from .errors import SettingsError, TdxError
 from .evaluation.mislabel import RANKINGS
@@ -481,6 +481,12 @@ def _checkpoint_list(text: str | None) -> list[int] | None:
     return None if text is None else list(_parse_classes(text))
 
 
+def example_name(dataset: Dataset, index: int) -> str:
+    """'#index' as the app names a training example, with its dataset id beside it where the two differ ('#609 (id 11140)')."""
+    example_id = int(dataset.ids[index])
+    return f"#{int(index)}" + (f" (id {example_id})" if example_id != int(index) else "")
+
+
 def cmd_attribute(args: argparse.Namespace) -> None:
     from .api import attribute
     from .jobs.ready import default_method
@@ -501,7 +507,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     for query in range(min(scores.n_queries, args.show)):
         for kind, (indices, values) in (("proponents", scores.top_proponents(query, args.top)),
                                         ("opponents", scores.top_opponents(query, args.top))):
-            listed = ", ".join(f"#{train_set.ids[i]} {train_set.class_names[int(train_set.y[i])]} ({v:+.3g})"
+            listed = ", ".join(f"{example_name(train_set, i)} {train_set.class_names[int(train_set.y[i])]} ({v:+.3g})"
                                for i, v in zip(indices, values))
             print(f"{scores.query_names[query]} {kind}: {listed}")
     if args.out:
@@ -641,7 +647,7 @@ def cmd_mislabels(args: argparse.Namespace) -> None:
     for index in ranking.order()[: args.top]:
         suggestion = ranking.suggestion(index, int(train_set.y[index]))
         suggested = "" if suggestion is None else f" → {train_set.class_names[suggestion]}"
-        print(f"#{train_set.ids[index]:6d} {train_set.class_names[int(train_set.y[index])]}{suggested} ({ranking.scores[index]:.3g})")
+        print(f"{example_name(train_set, index)} {train_set.class_names[int(train_set.y[index])]}{suggested} ({ranking.scores[index]:.3g})")
     if train_set.flipped.any():
         metrics = mislabel_metrics(ranking.scores, train_set.flipped)
         print(f"injected noise found: top 10 % {metrics['top10']:.2f}, top 20 % {metrics['top20']:.2f}, ROC-AUC {metrics['auc']:.3f}")

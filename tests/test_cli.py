@@ -5,10 +5,13 @@ import argparse
 import re
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 from attribution_core import cli
 from attribution_core.cli import main as tdx
+from attribution_core.data import Dataset
 from attribution_core.errors import SettingsError
 from attribution_core.evaluation.mislabel import default_ranking
 from attribution_core.jobs.ready import default_method
@@ -85,7 +88,7 @@ def workspace(demo_workspace, tmp_path) -> Workspace:
 
 
 def printed_suspects(capsys) -> list[str]:
-    """The suspect lines `tdx mislabels` printed (one per example: '#id label ...')."""
+    """The suspect lines `tdx mislabels` printed (one per example: '#index label ...', as the app names it)."""
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
 
 
@@ -121,3 +124,8 @@ def test_attribute_and_counterfactual_use_the_runs_default_method_as_the_app_ope
     with pytest.raises(SystemExit):
         tdx(["counterfactual", "fmnist-mlp", "3", "--workspace", str(workspace.root)])
     assert asked == ["graddot"]
+
+
+def test_examples_are_named_by_the_pages_index_with_the_dataset_id_beside_it_where_they_differ():
+    dataset = Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), ("a",), np.zeros((2, 1, 1)), np.array([11140, 1]))
+    assert [cli.example_name(dataset, index) for index in range(2)] == ["#0 (id 11140)", "#1"]
