@@ -45,7 +45,8 @@ GRID_CSS = """<style>
 /* Every cell as tall as its row, its button (the cell's one keyed element) at the bottom: a row's buttons line up
    whatever the captions' lengths. */
 [class*="st-key-grid_"] [data-testid="stColumn"] > [data-testid="stVerticalBlock"] > [data-testid="stLayoutWrapper"],
-[class*="st-key-grid_"] [data-testid="stColumn"] > [data-testid="stVerticalBlock"] > [data-testid="stLayoutWrapper"] > [data-testid="stVerticalBlock"] {
+[class*="st-key-grid_"] [data-testid="stColumn"] > [data-testid="stVerticalBlock"] > [data-testid="stLayoutWrapper"] >
+    [data-testid="stVerticalBlock"] {
     flex: 1 1 auto;
 }
 [class*="st-key-grid_"] [data-testid="stColumn"] [data-testid="stElementContainer"][class*="st-key-"] { margin-top: auto; }

@@ -10,13 +10,17 @@ do not use (cleanlab for mislabel rankings, say) need not be installed.
 
 Layout, bottom up: each layer imports only from the layers below it (LAYERS, checked by
 tests/test_project.py; a sub-package orders its own modules in its __init__'s LAYERS):
-- foundation (errors, progress, distributed, scores, validation, store, task, models, annotations, data, trust): errors a user can act on, progress callbacks, settings validation, the atomic workspace store, the Task extension point, models, data sources, consent to import a run's code
+- foundation (errors, progress, distributed, scores, validation, store, task, models, annotations, data, trust): errors a user can act on,
+  progress callbacks, settings validation, the atomic workspace store, the Task extension point, models, data sources, consent to import a
+  run's code
 - numerics/: the math the methods share: per-layer gradients, projections, curvature, segments, the inputs every method receives
 - runs/: how a run is made and kept: its record, training, the Recorder, import, the demo, the replay engine
 - methods/: one module per attribution method, each a `Method` subclass declaring what it is
-- front door (artifacts, state_cache, api, inspection, exports): where attribute / prepare / self_influence store what they compute and keep fitted states loaded, the calls themselves, what the model sees (probabilities, map, representations), exports
+- front door (artifacts, state_cache, api, inspection, exports): where attribute / prepare / self_influence store what they compute and keep
+  fitted states loaded, the calls themselves, what the model sees (probabilities, map, representations), exports
 - evaluation/: LDS, counterfactual and smoothness checks, mislabel rankings and training dynamics
-- cleaning/: from flags to a better model: the cleaning plan, its predicted effect, the run retrained with it beside a random control, the cleaned data's exports
+- cleaning/: from flags to a better model: the cleaning plan, its predicted effect, the run retrained with it beside a random control, the
+  cleaned data's exports
 - jobs/: long work as background jobs: the queue, what each kind computes, the workers
 - entry points (cli, run, recorder, the package): the `tdx` command, old import paths, this front door
 """

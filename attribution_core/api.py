@@ -152,7 +152,8 @@ def prepare(
     """Load the method's stored train-side state for the run, or fit and store it (once)."""
     method_object, checkpoints = _method_at(run, method, checkpoints, settings)
     task = task or Task()
-    inputs, notes = method_object.prepare_inputs(_inputs(run, checkpoints, resolve_device(device), progress, task, batch_size), run, checkpoints)
+    prepared = _inputs(run, checkpoints, resolve_device(device), progress, task, batch_size)
+    inputs, notes = method_object.prepare_inputs(prepared, run, checkpoints)
     notes = _record_notes(run) + notes
     artifact = state_artifact(run, method_object, checkpoints, task)
     compute_once_across_ranks(artifact, lambda: method_object.fit(inputs), _save_state)  # every rank takes part in a sharded fit

@@ -157,7 +157,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, optimizer=args.optimizer, schedule=args.schedule, warmup_steps=args.warmup_steps,
     )
     stages = tuple(Stage(**parse_stage(text, defaults)) for text in args.stage) if args.stage else (Stage(**defaults),)
-    policy = CheckpointPolicy(every_epochs=None, count=args.checkpoints) if args.checkpoints else CheckpointPolicy(every_epochs=args.checkpoint_every)
+    policy = (CheckpointPolicy(every_epochs=None, count=args.checkpoints) if args.checkpoints
+              else CheckpointPolicy(every_epochs=args.checkpoint_every))
     recipe = Recipe(stages, seed=args.seed, checkpoints=policy)
     workspace = Workspace(args.workspace)
     workspace.run_dir(args.run_id, must_exist=False)  # refuse a bad run id before drawing the progress bar
@@ -668,7 +669,8 @@ def add_mislabels_command(commands: Commands) -> argparse.ArgumentParser:
 
 
 COMMANDS: list[Callable[[Commands], argparse.ArgumentParser]] = [
-    add_train_command, add_record_command, add_trust_command, add_runs_command, add_demo_command, add_app_command, add_attribute_command, add_flags_command,
+    add_train_command, add_record_command, add_trust_command, add_runs_command, add_demo_command, add_app_command, add_attribute_command,
+    add_flags_command,
     add_lds_command, add_counterfactual_command, add_mislabels_command, add_clean_command, add_jobs_command, add_import_command,
 ]
 """Every subcommand's adder, in the order `tdx --help` lists them: a new command is its handler, its add_<name>_command

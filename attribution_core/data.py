@@ -345,7 +345,8 @@ def _load_sample(spec: DataSpec) -> tuple[Dataset, Dataset]:
     if not path.is_file():
         raise DataError(f"{path}: sample file is missing; rebuild it with `python sample_data/build_sample.py`")
     train, test = _npz_datasets(path, spec)
-    return replace(train, provenance={**train.provenance, "source": "sample"}), replace(test, provenance={**test.provenance, "source": "sample"})
+    return (replace(train, provenance={**train.provenance, "source": "sample"}),
+            replace(test, provenance={**test.provenance, "source": "sample"}))
 
 
 def _load_digits(spec: DataSpec) -> tuple[Dataset, Dataset]:

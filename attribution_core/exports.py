@@ -211,7 +211,8 @@ def save_scores(path: str | Path, scores: Scores, train_set: Dataset, *, top: in
 
 
 def score_suffix(path: str | Path) -> str:
-    """The path's score file type (one of SCORE_SUFFIXES), checked before any scoring: an unknown one, or .parquet without pyarrow, is an error."""
+    """The path's score file type (one of SCORE_SUFFIXES), checked before any scoring: an unknown one, or .parquet without
+    pyarrow, is an error."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SCORE_SUFFIXES:

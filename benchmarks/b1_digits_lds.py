@@ -55,7 +55,8 @@ class Contender:
 
 
 def contenders(args: argparse.Namespace) -> dict[str, Contender]:
-    """Every method the core declares, at its defaults, and the projected variants of EK-FAC and SOURCE (k = 4096; a smoke run's model has fewer parameters: 512)."""
+    """Every method the core declares, at its defaults, and the projected variants of EK-FAC and SOURCE (k = 4096; a smoke
+    run's model has fewer parameters: 512)."""
     k = by_mode(args, full=4096, quick=4096, smoke=512)
     return {
         **{name: Contender(name) for name in METHODS},

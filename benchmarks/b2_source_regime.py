@@ -64,7 +64,8 @@ from attribution_core.task import Task, correct_class_margin
 
 N_CHECKPOINTS = 6
 DAMPING_RATIOS = (0.1, 10.0, 100.0, 1000.0)
-"""EK-FAC influence's damping as a fraction of each layer's mean eigenvalue (default 1; 0.1 is kronfluence's heuristic), for --sensitivity."""
+"""EK-FAC influence's damping as a fraction of each layer's mean eigenvalue (default 1; 0.1 is kronfluence's heuristic),
+for --sensitivity."""
 LR_SUM_FACTORS = (0.1, 10.0)
 """Factors on every segment's η̄K for --sensitivity."""
 MODEL = ModelSpec("mlp", {"hidden": [128]})
@@ -159,7 +160,8 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             "2 epochs of SGD at lr 0.01, far from converged",
         ),
         "rotated": Setting(
-            data, model, rotated_recipe, "3 epochs on upright images, then 3 epochs on the same images rotated by 90 degrees; upright queries",
+            data, model, rotated_recipe,
+            "3 epochs on upright images, then 3 epochs on the same images rotated by 90 degrees; upright queries",
         ),
         "rotated_stage2_queries": Setting(
             data, model, rotated_recipe, "the rotated run, its queries rotated as stage 2 sees them", task=StageTwoQueries(),
@@ -182,7 +184,8 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
 def the_run(workspace: Workspace, name: str, setting: Setting) -> Run:
     """The setting's run, trained unless the workspace already holds it."""
     run_id = f"b2-{setting.run_of or name}"
-    run = load_run(workspace, run_id) if run_id in workspace.run_ids() else train(setting.data, setting.model, setting.recipe, workspace, run_id)
+    run = (load_run(workspace, run_id) if run_id in workspace.run_ids()
+           else train(setting.data, setting.model, setting.recipe, workspace, run_id))
     if len(run.checkpoints) != N_CHECKPOINTS:
         raise SystemExit(f"{run_id}: {len(run.checkpoints)} checkpoints, B2 needs {N_CHECKPOINTS}")
     return run
@@ -269,7 +272,8 @@ def by_hand_run(workspace: Workspace, run: Run) -> Run:
                 if number in checkpoint_steps:
                     recorder.checkpoint()
     by_hand = load_run(workspace, run_id)
-    final, theirs = by_hand.load_model(len(by_hand.checkpoints) - 1).network.state_dict(), run.load_model(len(run.checkpoints) - 1).state_dict()
+    final = by_hand.load_model(len(by_hand.checkpoints) - 1).network.state_dict()
+    theirs = run.load_model(len(run.checkpoints) - 1).state_dict()
     difference = relative_difference(final, theirs)
     if len(by_hand.checkpoints) != len(run.checkpoints) or difference > SAME_WEIGHTS_TOLERANCE:
         raise SystemExit(f"{run_id}: {len(by_hand.checkpoints)} checkpoints, final weights {difference:.2g} from {run.run_id}'s (relative)")

@@ -68,9 +68,11 @@ def main() -> None:
         overhead = recorded / plain - 1
         steps = -(-len(train_set) // RECIPE.stages[0].batch_size)
         share = work / (plain / steps)
-        rows.append((name, f"{plain:.2f}", f"{recorded:.2f}", f"{100 * overhead:+.1f} %", f"{1e6 * work:.0f}", f"{100 * share:.2f} %", "≤ 5 %"))
+        rows.append((name, f"{plain:.2f}", f"{recorded:.2f}", f"{100 * overhead:+.1f} %", f"{1e6 * work:.0f}", f"{100 * share:.2f} %",
+                     "≤ 5 %"))
         payload[name] = {"plain_seconds": plain, "recorded_seconds": recorded, "overhead": overhead, "record_work_share": share}
-        print(f"{name}: {plain:.2f} s plain, {recorded:.2f} s recorded ({100 * overhead:+.1f} %), record work {100 * share:.2f} % of a step", flush=True)
+        print(f"{name}: {plain:.2f} s plain, {recorded:.2f} s recorded ({100 * overhead:+.1f} %), "
+              f"record work {100 * share:.2f} % of a step", flush=True)
     body = (f"{len(train_set):,} training images ({source}), one epoch, batch 64, best of {repeats}.\n\n"
             + "The whole-epoch difference is within this machine's run-to-run noise; the recorder's own work per step "
             "(margins, append, chunk writes), timed alone, is the robust figure.\n\n"

@@ -267,7 +267,8 @@ def model_rows(setting: Setting, scale: Scale, device: torch.device, anchors: bo
         ("trak_featurize_kron", "tda-explorer", n, lambda: trak_features(inputs, scale.k, "kronecker"), scale.repeats),
         ("trak_featurize_dense", "tda-explorer", n_slow, lambda: trak_features(slow, scale.k, "dense"), 1),
         ("ekfac_fit", "tda-explorer", n_curv, lambda: ekfac_fit(curvature), 1),
-        ("source_passes", "tda-explorer", 2 * n_curv, lambda: source_fit(replace(curvature, models=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
+        ("source_passes", "tda-explorer", 2 * n_curv,
+         lambda: source_fit(replace(curvature, models=[model, second], checkpoint_lrs=[0.1, 0.1])), 1),
         (SCORING, "tda-explorer", scale.n_queries,
          lambda: score_queries(inputs, scale.k, setting.test.x[queries], setting.test.y[queries]), 1),
     ]

@@ -231,7 +231,8 @@ def main() -> None:
             payload[name] = {"rankings": results, "goal": {"bounds": GOALS[name], "met": met}, "seed_spread": spread,
                              "held_out_seeds": list(seeds), "clean_label_references": held,
                              "look_alike_flips": int(look_alike_flips(train_set).sum())}
-            rows = [(ranking + (" (5-fold: 5 extra trainings)" if ranking in EXTRA_TRAINING else ""), m["top10"], m["top20"], m["auc"], m["seconds"])
+            rows = [(ranking + (" (5-fold: 5 extra trainings)" if ranking in EXTRA_TRAINING else ""),
+                     m["top10"], m["top20"], m["auc"], m["seconds"])
                     for ranking, m in sorted(results.items(), key=lambda item: -item[1]["auc"])]
             reference_rows = [(description, m["top10"], m["top20"], m["auc"], f"{m['missed']} ({m['missed_look_alike']} look-alike)",
                                m["seconds"]) for description, m in held.items()]

@@ -45,7 +45,8 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     with workspace_root(args.workspace) as root:
         workspace = Workspace(root)
-        run = load_run(workspace, RUN_ID) if RUN_ID in workspace.run_ids() else train(*demo_run(args, RUN_ID, tiny=args.quick), workspace, RUN_ID)
+        run = (load_run(workspace, RUN_ID) if RUN_ID in workspace.run_ids()
+               else train(*demo_run(args, RUN_ID, tiny=args.quick), workspace, RUN_ID))
         chosen = queries(run, by_mode(args, full=20, quick=5, smoke=2))
         rows, payload = [], {}
         for position, method in enumerate(name for name in METHOD_NAMES if name in METHODS):

@@ -78,7 +78,8 @@ def per_query_seconds(run: Run, method: str, queries: np.ndarray, block: int) ->
 
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
-    arguments.add_argument("--queries", type=int, default=None, help="test examples scored and averaged over (default 100; --quick 32; --smoke 8)")
+    arguments.add_argument("--queries", type=int, default=None,
+                           help="test examples scored and averaged over (default 100; --quick 32; --smoke 8)")
     arguments.add_argument("--subsets", type=int, default=None, help="subsets per ground truth (default 100; --quick 20; --smoke 4)")
     add_workers_option(arguments, default=2)
     args = arguments.parse_args()

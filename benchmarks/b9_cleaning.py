@@ -84,8 +84,9 @@ def settings(size: str) -> list[Setting]:
         Setting("noisy", noisy.run_id, noisy.data if size != "smoke" else DataSpec(source="sample", max_train=200, max_test=60,
                                                                                      noise_fraction=0.1, noise_seed=0),
                 noisy.model, noisy_recipe, seeds, methods, chosen),
-        Setting("memorising", "fmnist-memorising", DataSpec(source="sample", max_train=n_memorising, max_test=500 if size == "full" else 100,
-                                                            noise_fraction=0.1, noise_seed=0),
+        Setting("memorising", "fmnist-memorising",
+                DataSpec(source="sample", max_train=n_memorising, max_test=500 if size == "full" else 100,
+                         noise_fraction=0.1, noise_seed=0),
                 ModelSpec("mlp", {"hidden": [512]}), memorising, seeds, methods, chosen),
     ]
 
@@ -106,8 +107,10 @@ def plans(run: Run, names: tuple[str, ...]) -> dict[str, CleaningPlan]:
     made = {f"top{share}": make_plan(run, PlanSource(flags=False, ranking=name, top_k=round(share / 100 * n)), {}, ranking)
             for share in (5, 10)}
     flipped = np.flatnonzero(train_set.flipped)
-    made["oracle"] = CleaningPlan(run.run_id, tuple(PlanEntry(int(train_set.ids[index]), "relabel", int(train_set.original_y[index]), "oracle")
-                                                    for index in flipped), "the flipped labels, relabelled to their true classes")
+    made["oracle"] = CleaningPlan(run.run_id,
+                                  tuple(PlanEntry(int(train_set.ids[index]), "relabel", int(train_set.original_y[index]), "oracle")
+                                        for index in flipped),
+                                  "the flipped labels, relabelled to their true classes")
     for share in (5, 10):
         made[f"random{share}"] = random_plan(run, round(share / 100 * n), 0, seed=share)
     return {name: made[name] for name in names}
@@ -149,15 +152,16 @@ def run_setting(workspace: Workspace, setting: Setting) -> tuple[list[tuple], li
             predicted, scoring, answering = measure(run, plan, method)
             fared = compare(predicted, actual)
             removal_only = float(spearmanr(as_removals(run, plan, method), actual.margin_change("cleaned")).statistic)
-            method_rows.append((setting.name, name, method, fared.spearman, removal_only, f"{fared.predicted_accuracy_change:+.3f}", scoring,
-                                answering))
+            method_rows.append((setting.name, name, method, fared.spearman, removal_only, f"{fared.predicted_accuracy_change:+.3f}",
+                                scoring, answering))
             if method != DEFAULT_METHOD:
                 continue
             gain = fared.accuracy_change
             oracle_gain = gain if name == "oracle" else oracle_gain
             counts = plan.counts()
             found = int(train_set.flipped[np.concatenate([plan_indices(run, plan, "relabel"), plan_indices(run, plan, "remove")])].sum())
-            rows.append((setting.name, name, f"{counts['relabel']} / {counts['remove']} ({found} flipped)", f"{fared.predicted_accuracy_change:+.3f}",
+            rows.append((setting.name, name, f"{counts['relabel']} / {counts['remove']} ({found} flipped)",
+                         f"{fared.predicted_accuracy_change:+.3f}",
                          f"{gain:+.3f} ± {fared.accuracy_change_std:.3f}", f"{fared.control_accuracy_change:+.3f}", fared.spearman,
                          removal_only, seed_agreement(actual), f"{fared.predicted_flips} / {fared.observed_flips} / {fared.flips_both}",
                          answering, scoring))
@@ -176,15 +180,18 @@ def goals(payload: dict) -> list[str]:
     """The issue's goals, each with whether this run met it."""
     noisy, memorising = payload["noisy"]["plans"], payload["memorising"]["plans"]
     slowest = max(plan["prediction_seconds"] for setting in payload.values() for plan in setting["plans"].values())
-    recovered = memorising["top10"]["accuracy_change"] / memorising["oracle"]["accuracy_change"] if memorising["oracle"]["accuracy_change"] else float("nan")
+    oracle_change = memorising["oracle"]["accuracy_change"]
+    recovered = memorising["top10"]["accuracy_change"] / oracle_change if oracle_change else float("nan")
 
     def met(ok: bool) -> str:
         return "met" if ok else "not met"
 
-    return [f"- noisy run, top-10 % plan: Spearman of predicted against actual per-query margin change {noisy['top10']['spearman_margin_change']:.2f} "
+    return [f"- noisy run, top-10 % plan: Spearman of predicted against actual per-query margin change "
+            f"{noisy['top10']['spearman_margin_change']:.2f} "
             f"(goal >= 0.6: {met(noisy['top10']['spearman_margin_change'] >= 0.6)})",
             f"- memorising run: the top-10 % plan recovers {recovered:.0%} of the oracle's accuracy gain "
-            f"({memorising['top10']['accuracy_change']:+.3f} of {memorising['oracle']['accuracy_change']:+.3f}; goal >= 50 %: {met(recovered >= 0.5)})",
+            f"({memorising['top10']['accuracy_change']:+.3f} of {memorising['oracle']['accuracy_change']:+.3f}; "
+            f"goal >= 50 %: {met(recovered >= 0.5)})",
             f"- a plan's prediction from stored scores: at most {slowest:.2f} s (goal <= 2 s: {met(slowest <= 2)})"]
 
 

@@ -127,7 +127,8 @@ def fashion_mnist(max_train: int | None, args: argparse.Namespace) -> tuple[Data
 def add_workers_option(arguments: argparse.ArgumentParser, default: int) -> None:
     """Add --workers, the processes retraining ground truths: `default` on full and quick runs, 1 on a smoke run."""
     arguments.add_argument("--workers", type=int, default=None,
-                           help=f"processes retraining the ground truth (default {default}; 1 with --smoke, whose retrainings take milliseconds)")
+                           help=f"processes retraining the ground truth (default {default}; "
+                                "1 with --smoke, whose retrainings take milliseconds)")
     arguments.set_defaults(default_workers=default)
 
 
@@ -232,7 +233,8 @@ def write_section(name: str, title: str, body: str) -> None:
     section = (f"{begin}\n## {title}\n\n- date: {stamp}\n- machine: {machine()}; {load()}\n- versions: {versions()}\n"
                f"- command: `{command_line()}`\n\n{body.strip()}\n{end}")
     with file_lock(RESULTS.with_name(".RESULTS.md.lock")):  # several benchmarks may finish at once
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder; each replaces its own section.\n"
+        text = (RESULTS.read_text() if RESULTS.exists()
+                else "# Benchmark results\n\nWritten by the scripts in this folder; each replaces its own section.\n")
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
         text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
         atomic_write_bytes(RESULTS, text.encode())

@@ -260,7 +260,8 @@ def test_the_image_folder_export_reads_back_as_the_cleaned_training_set(run, tmp
     def pairs(images: np.ndarray, classes: list[int]) -> Counter:
         return Counter((image.tobytes(), label) for image, label in zip(images, classes))
 
-    read = pairs(train.images, [int(train.class_names[c][:3]) for c in train.y]) + pairs(test.images, [int(test.class_names[c][:3]) for c in test.y])
+    read = (pairs(train.images, [int(train.class_names[c][:3]) for c in train.y])
+            + pairs(test.images, [int(test.class_names[c][:3]) for c in test.y]))
     assert read == pairs(original_train.images[keep], labels[keep].tolist())
     assert (tmp_path / "cleaned" / "plan.csv").read_bytes().decode() == plan_csv(run, plan)
 
@@ -285,7 +286,8 @@ def test_tdx_clean_prints_the_predicted_and_actual_rows_and_writes_the_cleaned_d
 def test_the_jobs_compute_and_load_a_prediction_and_an_experiment(run):
     plan = CleaningPlan(run.run_id, a_plan(run).entries[2:4])  # removals only
     key = store_plan(run, plan)
-    for spec in (cleaning_prediction_job(run, key, "kfac"), cleaning_experiment_job(run, key, ExperimentSettings(seeds=(0,), keep_run=False))):
+    experiment = ExperimentSettings(seeds=(0,), keep_run=False)
+    for spec in (cleaning_prediction_job(run, key, "kfac"), cleaning_experiment_job(run, key, experiment)):
         assert load_result(run, spec) is None
         job_kind(spec.kind).run(run, spec.params, lambda done, total: None)
         assert load_result(run, spec) is not None

@@ -192,7 +192,8 @@ def test_self_influence_is_the_diagonal_of_pairwise_scores_for_the_loss_falling(
 def test_scores_do_not_depend_on_batch_or_query_block_size():
     checkpoints, train_x, train_y, query_x, query_y = mlp_trajectory(n_train=40)
     scores = [
-        fit_and_score(InfluenceSettings(query_batch_size=query_block), make_inputs(checkpoints[-1:], train_x, train_y, batch_size=batch), query_x, query_y)
+        fit_and_score(InfluenceSettings(query_batch_size=query_block), make_inputs(checkpoints[-1:], train_x, train_y, batch_size=batch),
+                      query_x, query_y)
         for batch, query_block in [(64, 64), (7, 4), (1, 1)]
     ]
     for other in scores[1:]:  # float32 sums in another order: equal to rounding
@@ -218,7 +219,8 @@ def test_projected_scoring_stores_n_by_k_features_and_keeps_exact_self_influence
     exact_state, projected_state = exact_method.fit(inputs), projected_method.fit(inputs)
     assert projected_state["train_features"].shape == (20, 64) and "train_features" not in exact_state
     torch.testing.assert_close(projected_method.self_influence(projected_state, inputs), exact_method.self_influence(exact_state, inputs))
-    assert correlation(projected_method.score(projected_state, inputs, query_x, query_y), exact_method.score(exact_state, inputs, query_x, query_y)) > 0.6
+    assert correlation(projected_method.score(projected_state, inputs, query_x, query_y),
+                       exact_method.score(exact_state, inputs, query_x, query_y)) > 0.6
     with pytest.raises(SettingsError, match="k=32"):
         Influence(InfluenceSettings(k=32)).score(projected_state, inputs, query_x, query_y)
 

@@ -75,7 +75,8 @@ def write_png(path: Path, size: tuple[int, int], color: int | tuple[int, int, in
 
 def test_digits_split_equals_sklearn_train_test_split_exactly():
     digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(digits.data / 16, digits.target, test_size=360, random_state=0, stratify=digits.target)
+    x_train, x_test, y_train, y_test = train_test_split(digits.data / 16, digits.target, test_size=360, random_state=0,
+                                                        stratify=digits.target)
     train, test = load_dataset(DIGITS)
     assert (len(train), len(test)) == (1437, 360)
     assert torch.equal(train.x.reshape(len(train), -1), torch.as_tensor(x_train, dtype=torch.float32))
@@ -214,7 +215,8 @@ def test_idx_round_trip(tmp_path, suffix):
     train, test = load_dataset(DataSpec(source="fashion_mnist", path=str(tmp_path)))
     assert np.array_equal(train.images, arrays["train_x"]) and np.array_equal(test.y.numpy(), arrays["test_y"])
     assert train.ids.tolist() == list(range(12)) and train.class_names == FASHION_MNIST_CLASSES
-    assert [entry["bytes"] for entry in train.provenance["files"]] == [(tmp_path / Path(f["file"]).name).stat().st_size for f in train.provenance["files"]]
+    sizes = [(tmp_path / Path(f["file"]).name).stat().st_size for f in train.provenance["files"]]
+    assert [entry["bytes"] for entry in train.provenance["files"]] == sizes
 
 
 def test_idx_dotted_file_names(tmp_path):
@@ -254,7 +256,8 @@ def test_missing_files(tmp_path):
     assert_data_error(lambda: load_dataset(DataSpec(source="fashion_mnist", path=str(tmp_path / "none"))), "none", "dataset-fashion-mnist")
     write_idx_dir(tmp_path / "idx")
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte").unlink()
-    assert_data_error(lambda: load_dataset(DataSpec(source="fashion_mnist", path=str(tmp_path / "idx"))), "t10k-labels-idx1-ubyte", "not found")
+    assert_data_error(lambda: load_dataset(DataSpec(source="fashion_mnist", path=str(tmp_path / "idx"))),
+                      "t10k-labels-idx1-ubyte", "not found")
     assert_data_error(lambda: load_dataset(DataSpec(source="image_folder", path=str(tmp_path / "pics"))), "pics", "no such folder")
 
 

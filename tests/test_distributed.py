@@ -81,7 +81,8 @@ def test_two_gloo_processes_fit_the_state_of_one(tmp_path, method):
     # eigenvalues: compare what the states compute, the scores of training examples as queries.
     query_x, query_y = inputs.train_x[:8], inputs.train_y[:8]
     expected = attributor.score(single, inputs, query_x, query_y)
-    torch.testing.assert_close(attributor.score(sharded, inputs, query_x, query_y), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(attributor.score(sharded, inputs, query_x, query_y), expected,
+                               rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 REPLAY_QUERIES = [0, 1, 2, 3, 4]

@@ -141,7 +141,8 @@ def test_indefinite_curvature_without_absolute_eigenvalues_is_refused():
     curvature = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
     with pytest.raises(SettingsError, match="damping"):
         damped_inverse(curvature, 0.5)
-    torch.testing.assert_close(damped_inverse(curvature, 0.5, absolute_eigenvalues=True), torch.diag(torch.tensor([0.4, 1 / 1.5], dtype=torch.float64)))
+    torch.testing.assert_close(damped_inverse(curvature, 0.5, absolute_eigenvalues=True),
+                               torch.diag(torch.tensor([0.4, 1 / 1.5], dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("field, value", [("curvature", "fisher"), ("damping", -0.1)])

@@ -152,7 +152,8 @@ def test_npy_scores_round_trip_with_a_sidecar_naming_rows_and_columns(run, score
     assert sidecar["train_ids"] == train_set.ids.tolist() and sidecar["train_labels"] == train_set.y.tolist()
     assert sidecar["query_names"] == scores.query_names and sidecar["query_indices"] == [4, 9, 11]
     assert sidecar["query_labels"] == [1, 7, 3] and sidecar["class_names"] == list(train_set.class_names)
-    assert (sidecar["method"], sidecar["settings"], sidecar["checkpoints"], sidecar["key"]) == ("graddot", {"normalize": False}, [0], "abc123")
+    assert (sidecar["method"], sidecar["settings"], sidecar["checkpoints"], sidecar["key"]) == (
+        "graddot", {"normalize": False}, [0], "abc123")
 
 
 def test_csv_scores_hold_the_top_k_proponents_and_opponents_of_every_query(run, scores, tmp_path):

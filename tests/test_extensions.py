@@ -184,7 +184,8 @@ def test_a_ranking_declared_in_rankings_is_computed_stored_offered_and_listed(ru
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
     assert [int(re.match(r"#(\d+)", line).group(1)) for line in printed] == brightest.tolist()  # the page's index, as the app shows it
     app = open_app("mislabels", run=run.run_id, ranking="brightness")
-    assert app.selectbox(key="ranking").value == "brightness" and "Mean brightness" in app.selectbox(key="ranking").format_func("brightness")
+    ranking_box = app.selectbox(key="ranking")
+    assert ranking_box.value == "brightness" and "Mean brightness" in ranking_box.format_func("brightness")
     assert f"Suspect 1 of {len(train_set)}" in texts(app)
 
 

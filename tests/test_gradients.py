@@ -83,7 +83,8 @@ def test_capture_leaves_the_model_without_gradients():
 
 def test_in_place_activation_after_a_layer_does_not_change_its_gradients():
     torch.manual_seed(0)
-    layers = [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 6 * 6, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)]
+    layers = [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 6 * 6, 4), nn.ReLU(inplace=True),
+              nn.Linear(4, 3)]
     model = nn.Sequential(*layers).eval()
     x, y = data(4, (2, 6, 6))
     torch.testing.assert_close(captured_gradients(model, x, y, "loss"), loop_gradients(model, x, y, "loss"))

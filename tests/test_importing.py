@@ -81,7 +81,8 @@ def test_checkpoints_without_metadata_or_learning_rates_get_pseudo_steps_in_natu
     states = [load_tensors(trained.directory / "checkpoints" / info.file) for info in trained.checkpoints]
     for name, state in zip(("weights_2", "weights_10"), states):  # 2 before 10, though "weights_10" < "weights_2"
         save_tensors(folder / f"{name}.safetensors", state)  # no "step" metadata
-    run = import_run(tmp_path / "ws", "plain", model=FACTORY, options={"hidden": 32}, checkpoints=str(folder / "*.safetensors"), data=DIGITS)
+    run = import_run(tmp_path / "ws", "plain", model=FACTORY, options={"hidden": 32}, checkpoints=str(folder / "*.safetensors"),
+                     data=DIGITS)
     assert [info.step for info in run.checkpoints] == [1, 2] and run.trajectory.lr == [1.0, 1.0]
     assert run.metrics["imported_steps"] == "pseudo" and run.metrics["imported_learning_rates"] == "equal (none given)"
     last = load_run(tmp_path / "ws", "plain").load_model(-1).state_dict()
@@ -97,7 +98,8 @@ def test_a_pickle_checkpoint_is_refused_with_the_conversion_hint_and_nothing_is_
     shutil.copy(exported / "epoch_1.safetensors", folder / "epoch_1.safetensors")
     (folder / "epoch_2.pt").write_bytes(b"a pickle, never opened")
     for checkpoints in (str(folder / "*"), [folder / "epoch_1.safetensors", folder / "epoch_2.pt"]):
-        with pytest.raises(CheckpointError, match=r"epoch_2\.pt: only \.safetensors files are loaded .*convert it with safetensors\.torch\.save_file"):
+        with pytest.raises(CheckpointError,
+                           match=r"epoch_2\.pt: only \.safetensors files are loaded .*convert it with safetensors\.torch\.save_file"):
             import_run(tmp_path / "ws", "pickled", model=FACTORY, options={"hidden": 32}, checkpoints=checkpoints, data=DIGITS)
     assert not (tmp_path / "ws" / "runs" / "pickled").exists()
 
@@ -115,7 +117,8 @@ def test_a_truncated_checkpoint_is_refused_as_corrupt_and_nothing_is_written(exp
 
 @pytest.mark.badinput
 def test_a_checkpoint_of_another_shape_is_named_with_the_parameter(exported, tmp_path):
-    with pytest.raises(SettingsError, match=r"checkpoint .*epoch_1\.safetensors does not match .*parameter '1\.weight' has shape \[32, 64\] "
+    with pytest.raises(SettingsError, match=r"checkpoint .*epoch_1\.safetensors does not match "
+                                            r".*parameter '1\.weight' has shape \[32, 64\] "
                                             r"where factory .* builds \[16, 64\]"):
         import_run(tmp_path, "narrow", model=FACTORY, options={"hidden": 16}, checkpoints=f"{exported}/*.safetensors", data=DIGITS)
     assert not (tmp_path / "runs" / "narrow").exists()
@@ -162,5 +165,6 @@ def test_the_import_command(exported, tmp_path, capsys):
     args.handler(args)
     assert [info.sha256 for info in load_run(tmp_path, "cli-files").checkpoints] == [file_sha256(path) for path in files]
     with pytest.raises(SettingsError, match="--options .* is not JSON"):
-        bad = parser.parse_args(["import", "x", "--model", FACTORY, "--options", "{hidden: 32}", "--checkpoints", "a.safetensors", "--data", "digits"])
+        bad = parser.parse_args(["import", "x", "--model", FACTORY, "--options", "{hidden: 32}", "--checkpoints", "a.safetensors",
+                                 "--data", "digits"])
         bad.handler(bad)

@@ -24,7 +24,8 @@ def test_penultimate_representations_feed_the_classifier_head(demo_workspace):
     head = run.load_model(-1)[-1]
     _, test_set = run.datasets()
     with torch.no_grad():
-        np.testing.assert_allclose(head(torch.as_tensor(representations)).numpy(), run.load_model(-1)(test_set.x).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(head(torch.as_tensor(representations)).numpy(), run.load_model(-1)(test_set.x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_umap_layout_is_seeded():

@@ -108,7 +108,8 @@ def test_readme_and_package_docstring_list_the_declared_layers():
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout"):].split("\n## ", 1)[0]
     assert [line for line in lines if line not in layout] == []
-    assert [line for line in lines if line not in attribution_core.__doc__] == []
+    docstring = " ".join(attribution_core.__doc__.split())  # the docstring wraps its long lines
+    assert [line for line in lines if " ".join(line.split()) not in docstring] == []
 
 
 def test_old_import_paths_give_the_moved_modules_themselves():

@@ -79,8 +79,10 @@ def test_rotated_projection_projects_the_rotated_gradients():
     generator = torch.Generator().manual_seed(0)
     rotations = {name: tuple(torch.linalg.qr(torch.randn(d, d, generator=generator))[0] for d in shape) for name, shape in shapes.items()}
     projector = KroneckerProjector(shapes, k=40, seed=5, block=4)
-    rotated_gradients = {layer.name: rotations[layer.name][0].T @ layer.per_example_gradients() @ rotations[layer.name][1] for layer in layers}
-    torch.testing.assert_close(projector.rotated(rotations).project(layers), projector.project_matrices(rotated_gradients), rtol=1e-4, atol=1e-5)
+    rotated_gradients = {layer.name: rotations[layer.name][0].T @ layer.per_example_gradients() @ rotations[layer.name][1]
+                         for layer in layers}
+    torch.testing.assert_close(projector.rotated(rotations).project(layers), projector.project_matrices(rotated_gradients),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("make", [lambda s: KroneckerProjector(s, 30, seed=1), lambda s: DenseProjector(s, 30, seed=1, chunk=17)])
@@ -115,7 +117,8 @@ def test_projection_preserves_squared_norms_on_average(projector_class, kind):
     shapes, layers = cnn_layers()
     gradients = per_example_gradients(layers)
     ratios = torch.stack(
-        [projector_class(shapes, 64, seed=seed, kind=kind).project(layers).square().sum(1) / gradients.square().sum(1) for seed in range(60)]
+        [projector_class(shapes, 64, seed=seed, kind=kind).project(layers).square().sum(1) / gradients.square().sum(1)
+         for seed in range(60)]
     )
     assert ratios.mean().item() == pytest.approx(1.0, abs=0.08)
 

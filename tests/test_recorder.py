@@ -248,7 +248,8 @@ def test_indices_that_are_not_rows_are_refused(tmp_path, indices, message):
 def test_a_model_that_does_not_match_its_factory_is_named_and_nothing_is_written(tmp_path):
     with pytest.raises(SettingsError, match=r"parameter '1\.weight' has shape \[16, 64\] where factory .*builds \[32, 64\]"):
         Recorder(tmp_path, "mismatch", model=fresh_model(hidden=16), factory=FACTORY, data=DIGITS)
-    with pytest.raises(SettingsError, match=r"factory 'mlp' has parameter '3\.weight' \[10, 128\] that the model passed to the Recorder lacks"):
+    with pytest.raises(SettingsError,
+                       match=r"factory 'mlp' has parameter '3\.weight' \[10, 128\] that the model passed to the Recorder lacks"):
         Recorder(tmp_path, "mismatch", model=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), factory="mlp", data=DIGITS)
     wrapped = nn.Module()
     wrapped.module = fresh_model()

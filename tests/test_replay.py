@@ -152,7 +152,8 @@ class Stop(Exception):
 def test_scores_report_every_replayed_step_and_a_raising_callback_stops_them_cleanly(run):
     settings, queries = {"query_block": 2, "stride": 3}, [3, 4, 5]  # two blocks; a state of its own (fitted here)
     n_steps, calls = run.record.n_steps, []
-    scores = api.attribute(run, "replay", queries=queries, settings=settings, device="cpu", progress=lambda done, total: calls.append((done, total)))
+    scores = api.attribute(run, "replay", queries=queries, settings=settings, device="cpu",
+                           progress=lambda done, total: calls.append((done, total)))
     assert [call for call in calls if call[1] == n_steps] == [(step, n_steps) for step in range(1, n_steps + 1)]  # the fit's replay
     assert [call for call in calls if call[1] != n_steps] == [(step, 2 * n_steps) for step in range(1, 2 * n_steps + 1)]  # two blocks
     _, test_set = run.datasets()
@@ -245,5 +246,6 @@ def test_the_smoothness_check_is_stored_and_read_back_without_replaying(sgd_run,
     assert module.stored_smoothness(sgd_run, 5, "replay", checkpoints=[1]) is None
     first = module.smoothness(sgd_run, 5, "replay", checkpoints=[1])
     monkeypatch.setattr(module, "smoothness_check", lambda *args, **kwargs: pytest.fail("the stored check was computed again"))
-    assert module.smoothness(sgd_run, 5, "replay", checkpoints=[1]) == first == module.stored_smoothness(sgd_run, 5, "replay", checkpoints=[1])
+    assert (module.smoothness(sgd_run, 5, "replay", checkpoints=[1]) == first
+            == module.stored_smoothness(sgd_run, 5, "replay", checkpoints=[1]))
     assert len(first.predicted) == len(first.actual) == module.SmoothnessSettings().n_removals

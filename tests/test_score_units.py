@@ -172,7 +172,8 @@ class Approximation:
 
 APPROXIMATIONS = {
     # EK-FAC with the regulariser's curvature as its damping: the quantity exact influence computes, approximated
-    "ekfac": Approximation(lambda: Influence(InfluenceSettings(damping=WEIGHT_DECAY)), inputs_at_the_end, lambda removals: removals.own_loss),
+    "ekfac": Approximation(lambda: Influence(InfluenceSettings(damping=WEIGHT_DECAY)), inputs_at_the_end,
+                           lambda removals: removals.own_loss),
     "source": Approximation(lambda: Source(SourceSettings()), source_inputs, lambda removals: removals.own_loss),
     # the model is its own features (no projection needed); TRAK's own ridge, over its default last five checkpoints
     "trak": Approximation(lambda: Trak(TrakSettings(projection="identity")),

@@ -84,7 +84,8 @@ def test_short_segments_approach_lr_weighted_gradient_dot_products():
     task, final = inputs.task, checkpoints[-1]
     query_grads = flat_gradients(final, task, query_x, query_y, "measurement").double()
     expected = sum(
-        -(lr_sum / len(train_y)) * query_grads @ torch.stack([flat_gradients(m, task, train_x, train_y, "loss").double() for m in segment.models]).mean(0).T
+        -(lr_sum / len(train_y)) * query_grads
+        @ torch.stack([flat_gradients(m, task, train_x, train_y, "loss").double() for m in segment.models]).mean(0).T
         for lr_sum, segment in zip(lr_sums, inputs.segments)
     )
     scores = method.score(state, inputs, query_x, query_y).double()

@@ -44,7 +44,8 @@ def run(tmp_path_factory):
 
 
 def test_source_with_views_and_draw_weights_equals_the_exact_per_segment_formula():
-    """Where EK-FAC is exact (each view shares one input; the empirical Fisher), SOURCE is the explicit formula with each segment's view and weights."""
+    """Where EK-FAC is exact (each view shares one input; the empirical Fisher), SOURCE is the explicit formula with each
+    segment's view and weights."""
     models, train_x, train_y, query_x, query_y = shared_input_case(n_checkpoints=4)
     other_input = torch.linspace(-1, 1, train_x.shape[1], dtype=torch.float64).expand_as(train_x).clone()
     segments = [Segment(models[:2], 0.5), Segment(models[2:], 3.0, torch.tensor([2.0, 0.0, 1.0, 1.5, 0.0, 1.5]))]
@@ -65,7 +66,8 @@ def test_tracin_weighs_each_checkpoint_by_its_draw_weights_on_its_view():
     inputs = make_inputs(models, train_x, train_y, batch_size=7)
     inputs.checkpoint_lrs, inputs.views, inputs.weights = [0.1, 0.2, 0.3], views, weights
     expected = sum(
-        -lr * w[None, :].double() * (loop_gradients(model, query_x, query_y, "measurement").double() @ loop_gradients(model, view, train_y).double().T)
+        -lr * w[None, :].double()
+        * (loop_gradients(model, query_x, query_y, "measurement").double() @ loop_gradients(model, view, train_y).double().T)
         for model, lr, view, w in zip(models, inputs.checkpoint_lrs, views, weights)
     )
     method = TracIn()
@@ -122,7 +124,8 @@ def test_source_segments_weigh_examples_by_their_draws_and_a_stage_2_segment_ign
     prepared = api.prepare(run, "source", settings={"n_segments": 2}, device="cpu")
     first, second = prepared.inputs.segments
     np.testing.assert_allclose(first.weights.numpy(), _counted_weights(run, 1, run.checkpoints[1].step), rtol=1e-5)
-    np.testing.assert_allclose(second.weights.numpy(), _counted_weights(run, run.checkpoints[1].step + 1, run.trajectory.n_steps), rtol=1e-5)
+    np.testing.assert_allclose(second.weights.numpy(), _counted_weights(run, run.checkpoints[1].step + 1, run.trajectory.n_steps),
+                               rtol=1e-5)
     unseen = ~TWO_STAGES.stages[1].members(train_set.y.numpy())
     scores = api.attribute(run, "source", queries=QUERIES, settings={"n_segments": 2}, device="cpu")
     assert np.all(scores.segment_values[1][:, unseen] == 0) and np.any(scores.segment_values[0][:, unseen] != 0)

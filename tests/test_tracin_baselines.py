@@ -88,7 +88,8 @@ def test_gradient_cosine_equals_the_normalised_gradient_dot(make_model, shape):
     x, y = data(9, shape)
     query_x, query_y = data(3, shape, seed=1)
     state, inputs, scores = fit_and_score(GradientCosine(), models, x, y, query_x, query_y)
-    expected = -F.normalize(loop_gradients(models[-1], query_x, query_y, "measurement")) @ F.normalize(loop_gradients(models[-1], x, y, "loss")).T
+    expected = (-F.normalize(loop_gradients(models[-1], query_x, query_y, "measurement"))
+                @ F.normalize(loop_gradients(models[-1], x, y, "loss")).T)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(SettingsError, match="'gradcos' defines no self-influence"):
         GradientCosine().self_influence(state, inputs)

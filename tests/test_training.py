@@ -119,7 +119,9 @@ def test_checkpoint_with_wrong_shapes_is_refused(two_stage_run, tmp_path):
     original = path.read_bytes()
     try:
         save_tensors(path, wrong)
-        with pytest.raises(CheckpointError, match=re.escape(f"{path} does not fit model mlp {{'hidden': [16]}}: restore the checkpoint this run trained, or train the run again (Error(s) in loading")):
+        expected = (f"{path} does not fit model mlp {{'hidden': [16]}}: restore the checkpoint this run trained, "
+                    "or train the run again (Error(s) in loading")
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
             two_stage_run.load_model(0)
     finally:
         path.write_bytes(original)
@@ -189,7 +191,8 @@ def test_training_into_a_read_only_workspace_is_reported_and_leaves_no_run(tmp_p
     monkeypatch.setattr("tempfile.mkstemp", read_only)
     workspace = Workspace(tmp_path)
     first_file = tmp_path / "runs" / "ro" / "incomplete.json"  # the marker that says a run is being trained, written first
-    with pytest.raises(WorkspaceError, match=re.escape(f"cannot write {first_file}: the workspace is read-only; pass a writable --workspace")):
+    with pytest.raises(WorkspaceError,
+                       match=re.escape(f"cannot write {first_file}: the workspace is read-only; pass a writable --workspace")):
         train(DIGITS, SMALL_MLP, Recipe((Stage(epochs=1),)), workspace, "ro")
     assert workspace.run_ids() == [] and not any(path.is_file() for path in tmp_path.rglob("*"))
 

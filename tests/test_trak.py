@@ -80,7 +80,8 @@ def test_progress_counts_every_chunk_of_every_checkpoint():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("k", 0), ("projection", "sparse"), ("projection_kind", "uniform"), ("damping_ratio", -1.0), ("kronecker_block", -1), ("dense_chunk", 0)],
+    [("k", 0), ("projection", "sparse"), ("projection_kind", "uniform"), ("damping_ratio", -1.0), ("kronecker_block", -1),
+     ("dense_chunk", 0)],
 )
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(SettingsError, match=f"{field}="):

@@ -18,7 +18,8 @@ def agreement_sentence(first_label: str, second_label: str, first: np.ndarray, s
     if np.isnan(correlation):
         correlation_text = "undefined (one method gives every example the same score)"
     else:
-        strength = "strongly" if correlation >= 0.7 else "moderately" if correlation >= 0.4 else "weakly" if correlation >= 0.1 else "hardly"
+        strength = ("strongly" if correlation >= 0.7 else "moderately" if correlation >= 0.4
+                    else "weakly" if correlation >= 0.1 else "hardly")
         correlation_text = f"{correlation:.2f} ({strength} alike)"
     return (f"**{first_label}** and **{second_label}** agree on **{overlap} of their top {k}** proponents, the examples a grid "
             f"shows. Their rank correlation over all {len(first):,} training examples is {correlation_text}: it weighs every "

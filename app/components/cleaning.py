@@ -178,7 +178,8 @@ def render_prediction(run: Run, plan: CleaningPlan, key: str, method: str) -> Pr
                 "test sample": flips, "class": [class_name(test_set, int(test_set.y[i])) for i in flips],
                 "predicted now": [class_name(test_set, int(predicted.predicted[i])) for i in flips],
                 "becomes": ["right" if i in set(predicted.to_right.tolist()) else "wrong" for i in flips],
-                "margin now": predicted.margins[flips], "predicted change": predicted.change[flips]}), hide_index=True, key="cleaning_flips")
+                "margin now": predicted.margins[flips], "predicted change": predicted.change[flips]}),
+                hide_index=True, key="cleaning_flips")
     return predicted
 
 
@@ -196,7 +197,8 @@ def render_retrain(run: Run, key: str) -> ExperimentResult | None:
 
 
 def class_table(run: Run, predicted: PredictedEffect, actual: ExperimentResult) -> pd.DataFrame:
-    """Per class: test samples, accuracy now and predicted after the plan, and after retraining as it was, with the plan, with the control."""
+    """Per class: test samples, accuracy now and predicted after the plan, and after retraining as it was, with the plan,
+    with the control."""
     _, test_set = run.datasets()
     now, after = predicted.class_accuracy()
     return pd.DataFrame({"class": list(test_set.class_names), "test samples": np.bincount(actual.labels, minlength=actual.n_classes),
@@ -224,8 +226,10 @@ def render_comparison(run: Run, predicted: PredictedEffect, actual: ExperimentRe
                     f"random changes ({fared.control_accuracy_change:+.1%}). Predicted: {fared.predicted_accuracy_change:+.1%}.")
         chart, text = st.columns([1.4, 1], gap="large")
         chart.plotly_chart(scatter(predicted, actual), key="cleaning_scatter")
-        text.markdown(f"**Predicted against actual margin change:** Spearman {fared.spearman:.2f} over {len(actual.labels)} test samples.  \n"
-                      f"**Flips:** {fared.predicted_flips} predicted, {fared.observed_flips} observed in most seeds, {fared.flips_both} both.")
+        text.markdown(f"**Predicted against actual margin change:** Spearman {fared.spearman:.2f} "
+                      f"over {len(actual.labels)} test samples.  \n"
+                      f"**Flips:** {fared.predicted_flips} predicted, {fared.observed_flips} observed in most seeds, "
+                      f"{fared.flips_both} both.")
         if actual.cleaned_run:
             text.markdown(f"**The cleaned data** is kept as run `{actual.cleaned_run}`: every page opens it.")
             text.button("Open the cleaned run", key="cleaning_open_run", icon=":material/open_in_new:", on_click=select_run,

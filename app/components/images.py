@@ -106,7 +106,8 @@ def image_grid(
                                     on_change=lambda index=item.index, name=check_key: on_check(index, bool(st.session_state[name])))
                     if button_label is not None:
                         clicked = st.button(
-                            button_label, icon=button_icon, help=f"{button_label} #{item.index}" + (f": {item.tooltip}" if item.tooltip else ""),
+                            button_label, icon=button_icon,
+                            help=f"{button_label} #{item.index}" + (f": {item.tooltip}" if item.tooltip else ""),
                             key=f"{key}_{item.index}",
                             width="stretch", type="primary" if item.index == selected else "secondary",
                             on_click=on_click, args=(item.index,) if on_click else None,

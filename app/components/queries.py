@@ -16,7 +16,8 @@ QUERY_KEY = "query"
 
 def query_order(predictions: pd.DataFrame) -> list[int]:
     """Test indices with mispredictions first (most confident first), then correct ones (least confident first)."""
-    order = inspection.query_order(predictions["predicted"].to_numpy(), predictions["confidence"].to_numpy(), predictions["true"].to_numpy())
+    order = inspection.query_order(predictions["predicted"].to_numpy(), predictions["confidence"].to_numpy(),
+                                   predictions["true"].to_numpy())
     return [int(index) for index in order]
 
 

@@ -34,7 +34,8 @@ def add_clean_command(commands: argparse._SubParsersAction) -> argparse.Argument
     """Add `tdx clean RUN [--top K] [--ranking NAME] [--method M] [--retrain] [--out PATH]` to tdx's subcommands."""
     parser = commands.add_parser("clean", help="a cleaning plan from the flags (and a ranking's top k): its predicted effect, and "
                                                "with --retrain the run retrained with it beside a random control")
-    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", "workspace"), help="workspace directory (default ./workspace)")
+    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", "workspace"),
+                        help="workspace directory (default ./workspace)")
     parser.add_argument("run_id", help="the run whose flagged labels to fix")
     parser.add_argument("--top", type=float, default=0,
                         help="also the ranking's most suspicious examples: a count, or a fraction of the training set (< 1); default none")

@@ -46,9 +46,12 @@ KINDS = ("base", "cleaned", "control")
 class ExperimentSettings:
     """Which seeds retrain, how the control is drawn, and whether the cleaned data becomes a run."""
 
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "retraining seed offsets from the run's seed (0: the run's own, whose base is the run itself); each offset costs three trainings (two for 0)"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": (
+        "retraining seed offsets from the run's seed (0: the run's own, whose base is the run itself); each offset costs three trainings "
+        "(two for 0)")})
     control_seed: int = field(default=0, metadata={"help": "numpy seed of the control's random examples and classes"})
-    keep_run: bool = field(default=True, metadata={"help": "also record the cleaned data as a new run, <run>-cleaned-<plan key>, that every page opens"})
+    keep_run: bool = field(default=True, metadata={"help": (
+        "also record the cleaned data as a new run, <run>-cleaned-<plan key>, that every page opens")})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
@@ -65,7 +68,8 @@ def random_plan(run: Run, relabels: int, removals: int, seed: int, *, origin: st
     labels = (train_set.y.numpy()[relabelled] + generator.integers(1, train_set.n_classes, size=relabels)) % train_set.n_classes
     entries = [PlanEntry(int(train_set.ids[index]), "relabel", int(label), origin) for index, label in zip(relabelled, labels)]
     entries += [PlanEntry(int(train_set.ids[index]), "remove", None, origin) for index in removed]
-    return CleaningPlan(run.run_id, tuple(sorted(entries, key=lambda entry: entry.example_id)), f"{relabels} random relabels, {removals} random removals")
+    return CleaningPlan(run.run_id, tuple(sorted(entries, key=lambda entry: entry.example_id)),
+                        f"{relabels} random relabels, {removals} random removals")
 
 
 def control_plan(run: Run, plan: CleaningPlan, seed: int) -> CleaningPlan:
@@ -140,7 +144,8 @@ def _load(artifact: Artifact) -> ExperimentResult:
     summary = read_json(artifact.path("result.json"))
     outcomes = {kind: load_npy(artifact.path(f"{kind}.npy")) for kind in KINDS}  # (n_seeds, 2, n_test): margins, classes
     return ExperimentResult(
-        plan_key=summary["plan_key"], control_key=summary["control_key"], seeds=summary["seeds"], labels=load_npy(artifact.path("labels.npy")),
+        plan_key=summary["plan_key"], control_key=summary["control_key"], seeds=summary["seeds"],
+        labels=load_npy(artifact.path("labels.npy")),
         n_classes=summary["n_classes"], margins={kind: values[:, 0] for kind, values in outcomes.items()},
         predicted={kind: values[:, 1].astype(np.int64) for kind, values in outcomes.items()}, cleaned_run=summary["cleaned_run"],
         seconds=summary["seconds"])

@@ -93,10 +93,13 @@ class CleaningPlan:
 class PlanSource:
     """How a run's plan is made: from which flags and ranking, and the user's edits on top of the defaults."""
 
-    flags: bool = field(default=True, metadata={"help": "every flagged example (mislabeled, outlier, ambiguous) with its kind's default action"})
-    ranking: str | None = field(default=None, metadata={"help": "also the top_k most suspicious examples of this mislabel ranking (relabelled to its suggestion, else removed)"})
+    flags: bool = field(default=True, metadata={"help": (
+        "every flagged example (mislabeled, outlier, ambiguous) with its kind's default action")})
+    ranking: str | None = field(default=None, metadata={"help": (
+        "also the top_k most suspicious examples of this mislabel ranking (relabelled to its suggestion, else removed)")})
     top_k: int = field(default=0, metadata={"help": "how many of the ranking's most suspicious examples (0: none)"})
-    edits: tuple[tuple[int, str, int | None], ...] = field(default=(), metadata={"help": "(example id, action, label) the user chose instead of the default"})
+    edits: tuple[tuple[int, str, int | None], ...] = field(default=(), metadata={"help": (
+        "(example id, action, label) the user chose instead of the default")})
 
     def __post_init__(self) -> None:
         if self.top_k < 0:

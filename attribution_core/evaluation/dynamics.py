@@ -119,7 +119,8 @@ def early_margin(record: TrainingRecord, n_train: int, fraction: float = EARLY_F
 
 
 def forgetting_events(record: TrainingRecord, n_train: int) -> np.ndarray:
-    """(N,) forgetting events (Toneva et al. 2019, "An empirical study of example forgetting"): correct → incorrect between successive draws.
+    """(N,) forgetting events (Toneva et al. 2019, "An empirical study of example forgetting"): correct → incorrect between
+    successive draws.
 
     An example is correct at a draw when its margin is > 0, i.e. p_y > 1/2, which makes the label
     the argmax (an argmax of p_y ≤ 1/2 counts as incorrect: the record has no other class's logit).
@@ -204,7 +205,8 @@ def epochs(record: TrainingRecord) -> np.ndarray:
 
 
 def training_curve(record: TrainingRecord, index: int, values: str = "losses") -> tuple[np.ndarray, np.ndarray]:
-    """(epochs (n,), the example's mean recorded "losses" or "margins" in each (n,)) for training row `index`, over the epochs that drew it."""
+    """(epochs (n,), the example's mean recorded "losses" or "margins" in each (n,)) for training row `index`, over the epochs
+    that drew it."""
     recorded = getattr(record, values)
     drawn = (record.indices == index) & np.isfinite(recorded)
     shown, inverse = np.unique(epochs(record)[drawn], return_inverse=True)
@@ -231,7 +233,8 @@ def _forgetting_score(record: TrainingRecord, n_train: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Signal:
-    """A suspicion score read from the record alone: a label for people, a one-line description and score(record, N) -> (N,), higher = more suspicious."""
+    """A suspicion score read from the record alone: a label for people, a one-line description and score(record, N) -> (N,),
+    higher = more suspicious."""
 
     label: str
     description: str

@@ -47,7 +47,10 @@ class LdsSettings:
     alpha: float = field(default=0.5, metadata={"help": "fraction of the training set each subset keeps (0 < alpha < 1)"})
     seed: int = field(default=0, metadata={"help": "numpy seed of the subset masks"})
     seeds_per_subset: int = field(default=1, metadata={"help": "retraining seeds per subset; their margins are averaged (reshuffled mode)"})
-    mode: str = field(default="reshuffled", metadata={"help": "reshuffled: each subset retrained from scratch by the run's training function, its batches drawn anew; order_keeping: the run's training function given the recorded batches in their order with the removed examples weighted 0 in their batch slots (MAGIC's evaluation; use alpha 0.95, i.e. 5 % removed)"})
+    mode: str = field(default="reshuffled", metadata={"help": (
+        "reshuffled: each subset retrained from scratch by the run's training function, its batches drawn anew; order_keeping: the run's "
+        "training function given the recorded batches in their order with the removed examples weighted 0 in their batch slots (MAGIC's "
+        "evaluation; use alpha 0.95, i.e. 5 % removed)")})
 
     def __post_init__(self) -> None:
         check_settings(

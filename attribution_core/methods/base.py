@@ -67,7 +67,8 @@ class Method(ABC):
         if isinstance(settings, cls.Settings):
             return dataclasses.replace(settings, **cls.preset) if cls.preset else settings
         if settings is not None and not isinstance(settings, Mapping):
-            raise SettingsError(f"{cls.name}: settings must be a {cls.Settings.__name__} or a mapping of its fields, not {type(settings).__name__}")
+            raise SettingsError(f"{cls.name}: settings must be a {cls.Settings.__name__} or a mapping of its fields, "
+                                f"not {type(settings).__name__}")
         known = [f.name for f in dataclasses.fields(cls.Settings)]
         unknown = set(settings or {}) - set(known)
         if unknown:

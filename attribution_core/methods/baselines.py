@@ -93,7 +93,8 @@ class GradientCosine(GradientDot):
 class RepresentationSettings:
     """Knobs of representation similarity."""
 
-    layer: str | None = field(default=None, metadata={"help": "tracked layer whose inputs are the representation; None: the task's representation layer (the last tracked nn.Linear)"})
+    layer: str | None = field(default=None, metadata={"help": (
+        "tracked layer whose inputs are the representation; None: the task's representation layer (the last tracked nn.Linear)")})
 
     def __post_init__(self) -> None:
         check_settings(self, layer=self.layer is None or bool(self.layer))

@@ -47,9 +47,11 @@ class ExactSettings:
     """Part of the stored state's key, so that scores stored under it are never reused in another unit (2: scores and
     self-influence divided by N, a change of the measurement)."""
 
-    curvature: str = field(default="gauss_newton", metadata={"help": "gauss_newton (PSD, the curvature EK-FAC approximates) or hessian (true Hessian of the mean loss)"})
+    curvature: str = field(default="gauss_newton", metadata={"help": (
+        "gauss_newton (PSD, the curvature EK-FAC approximates) or hessian (true Hessian of the mean loss)")})
     damping: float = field(default=0.01, metadata={"help": "λ added to every eigenvalue of the curvature (>= 0)"})
-    absolute_eigenvalues: bool = field(default=True, metadata={"help": "hessian: replace eigenvalues by their absolute values (negative curvature would make G + λI indefinite)"})
+    absolute_eigenvalues: bool = field(default=True, metadata={"help": (
+        "hessian: replace eigenvalues by their absolute values (negative curvature would make G + λI indefinite)")})
 
     def __post_init__(self) -> None:
         check_settings(self, curvature=self.curvature in CURVATURES, damping=self.damping >= 0)
@@ -177,7 +179,8 @@ def hessian_matrix(
     def summed_loss(flat_parameters, x_chunk, y_chunk):
         return task.train_loss(_bound(model, from_layout(modules, flat_parameters)), x_chunk, y_chunk).sum()
 
-    return _mean_over_chunks(lambda x_chunk, y_chunk: _hessian(summed_loss)(flat, x_chunk, y_chunk).double(), model, x, y, batch_size, on_chunk)
+    return _mean_over_chunks(lambda x_chunk, y_chunk: _hessian(summed_loss)(flat, x_chunk, y_chunk).double(),
+                             model, x, y, batch_size, on_chunk)
 
 
 class ExactInfluence(Method):
@@ -203,7 +206,8 @@ class ExactInfluence(Method):
         n_batches = n_chunks(len(inputs.train_y), inputs.batch_size)
         progress = Progress(inputs.progress, 2 * n_batches)
         build = gauss_newton_matrix if s.curvature == "gauss_newton" else hessian_matrix
-        curvature = build(model, inputs.task, inputs.train_view(model), inputs.train_y, batch_size=inputs.batch_size, on_chunk=progress.step)
+        curvature = build(model, inputs.task, inputs.train_view(model), inputs.train_y,
+                          batch_size=inputs.batch_size, on_chunk=progress.step)
         inverse = damped_inverse(curvature, s.damping, absolute_eigenvalues=s.absolute_eigenvalues and s.curvature == "hessian")
         preconditioned, self_influence = [], []
         for _, x, y in inputs.train_batches(model=model):

@@ -70,12 +70,17 @@ class InfluenceSettings:
     """Part of the stored state's key, so that scores stored under it are never reused in another unit (2: scores and
     self-influence divided by N, a change of the measurement)."""
 
-    curvature: str = field(default="ekfac", metadata={"help": "ekfac (eigenvalues refitted in the Kronecker eigenbasis, one more data pass) or kfac (products of the factors' eigenvalues)"})
-    damping: float | None = field(default=None, metadata={"help": "λ added to every eigenvalue (> 0); None: damping_ratio × the layer's mean eigenvalue, per layer"})
-    damping_ratio: float = field(default=1.0, metadata={"help": "with damping=None, λ per layer as a fraction of its mean eigenvalue (> 0); 1 beat the common 0.1 on every LDS benchmark here (B1 digits 0.540 vs 0.478, B2 0.318 vs 0.254 and 0.226 vs 0.192)"})
+    curvature: str = field(default="ekfac", metadata={"help": (
+        "ekfac (eigenvalues refitted in the Kronecker eigenbasis, one more data pass) or kfac (products of the factors' eigenvalues)")})
+    damping: float | None = field(default=None, metadata={"help": (
+        "λ added to every eigenvalue (> 0); None: damping_ratio × the layer's mean eigenvalue, per layer")})
+    damping_ratio: float = field(default=1.0, metadata={"help": (
+        "with damping=None, λ per layer as a fraction of its mean eigenvalue (> 0); 1 beat the common 0.1 on every LDS benchmark here (B1 "
+        "digits 0.540 vs 0.478, B2 0.318 vs 0.254 and 0.226 vs 0.192)")})
     fisher: str = fisher_field()
     seed: int = seed_field()
-    query_batch_size: int | None = query_batch_size_field("queries scored per pass over the training set (memory: this × tracked parameters)")
+    query_batch_size: int | None = query_batch_size_field(
+        "queries scored per pass over the training set (memory: this × tracked parameters)")
     k: int | None = k_field("each block of queries streams the training set", "the rotated training gradients and scoring is one product "
                             "(LoGra-style, approximate, far faster for many queries)")
     kronecker_block: int = kronecker_block_field()

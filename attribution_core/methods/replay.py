@@ -42,10 +42,15 @@ class ReplaySettings:
     """Every knob of replay."""
 
     state_version: ClassVar[int] = 3  # 3: kept states hold buffers too; 2: the kept states; 1 held only the step count
-    start_stage: int = field(default=0, metadata={"help": "attribute only from this training stage on (earlier steps held fixed; cheaper): 0 = the whole run"})
-    at_weight: float = field(default=1.0, metadata={"help": "the example weight the derivative is taken at: 1 = the run as trained; a subset ground truth keeping a fraction α of the examples is matched better at α"})
-    query_block: int = field(default=32, metadata={"help": "queries carried backward together (memory: this × parameters × optimizer moments)"})
-    stride: int | None = field(default=None, metadata={"help": "steps between kept states (memory against recomputation); None: about √(steps)"})
+    start_stage: int = field(default=0, metadata={"help": (
+        "attribute only from this training stage on (earlier steps held fixed; cheaper): 0 = the whole run")})
+    at_weight: float = field(default=1.0, metadata={"help": (
+        "the example weight the derivative is taken at: 1 = the run as trained; a subset ground truth keeping a fraction α of the examples "
+        "is matched better at α")})
+    query_block: int = field(default=32, metadata={"help": (
+        "queries carried backward together (memory: this × parameters × optimizer moments)")})
+    stride: int | None = field(default=None, metadata={"help": (
+        "steps between kept states (memory against recomputation); None: about √(steps)")})
 
     def __post_init__(self) -> None:
         check_settings(self, start_stage=self.start_stage >= 0, at_weight=self.at_weight >= 0, query_block=self.query_block >= 1,

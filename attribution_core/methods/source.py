@@ -100,8 +100,11 @@ EigenFunction = Callable[[torch.Tensor], torch.Tensor]
 class SourceSettings:
     """Every knob of SOURCE."""
 
-    n_segments: int = field(default=3, metadata={"help": "segments L the checkpoints are split into, evenly within each training stage (ignored when segments is given)"})
-    segments: list[tuple[int, int]] | None = field(default=None, metadata={"help": "explicit half-open checkpoint index ranges [(lo, hi), ...] tiling all checkpoints in order, none crossing a stage; None: the even split"})
+    n_segments: int = field(default=3, metadata={"help": (
+        "segments L the checkpoints are split into, evenly within each training stage (ignored when segments is given)")})
+    segments: list[tuple[int, int]] | None = field(default=None, metadata={"help": (
+        "explicit half-open checkpoint index ranges [(lo, hi), ...] tiling all checkpoints in order, none crossing a stage; None: the even "
+        "split")})
     fisher: str = fisher_field()
     seed: int = seed_field()
     query_batch_size: int | None = query_batch_size_field(
@@ -217,7 +220,8 @@ class Source(Method):
     def _segments(self, inputs: AttributionInputs) -> list[Segment]:
         segments = inputs.segments
         if not segments:
-            raise SettingsError("SOURCE needs inputs.segments (Source.prepare_inputs plans them from a run; by hand: segments.plan_segments and build_segments)")
+            raise SettingsError("SOURCE needs inputs.segments (Source.prepare_inputs plans them from a run; "
+                                "by hand: segments.plan_segments and build_segments)")
         if len(segments) != self.settings.expected_segments:
             raise SettingsError(
                 f"inputs hold {len(segments)} segments but the settings ask for {self.settings.expected_segments}: "
@@ -298,7 +302,8 @@ class Source(Method):
                     products = projected_query_vectors(projector, weighted, scales[index]) @ features[index].T
                 else:
                     products = _weighted_columns(
-                        stream_rotated_products(segments[index].models, operators[index].bases, inputs, weighted, progress.step), segments[index])
+                        stream_rotated_products(segments[index].models, operators[index].bases, inputs, weighted, progress.step),
+                        segments[index])
                 contributions[index, start : start + block_size] = -products.cpu() / n_train
         return contributions
 

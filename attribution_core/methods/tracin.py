@@ -40,9 +40,12 @@ class TracInSettings:
     state_version: ClassVar[int] = 3
     """Part of the stored state's key: bumped when the same settings give other features (2: Kronecker block shapes, 3: feature order)."""
 
-    k: int | None = field(default=None, metadata={"help": "projected dimension; None: exact dot products (scoring streams the training set); k: store k-dim Kronecker-projected train gradients"})
+    k: int | None = field(default=None, metadata={"help": (
+        "projected dimension; None: exact dot products (scoring streams the training set); k: store k-dim Kronecker-projected train "
+        "gradients")})
     projection_kind: str = field(default="rademacher", metadata={"help": "random entries of the projection: rademacher (±1) or gaussian"})
-    kronecker_block: int = field(default=1, metadata={"help": "features per P_out ⊗ P_in block; 1 = independent rank-one features, 0 = one block per layer"})
+    kronecker_block: int = field(default=1, metadata={"help": (
+        "features per P_out ⊗ P_in block; 1 = independent rank-one features, 0 = one block per layer")})
     seed: int = field(default=0, metadata={"help": "seed of the random projection"})
 
     def __post_init__(self) -> None:
@@ -178,7 +181,8 @@ class TracIn(Method):
             else:
                 train_features = state_tensor(state, f"train_features_{c}", inputs.device)
                 queries = batches(query_x, query_y, inputs.batch_size, inputs.device)
-                scores -= project_gradients(model, inputs.task, projector, "measurement", queries, len(query_y), progress.step) @ train_features.T
+                query_features = project_gradients(model, inputs.task, projector, "measurement", queries, len(query_y), progress.step)
+                scores -= query_features @ train_features.T
         return scores.cpu()
 
     def self_influence(self, state: TrainState, inputs: AttributionInputs) -> torch.Tensor:

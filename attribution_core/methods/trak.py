@@ -59,14 +59,20 @@ class TrakSettings:
     block shapes, 3: feature order, 4: scores divided by r̄, a change of the margin)."""
 
     k: int = field(default=1024, metadata={"help": "projection dimension (features per example); ignored by identity"})
-    projection: str = field(default="kronecker", metadata={"help": "kronecker (per-layer, fast), dense (over all parameters, slow) or identity (exact, small models)"})
+    projection: str = field(default="kronecker", metadata={"help": (
+        "kronecker (per-layer, fast), dense (over all parameters, slow) or identity (exact, small models)")})
     projection_kind: str = field(default="rademacher", metadata={"help": "random entries: rademacher (±1) or gaussian"})
-    kronecker_block: int = field(default=4, metadata={"help": "kronecker: features per P_out ⊗ P_in block; 1 = independent rank-one features (as accurate as dense), 4 = about twice as fast (B1 digits LDS within 0.01 of dense), 0 = one block per layer (cheapest, LoGra, least accurate)"})
+    kronecker_block: int = field(default=4, metadata={"help": (
+        "kronecker: features per P_out ⊗ P_in block; 1 = independent rank-one features (as accurate as dense), 4 = about twice as fast (B1 "
+        "digits LDS within 0.01 of dense), 0 = one block per layer (cheapest, LoGra, least accurate)")})
     seed: int = field(default=0, metadata={"help": "seed of the random projection"})
-    damping_ratio: float = field(default=1.0, metadata={"help": "ridge λ as a fraction of the mean diagonal of ΦᵀΦ (>= 0); the best ratio grows with k (digits MLP: 0.25 at k=256, 1 at k=1024, 2-4 at k=2048-4096)"})
+    damping_ratio: float = field(default=1.0, metadata={"help": (
+        "ridge λ as a fraction of the mean diagonal of ΦᵀΦ (>= 0); the best ratio grows with k (digits MLP: 0.25 at k=256, 1 at k=1024, "
+        "2-4 at k=2048-4096)")})
     use_q: bool = field(default=True, metadata={"help": "weight train examples by Q_ii = 1 − p_i (TRAK's default)"})
     dense_chunk: int = field(default=65536, metadata={"help": "dense projection: parameters projected at a time (memory: batch x chunk)"})
-    amp_dtype: str | None = field(default=None, metadata={"help": "mixed-precision forward/backward: None (full precision), bfloat16 or float16; projections accumulate in float32"})
+    amp_dtype: str | None = field(default=None, metadata={"help": (
+        "mixed-precision forward/backward: None (full precision), bfloat16 or float16; projections accumulate in float32")})
 
     def __post_init__(self) -> None:
         check_settings(
@@ -139,13 +145,16 @@ class Trak(Method):
         """Φ: projected measurement gradients of the whole training set (N, k), sharded over ranks."""
         return projected_features([model], inputs, projector, "measurement", on_chunk, self.settings.amp_dtype)
 
-    def _project(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, x: torch.Tensor, y: torch.Tensor, on_chunk) -> torch.Tensor:
+    def _project(self, model: nn.Module, inputs: AttributionInputs, projector: Projector, x: torch.Tensor, y: torch.Tensor,
+                 on_chunk) -> torch.Tensor:
         """Projected measurement gradients of (x, y), (n, k), with the settings' precision."""
         chunks = batches(x, y, inputs.batch_size, inputs.device)
         return project_gradients(model, inputs.task, projector, "measurement", chunks, len(y), on_chunk, self.settings.amp_dtype)
 
-    def _precondition_in_place(self, phi: torch.Tensor, q: torch.Tensor | None, n_models: int, scale: float, self_influence: torch.Tensor) -> None:
-        """Φ (N, k) becomes Ψ scale / n_models, ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i (q (N,) or None: Q = 1); self_influence (N,) += φ_iᵀ ψ_i / n_models."""
+    def _precondition_in_place(self, phi: torch.Tensor, q: torch.Tensor | None, n_models: int, scale: float,
+                               self_influence: torch.Tensor) -> None:
+        """Φ (N, k) becomes Ψ scale / n_models, ψ_i = Q_ii (ΦᵀΦ + λI)⁻¹ φ_i (q (N,) or None: Q = 1);
+        self_influence (N,) += φ_iᵀ ψ_i / n_models."""
         # float32 products of ROW_CHUNK-row chunks (2x faster than float64 on a CPU), summed in float64:
         # relative error ~1e-7 against an all-float64 Gram matrix on the Fashion-MNIST MLP.
         gram = sum((chunk.T @ chunk).double() for chunk in phi.split(ROW_CHUNK))

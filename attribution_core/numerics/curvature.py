@@ -39,7 +39,8 @@ Projected scoring: ⟨Ṽ_q ⊙ w, G̃_m⟩ (G̃_m = Q_Sᵀ ∇W_m Q_A, w the me
 unbiased over P. The rank-one u vᵀ ≈ √w (`balancing_scales`) splits the preconditioner between
 the two sides: projecting Ṽ_q ⊙ w against the bare G̃_m has a far larger variance, because the
 preconditioned query lives where training gradients are small (B1 digits LDS of EK-FAC at k = 2048:
-0.33 unbalanced, 0.43 balanced, 0.54 exact; SOURCE 0.57 balanced, 0.61 exact). The training side is a plain Kronecker projection of a and g with factors
+0.33 unbalanced, 0.43 balanced, 0.54 exact; SOURCE 0.57 balanced, 0.61 exact). The training side is a
+plain Kronecker projection of a and g with factors
 (Q_S diag(u) P_out, Q_A diag(v) P_in), stored once as (N, k) features (`projected_train_gradients`);
 a block of queries then costs its projected vectors and one (queries x k)(k x N) product
 instead of a pass over the training set.
@@ -275,7 +276,8 @@ def fit_corrected_eigenvalues(
     for start, layers in loss_layer_batches(model, inputs, fisher, key, local_rows(len(inputs.train_y))):
         for layer in layers:
             if weights is not None:  # √w on g alone weighs the squared gradient by w
-                layer = LayerBatch(layer.name, layer.unformed_input or layer.inputs, layer.output_grads * _root_weights(weights, start, layer))
+                grads = layer.output_grads * _root_weights(weights, start, layer)
+                layer = LayerBatch(layer.name, layer.unformed_input or layer.inputs, grads)
             sums[layer.name] += squared_rotated_sums(layer, bases[layer.name])
         on_chunk()
     return {name: all_reduce_sum(total) / len(inputs.train_y) for name, total in sums.items()}

@@ -99,7 +99,8 @@ class AttributionInputs:
         return None if self.weights is None else self.weights[self._position(model)]
 
     def result_array(self, *shape: int) -> torch.Tensor:
-        """A float32 array for a per-example result that the caller fills entirely: memory-mapped in scratch on a CPU, else on the device."""
+        """A float32 array for a per-example result that the caller fills entirely: memory-mapped in scratch on a CPU, else on
+        the device."""
         if self.scratch is not None and self.device.type == "cpu":
             return mapped_zeros(self.scratch, shape)
         return torch.empty(shape, device=self.device)
@@ -108,7 +109,8 @@ class AttributionInputs:
         """(start, x, y) chunks of the training set (or of its rows) on the device, x as the model's stage saw it (see `batches`)."""
         return batches(self.train_view(model), self.train_y, self.batch_size, self.device, rows)
 
-    def model_batches(self, models: Sequence[nn.Module], rows: slice | None = None) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor]]:
+    def model_batches(self, models: Sequence[nn.Module],
+                      rows: slice | None = None) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor]]:
         """(start, [x as each model's stage saw it], y) chunks of the training set, for passes over several models at once."""
         views = [self.train_view(model) for model in models]
         for start, end in chunk_bounds(len(self.train_y), self.batch_size, rows):

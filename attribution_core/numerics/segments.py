@@ -127,7 +127,8 @@ def _check_trajectory(
     if np.any(np.diff(np.asarray(checkpoint_stages)) < 0):
         problems.append(f"checkpoint stages {list(checkpoint_stages)} must not decrease")
     if not len(learning_rates) == len(momenta) == len(optimizers):
-        problems.append(f"per-step records differ in length: {len(learning_rates)} lrs, {len(momenta)} momenta, {len(optimizers)} optimizers")
+        problems.append(f"per-step records differ in length: {len(learning_rates)} lrs, {len(momenta)} momenta, "
+                        f"{len(optimizers)} optimizers")
     if problems:
         raise DataError("inconsistent training trajectory: " + "; ".join(problems))
 

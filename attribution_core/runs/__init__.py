@@ -12,5 +12,6 @@
 - demo: the demo workspace's runs.
 """
 
-LAYERS = (("record", "threads"), ("run",), ("recorder",), ("session",), ("training",), ("replay_engine",), ("capabilities", "importing", "demo"), ("",))
+LAYERS = (("record", "threads"), ("run",), ("recorder",), ("session",), ("training",), ("replay_engine",),
+          ("capabilities", "importing", "demo"), ("",))
 """This package's modules bottom up ("" is this __init__): each imports only from lower ones here (tests/test_project.py)."""

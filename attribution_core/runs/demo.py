@@ -75,7 +75,8 @@ FULL_RUN_ID = "fmnist-cnn-full"
 
 def full_run(path: str = FASHION_MNIST_DIR) -> DemoRun:
     """The CNN on all 60,000 Fashion-MNIST training images (10,000 test images), three epochs."""
-    recipe = Recipe((Stage(epochs=3, lr=0.05, batch_size=128, schedule="cosine"),), checkpoints=CheckpointPolicy(every_epochs=None, count=6))
+    recipe = Recipe((Stage(epochs=3, lr=0.05, batch_size=128, schedule="cosine"),),
+                    checkpoints=CheckpointPolicy(every_epochs=None, count=6))
     return DemoRun(FULL_RUN_ID, DataSpec(source="fashion_mnist", path=path), ModelSpec("cnn", {}), recipe,
                    "CNN on all 60,000 Fashion-MNIST training images")
 

@@ -91,7 +91,8 @@ def import_run(
     steps: Sequence[int] | None = None,
     overwrite: bool = False,
 ) -> Run:
-    """Make a run of finished .safetensors checkpoints (copied into the workspace) of a model built by a factory; see the module docstring."""
+    """Make a run of finished .safetensors checkpoints (copied into the workspace) of a model built by a factory; see the
+    module docstring."""
     workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     directory = workspace.run_dir(run_id, must_exist=False)
     refuse_complete_run(directory, overwrite, run_id, workspace.root)
@@ -191,13 +192,16 @@ def add_import_command(commands: argparse._SubParsersAction) -> argparse.Argumen
     """Add `tdx import RUN --model package.module:factory --checkpoints 'DIR/*.safetensors' --data SOURCE ...` to tdx's subcommands."""
     what = "make a run of finished .safetensors checkpoints (no training record: approximate)"
     parser = commands.add_parser("import", help=what, description=what)
-    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", "workspace"), help="workspace directory (default: $TDX_WORKSPACE, else ./workspace)")
+    parser.add_argument("--workspace", default=os.environ.get("TDX_WORKSPACE", "workspace"),
+                        help="workspace directory (default: $TDX_WORKSPACE, else ./workspace)")
     parser.add_argument("run_id", help="name of the new run (letters, digits, . _ -)")
-    parser.add_argument("--model", required=True, help="the factory that builds the architecture: package.module:factory (or mlp, cnn, resnet9)")
+    parser.add_argument("--model", required=True,
+                        help="the factory that builds the architecture: package.module:factory (or mlp, cnn, resnet9)")
     parser.add_argument("--options", default="{}", help="the factory's keyword options as JSON, e.g. '{\"hidden\": [128]}'")
     parser.add_argument("--checkpoints", required=True, nargs="+",
                         help="the .safetensors files in training order, or a quoted pattern like 'DIR/*.safetensors'")
-    parser.add_argument("--data", required=True, choices=list(DATA_SOURCES), help=f"the data the model was trained on: {describe_sources()}")
+    parser.add_argument("--data", required=True, choices=list(DATA_SOURCES),
+                        help=f"the data the model was trained on: {describe_sources()}")
     parser.add_argument("--data-path", default=None,
                         help="file or folder for fashion_mnist / npz / image_folder (default: the source's own, if it has one)")
     parser.add_argument("--test-size", type=float, default=0.2, help="test split as in training: a fraction, or a count (>= 1)")

@@ -91,15 +91,20 @@ _WRAPPER_PREFIXES = {"module.": "model.module (DistributedDataParallel / DataPar
 class RecorderSettings:
     """How the recorder writes: record chunk size, per-checkpoint evaluation, replacing an existing run."""
 
-    flush_every: int = field(default=1024, metadata={"help": "steps per record chunk file (a checkpoint flushes too); a killed loop loses at most these"})
-    margins_from_losses: bool = field(default=False, metadata={"help": "the losses given to step are plain cross-entropy (no label smoothing, no class weights): derive each example's margin from its loss, as tdx's trainer does"})
-    evaluate_checkpoints: bool = field(default=True, metadata={"help": "test accuracy of every checkpoint (one pass over the test set each)"})
+    flush_every: int = field(default=1024, metadata={"help": (
+        "steps per record chunk file (a checkpoint flushes too); a killed loop loses at most these")})
+    margins_from_losses: bool = field(default=False, metadata={"help": (
+        "the losses given to step are plain cross-entropy (no label smoothing, no class weights): derive each example's margin from its "
+        "loss, as tdx's trainer does")})
+    evaluate_checkpoints: bool = field(default=True, metadata={"help": (
+        "test accuracy of every checkpoint (one pass over the test set each)")})
     eval_batch_size: int = field(default=1024, metadata={"help": "examples per forward pass when evaluating"})
     overwrite: bool = field(default=False, metadata={"help": "replace a complete run of the same id (its run.json and checkpoints)"})
 
     def __post_init__(self) -> None:
         if self.flush_every < 1 or self.eval_batch_size < 1:
-            raise SettingsError(f"recorder settings: flush_every and eval_batch_size must be at least 1, got {self.flush_every}, {self.eval_batch_size}")
+            raise SettingsError(f"recorder settings: flush_every and eval_batch_size must be at least 1, "
+                                f"got {self.flush_every}, {self.eval_batch_size}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,8 +164,10 @@ def factory_name(factory: str | Callable[..., nn.Module]) -> str:
     return name
 
 
-def check_architecture(state: dict[str, torch.Tensor], spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int, what: str) -> nn.Module:
-    """The factory's model for the data, after checking `state` has exactly its parameter names and shapes (else a SettingsError naming them)."""
+def check_architecture(state: dict[str, torch.Tensor], spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int,
+                       what: str) -> nn.Module:
+    """The factory's model for the data, after checking `state` has exactly its parameter names and shapes (else a
+    SettingsError naming them)."""
     with torch.random.fork_rng(devices=[]):  # building the reference must not move the caller's RNG (their init, data order)
         reference = build_model(spec, input_shape, n_classes)
     expected = {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
@@ -174,7 +181,8 @@ def check_architecture(state: dict[str, torch.Tensor], spec: ModelSpec, input_sh
     problems = [f"parameter {name!r} has shape {list(given[name])} where {built} builds {list(shape)}"
                 for name, shape in expected.items() if name in given and given[name] != shape]
     problems += [f"{built} has parameter {name!r} {list(shape)} that {what} lacks" for name, shape in expected.items() if name not in given]
-    problems += [f"{what} has parameter {name!r} {list(shape)} that {built} does not build" for name, shape in given.items() if name not in expected]
+    problems += [f"{what} has parameter {name!r} {list(shape)} that {built} does not build"
+                 for name, shape in given.items() if name not in expected]
     shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
     raise SettingsError(
         f"{what} does not match the architecture of {built} for inputs {list(input_shape)} and {n_classes} classes: {shown}. "
@@ -257,7 +265,8 @@ class _StageLog:
         return Stage(
             name=self.name, epochs=max(1, math.ceil(self.examples / n_train)),
             optimizer="adam" if self.first["optimizer"] in ("adam", "adamw") else "sgd",
-            lr=self.peak_lr if self.peak_lr > 0 else 1e-12,  # a Stage needs lr > 0; a loop that never stepped the weights is still described
+            # a Stage needs lr > 0; a loop that never stepped the weights is still described
+            lr=self.peak_lr if self.peak_lr > 0 else 1e-12,
             momentum=min(max(float(self.first["momentum"]), 0.0), 0.999), weight_decay=max(float(self.first["weight_decay"]), 0.0),
             batch_size=max(1, self.max_batch), schedule="constant", transform="none",
         )
@@ -297,7 +306,8 @@ class Recorder:
         else:
             raise SettingsError(f"data must be a DataSpec or an ArrayData, got {type(data).__name__}")
         # the run rebuilds the model for the training set's shape and classes (Run.load_model): check exactly that
-        check_architecture(model.state_dict(), self.model_spec, train_set.input_shape, train_set.n_classes, "the model passed to the Recorder")
+        check_architecture(model.state_dict(), self.model_spec, train_set.input_shape, train_set.n_classes,
+                           "the model passed to the Recorder")
         self.created = utc_now()
         self._marker = {"run": run_id, "origin": ORIGIN_RECORDED, "created": self.created, "status": "recording",
                         "steps": 0, "checkpoints": 0, "stage": "train", "error": None}
@@ -345,7 +355,8 @@ class Recorder:
 
     def step(self, optimizer: torch.optim.Optimizer, indices: Sequence[int] | np.ndarray | torch.Tensor,
              losses: torch.Tensor | Sequence[float] | None = None, margins: torch.Tensor | Sequence[float] | None = None) -> int:
-        """Record one optimizer step (call it right after optimizer.step(), before a scheduler steps): its batch's training rows, optionally their losses and margins; returns the step number."""
+        """Record one optimizer step (call it right after optimizer.step(), before a scheduler steps): its batch's training
+        rows, optionally their losses and margins; returns the step number."""
         self._check_open("step")
         where = f"recorder.step (step {self._steps + 1})"
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -378,7 +389,8 @@ class Recorder:
         """
         self._check_open("checkpoint")
         if self._steps == 0:
-            raise SettingsError("recorder.checkpoint: no optimizer step recorded yet; call recorder.step(...) after each optimizer.step() first")
+            raise SettingsError("recorder.checkpoint: no optimizer step recorded yet; "
+                                "call recorder.step(...) after each optimizer.step() first")
         if self.checkpoints and self.checkpoints[-1].step == self._steps:
             return self.checkpoints[-1]
         stage = self._stages[-1]
@@ -403,7 +415,8 @@ class Recorder:
         """
         self._check_open("finish")
         if self._steps == 0:
-            raise SettingsError("recorder: no optimizer step was recorded; call recorder.step(optimizer, indices) after each optimizer.step()")
+            raise SettingsError("recorder: no optimizer step was recorded; "
+                                "call recorder.step(optimizer, indices) after each optimizer.step()")
         self.checkpoint()
         self._writer.flush()
         seconds = time.perf_counter() - self._started
@@ -464,7 +477,8 @@ class Recorder:
 
     def _check_open(self, what: str) -> None:
         if self._closed:
-            raise SettingsError(f"recorder.{what}: run {self.run_id!r} is closed (finished or stopped); open a new Recorder to record again")
+            raise SettingsError(f"recorder.{what}: run {self.run_id!r} is closed (finished or stopped); "
+                                "open a new Recorder to record again")
 
     def _rows(self, indices: Sequence[int] | np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
         """The batch's training rows as a 1-D int64 CPU tensor, each checked to lie in the training set."""
@@ -507,7 +521,8 @@ def _reloaded(spec: DataSpec, train_set: Dataset, test_set: Dataset) -> tuple[Da
     stored_train, stored_test = load_dataset(spec)
     for stored, given, split in ((stored_train, train_set, "training"), (stored_test, test_set, "test")):
         if not (torch.equal(stored.x, given.x) and torch.equal(stored.y, given.y)):
-            raise DataError(f"{spec.path}: the stored {split} data does not reload as given; report this with the arrays' shapes and dtypes")
+            raise DataError(f"{spec.path}: the stored {split} data does not reload as given; "
+                            "report this with the arrays' shapes and dtypes")
     return stored_train, stored_test
 
 

@@ -258,7 +258,8 @@ def _normalised_by(model: nn.Module, buffers: Params) -> Iterator[None]:
         normalised = (x - mean) / torch.sqrt(var + module.eps)
         return normalised * module.weight.view(shape) + module.bias.view(shape) if module.affine else normalised
 
-    handles = [module.register_forward_hook(lambda module, inputs, output, prefix=f"{name}." if name else "": hook(module, inputs, output, prefix))
+    handles = [module.register_forward_hook(
+                   lambda module, inputs, output, prefix=f"{name}." if name else "": hook(module, inputs, output, prefix))
                for name, module in model.named_modules()
                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
     try:
@@ -374,11 +375,14 @@ class TracedStep:
         moment_keys = list(self.before.optimizer) if into_optimizer else []
         outputs = [*self.after.params.values(), *(self.after.buffers[key] for key in buffer_keys),
                    *(self.after.optimizer[key] for key in moment_keys)]
-        cotangents = [*adjoint.params.values(), *(adjoint.buffers[key] for key in buffer_keys), *(adjoint.optimizer[key] for key in moment_keys)]
-        inputs = [*self.before.params.values(), *(self.before.buffers[key] for key in buffer_keys), *self.before.optimizer.values(), self.weights]
+        cotangents = [*adjoint.params.values(), *(adjoint.buffers[key] for key in buffer_keys),
+                      *(adjoint.optimizer[key] for key in moment_keys)]
+        inputs = [*self.before.params.values(), *(self.before.buffers[key] for key in buffer_keys),
+                  *self.before.optimizer.values(), self.weights]
         n_queries = len(cotangents[0])
         if n_queries == 1 or not batched:
-            per_query = [torch.autograd.grad(outputs, inputs, [c[query] for c in cotangents], allow_unused=True, retain_graph=query < n_queries - 1)
+            per_query = [torch.autograd.grad(outputs, inputs, [c[query] for c in cotangents], allow_unused=True,
+                                             retain_graph=query < n_queries - 1)
                          for query in range(n_queries)]
             grads = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per_query)]
         else:
@@ -510,12 +514,14 @@ def metagradients(plan: ReplayPlan, query_x: torch.Tensor, query_y: torch.Tensor
     forward_steps = 0 if states is not None else plan.n_steps
     total = forward_steps + plan.n_steps
     if states is None:
-        states = replayed_states(plan, at_weight, stride=stride, verify=verify and at_weight == 1, progress=lambda done, _: progress(done, total))
+        states = replayed_states(plan, at_weight, stride=stride, verify=verify and at_weight == 1,
+                                 progress=lambda done, _: progress(done, total))
     dtype = states.weights.dtype
     query_x = query_x.to(device=plan.train_y.device, dtype=dtype)
     query_y = query_y.to(plan.train_y.device)
     params = {name: value.detach().requires_grad_() for name, value in states.final.params.items()}
-    buffers = {name: value.detach().requires_grad_() if value.is_floating_point() else value for name, value in states.final.buffers.items()}
+    buffers = {name: value.detach().requires_grad_() if value.is_floating_point() else value
+               for name, value in states.final.buffers.items()}
     differentiable = {**params, **{name: value for name, value in buffers.items() if value.is_floating_point()}}
     with torch.enable_grad():
         measurements = plan.measure(params, buffers, query_x, query_y)
@@ -561,7 +567,8 @@ def _walk_back(plan: ReplayPlan, states: ReplayedStates, adjoint: State, result:
             progress(done)
 
 
-def _recompute(plan: ReplayPlan, step_function: StepFunction, kept: State, start: int, stop: int, weights: torch.Tensor) -> list[TracedStep]:
+def _recompute(plan: ReplayPlan, step_function: StepFunction, kept: State, start: int, stop: int,
+               weights: torch.Tensor) -> list[TracedStep]:
     """Steps start..stop-1 recomputed from the kept state before step `start`, each with its graph."""
     state, traced = kept, []
     for index in range(start, stop):

@@ -145,7 +145,8 @@ class Draws:
 class TrainingSession:
     """What a training function receives (see the module docstring): the model, the data, its options and its draws."""
 
-    def __init__(self, *, model: nn.Module, train_set: Dataset, test_set: Dataset | None, seed: int, options: Mapping[str, Any] | None = None,
+    def __init__(self, *, model: nn.Module, train_set: Dataset, test_set: Dataset | None, seed: int,
+                 options: Mapping[str, Any] | None = None,
                  task: Task | None = None, recipe: Recipe | None = None, draws: Draws | None = None, sink: Sink | None = None,
                  device: torch.device | str = "cpu", progress: ProgressFn = no_progress, total_steps: int = 0):
         self.model, self.train_set, self.test_set, self.seed = model, train_set, test_set, int(seed)
