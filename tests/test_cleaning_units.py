@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_methods import attribution_inputs
-from test_score_units import (
+from helpers_units import (
     D_IN,
     LR,
     N_CLASSES,

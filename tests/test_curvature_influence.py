@@ -9,14 +9,13 @@ Gauss–Newton influence, deterministically.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from helpers_methods import N_CLASSES, LossFallsTask, correlation, exact_scores, make_inputs, mlp_trajectory, shared_input_case
 from torch import nn
 
 from attribution_core.errors import SettingsError
-from attribution_core.methods.exact import flat_gradients, gauss_newton_matrix
+from attribution_core.methods.exact import flat_gradients
 from attribution_core.methods.influence import Influence, InfluenceSettings
 from attribution_core.numerics import curvature as curvature_module
 from attribution_core.numerics.curvature import (
@@ -31,76 +30,7 @@ from attribution_core.numerics.curvature import (
     sandwich,
 )
 from attribution_core.numerics.gradients import LayerBatch
-from attribution_core.numerics.inputs import AttributionInputs
-from attribution_core.numerics.linalg import damped_inverse
-from attribution_core.task import Task, sample_labels
-
-N_CLASSES = 3
-
-
-class LossFallsTask(Task):
-    """Measurement f = −L: the score of z_m for the query z_m then equals its self-influence."""
-
-    def measurement(self, model, x, y):
-        return -self.train_loss(model, x, y)
-
-
-def make_inputs(models, train_x, train_y, *, task=None, batch_size=256, segments=None) -> AttributionInputs:
-    """AttributionInputs over the given checkpoints (oldest first) on the CPU."""
-    return AttributionInputs(
-        models=list(models),
-        checkpoint_lrs=[1.0] * len(models),
-        train_x=train_x,
-        train_y=train_y,
-        task=task or Task(),
-        batch_size=batch_size,
-        segments=segments,
-    )
-
-
-def shared_input_case(n_checkpoints: int = 1, n_per_class: int = 2, d: int = 4, seed: int = 0):
-    """Float64 Linear(d, 3) checkpoints, train set of one shared input with balanced labels, 4 queries."""
-    generator = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(d, generator=generator, dtype=torch.float64)
-    models = []
-    for _ in range(n_checkpoints):
-        model = nn.Sequential(nn.Linear(d, N_CLASSES)).double().eval()
-        with torch.no_grad():
-            model[0].weight.copy_(torch.randn(N_CLASSES, d, generator=generator, dtype=torch.float64))
-            model[0].bias.copy_(0.3 - model[0].weight @ x0)  # equal logits at x0: uniform predictions
-        models.append(model)
-    train_x = x0.expand(n_per_class * N_CLASSES, d).clone()
-    train_y = torch.arange(N_CLASSES).repeat(n_per_class)
-    query_x = torch.randn(4, d, generator=generator, dtype=torch.float64)
-    return models, train_x, train_y, query_x, torch.tensor([0, 1, 2, 1])
-
-
-def shared_input_eigenvalue(train_x: torch.Tensor) -> float:
-    """The one nonzero Gauss–Newton eigenvalue of the shared-input case: |a|²/K (a = [x0, 1])."""
-    return (train_x[0].square().sum().item() + 1) / N_CLASSES
-
-
-def mlp_trajectory(n_checkpoints: int = 4, steps_between: int = 5, n_train: int = 96, seed: int = 0):
-    """Checkpoints (every steps_between full-batch SGD steps) of a 5-8-3 tanh MLP, train and query data."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    x = torch.randn(n_train + 6, 5, generator=generator)
-    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()) % N_CLASSES
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, N_CLASSES))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    checkpoints = []
-    for _ in range(n_checkpoints):
-        for _ in range(steps_between):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[:n_train]), y[:n_train]).backward()
-            optimizer.step()
-        checkpoints.append(copy.deepcopy(model).eval())
-    return checkpoints, x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-
-
-def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two score arrays, flattened."""
-    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+from attribution_core.task import sample_labels
 
 
 def fit_and_score(settings, inputs, query_x, query_y, method=Influence):
@@ -109,13 +39,6 @@ def fit_and_score(settings, inputs, query_x, query_y, method=Influence):
     return method.score(method.fit(inputs), inputs, query_x, query_y).double()
 
 
-def exact_scores(inputs, query_x, query_y, damping: float) -> torch.Tensor:
-    """−(1/N) ∇f(q)ᵀ(G + λI)⁻¹∇L(m) (n_queries, n_train) float64 with the explicit Gauss–Newton G at the last checkpoint."""
-    model, task = inputs.models[-1], inputs.task
-    inverse = damped_inverse(gauss_newton_matrix(model, task, inputs.train_x, inputs.train_y), damping)
-    query_grads = flat_gradients(model, task, query_x, query_y, "measurement").double()
-    train_grads = flat_gradients(model, task, inputs.train_x, inputs.train_y, "loss").double()
-    return -query_grads @ inverse @ train_grads.T / len(inputs.train_y)
 
 
 @pytest.mark.parametrize("curvature", ["ekfac", "kfac"])

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_methods import attribution_inputs, cnn, data, mlp, token_model
-from test_trak import closed_form_trak
+from helpers_methods import attribution_inputs, closed_form_trak, cnn, data, mlp, token_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attribution_core.methods import trak

@@ -14,11 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers_methods import exact_source_scores
-from test_curvature_influence import (
+from helpers_methods import (
     LossFallsTask,
     correlation,
     exact_scores,
+    exact_source_scores,
     make_inputs,
     mlp_trajectory,
     shared_input_case,

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_methods import exact_source_scores, loop_gradients
-from test_curvature_influence import make_inputs, mlp_trajectory, shared_input_case
+from helpers_methods import exact_source_scores, loop_gradients, make_inputs, mlp_trajectory, shared_input_case
 
 from attribution_core import api
 from attribution_core.data import DataSpec

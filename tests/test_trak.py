@@ -3,29 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_methods import attribution_inputs, cnn, data, label_probabilities, loop_gradients, mlp
+from helpers_methods import attribution_inputs, closed_form_trak, cnn, data, mlp
 
 from attribution_core.errors import SettingsError
 from attribution_core.methods.trak import Trak, TrakSettings
-
-
-def closed_form_trak(models, train_x, train_y, query_x, query_y, damping_ratio: float, use_q: bool) -> torch.Tensor:
-    """mean_s φ(q)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ Q / r̄ with φ the (unprojected) measurement gradients, in float64.
-
-    r̄ = Σ_s Σ_i p_i(1 − p_i) ‖φ_i‖² / Σ_s Σ_i ‖φ_i‖², over all checkpoints s (p_i: probability of the label).
-    """
-    scores, weighted_norms, norms = [], 0, 0
-    for model in models:
-        phi = loop_gradients(model, train_x, train_y, "measurement").double()
-        phi_query = loop_gradients(model, query_x, query_y, "measurement").double()
-        gram = phi.T @ phi
-        damping = damping_ratio * gram.diagonal().mean()
-        p = label_probabilities(model, train_x, train_y).double()
-        q = 1 - p if use_q else torch.ones(len(train_y), dtype=torch.float64)
-        scores.append(phi_query @ torch.linalg.solve(gram + damping * torch.eye(len(gram), dtype=torch.float64), phi.T * q))
-        weighted_norms += (p * (1 - p) * phi.square().sum(dim=1)).sum()
-        norms += phi.square().sum()
-    return (torch.stack(scores).mean(0) * norms / weighted_norms).float()
 
 
 @pytest.mark.parametrize("use_q", [True, False])
