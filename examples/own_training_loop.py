@@ -1,6 +1,6 @@
 """Your own PyTorch loop as a training function: tdx records it, and calls it again to retrain and replay it.
 
-    python examples/own_training_loop.py                 # 6,000 sample images, 4 epochs (see README for the time)
+    python examples/own_training_loop.py                 # 6,000 sample images, 4 epochs: about 15 s on 2 CPU cores
     python examples/own_training_loop.py --tiny          # 200 images, 2 epochs: seconds (the tests run this)
     tdx record examples.own_training_loop:train own-loop-cnn --model examples.own_training_loop:small_cnn --data sample
     tdx app --workspace workspace                        # then open the run it prints
