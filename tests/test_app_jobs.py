@@ -117,3 +117,19 @@ def test_jobs_queued_under_a_former_or_an_unknown_kind_break_no_page(workspace):
     assert (queue.get(former.key).state, queue.get(unknown.key).state) == (DONE, FAILED)
     app.run()
     assert not app.exception and len(panel_buttons(app, "results_proponents_")) == 10
+
+
+def test_the_status_line_counts_down_the_workers_estimate_and_says_why_it_changed(tmp_path):
+    from app.components.jobs import status_line
+
+    queue = JobQueue(tmp_path)
+    job = queue.submit(JobSpec("fit", "run", "created", {}, "a fit"))
+    queue.claim(0, 1)
+    queue.report(job.key, 1, 10)
+    started = queue.get(job.key).started
+    assert status_line(queue.get(job.key), queue, now=started + 5) == "1 of 10 · 5 s so far · estimating the time left"
+    queue.report(job.key, 4, 10, finish=started + 60, note="next phase: estimated again")
+    running = queue.get(job.key)
+    assert status_line(running, queue, now=started + 20) == "4 of 10 · 20 s so far · about 40 s left · next phase: estimated again"
+    assert status_line(running, queue, now=started + 30).endswith("about 30 s left · next phase: estimated again")
+    assert "finishing" in status_line(running, queue, now=started + 61)
