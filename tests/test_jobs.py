@@ -30,9 +30,14 @@ from attribution_core.jobs.queue import (
     JobSpec,
 )
 from attribution_core.jobs.ready import (
+    LARGE_RUN_WORK,
     LDS_QUERIES,
     QUERY_BLOCK,
     blocks_covering,
+    compared_methods,
+    heavy_work,
+    large_run,
+    quick_method,
     query_block,
     queue_ready_jobs,
     ready_jobs,
@@ -433,6 +438,26 @@ def test_a_killed_worker_loses_no_finished_retraining_and_the_next_one_resumes(w
     assert queue.requeue_stale() == ([job.key] if state == RUNNING else [])
     work(workspace.root, "background", until_empty=True)
     assert queue.get(job.key).state == DONE and load_groundtruth(run, settings).margins.shape == (6, 100)
+
+
+def test_a_run_is_large_by_its_training_set_times_its_parameters(workspace, monkeypatch):
+    run = load_run(workspace, "fmnist-noisy")
+    work_ = len(run.datasets()[0]) * run.metrics["n_parameters"]
+    assert not large_run(run) and work_ < LARGE_RUN_WORK
+    monkeypatch.setattr("attribution_core.jobs.ready.LARGE_RUN_WORK", work_)
+    assert large_run(run) and quick_method(run) == "repsim"
+    assert heavy_work(run, "trak", fitted=False) and not heavy_work(run, "trak", fitted=True)  # a TRAK block is one product
+    assert heavy_work(run, "tracin", fitted=True) and not heavy_work(run, "repsim", fitted=False)  # exact TracIn streams
+
+
+def test_a_large_runs_ready_jobs_are_cheap_first_and_queue_no_block_that_streams(workspace, monkeypatch):
+    monkeypatch.setattr("attribution_core.jobs.ready.LARGE_RUN_WORK", 0)
+    run = load_run(workspace, "fmnist-noisy")
+    specs = ready_jobs(run, with_groundtruth=True)
+    steps = [(spec_.kind, spec_.params.get("method")) for spec_ in specs]
+    assert steps == [("fit", "repsim"), ("scores", "repsim"), ("layout", None), ("ranking", None), ("representations", None),
+                     ("fit", "trak"), ("scores", "trak")]  # the heavy fit after every forward pass; no ground truth, no TracIn
+    assert compared_methods(run) == ["trak", "repsim"]
 
 
 def test_ready_jobs_cover_what_the_first_pages_open_with(workspace):
