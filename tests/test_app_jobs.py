@@ -8,10 +8,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers_app import open_app, texts
+from helpers_app import button_keys, open_app, texts
 from streamlit.testing.v1 import AppTest
 
-from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, QUEUED, JobQueue, JobSpec
+from attribution_core.jobs.queue import CANCELLED, DONE, FAILED, INTERACTIVE, QUEUED, REQUESTED, JobQueue, JobSpec
 from attribution_core.jobs.worker import work
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
@@ -117,3 +117,56 @@ def test_jobs_queued_under_a_former_or_an_unknown_kind_break_no_page(workspace):
     assert (queue.get(former.key).state, queue.get(unknown.key).state) == (DONE, FAILED)
     app.run()
     assert not app.exception and len(panel_buttons(app, "results_proponents_")) == 10
+
+
+def test_the_status_line_counts_down_the_workers_estimate_and_says_why_it_changed(tmp_path):
+    from app.components.jobs import status_line
+
+    queue = JobQueue(tmp_path)
+    job = queue.submit(JobSpec("fit", "run", "created", {}, "a fit"))
+    queue.claim(0, 1)
+    queue.report(job.key, 1, 10)
+    started = queue.get(job.key).started
+    assert status_line(queue.get(job.key), queue, now=started + 5) == "1 of 10 · 5 s so far · estimating the time left"
+    queue.report(job.key, 4, 10, finish=started + 60, note="next phase: estimated again")
+    running = queue.get(job.key)
+    assert status_line(running, queue, now=started + 20) == "4 of 10 · 20 s so far · about 40 s left · next phase: estimated again"
+    assert status_line(running, queue, now=started + 30).endswith("about 30 s left · next phase: estimated again")
+    assert "finishing" in status_line(running, queue, now=started + 61)
+
+
+@pytest.fixture
+def every_run_large(monkeypatch):
+    """Every run counts as large (jobs.ready.large_run), so the tiny demo's runs open as a 60,000-image run does."""
+    monkeypatch.setattr("attribution_core.jobs.ready.LARGE_RUN_WORK", 0)
+
+
+def test_a_large_run_shows_a_quick_method_at_once_and_the_default_one_when_its_fit_is_done(workspace, every_run_large):
+    app = open_app(run="fmnist-mlp-early", query="3")
+    queue = JobQueue(workspace.root)
+    jobs = {(job.spec.kind, job.spec.params["method"]): job for job in queue.jobs()}
+    assert set(jobs) == {("fit", "trak"), ("scores", "repsim")}  # TRAK's block waits for its fit: no block fits in a click's lane
+    assert jobs["fit", "trak"].spec.priority == REQUESTED and jobs["scores", "repsim"].spec.priority == INTERACTIVE
+    assert work(workspace.root, "interactive", until_empty=True) == 1  # the click's lane takes the quick block only
+    app.run()
+    assert "Shown meanwhile: **representation similarity**" in texts(app)
+    assert button_keys(app, "results_proponents_") and "TRAK: fit on the training set" in texts(app)  # its panel stays
+    work(workspace.root, "background", until_empty=True)  # the fit
+    app.run()  # the fit's panel reran the page: TRAK's block is now a click's job
+    (block,) = [job for job in queue.jobs(states=(QUEUED,))]
+    assert (block.spec.kind, block.spec.params["method"], block.spec.priority) == ("scores", "trak", INTERACTIVE)
+    work(workspace.root, "interactive", until_empty=True)
+    app.run()
+    assert "Shown meanwhile" not in texts(app) and button_keys(app, "results_proponents_")
+    assert "TRAK" in app.selectbox(key="method").format_func(app.selectbox(key="method").value)
+
+
+def test_compare_opens_a_large_run_with_the_default_and_the_quick_method_and_no_exact_tracin(workspace, every_run_large):
+    app = open_app("compare", run="fmnist-mlp-early", query="3")
+    assert app.multiselect(key="compare_methods").value == ["trak", "repsim"]
+    assert "A large run" in texts(app)
+    methods = {job.spec.params.get("method") for job in JobQueue(workspace.root).jobs()}
+    assert methods == {"trak", "repsim"}
+    work(workspace.root, "interactive", until_empty=True)
+    app.run()
+    assert not app.exception and "representation similarity** · top 10 proponents" in texts(app)

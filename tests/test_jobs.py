@@ -30,14 +30,20 @@ from attribution_core.jobs.queue import (
     JobSpec,
 )
 from attribution_core.jobs.ready import (
+    LARGE_RUN_WORK,
     LDS_QUERIES,
     QUERY_BLOCK,
     blocks_covering,
+    compared_methods,
+    heavy_work,
+    large_run,
+    quick_method,
     query_block,
     queue_ready_jobs,
     ready_jobs,
 )
 from attribution_core.jobs.worker import lane_busy, work
+from attribution_core.progress import RemainingTime
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
@@ -139,13 +145,104 @@ def test_running_jobs_of_a_dead_worker_are_queued_again(queue):
     assert queue.requeue_stale() == [] and queue.get(job.key).state == RUNNING  # this process is alive and beating
 
 
-def test_remaining_time_follows_the_pace_so_far(queue):
+def test_the_time_left_is_the_workers_estimate_counting_down_between_reports(queue):
     job = queue.submit(spec())
     queue.claim(INTERACTIVE, os.getpid())
     queue.report(job.key, 1, 4)
+    assert queue.get(job.key).remaining() is None and queue.get(job.key).fraction == 0.25  # no estimate yet: none shown
+    queue.report(job.key, 2, 4, finish=1000.0, note="next phase: estimated again")
     running = queue.get(job.key)
-    assert running.remaining(now=running.started + 10) == pytest.approx(30)
-    assert running.fraction == 0.25
+    assert running.remaining(now=970.0) == 30 and running.remaining(now=990.0) == 10 and running.remaining(now=1010.0) == 0
+    assert running.estimate_note == "next phase: estimated again"
+    queue.requeue(job.key)
+    assert queue.claim(INTERACTIVE, os.getpid()).remaining() is None  # a new attempt estimates anew
+
+
+STEP_TIMES = {
+    "slow start (a compilation), then steady": [8.0] + [1.0] * 40,
+    "faster and faster": [3.0 - 2.5 * step / 60 for step in range(60)],
+    "alternating fast and slow": [0.5, 2.0] * 25,
+    "a little slower at the end": [1.0] * 30 + [1.1] * 20,
+}
+
+
+def estimates_of(step_times: list[float], *, looks_per_step: int = 4) -> list[float | None]:
+    """The time left a page would read, looking several times during each step of a job with these step times."""
+    estimate, now, seen = RemainingTime(), 0.0, []
+    total = len(step_times)
+    estimate.feed(0, total, now)
+    for done, seconds in enumerate(step_times, start=1):
+        for _ in range(looks_per_step):
+            now += seconds / looks_per_step
+            seen.append(estimate.remaining(now))
+        estimate.feed(done, total, now)
+        seen.append(estimate.remaining(now))
+    return seen
+
+
+@pytest.mark.parametrize("profile", STEP_TIMES)
+def test_time_left_never_grows_while_a_job_keeps_a_pace_and_ends_at_zero(profile):
+    seen = [seconds for seconds in estimates_of(STEP_TIMES[profile]) if seconds is not None]
+    assert seen, "an estimate is given once a few steps are seen"
+    assert all(later <= earlier for earlier, later in zip(seen, seen[1:]))
+    assert seen[-1] == 0
+
+
+def test_no_estimate_from_the_first_steps_alone():
+    assert estimates_of([5.0] * 10)[:4 * 2] == [None] * 8  # two steps seen: still none
+
+
+def test_a_job_slower_than_any_pace_seen_is_estimated_again_with_a_note():
+    estimate, now = RemainingTime(), 0.0
+    estimate.feed(0, 20, now)
+    for done in range(1, 11):  # 1 s a step
+        now += 1.0
+        estimate.feed(done, 20, now)
+    first_finish = estimate.finish
+    assert first_finish == pytest.approx(10 + 10 * 1.0 * RemainingTime.MARGIN)
+    for done in range(11, 17):  # then 10 s a step: the finish passes with steps left
+        now += 10.0
+        estimate.feed(done, 20, now)
+    assert estimate.note == RemainingTime.SLOWER  # the one time it grows, and it says so
+    assert estimate.remaining(now) == pytest.approx(4 * 10.0 * RemainingTime.MARGIN)  # from the pace since
+
+
+def test_a_new_phase_starts_the_estimate_over_with_a_note():
+    estimate = RemainingTime()
+    for done in range(0, 6):
+        estimate.feed(done, 5, float(done))
+    assert estimate.remaining(5.0) == 0 and estimate.note is None
+    estimate.feed(0, 100, 6.0)
+    assert estimate.remaining(6.0) is None and estimate.note == RemainingTime.NEXT_PHASE
+
+
+def test_a_job_whose_step_times_change_reports_a_time_left_that_never_grows_and_ends_at_zero(monkeypatch, tmp_path, queue):
+    """Driven through a worker on a fake clock: the estimate the queue holds, read as a page reads it, after every report."""
+    clock = {"now": 1_000.0}
+    step_times = [6.0, 4.0] + [1.0] * 10 + [0.5] * 20 + [1.5] * 8  # a slow start, faster, faster, then a little slower
+    seen: list[float] = []
+
+    def run(run_, params, progress):
+        total = len(step_times)
+        progress(0, total)
+        for done, seconds in enumerate(step_times, start=1):
+            clock["now"] += seconds / 2
+            row = queue.get(job.key)
+            seen.append(row.remaining(now=clock["now"]))  # a page looking in the middle of a step
+            clock["now"] += seconds / 2
+            progress(done, total)
+            seen.append(queue.get(job.key).remaining(now=clock["now"]))
+
+    monkeypatch.setitem(kinds.KINDS, "fake", JobKind("fake", run, lambda run_, params: None, "a fake"))
+    monkeypatch.setattr("attribution_core.jobs.worker._Runs.target", lambda self, job: None)
+    monkeypatch.setattr("attribution_core.jobs.worker.REPORT_SECONDS", 0.0)
+    monkeypatch.setattr("attribution_core.jobs.worker.clock", lambda: clock["now"])
+    job = queue.submit(spec())
+    work(tmp_path, "background", until_empty=True)
+    estimated = [seconds for seconds in seen if seconds is not None]
+    assert seen[0] is None and len(estimated) > len(step_times)  # none from the first steps, then one at every look
+    assert all(later <= earlier for earlier, later in zip(estimated, estimated[1:])), estimated
+    assert estimated[-1] == 0 and queue.get(job.key).state == DONE
 
 
 def fake_kinds(monkeypatch, log: list, *, stop_after: int | None = None, fail: Exception | None = None, resumable: bool = False):
@@ -232,10 +329,10 @@ def test_a_cancelled_running_job_stops_at_its_next_report(monkeypatch, tmp_path,
     job = queue.submit(spec())
     original = JobQueue.report
 
-    def report_then_cancel(self, key, done, total):
+    def report_then_cancel(self, key, done, total, **estimate):
         if done == 2:
             self.cancel(key)
-        return original(self, key, done, total)
+        return original(self, key, done, total, **estimate)
 
     monkeypatch.setattr(JobQueue, "report", report_then_cancel)
     work(tmp_path, "background", until_empty=True)
@@ -248,10 +345,10 @@ def test_a_resumable_job_yields_to_a_more_urgent_one_and_resumes_after_it(monkey
     long_job = queue.submit(spec("ground truth", PREFETCH))
     original = JobQueue.report
 
-    def report_and_ask(self, key, done, total):
+    def report_and_ask(self, key, done, total, **estimate):
         if key == long_job.key and done == 2 and not any(name == "click" for name, _ in log):
             self.submit(spec("click", INTERACTIVE))
-        return original(self, key, done, total)
+        return original(self, key, done, total, **estimate)
 
     monkeypatch.setattr(JobQueue, "report", report_and_ask)
     work(tmp_path, "background", until_empty=True)
@@ -341,6 +438,26 @@ def test_a_killed_worker_loses_no_finished_retraining_and_the_next_one_resumes(w
     assert queue.requeue_stale() == ([job.key] if state == RUNNING else [])
     work(workspace.root, "background", until_empty=True)
     assert queue.get(job.key).state == DONE and load_groundtruth(run, settings).margins.shape == (6, 100)
+
+
+def test_a_run_is_large_by_its_training_set_times_its_parameters(workspace, monkeypatch):
+    run = load_run(workspace, "fmnist-noisy")
+    work_ = len(run.datasets()[0]) * run.metrics["n_parameters"]
+    assert not large_run(run) and work_ < LARGE_RUN_WORK
+    monkeypatch.setattr("attribution_core.jobs.ready.LARGE_RUN_WORK", work_)
+    assert large_run(run) and quick_method(run) == "repsim"
+    assert heavy_work(run, "trak", fitted=False) and not heavy_work(run, "trak", fitted=True)  # a TRAK block is one product
+    assert heavy_work(run, "tracin", fitted=True) and not heavy_work(run, "repsim", fitted=False)  # exact TracIn streams
+
+
+def test_a_large_runs_ready_jobs_are_cheap_first_and_queue_no_block_that_streams(workspace, monkeypatch):
+    monkeypatch.setattr("attribution_core.jobs.ready.LARGE_RUN_WORK", 0)
+    run = load_run(workspace, "fmnist-noisy")
+    specs = ready_jobs(run, with_groundtruth=True)
+    steps = [(spec_.kind, spec_.params.get("method")) for spec_ in specs]
+    assert steps == [("fit", "repsim"), ("scores", "repsim"), ("layout", None), ("ranking", None), ("representations", None),
+                     ("fit", "trak"), ("scores", "trak")]  # the heavy fit after every forward pass; no ground truth, no TracIn
+    assert compared_methods(run) == ["trak", "repsim"]
 
 
 def test_ready_jobs_cover_what_the_first_pages_open_with(workspace):

@@ -23,9 +23,9 @@ from attribution_core import inspection
 from attribution_core.annotations import Annotations
 from attribution_core.api import METHODS, default_checkpoints
 from attribution_core.errors import TdxError
-from attribution_core.jobs.kinds import scores_job
+from attribution_core.jobs.kinds import fit_job, load_result, scores_job
 from attribution_core.jobs.queue import INTERACTIVE, REQUESTED
-from attribution_core.jobs.ready import blocks_covering, offered_methods, query_block
+from attribution_core.jobs.ready import blocks_covering, heavy_work, large_run, offered_methods, query_block, quick_method
 from attribution_core.runs.run import Run, load_run
 from attribution_core.scores import Scores
 from attribution_core.store import Workspace
@@ -244,11 +244,43 @@ def stacked(parts: list[Scores]) -> Scores:
     )
 
 
+def fitted(run: Run, method: str, checkpoints: tuple[int, ...]) -> bool:
+    """Whether the method's fit at these checkpoints is stored (read, never computed)."""
+    return load_result(run, fit_job(run, method, list(checkpoints))) is not None
+
+
 def query_scores(run: Run, method: str, checkpoints: tuple[int, ...], query: int, *, container=None) -> Scores | None:
-    """Scores of one test sample (one row), read from its block; None while the block's job runs (its panel shown)."""
+    """Scores of one test sample (one row), read from its block; None while the block's job runs (its panel shown).
+
+    Heavy work (jobs.ready.heavy_work: on a large run, a fit or a block that streams the training set) runs in the
+    background lane, so that the clicks' jobs are not stuck behind it: an unfitted method's fit is asked for alone (its
+    panel shown), and its block once the fit is stored.
+    """
     _, test_set = run.datasets()
-    scores_ = block_scores(run, method, checkpoints, query_block(query, len(test_set)), container=container)
+    block = query_block(query, len(test_set))
+    if large_run(run) and heavy_work(run, method, fitted=fitted(run, method, checkpoints)):
+        if not fitted(run, method, checkpoints):
+            job_result(run, fit_job(run, method, list(checkpoints), priority=REQUESTED), container=container)
+            return None
+        scores_ = block_scores(run, method, checkpoints, block, container=container, priority=REQUESTED)
+    else:
+        scores_ = block_scores(run, method, checkpoints, block, container=container)
     return None if scores_ is None else rows_of(scores_, [query])
+
+
+def stand_in_method(run: Run, method: str, checkpoints: tuple[int, ...], query: int) -> str | None:
+    """The quick method a page shows while this method's heavy work runs (jobs.ready.heavy_work), or None when it shows none."""
+    _, test_set = run.datasets()
+    if not large_run(run) or not heavy_work(run, method, fitted=fitted(run, method, checkpoints)):
+        return None
+    if stored_scores_of(run, method, checkpoints, query_block(query, len(test_set))):
+        return None
+    return quick_method(run)
+
+
+def stored_scores_of(run: Run, method: str, checkpoints: tuple[int, ...], block: list[int]) -> bool:
+    """Whether a block of the method's scores is stored."""
+    return load_result(run, scores_job(run, method, block, list(checkpoints))) is not None
 
 
 def first_queries_scores(run: Run, method: str, checkpoints: tuple[int, ...], n_queries: int, *, container=None) -> Scores | None:

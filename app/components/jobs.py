@@ -121,7 +121,11 @@ def duration(seconds: float) -> str:
 
 
 def status_line(job: Job, queue: JobQueue, now: float | None = None) -> str:
-    """Where a job is: its place in the queue, or its progress, time so far and the time left."""
+    """Where a job is: its place in the queue, or its progress, time so far and the time left.
+
+    The time left is the worker's estimate (Job.remaining: it counts down and never grows while the job keeps its pace;
+    when it was made again, the note says why), or before the job has one, what its kind took on this run last time.
+    """
     now = now or time.time()
     if job.state == QUEUED:
         ahead = queue.ahead(job.key)
@@ -132,8 +136,14 @@ def status_line(job: Job, queue: JobQueue, now: float | None = None) -> str:
     remaining = job.remaining(now)
     if remaining is None and (typical := queue.typical_seconds(job.spec.kind, job.spec.run_id)) is not None:
         remaining = max(0.0, typical - job.elapsed(now))
-    if remaining is not None:
+    if remaining is None:
+        parts.append("estimating the time left")
+    elif remaining >= 1:
         parts.append(f"about {duration(remaining)} left")
+    else:
+        parts.append("finishing")
+    if job.estimate_note:
+        parts.append(job.estimate_note)
     if job.cancel_requested:
         parts.append("stopping…")
     return " · ".join(parts)

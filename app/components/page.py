@@ -10,7 +10,9 @@ from attribution_core.data import Dataset
 from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
 
-from .core_calls import call_or_report, query_scores, require_run, test_predictions
+from attribution_core.api import default_checkpoints
+
+from .core_calls import call_or_report, method_label, query_scores, require_run, stand_in_method, test_predictions
 from .flagging import show_pending_toast
 from .methods import checkpoint_range, method_selectbox
 
@@ -56,8 +58,23 @@ def chosen_attribution(run: Run, query: int, method_container, checkpoint_contai
     The scores are read from the query's stored block of test samples (jobs.ready.QUERY_BLOCK).
     When the block is not stored its job runs in the background and None comes back, after its
     progress panel is drawn in `container` (or where the page is); an error is shown the same way.
+    On a large run whose chosen method has heavy work to do first (a fit), the quick method's scores are returned
+    meanwhile, said so above them: the page shows real proponents at once, and the chosen method's replace them by
+    themselves when its job ends (its panel reruns the page).
     """
     method = method_selectbox(run, method_container)
     checkpoints = checkpoint_range(run, method, checkpoint_container)
     method_scores = call_or_report(query_scores, run, method, checkpoints, query, container=container)
-    return None if method_scores is None else Attribution(method, checkpoints, method_scores)
+    if method_scores is not None:
+        return Attribution(method, checkpoints, method_scores)
+    quick = call_or_report(stand_in_method, run, method, checkpoints, query)
+    if quick is None:
+        return None
+    quick_checkpoints = tuple(default_checkpoints(run, quick))
+    quick_scores = call_or_report(query_scores, run, quick, quick_checkpoints, query, container=container)
+    if quick_scores is None:
+        return None
+    (container or st).info(f"Shown meanwhile: **{method_label(quick)}** (quick: one forward pass over the training set). "
+                           f"{method_label(method)}'s scores replace them by themselves when its job above is done.",
+                           icon=":material/swap_horiz:")
+    return Attribution(quick, quick_checkpoints, quick_scores)

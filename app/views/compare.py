@@ -33,7 +33,7 @@ from attribution_core.evaluation.lds import (
     stored_groundtruth_settings,
 )
 from attribution_core.jobs.kinds import groundtruth_job
-from attribution_core.jobs.ready import FIRST_GROUND_TRUTH, LDS_QUERIES, compared_methods
+from attribution_core.jobs.ready import FIRST_GROUND_TRUTH, LDS_QUERIES, compared_methods, large_run, quick_method
 from attribution_core.jobs.worker import job_mode
 from attribution_core.runs.capabilities import capabilities
 from attribution_core.runs.run import Run
@@ -221,6 +221,16 @@ def methods_help(run: Run) -> str:
     return "Each method at its default checkpoints." + missing
 
 
+def large_run_note(run: Run) -> str:
+    """What Compare opens with on a large run, and what the other methods cost there."""
+    train_set, _ = run.datasets()
+    quick = quick_method(run)
+    return (f":material/speed: A large run ({len(train_set):,} training examples): Compare opens with "
+            + (f"{method_label(quick)} (one forward pass) beside the default method, whose fit runs in the background. " if quick else "")
+            + "Fits and methods that pass over the whole training set for every block of test samples (exact TracIn, "
+            "unprojected influence, replay) run in the background lane when you add them.")
+
+
 def render() -> None:
     """The Compare page."""
     page = page_prelude("Compare")
@@ -234,6 +244,8 @@ def render() -> None:
     k = controls[2].slider("Top k", 5, 15, 10, key="compare_k")
     with st.columns([1, 2])[0]:
         query_card(test_set, predictions, query, size=120)
+    if large_run(run):
+        st.caption(large_run_note(run))
     if len(methods) < 2:
         st.info("Choose at least two methods to compare.")
         return

@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    retryable INTEGER NOT NULL DEFAULT 1
+    retryable INTEGER NOT NULL DEFAULT 1,
+    finish REAL,
+    estimate_note TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (state, priority, submitted);
 """
@@ -106,6 +108,10 @@ class Job:
     error: str | None
     retryable: bool = True
     """For a failed job: whether running it again may succeed (errors.TdxError.retryable of what it raised)."""
+    finish: float | None = None
+    """When a running job should be done (time.time()), as its worker estimates it (progress.RemainingTime); None before an estimate."""
+    estimate_note: str | None = None
+    """Why the estimate was made again (a new phase, slower than estimated), or None."""
 
     @property
     def fraction(self) -> float:
@@ -119,10 +125,13 @@ class Job:
         return (self.finished or now or time.time()) - self.started
 
     def remaining(self, now: float | None = None) -> float | None:
-        """Seconds left at the pace so far, or None before the first progress report."""
-        if self.state != RUNNING or not self.done or not self.total:
+        """Seconds left as the worker estimated them (counting down between its reports; 0 once past), or None without an estimate.
+
+        Never more than at the previous look while the job keeps the pace it had (progress.RemainingTime).
+        """
+        if self.state != RUNNING or self.finish is None:
             return None
-        return self.elapsed(now) * (self.total - self.done) / self.done
+        return max(0.0, self.finish - (now or time.time()))
 
 
 class JobQueue:
@@ -219,14 +228,14 @@ class JobQueue:
                 return None
             connection.execute(
                 "UPDATE jobs SET state = ?, started = COALESCE(started, ?), heartbeat = ?, worker_pid = ?, "
-                "attempts = attempts + 1 WHERE key = ?", (RUNNING, now, now, worker_pid, row["key"]))
+                "attempts = attempts + 1, finish = NULL, estimate_note = NULL WHERE key = ?", (RUNNING, now, now, worker_pid, row["key"]))
         return self.get(row["key"])
 
-    def report(self, key: str, done: int, total: int) -> bool:
-        """Record a running job's progress; returns whether a cancel was requested."""
+    def report(self, key: str, done: int, total: int, *, finish: float | None = None, note: str | None = None) -> bool:
+        """Record a running job's progress (and when it should be done, time.time(), with why that changed); returns whether a cancel was requested."""
         with self._connect() as connection:
-            connection.execute("UPDATE jobs SET done = ?, total = ?, heartbeat = ? WHERE key = ? AND state = ?",
-                               (int(done), int(total), time.time(), key, RUNNING))
+            connection.execute("UPDATE jobs SET done = ?, total = ?, heartbeat = ?, finish = ?, estimate_note = ? WHERE key = ? AND state = ?",
+                               (int(done), int(total), time.time(), finish, note, key, RUNNING))
             row = connection.execute("SELECT cancel FROM jobs WHERE key = ?", (key,)).fetchone()
         return bool(row and row["cancel"])
 
@@ -305,7 +314,7 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-_ADDED_COLUMNS = {"retryable": "INTEGER NOT NULL DEFAULT 1"}
+_ADDED_COLUMNS = {"retryable": "INTEGER NOT NULL DEFAULT 1", "finish": "REAL", "estimate_note": "TEXT"}
 """Columns added after the table was first created: a jobs.sqlite made before them gets them on its next open."""
 
 
@@ -320,4 +329,5 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
 def _job(row: sqlite3.Row) -> Job:
     spec = JobSpec(row["kind"], row["run_id"], row["run_created"], json.loads(row["params"]), row["title"], row["priority"])
     return Job(row["key"], spec, row["state"], row["done"], row["total"], row["submitted"], row["started"], row["finished"],
-               row["heartbeat"], row["worker_pid"], bool(row["cancel"]), row["attempts"], row["error"], bool(row["retryable"]))
+               row["heartbeat"], row["worker_pid"], bool(row["cancel"]), row["attempts"], row["error"], bool(row["retryable"]),
+               row["finish"], row["estimate_note"])

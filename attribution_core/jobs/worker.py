@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..api import prepare
 from ..errors import TdxError
+from ..progress import RemainingTime
 from ..runs.run import Run, load_run
 from ..store import Workspace
 from .kinds import KINDS, find_kind, fit_job, job_kind, load_result
@@ -51,6 +52,9 @@ REPORT_SECONDS = 0.5
 
 BEAT_SECONDS = 5.0
 """How often a worker tells the queue it is alive while a job runs (and checks that its parent server is)."""
+
+clock = time.time
+"""The wall clock a job's estimated finish is read on (JobQueue.report; tests drive a job on a fake one)."""
 
 IDLE_EXIT_SECONDS = 900.0
 """A worker started by the app ends after this long without work; the app starts another when it needs one."""
@@ -129,14 +133,15 @@ def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fre
     if kind is None:  # queued by another version of tdx: the job fails with a message, the worker goes on
         queue.finish(job.key, FAILED, f"unknown job kind {job.spec.kind!r}: this version of tdx cannot run it; kinds: {', '.join(KINDS)}")
         return FAILED
-    last = {"report": 0.0}
+    last, estimate = {"report": -float("inf")}, RemainingTime()
 
     def progress(done: int, total: int) -> None:
-        now = time.monotonic()
+        now = clock()
+        estimate.feed(done, total, now)  # every step: the estimate sees the pace between reports too
         if now - last["report"] < REPORT_SECONDS and done < total:
             return
         last["report"] = now
-        if queue.report(job.key, done, total):
+        if queue.report(job.key, done, total, finish=estimate.finish, note=estimate.note):
             raise JobStopped(CANCELLED)
         if kind.resumable and queue.more_urgent_waiting(job.spec.priority, max_priority, leave_fresh=leave_fresh):
             raise JobStopped(QUEUED)

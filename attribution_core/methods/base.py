@@ -14,6 +14,9 @@ rankings and the benchmarks, so that adding a method is one module, one line in 
   training with the example rather than without it (the one unit the app states for influence,
   SOURCE, TRAK and replay); False for similarities (TracIn, gradient dot/cosine, representation
   similarity), whose scale means nothing and which the app shows with a percentile instead.
+- `quick`: its fit is one forward pass over the training set and a block of scores one product (no
+  per-example gradients): what a large run's pages show while a heavier method's fit runs
+  (jobs/ready.py);
 - `shards_queries`: `score` shares the queries between the ranks of a process group (every rank
   calls it and gets all the scores), so the front door calls it on every rank.
 
@@ -57,6 +60,7 @@ class Method(ABC):
     max_parameters: ClassVar[int | None] = None
     shards_queries: ClassVar[bool] = False
     estimates_removal: ClassVar[bool] = True
+    quick: ClassVar[bool] = False
 
     def __init__(self, settings: Any = None):
         self.settings = self.make_settings(settings)
@@ -91,6 +95,11 @@ class Method(ABC):
         if cls.max_parameters is not None and n_parameters is not None and n_parameters > cls.max_parameters:
             return f"{cls.label} handles models of up to {cls.max_parameters:,} parameters; this one has {n_parameters:,}"
         return None
+
+    def streams_training_set(self) -> bool:
+        """Whether scoring a block of queries passes over the whole training set again with these settings (the methods
+        whose settings say k=None: exact dot products, unprojected influence): heavy work on a large run."""
+        return getattr(self.settings, "k", 0) is None
 
     def prepare_inputs(self, inputs: AttributionInputs, run: Run, checkpoints: list[int]) -> tuple[AttributionInputs, list[str]]:
         """The inputs with anything this method needs beyond the common ones, and notes for the user."""

@@ -126,6 +126,7 @@ class RepresentationSimilarity(Method):
     name = "repsim"
     label = "representation similarity"
     estimates_removal = False  # a similarity: it ranks examples, its scale is not a change of the margin
+    quick = True  # a forward pass at the final checkpoint fits it; a block is one product
     Settings = RepresentationSettings
 
     def _module(self, model: nn.Module, task: Task) -> nn.Module:

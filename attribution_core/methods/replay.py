@@ -83,6 +83,10 @@ class Replay(Method):
             notes.append(f"replay attributes stage {self.settings.start_stage} on: earlier training is held fixed")
         return inputs, notes
 
+    def streams_training_set(self) -> bool:
+        """A block of queries is carried backward through every recorded step: more than a pass over the training set."""
+        return True
+
     def _plan(self) -> ReplayPlan:
         if self.plan is None:
             raise SettingsError("replay needs its plan: call prepare_inputs with the run (the front door does), or pass plan=")
