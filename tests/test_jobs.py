@@ -37,9 +37,9 @@ from attribution_core.jobs.ready import (
     compared_methods,
     heavy_work,
     large_run,
-    quick_method,
     query_block,
     queue_ready_jobs,
+    quick_method,
     ready_jobs,
 )
 from attribution_core.jobs.worker import lane_busy, work

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
+from attribution_core.api import default_checkpoints
 from attribution_core.data import Dataset
 from attribution_core.runs.run import Run
 from attribution_core.scores import Scores
-
-from attribution_core.api import default_checkpoints
 
 from .core_calls import call_or_report, method_label, query_scores, require_run, stand_in_method, test_predictions
 from .flagging import show_pending_toast

@@ -232,10 +232,13 @@ class JobQueue:
         return self.get(row["key"])
 
     def report(self, key: str, done: int, total: int, *, finish: float | None = None, note: str | None = None) -> bool:
-        """Record a running job's progress (and when it should be done, time.time(), with why that changed); returns whether a cancel was requested."""
+        """Record a running job's progress (and when it should be done, time.time(), with why that changed).
+
+        Returns whether a cancel was requested.
+        """
         with self._connect() as connection:
-            connection.execute("UPDATE jobs SET done = ?, total = ?, heartbeat = ?, finish = ?, estimate_note = ? WHERE key = ? AND state = ?",
-                               (int(done), int(total), time.time(), finish, note, key, RUNNING))
+            connection.execute("UPDATE jobs SET done = ?, total = ?, heartbeat = ?, finish = ?, estimate_note = ? "
+                               "WHERE key = ? AND state = ?", (int(done), int(total), time.time(), finish, note, key, RUNNING))
             row = connection.execute("SELECT cancel FROM jobs WHERE key = ?", (key,)).fetchone()
         return bool(row and row["cancel"])
 
