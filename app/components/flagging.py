@@ -147,8 +147,10 @@ def undo_last(run_id: str, on_undone: Callable[[], None] | None = None) -> None:
     """Undo this tab's last flag action on the run, one flag or a whole bulk flag, and say what it restored (a button callback)."""
     restored = call_or_report(annotations().undo, run_id, actor=actor())
     if restored:
-        announce(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict.",
-                 ":material/undo:")
+        left = call_or_report(annotations().undoable_actions, run_id, actor=actor()) or 0
+        # how many actions are left tells one undo's toast from the next (their texts would be the same otherwise)
+        announce(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict; "
+                 + (f"{left} more action{'s' if left != 1 else ''} to undo." if left else "nothing more to undo."), ":material/undo:")
         if on_undone is not None:
             on_undone()
 
