@@ -44,8 +44,9 @@ SHOW_KEY, CLASSES_KEY, SHARE_KEY, ORDER_KEY = "mislabels_show", "mislabels_class
 CURVE_KEY, MAP_KEY, KIND_KEY, TOP_K_KEY = "mislabels_curve", "mislabels_map", "mislabels_bulk_kind", "mislabels_top_k"
 REDRAW_KEY = "mislabels_redraw"
 """Session state, set by a callback of the review area: the next run must redraw the whole page (the bulk section reads the ticks)."""
-BEHIND_KEY = "mislabels_behind"
-"""Session state: verdicts and undos given in the review area since the page was last drawn whole (the map and the plan lag by these)."""
+BEHIND_KEY, MOVED_KEY = "mislabels_behind", "mislabels_moved"
+"""Session state: verdicts and undos given in the review area since the page was last drawn whole (the map's colours and the
+cleaning plan lag by these), and whether the review moved to another suspect since (the map's star lags)."""
 SUSPECTED_SHARE = 0.1
 """A signal suspects an example that it ranks in its top SUSPECTED_SHARE of the training set."""
 SHARES = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -98,6 +99,7 @@ def list_page_key(ranking: str) -> str:
 def move_to(key: str, position: int) -> None:
     """Set a review position (a button callback)."""
     st.session_state[key] = position
+    st.session_state[MOVED_KEY] = True
 
 
 def restart(key: str, ranking: str) -> None:
@@ -453,24 +455,39 @@ def render_recall(run: Run, current: str, choices: dict[str, str]) -> None:
             "ROC-AUC": st.column_config.NumberColumn(format="%.3f"), "seconds": st.column_config.NumberColumn(format="%.1f")})
 
 
+def changes(count: int) -> str:
+    """'your last 3 flag changes' (verdicts and undos), 'your last flag change'."""
+    return f"your last {count} flag changes" if count != 1 else "your last flag change"
+
+
 @st.fragment
-def render_review_area(run: Run, ranking: MislabelRanking, key: str, view: QueueView) -> None:
+def render_review_area(run: Run, ranking: MislabelRanking, key: str, view: QueueView, notes: tuple) -> None:
     """The flag counter and exports, the review card and the suspects' grid: a fragment, so a key (a verdict, N, P, U) reruns it alone.
 
     The queue is made anew here from the flags as they are. What lies outside (the data map, the bulk section, the cleaning
-    plan) is drawn by the page's whole runs: a tick (which the bulk section counts) asks for one, and after verdicts given
-    here a button offers one (BEHIND_KEY counts them).
+    plan) is drawn by the page's whole runs: a tick (which the bulk section counts) asks for one; after verdicts or moves
+    given here, `notes` (st.empty placeholders above the map and the plan, drawn by the whole run) say what lags, and a
+    button here redraws the page.
     """
     if st.session_state.pop(REDRAW_KEY, False):
         st.rerun(scope="app")
     show_pending_toast()  # an undo's, when no review card draws it
     render_export(run)
-    behind = st.session_state.get(BEHIND_KEY, 0)
-    if behind:
+    behind, moved = st.session_state.get(BEHIND_KEY, 0), st.session_state.get(MOVED_KEY, False)
+    map_note, plan_note = notes  # written on every run, also to empty them: a fragment may fill only what the whole run wrote
+    if map_note is not None and (behind or moved):
+        map_note.caption(":material/history: The map shows the flags and the current suspect's star as they were before "
+                         + (changes(behind) if behind else "your last moves") + ": **Redraw the page** beside the review card.")
+    elif map_note is not None:
+        map_note.empty()
+    if not behind:
+        plan_note.empty()
+    else:
+        plan_note.caption(f":material/history: This plan was made before {changes(behind)}: **Redraw the page** beside the review "
+                          "card to make it from the flags as they are.")
         note, redraw = st.columns([3, 1], vertical_alignment="center")
-        note.caption(f"The data map and the cleaning plan were drawn before your last {behind} verdict{'s' if behind != 1 else ''}: "
-                     "they catch up when the page is drawn again.")
-        if redraw.button("Redraw them", key="mislabels_redraw_page", icon=":material/refresh:", width="stretch"):
+        note.caption(f"The data map and the cleaning plan below were drawn before {changes(behind)}.")
+        if redraw.button("Redraw the page", key="mislabels_redraw_page", icon=":material/refresh:", width="stretch"):
             st.rerun(scope="app")
     queue = review_queue(run, ranking, view)
     if not len(queue):
@@ -489,7 +506,7 @@ def render() -> None:
     """The Mislabels page."""
     run = require_run()
     st.session_state.pop(REDRAW_KEY, None)
-    st.session_state[BEHIND_KEY] = 0  # this run draws everything anew
+    st.session_state[BEHIND_KEY], st.session_state[MOVED_KEY] = 0, False  # this run draws everything anew
     st.title("Mislabels")
     choices = ranking_choices(run)
     default, fallback_reason = default_ranking(run)
@@ -509,10 +526,15 @@ def render() -> None:
     view = render_filters(run, ranking, key)
     queue = review_queue(run, ranking, view)
     current = int(queue[min(st.session_state.get(key, 0), len(queue) - 1)]) if len(queue) else None
+    map_note = None
     if fallback_reason is None:
+        map_note = st.empty()
         render_data_map(run, key, name, current)
     render_bulk(run, ranking, queue, view)
-    render_review_area(run, ranking, key, view)
+    area = st.container()
+    plan_note = st.empty()  # above the cleaning section
+    with area:
+        render_review_area(run, ranking, key, view, (map_note, plan_note))
     render_cleaning(run, name)
     render_recall(run, name, choices)
 
