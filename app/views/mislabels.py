@@ -475,31 +475,34 @@ def render_review_area(run: Run, ranking: MislabelRanking, key: str, view: Queue
     render_export(run)
     behind, moved = st.session_state.get(BEHIND_KEY, 0), st.session_state.get(MOVED_KEY, False)
     map_note, plan_note = notes  # written on every run, also to empty them: a fragment may fill only what the whole run wrote
+    lag = changes(behind) if behind else "your last moves"
     if map_note is not None and (behind or moved):
-        map_note.caption(":material/history: The map shows the flags and the current suspect's star as they were before "
-                         + (changes(behind) if behind else "your last moves") + ": **Redraw the page** beside the review card.")
+        map_note.caption(f":material/history: The map shows the flags and the current suspect's star as they were before {lag}: "
+                         "**Redraw the page** under the review card.")
     elif map_note is not None:
         map_note.empty()
-    if not behind:
-        plan_note.empty()
+    if behind:
+        plan_note.caption(f":material/history: This plan was made before {lag}: **Redraw the page** under the review card to make "
+                          "it from the flags as they are.")
     else:
-        plan_note.caption(f":material/history: This plan was made before {changes(behind)}: **Redraw the page** beside the review "
-                          "card to make it from the flags as they are.")
-        note, redraw = st.columns([3, 1], vertical_alignment="center")
-        note.caption(f"The data map and the cleaning plan below were drawn before {changes(behind)}.")
-        if redraw.button("Redraw the page", key="mislabels_redraw_page", icon=":material/refresh:", width="stretch"):
-            st.rerun(scope="app")
+        plan_note.empty()
     queue = review_queue(run, ranking, view)
     if not len(queue):
         st.info("No suspect matches: show other verdicts, classes or scores, or choose another part of the map.",
                 icon=":material/filter_alt_off:")
         undo_button(run.run_id, key="mislabels_undo", on_undone=fell_behind)
-        return
-    review_column, list_column = st.columns([1.15, 1], gap="large")
-    with review_column:
-        render_review(run, ranking, queue, key, view.verdicts)
-    with list_column:
-        render_ranked_list(run, ranking, queue, key)
+    else:
+        review_column, list_column = st.columns([1.15, 1], gap="large")
+        with review_column:
+            render_review(run, ranking, queue, key, view.verdicts)
+        with list_column:
+            render_ranked_list(run, ranking, queue, key)
+    if behind or (moved and map_note is not None):  # under the card: a row above it would move its buttons while the keys run
+        note, redraw = st.columns([3, 1], vertical_alignment="center")
+        note.caption(("The data map above and the cleaning plan below were" if behind else "The data map above was")
+                     + f" drawn before {lag}.")
+        if redraw.button("Redraw the page", key="mislabels_redraw_page", icon=":material/refresh:", width="stretch"):
+            st.rerun(scope="app")
 
 
 def render() -> None:
@@ -537,5 +540,6 @@ def render() -> None:
         render_review_area(run, ranking, key, view, (map_note, plan_note))
     render_cleaning(run, name)
     render_recall(run, name, choices)
+
 
 render()
