@@ -275,10 +275,8 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
         render_curve(run, index)
     flag_controls(run.run_id, train_set, index, key="review", suggested_label=suggested, shortcuts=True, per_row=2,
                   on_saved=partial(advance, key, position, len(queue), shown))
-    undo_column, keys_column = st.columns([1, 2.4], vertical_alignment="center")
-    with undo_column:
-        undo_button(run.run_id, key="mislabels_undo", on_undone=fell_behind)
-    keys_column.caption("Keys: " + verdict_keys_text() + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous · **{UNDO_KEY}** undo")
+    undo_button(run.run_id, key="mislabels_undo", on_undone=fell_behind)  # a row of its own: "Undo (152 examples)" whole
+    st.caption("Keys: " + verdict_keys_text() + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous · **{UNDO_KEY}** undo")
 
 
 def render_ranked_list(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: str) -> None:
