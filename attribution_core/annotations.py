@@ -157,6 +157,13 @@ class Annotations:
                 return 0
             return connection.execute("SELECT COUNT(*) FROM history WHERE action_id = ?", (row[0],)).fetchone()[0]
 
+    def undoable_actions(self, run_id: str, *, actor: str | None = None) -> int:
+        """How many actions on the run (of one actor, when given) undo can still take back, one after the other."""
+        with self._connect() as connection:
+            clause, values = ("AND actor = ?", (run_id, actor)) if actor is not None else ("", (run_id,))
+            return connection.execute(f"SELECT COUNT(DISTINCT action_id) FROM history WHERE run_id = ? AND undone = 0 {clause}",  # noqa: S608
+                                      values).fetchone()[0]
+
     def flags(self, run_id: str) -> dict[int, Flag]:
         """Every verdict of a run, by example id."""
         with self._connect() as connection:

@@ -7,30 +7,37 @@ command started until the server answers, until each page's main content shows i
 until each queued job is done. Warm: the same workspace served again (everything stored): the
 seconds until each page shows, and until a new query (a block of test samples never scored) shows
 its TRAK proponents. `--full` does the same for `tdx demo --full` (the CNN on 60,000 images).
+Review keys (issue 29): on the warm start, each verdict key (M, F, A), undo (U) and next / previous (N, P) of Mislabels
+and of Explore's example dialog, and the Map's undo (U, its one key), is pressed PRESSES times in Chromium; a row is the
+median seconds from the key press until the page shows its answer (the next suspect or example; for U, the undo's toast,
+which says how many actions are left, and the end of the run that shows it), on the setting's run. Every verdict is undone afterwards.
 --quick measures the demo alone (as the default does). --smoke: a workspace holding one run that
 `tdx train` makes in seconds (256 training images, a narrow MLP), Explore only, the cold start's queued
-jobs not waited for, then the warm start and two new queries.
+jobs not waited for, then the warm start, two new queries and the M key of Explore's dialog.
 Needs Debian's chromium and the playwright package (the dev extra).
 
-    python benchmarks/app_latency.py [--quick | --smoke] [--full] [--settings demo,full] [--jobs-limit S] [--json PATH] [--workspace DIR]
+    python benchmarks/app_latency.py [--quick | --smoke] [--full] [--settings demo,full] [--jobs-limit S] [--reviews PAGES] [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common import SMOKE_TRAIN, SMOKE_WIDTH, markdown_table, parser, report, workspace_root
 
+from attribution_core.annotations import Annotations
 from attribution_core.jobs.queue import ACTIVE, DONE, JobQueue
 from attribution_core.jobs.ready import QUERY_BLOCK
 
@@ -49,7 +56,10 @@ PAGES = [  # (page path, title, the selector or text that means its main content
 ]
 LDS_SCATTER = ("compare", "Compare's LDS scatter", ".st-key-lds_scatter .scatterlayer .point")
 """Where a ground truth was queued with the run (the demo), Compare's LDS scatter must show without a button press too."""
-JSON_KEYS = ("results",)
+JSON_KEYS = ("results", "review_keys", "cold_full")
+PRESSES = 5
+"""Each review key is pressed this many times on a warm app; its row is the median."""
+REVIEW_TIMEOUT_MS = 120_000
 
 
 @dataclass(frozen=True)
@@ -61,14 +71,19 @@ class Setting:
     prepare: tuple[str, ...]
     """tdx arguments that build the workspace before the cold start; none: the cold start builds the demo itself."""
     pages: tuple[tuple[str, str, str], ...]
+    reviews: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(page, its keys in the order pressed) of the review keys measured on the warm start (REVIEW_PAGES says how)."""
 
+
+REVIEWS = (("Mislabels", ("M", "F", "A", "P", "N", "U")), ("Explore dialog", ("M", "F", "A", "P", "N", "U")), ("Map", ("U",)))
+"""Every review key of each page, verdicts first (so that P, N and U have something to do)."""
 
 SETTINGS = {
-    "demo": Setting("fmnist-mlp", 7 * QUERY_BLOCK + 3, (), (*PAGES, LDS_SCATTER)),
-    "full": Setting("fmnist-cnn-full", 200 * QUERY_BLOCK + 3, ("demo", "--full"), tuple(PAGES)),
+    "demo": Setting("fmnist-mlp", 7 * QUERY_BLOCK + 3, (), (*PAGES, LDS_SCATTER), REVIEWS),
+    "full": Setting("fmnist-cnn-full", 200 * QUERY_BLOCK + 3, ("demo", "--full"), tuple(PAGES), REVIEWS),
     "smoke": Setting("smoke-mlp", QUERY_BLOCK + 3, ("train", "smoke-mlp", "--data", "sample", "--max-train", str(SMOKE_TRAIN),
                                                    "--max-test", str(2 * QUERY_BLOCK), "--hidden", str(SMOKE_WIDTH), "--epochs", "3",
-                                                   "--checkpoints", "3"), tuple(PAGES[:1])),
+                                                   "--checkpoints", "3"), tuple(PAGES[:1]), (("Explore dialog", ("M", "U")),)),
 }
 """The smoke run's test set holds two blocks of queries: its new query's block is never scored at the start."""
 
@@ -142,6 +157,153 @@ def query_click_seconds(browser, url: str, run_id: str, queries: list[int]) -> l
     return seconds
 
 
+SCRIPT_FINISHED = """() => {
+  const state = document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state');
+  return state != null && state !== 'running' && state !== 'initial';
+}"""
+"""Streamlit's script run has finished (as tests/browser/page_scripts.py waits for it)."""
+SETTLED = """() => !document.querySelector('[data-testid=stSkeletonElement], [data-testid=stSkeleton]')
+    && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete && image.naturalWidth > 0)"""
+"""Every element's code has come (no skeleton left) and every image has loaded: the page's buttons, and their keys, are there."""
+SHOWS = """([pattern, toast]) => {
+  const re = new RegExp(pattern);
+  const fresh = [...document.querySelectorAll('[data-testid=stElementContainer]:not([data-stale=true])')];
+  const text = !pattern || fresh.some(e => re.test(e.innerText));
+  const toasted = !toast || [...document.querySelectorAll('[data-testid=stToast]')].some(t => t.innerText.includes(toast));
+  return text && toasted;
+}"""
+"""The page as drawn now (not the greyed-out elements of a run in progress) shows text matching `pattern` (none: any), and a toast
+holds `toast` (none: no toast needed; pass a text no earlier toast held)."""
+VERDICT_KEYS = {"M": "mislabeled", "F": "fine", "A": "ambiguous"}
+"""The verdict keys measured (flagging.VERDICT_KEYS) and their verdicts."""
+
+
+def undone(left: int) -> str:
+    """What the toast of an undo says when `left` actions of the tab are left to undo (flagging.undo_last): one toast's own text."""
+    return "verdict; nothing more to undo" if not left else f"verdict; {left} more action"
+
+
+def press(tab, key: str, pattern: str | None, toast: str | None) -> float:
+    """Seconds from pressing `key` until SHOWS(pattern, toast) holds, and with a toast until the run that shows it has finished
+    (a page shows its toast when its run begins: the rest of the answer, an undone flag's colour on the map, comes after).
+    Then, untimed, until the run has finished and the page has settled."""
+    pressed = time.monotonic()
+    tab.keyboard.press(key.lower())
+    tab.wait_for_function(SHOWS, arg=[pattern, toast], timeout=REVIEW_TIMEOUT_MS, polling=20)
+    if toast is not None:
+        tab.wait_for_function(SCRIPT_FINISHED, timeout=REVIEW_TIMEOUT_MS, polling=20)
+    seconds = time.monotonic() - pressed
+    tab.wait_for_function(SCRIPT_FINISHED, timeout=REVIEW_TIMEOUT_MS)
+    tab.wait_for_function(SETTLED, timeout=REVIEW_TIMEOUT_MS)
+    return seconds
+
+
+def position(tab, pattern: str) -> tuple[int, int]:
+    """(k, n) of the first fresh text matching `pattern`, whose two groups are a position and a count ("Suspect 3 of 600")."""
+    tab.wait_for_function(SHOWS, arg=[pattern, None], timeout=REVIEW_TIMEOUT_MS)
+    text = tab.evaluate("""pattern => { const re = new RegExp(pattern);
+        const hit = [...document.querySelectorAll('[data-testid=stElementContainer]:not([data-stale=true])')].find(e => re.test(e.innerText));
+        return hit ? hit.innerText : ''; }""", pattern)
+    found = re.search(pattern, text)
+    return int(found.group(1)), int(found.group(2))
+
+
+def stepped_keys(tab, where: str, keys: tuple[str, ...], shown: str) -> dict[str, list[float]]:
+    """Seconds per press of each key in a review that shows its place as `shown` % (k, n) ("Suspect %d of %d").
+
+    A verdict (saved in the callback that moves on) or N shows k + 1, P k - 1 (an unmeasured P or N first where the step
+    would leave the list), U its toast. Returns {key: seconds per press}; undoes every verdict it gave (unmeasured beyond the U presses).
+    """
+    any_place = re.escape(shown).replace("%d", r"(\d+)")
+    given, seconds = 0, {}
+    for key in keys:
+        seconds[key] = []
+        for _ in range(PRESSES):
+            k, n = position(tab, any_place)
+            if key == "U":
+                if not given:
+                    break
+                given -= 1
+                seconds[key].append(press(tab, key, None, undone(given)))
+                continue
+            if key != "P" and k == n:
+                press(tab, "P", re.escape(shown % (k - 1, n)), None)
+                k -= 1
+            elif key == "P" and k == 1:
+                press(tab, "N", re.escape(shown % (k + 1, n)), None)
+                k += 1
+            target = k - 1 if key == "P" else k + 1
+            seconds[key].append(press(tab, key, re.escape(shown % (target, n)), None))  # a verdict moves on once it is saved
+            given += key in VERDICT_KEYS
+    for left in reversed(range(given)):  # leave the flags as they were
+        press(tab, "U", None, undone(left))
+    print(f"{where}: " + ", ".join(f"{key} {statistics.median(times):.2f} s" for key, times in seconds.items() if times), flush=True)
+    return seconds
+
+
+def mislabels_keys(browser, url: str, run_id: str, keys: tuple[str, ...], workspace: Path) -> dict[str, list[float]]:
+    """The Mislabels review card's keys, from its first suspect."""
+    tab = browser.new_page(viewport={"width": 1500, "height": 1100})
+    tab.goto(f"{url}/mislabels?run={run_id}")
+    tab.get_by_text(re.compile("^Suspect 1 of")).first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+    tab.wait_for_function(SCRIPT_FINISHED, timeout=PAGE_TIMEOUT_S * 1000)
+    tab.wait_for_function(SETTLED, timeout=PAGE_TIMEOUT_S * 1000)
+    seconds = stepped_keys(tab, "Mislabels", keys, "Suspect %d of %d")
+    tab.close()
+    return seconds
+
+
+def explore_dialog_keys(browser, url: str, run_id: str, keys: tuple[str, ...], workspace: Path) -> dict[str, list[float]]:
+    """Explore's example dialog, opened with O (the first proponent not yet reviewed): its keys walk the proponents."""
+    tab = browser.new_page(viewport={"width": 1500, "height": 1100})
+    tab.goto(f"{url}/?run={run_id}&method=trak")
+    tab.get_by_text("Proponents: training examples").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+    tab.wait_for_function(SCRIPT_FINISHED, timeout=PAGE_TIMEOUT_S * 1000)
+    tab.wait_for_function(SETTLED, timeout=PAGE_TIMEOUT_S * 1000)
+    tab.keyboard.press("o")
+    tab.get_by_role("dialog").get_by_text(re.compile(r"\d+ of \d+ in this grid")).wait_for(timeout=REVIEW_TIMEOUT_MS)
+    seconds = stepped_keys(tab, "Explore dialog", keys, "%d of %d in this grid")
+    tab.close()
+    return seconds
+
+
+def map_keys(browser, url: str, run_id: str, keys: tuple[str, ...], workspace: Path) -> dict[str, list[float]]:
+    """The Map's undo key (its only review key: its example dialog's verdicts are buttons): each undoes a flag of the linked example
+    given with the bulk flag button beside it (clicked PRESSES times first, unmeasured)."""
+    tab = browser.new_page(viewport={"width": 1500, "height": 1100})
+    tab.goto(f"{url}/map?run={run_id}&example=0")
+    flag = tab.locator(".st-key-map_flag_selection button")
+    flag.first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+    tab.wait_for_function(SCRIPT_FINISHED, timeout=PAGE_TIMEOUT_S * 1000)
+    tab.wait_for_function(SETTLED, timeout=PAGE_TIMEOUT_S * 1000)
+    store = Annotations(workspace / "annotations.sqlite")
+    for _ in range(PRESSES):
+        before = store.undoable_actions(run_id)
+        flag.first.click()
+        deadline = time.monotonic() + REVIEW_TIMEOUT_MS / 1000
+        while store.undoable_actions(run_id) == before and time.monotonic() < deadline:  # the click's flag is saved (its run began)
+            time.sleep(0.05)
+        tab.wait_for_function(SCRIPT_FINISHED, timeout=REVIEW_TIMEOUT_MS)
+        tab.wait_for_function(SETTLED, timeout=REVIEW_TIMEOUT_MS)
+    seconds = {key: [press(tab, key, None, undone(left)) for left in reversed(range(PRESSES))] for key in keys if key == "U"}
+    print("Map: " + ", ".join(f"{key} {statistics.median(times):.2f} s" for key, times in seconds.items()), flush=True)
+    tab.close()
+    return seconds
+
+
+REVIEW_PAGES = {"Mislabels": mislabels_keys, "Explore dialog": explore_dialog_keys, "Map": map_keys}
+"""How each page's review keys are pressed and timed."""
+
+
+def review_seconds(browser, url: str, setting: Setting, workspace: Path) -> dict[str, list[float]]:
+    """{"<page> <key>": seconds per press} of the setting's review pages, on a warm app."""
+    rows = {}
+    for page, keys in setting.reviews:
+        for key, seconds in REVIEW_PAGES[page](browser, url, setting.run_id, keys, workspace).items():
+            rows[f"{page} {key}"] = seconds
+    return rows
+
+
 def wait_for_jobs(workspace: Path, started_wall: float, limit_s: float) -> list[tuple[str, str, str, float]]:
     """Wait until the queue is empty (or limit_s); (run, kind, title, seconds after the start it was done) per finished job."""
     queue = JobQueue(workspace)
@@ -180,6 +342,7 @@ def measure(name: str, setting: Setting, workspace: Path, jobs_limit_s: float, b
         result["warm_pages"] = page_seconds(browser, url, setting, started)
         queries = [setting.new_query, setting.new_query + 1]
         result["new_query"] = (setting.new_query, *query_click_seconds(browser, url, setting.run_id, queries))
+        result["review_keys"] = review_seconds(browser, url, setting, workspace)
     return result
 
 
@@ -198,10 +361,22 @@ def section(result: dict) -> str:
     rows += [["warm", f"Explore: test {query} chosen in the open page (its block never scored) shows TRAK's proponents", new_block, ""],
              ["warm", f"Explore: then test {query + 1} (the same block, now stored)", same_block, ""]]
     lines += ["", markdown_table(["start", "what", "seconds after opening the page", "seconds after `tdx app` started"], rows)]
+    if result.get("review_keys"):
+        lines += ["", f"Review keys on the warm start, seconds from the key press until the page shows the answer ({PRESSES} presses):", "",
+                  markdown_table(["page", "key", "median", "slowest"], [[*name.rsplit(" ", 1), statistics.median(times), max(times)]
+                                                                         for name, times in result["review_keys"].items() if times])]
     lines += ["", "Queued jobs, seconds after the cold `tdx app` started until the last of each kind was done"
               + (f" ({result['jobs_left']} still running or waiting at the limit)" if result["jobs_left"] else "") + ":", "",
               markdown_table(["run", "job kind", "jobs", "done after (s)"], job_summary(result["jobs"]))]
     return "\n".join(lines)
+
+
+def review_name(setting: str, name: str) -> str:
+    """"<page> <key>" of a review row: the demo's (and the smoke run's) as they are, another setting's page with its name ("Mislabels (full) M")."""
+    if setting in ("demo", "smoke"):
+        return name
+    page, key = name.rsplit(" ", 1)
+    return f"{page} ({setting}) {key}"
 
 
 def main() -> None:
@@ -210,6 +385,9 @@ def main() -> None:
     arguments.add_argument("--full", action="store_true", help="also measure `tdx demo --full` (trains a CNN on 60,000 images)")
     arguments.add_argument("--settings", default="demo", help="comma-separated: demo (the sample's runs), full (as --full)")
     arguments.add_argument("--jobs-limit", type=float, default=3600, help="seconds to wait for the queued jobs of a cold start")
+    arguments.add_argument("--reviews", default=",".join(REVIEW_PAGES),
+                           help=f"comma-separated pages whose review keys are timed on the warm start (of {', '.join(REVIEW_PAGES)}; "
+                                "empty: none)")
     args = arguments.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -219,13 +397,19 @@ def main() -> None:
     with workspace_root(args.workspace) as root, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         for name in dict.fromkeys(chosen):
-            results.append(measure(name, SETTINGS[name], root / name / "workspace", jobs_limit, browser))
+            setting = SETTINGS[name]
+            setting = replace(setting, reviews=tuple(review for review in setting.reviews if review[0] in args.reviews.split(",")))
+            results.append(measure(name, setting, root / name / "workspace", jobs_limit, browser))
         browser.close()
     body = ("Seconds a user waits, measured in Chromium against `tdx app` (targets, issue 19: a page opens in ≤ 5 s, a click "
             "answers in ≤ 2 s, the Map and the LDS plot without a button press). A page shows when its main content is drawn: "
             "Explore's proponents, the runs table, the first suspect, Compare's LDS scatter, the map's points.\n\n"
             + "\n\n".join(section(result) for result in results))
-    report("app_latency", "App latency (cold and warm start)", body, args, {"results": results})
+    review_keys = {review_name(result["setting"], name): statistics.median(times)
+                   for result in results for name, times in result.get("review_keys", {}).items() if times}
+    cold_full = {title: seconds for result in results if result["setting"] == "full" for title, seconds, _ in result["cold_pages"]}
+    report("app_latency", "App latency (cold and warm start)", body, args,
+           {"results": results, "review_keys": review_keys, "cold_full": cold_full})
 
 
 if __name__ == "__main__":

@@ -127,6 +127,16 @@ def test_a_bulk_flag_is_one_action_and_one_undo(tmp_path):
     assert {example: flag.kind for example, flag in store.flags("run").items()} == {2: "fine"}
 
 
+def test_undoable_actions_count_each_actors_actions_left_to_undo(tmp_path):
+    store = Annotations(tmp_path / "a.sqlite")
+    store.set_flags("run", [1, 2, 3], "outlier", actor="tab-a")
+    store.set_flag("run", 4, "fine", actor="tab-a")
+    store.set_flag("run", 5, "fine", actor="tab-b")
+    assert store.undoable_actions("run", actor="tab-a") == 2 and store.undoable_actions("run") == 3
+    store.undo("run", actor="tab-a")
+    assert store.undoable_actions("run", actor="tab-a") == 1 and store.undoable_actions("other", actor="tab-a") == 0
+
+
 def test_a_bulk_flag_keeps_each_examples_own_suggested_label(tmp_path):
     store = Annotations(tmp_path / "a.sqlite")
     store.set_flags("run", [1, 2, 3], "mislabeled", suggested_labels={1: 4, 3: 0, 9: 7})

@@ -53,8 +53,8 @@ def _example_key(key: str, index: int) -> str:
     return f"{key}_{index}"
 
 
-def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, on_saved: Callable[[], None] | None = None) -> None:
-    """Save a verdict with the controls' suggested label and note as this tab's action, say so in a toast, then on_saved() (a callback)."""
+def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, on_saved: Callable[[str], None] | None = None) -> None:
+    """Save a verdict with the controls' suggested label and note as this tab's action, say so in a toast, then on_saved(kind) (a callback)."""
     fields = _example_key(key, index)
     suggestion = st.session_state.get(f"{fields}_suggested")
     saved = call_or_report(
@@ -66,7 +66,7 @@ def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, 
         st.session_state[_saved_key(key)] = kind
         announce(f"Training example #{index} flagged **{kind}**. {UNDO_HINT}", FLAG_ICONS[kind])
         if on_saved is not None:
-            on_saved()
+            on_saved(kind)
 
 
 def save_note(run_id: str, example_id: int, index: int, key: str) -> None:
@@ -93,7 +93,7 @@ def flag_controls(
     suggested_label: int | None = None,
     shortcuts: bool = False,
     per_row: int = 4,
-    on_saved: Callable[[], None] | None = None,
+    on_saved: Callable[[str], None] | None = None,
 ) -> str | None:
     """Verdict buttons for training example `index`; returns the kind saved on this run by this press, if any.
 
@@ -101,7 +101,7 @@ def flag_controls(
     `suggested_label`), every verdict stores the note; pressing Enter in the note saves it at once
     when the example has a verdict. Each write is one undoable action of this tab (session.actor)
     and is confirmed by a toast. With `shortcuts`, each verdict has its VERDICT_KEYS key ("M"); the buttons come
-    `per_row` to a row. on_saved() runs after a verdict is saved, before the next run (say, to move on).
+    `per_row` to a row. on_saved(kind) runs after a verdict is saved, before the next run (say, to move on).
     Keys: the buttons are `<key>_<kind>` whatever the example, the fields `<key>_<index>_suggested` and `_note`.
     """
     show_pending_toast()
@@ -143,20 +143,25 @@ def verdict_keys_text() -> str:
     return " · ".join(f"**{letter}** {kind}" for kind, letter in VERDICT_KEYS.items())
 
 
-def undo_last(run_id: str) -> None:
+def undo_last(run_id: str, on_undone: Callable[[], None] | None = None) -> None:
     """Undo this tab's last flag action on the run, one flag or a whole bulk flag, and say what it restored (a button callback)."""
     restored = call_or_report(annotations().undo, run_id, actor=actor())
     if restored:
-        announce(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict.",
-                 ":material/undo:")
+        left = call_or_report(annotations().undoable_actions, run_id, actor=actor()) or 0
+        # how many actions are left tells one undo's toast from the next (their texts would be the same otherwise)
+        announce(f"Undone: {len(restored)} example{'s' if len(restored) != 1 else ''} restored to their earlier verdict; "
+                 + (f"{left} more action{'s' if left != 1 else ''} to undo." if left else "nothing more to undo."), ":material/undo:")
+        if on_undone is not None:
+            on_undone()
 
 
-def undo_button(run_id: str, *, key: str, disabled: bool = False) -> None:
+def undo_button(run_id: str, *, key: str, disabled: bool = False, on_undone: Callable[[], None] | None = None) -> None:
     """The undo button (shortcut UNDO_KEY): takes back this tab's last flag action on the run ("Undo (3 examples)").
 
     disabled: for a page whose dialog is open (the dialog draws its own, and one key must not do two things).
+    on_undone() runs after an undo restored something, before the next run.
     """
     pending = annotations().can_undo(run_id, actor=actor())
     label = f"Undo ({pending} example{'s' if pending != 1 else ''})" if pending else "Undo"
     st.button(label, key=key, icon=":material/undo:", shortcut=UNDO_KEY, disabled=disabled or not pending,
-              on_click=undo_last, args=(run_id,), help="Take back this tab's last flag action on this run")
+              on_click=undo_last, args=(run_id, on_undone), help="Take back this tab's last flag action on this run")

@@ -184,7 +184,7 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
                         help="Open the Map with this training example marked"):
         st.switch_page(MAP_PAGE, query_params={"run": run.run_id, MAP_EXAMPLE_PARAM: str(index)})
     # a verdict moves to the grid's next example, as on Mislabels (past the last one the dialog closes)
-    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=True, on_saved=lambda: step_inspector(grid, index, 1))
+    flag_controls(run.run_id, train_set, index, key="inspect", shortcuts=True, on_saved=lambda _kind: step_inspector(grid, index, 1))
     undo_column, keys_column = st.columns([1, 3], vertical_alignment="center")
     with undo_column:
         undo_button(run.run_id, key="inspect_undo")

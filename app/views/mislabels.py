@@ -22,7 +22,7 @@ from app.components.context import url_selectbox
 from app.components.core_calls import annotations, call_or_report, remembered, require_run, run_key
 from app.components.downloads import MASK_FILE, cleanlab_zip, fiftyone_folder, fiftyone_zip, flags_table
 from app.components.examples import FLAG_COLOURS, UNREVIEWED, class_name, marks, verdicts
-from app.components.flagging import UNDO_KEY, flag_controls, undo_button, verdict_keys_text
+from app.components.flagging import UNDO_KEY, flag_controls, show_pending_toast, undo_button, verdict_keys_text
 from app.components.images import GridItem, current_page, example_card, image_grid
 from app.components.rankings import mislabel_ranking, ranking_choices, stored_rankings
 from attribution_core.annotations import FLAG_KINDS
@@ -42,6 +42,11 @@ LIST_COLUMNS, LIST_ROWS = 3, 4
 """The suspects' grid beside the review card: three cells a row keep a whole "mislabeled" badge in a cell at 1280 px."""
 SHOW_KEY, CLASSES_KEY, SHARE_KEY, ORDER_KEY = "mislabels_show", "mislabels_classes", "mislabels_share", "mislabels_order"
 CURVE_KEY, MAP_KEY, KIND_KEY, TOP_K_KEY = "mislabels_curve", "mislabels_map", "mislabels_bulk_kind", "mislabels_top_k"
+REDRAW_KEY = "mislabels_redraw"
+"""Session state, set by a callback of the review area: the next run must redraw the whole page (the bulk section reads the ticks)."""
+BEHIND_KEY, MOVED_KEY = "mislabels_behind", "mislabels_moved"
+"""Session state: verdicts and undos given in the review area since the page was last drawn whole (the map's colours and the
+cleaning plan lag by these), and whether the review moved to another suspect since (the map's star lags)."""
 SUSPECTED_SHARE = 0.1
 """A signal suspects an example that it ranks in its top SUSPECTED_SHARE of the training set."""
 SHARES = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -94,6 +99,7 @@ def list_page_key(ranking: str) -> str:
 def move_to(key: str, position: int) -> None:
     """Set a review position (a button callback)."""
     st.session_state[key] = position
+    st.session_state[MOVED_KEY] = True
 
 
 def restart(key: str, ranking: str) -> None:
@@ -129,11 +135,13 @@ def tick(run: Run, index: int, on: bool) -> None:
     """Tick or untick one training example (a checkbox callback)."""
     chosen = [other for other in ticked(run) if other != index]
     st.session_state[ticked_key(run)] = [*chosen, index] if on else chosen
+    st.session_state[REDRAW_KEY] = True
 
 
 def tick_all(run: Run, indices: list[int]) -> None:
     """Tick every example of a grid page (a button callback)."""
     st.session_state[ticked_key(run)] = list(dict.fromkeys([*ticked(run), *indices]))
+    st.session_state[REDRAW_KEY] = True
 
 
 def untick_all(run: Run) -> None:
@@ -231,6 +239,17 @@ def suspect_item(train_set, ranking: MislabelRanking, index: int, rank: int, fla
     return GridItem(index, train_set.images[index], caption)
 
 
+def fell_behind() -> None:
+    """Count a verdict or undo given in the review area, which the map and the cleaning plan do not show yet (a callback)."""
+    st.session_state[BEHIND_KEY] = st.session_state.get(BEHIND_KEY, 0) + 1
+
+
+def advance(key: str, position: int, length: int, shown: tuple[str, ...], kind: str) -> None:
+    """After a verdict: the next suspect (a callback). An example the verdict filters out leaves the queue: the next one moves into its place."""
+    fell_behind()
+    move_to(key, position if shown and kind not in shown else min(position + 1, length - 1))
+
+
 def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: str, shown: tuple[str, ...]) -> None:
     """The suspect at the current position, large, with verdict buttons; a verdict moves to the next suspect."""
     train_set, _ = run.datasets()
@@ -254,11 +273,9 @@ def render_review(run: Run, ranking: MislabelRanking, queue: np.ndarray, key: st
         st.markdown(marks(train_set, index, annotations().flags(run.run_id).get(int(train_set.ids[index]))))
     if dynamics.has_dynamics(run.record):
         render_curve(run, index)
-    verdict = flag_controls(run.run_id, train_set, index, key="review", suggested_label=suggested, shortcuts=True, per_row=2)
-    if verdict is not None:
-        # an example the verdict filters out leaves the queue: the next suspect moves into its place
-        move_to(key, position if shown and verdict not in shown else min(position + 1, len(queue) - 1))
-        st.rerun()
+    flag_controls(run.run_id, train_set, index, key="review", suggested_label=suggested, shortcuts=True, per_row=2,
+                  on_saved=partial(advance, key, position, len(queue), shown))
+    undo_button(run.run_id, key="mislabels_undo", on_undone=fell_behind)  # a row of its own: "Undo (152 examples)" whole
     st.caption("Keys: " + verdict_keys_text() + f" · **{NEXT_KEY}** next · **{PREVIOUS_KEY}** previous · **{UNDO_KEY}** undo")
 
 
@@ -277,9 +294,9 @@ def render_ranked_list(run: Run, ranking: MislabelRanking, queue: np.ndarray, ke
                checked=set(ticked(run)), on_check=partial(tick, run))
 
 
-def ask_top_k(run: Run, indices: list[int], kind: str) -> None:
-    """Ask to confirm a top-k flag (a button callback)."""
-    st.session_state[confirm_key(run)] = (indices, kind)
+def ask_top_k(run: Run, ranking: MislabelRanking, view: QueueView, k: int, kind: str) -> None:
+    """Ask to confirm a top-k flag of the queue as it is at the click (a button callback: keys may have changed it since the page was drawn)."""
+    st.session_state[confirm_key(run)] = ([int(index) for index in review_queue(run, ranking, view)[:k]], kind)
 
 
 def cancel_top_k(run: Run) -> None:
@@ -304,16 +321,12 @@ def render_top_k_confirmation(run: Run, ranking: MislabelRanking) -> None:
         right.button("Cancel", key="mislabels_cancel_top", icon=":material/close:", on_click=cancel_top_k, args=(run,))
 
 
-def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray) -> None:
-    """Many verdicts at once: on the ticked thumbnails, on the map's selection, or on the first k of the queue; and undo."""
+def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray, view: QueueView) -> None:
+    """Many verdicts at once: on the ticked thumbnails, on the map's selection, or on the first k of the queue (undo: beside the review card)."""
     train_set, _ = run.datasets()
     chosen, selection = ticked(run), st.session_state.get(selection_key(run))
     with st.container(border=True, key="mislabels_bulk"):
-        top = st.columns([2.2, 1], vertical_alignment="bottom")
-        with top[0]:
-            kind = kind_choice(key=KIND_KEY, label="Flag many at once as")
-        with top[1]:
-            undo_button(run.run_id, key="mislabels_undo")
+        kind = kind_choice(key=KIND_KEY, label="Flag many at once as")
         actions = st.columns([1.2, 1.2, 0.7, 1.2], vertical_alignment="bottom")
         with actions[0]:
             bulk_flag_button(run.run_id, train_set, chosen, kind, key="mislabels_flag_ticked", noun="ticked",
@@ -328,7 +341,7 @@ def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray) -> None:
         k = actions[2].number_input("Top k", min_value=1, max_value=max(1, len(queue)), value=min(TOP_K, max(1, len(queue))),
                                     key=TOP_K_KEY, help="How many of the queue's first suspects (as listed) to flag")
         actions[3].button(f"Flag the first {k}…", key="mislabels_ask_top", icon=":material/playlist_add_check:",
-                          disabled=not len(queue), on_click=ask_top_k, args=(run, [int(index) for index in queue[:k]], kind),
+                          disabled=not len(queue), on_click=ask_top_k, args=(run, ranking, view, k, kind),
                           help=f"Flag the first {k} suspects of the queue as {kind}, after a confirmation")
     if confirm_key(run) in st.session_state:
         render_top_k_confirmation(run, ranking)
@@ -440,9 +453,61 @@ def render_recall(run: Run, current: str, choices: dict[str, str]) -> None:
             "ROC-AUC": st.column_config.NumberColumn(format="%.3f"), "seconds": st.column_config.NumberColumn(format="%.1f")})
 
 
+def changes(count: int) -> str:
+    """'your last 3 flag changes' (verdicts and undos), 'your last flag change'."""
+    return f"your last {count} flag changes" if count != 1 else "your last flag change"
+
+
+@st.fragment
+def render_review_area(run: Run, ranking: MislabelRanking, key: str, view: QueueView, notes: tuple) -> None:
+    """The flag counter and exports, the review card and the suspects' grid: a fragment, so a key (a verdict, N, P, U) reruns it alone.
+
+    The queue is made anew here from the flags as they are. What lies outside (the data map, the bulk section, the cleaning
+    plan) is drawn by the page's whole runs: a tick (which the bulk section counts) asks for one; after verdicts or moves
+    given here, `notes` (st.empty placeholders above the map and the plan, drawn by the whole run) say what lags, and a
+    button here redraws the page.
+    """
+    if st.session_state.pop(REDRAW_KEY, False):
+        st.rerun(scope="app")
+    show_pending_toast()  # an undo's, when no review card draws it
+    render_export(run)
+    behind, moved = st.session_state.get(BEHIND_KEY, 0), st.session_state.get(MOVED_KEY, False)
+    map_note, plan_note = notes  # written on every run, also to empty them: a fragment may fill only what the whole run wrote
+    lag = changes(behind) if behind else "your last moves"
+    if map_note is not None and (behind or moved):
+        map_note.caption(f":material/history: The map shows the flags and the current suspect's star as they were before {lag}: "
+                         "**Redraw the page** under the review card.")
+    elif map_note is not None:
+        map_note.empty()
+    if behind:
+        plan_note.caption(f":material/history: This plan was made before {lag}: **Redraw the page** under the review card to make "
+                          "it from the flags as they are.")
+    else:
+        plan_note.empty()
+    queue = review_queue(run, ranking, view)
+    if not len(queue):
+        st.info("No suspect matches: show other verdicts, classes or scores, or choose another part of the map.",
+                icon=":material/filter_alt_off:")
+        undo_button(run.run_id, key="mislabels_undo", on_undone=fell_behind)
+    else:
+        review_column, list_column = st.columns([1.15, 1], gap="large")
+        with review_column:
+            render_review(run, ranking, queue, key, view.verdicts)
+        with list_column:
+            render_ranked_list(run, ranking, queue, key)
+    if behind or (moved and map_note is not None):  # under the card: a row above it would move its buttons while the keys run
+        note, redraw = st.columns([3, 1], vertical_alignment="center")
+        note.caption(("The data map above and the cleaning plan below were" if behind else "The data map above was")
+                     + f" drawn before {lag}.")
+        if redraw.button("Redraw the page", key="mislabels_redraw_page", icon=":material/refresh:", width="stretch"):
+            st.rerun(scope="app")
+
+
 def render() -> None:
     """The Mislabels page."""
     run = require_run()
+    st.session_state.pop(REDRAW_KEY, None)
+    st.session_state[BEHIND_KEY], st.session_state[MOVED_KEY] = 0, False  # this run draws everything anew
     st.title("Mislabels")
     choices = ranking_choices(run)
     default, fallback_reason = default_ranking(run)
@@ -453,27 +518,24 @@ def render() -> None:
     if fallback_reason is not None:
         st.info(f"No training dynamics: {fallback_reason} The data map and the training curves need a record too.",
                 icon=":material/history_toggle_off:")
-    render_export(run)
     ranking = call_or_report(mislabel_ranking, run, name)
     if ranking is None:
+        render_export(run)
         render_recall(run, name, choices)
         return
     key = position_key(run, name)
     view = render_filters(run, ranking, key)
     queue = review_queue(run, ranking, view)
     current = int(queue[min(st.session_state.get(key, 0), len(queue) - 1)]) if len(queue) else None
+    map_note = None
     if fallback_reason is None:
+        map_note = st.empty()
         render_data_map(run, key, name, current)
-    render_bulk(run, ranking, queue)
-    if not len(queue):
-        st.info("No suspect matches: show other verdicts, classes or scores, or choose another part of the map.",
-                icon=":material/filter_alt_off:")
-    else:
-        review_column, list_column = st.columns([1.15, 1], gap="large")
-        with review_column:
-            render_review(run, ranking, queue, key, view.verdicts)
-        with list_column:
-            render_ranked_list(run, ranking, queue, key)
+    render_bulk(run, ranking, queue, view)
+    area = st.container()
+    plan_note = st.empty()  # above the cleaning section
+    with area:
+        render_review_area(run, ranking, key, view, (map_note, plan_note))
     render_cleaning(run, name)
     render_recall(run, name, choices)
 

@@ -58,6 +58,10 @@ def test_flag_predict_edit_retrain_compare_and_download(page, private_app, scree
         verdict.click()
         page.get_by_text(f"{flagged} flagged of {flagged} reviewed").wait_for(timeout=TIMEOUT_MS)
         settle(page)
+    # the verdicts reran the review card alone: the plan lags until the page is drawn again
+    page.get_by_text("This plan was made before your last 3 flag changes").wait_for(timeout=TIMEOUT_MS)
+    page.locator(".st-key-mislabels_redraw_page button:visible").click()
+    settle(page)
 
     page.get_by_text(plan_line(run, private_app.workspace)).wait_for(timeout=TIMEOUT_MS)
     page.get_by_text("Predicted to flip", exact=True).wait_for(timeout=TIMEOUT_MS)  # the prediction job's result
