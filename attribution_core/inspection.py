@@ -118,7 +118,9 @@ def stored_map_layout(run: Run, checkpoint: int = -1) -> MapLayout | None:
 
 
 def map_layout(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_progress) -> MapLayout:
-    """A checkpoint's penultimate-layer representations of train and test examples laid out together (landmark_layout), computed once and stored.
+    """A checkpoint's penultimate-layer representations of train and test examples laid out together (landmark_layout).
+
+    Computed once and stored.
 
     Seeded, so the same run gives the same map. progress(done, 3): representations of each split, then the layout.
     """
@@ -138,7 +140,9 @@ def map_layout(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_prog
 
 
 def query_order(predicted: np.ndarray, confidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Test indices (n,) in the order the app lists them: mispredictions first, most confident first; then correct ones, least confident first.
+    """Test indices (n,) in the order the app lists them.
+
+    Mispredictions first, most confident first; then correct ones, least confident first.
 
     predicted, confidence, labels: (n,) the predicted class, its probability and the true class of each test sample.
     """
@@ -225,7 +229,10 @@ def most_similar(index: RepresentationIndex, split: str, example: int, k: int) -
 
 
 def top_scores(values: np.ndarray, k: int, *, keep: np.ndarray | None = None, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, scores) of the k highest (largest=True) or lowest scores of one row values: (N,), among keep: (N,) bool (all when None)."""
+    """(train indices, scores) of the k highest (largest=True) or lowest of one row of scores.
+
+    values: (N,); keep: (N,) bool, the indices to choose among (all when None).
+    """
     candidates = np.arange(len(values)) if keep is None else np.flatnonzero(keep)
     order = candidates[np.argsort(-values[candidates] if largest else values[candidates], kind="stable")[:k]]
     return order, values[order]

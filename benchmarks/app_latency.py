@@ -16,7 +16,8 @@ which says how many actions are left, and the end of the run that shows it), on 
 jobs not waited for, then the warm start, two new queries and the M key of Explore's dialog.
 Needs Debian's chromium and the playwright package (the dev extra).
 
-    python benchmarks/app_latency.py [--quick | --smoke] [--full] [--settings demo,full] [--jobs-limit S] [--reviews PAGES] [--json PATH] [--workspace DIR]
+    python benchmarks/app_latency.py [--quick | --smoke] [--full] [--settings demo,full] [--jobs-limit S] [--reviews PAGES]
+                                     [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
@@ -202,7 +203,8 @@ def position(tab, pattern: str) -> tuple[int, int]:
     """(k, n) of the first fresh text matching `pattern`, whose two groups are a position and a count ("Suspect 3 of 600")."""
     tab.wait_for_function(SHOWS, arg=[pattern, None], timeout=REVIEW_TIMEOUT_MS)
     text = tab.evaluate("""pattern => { const re = new RegExp(pattern);
-        const hit = [...document.querySelectorAll('[data-testid=stElementContainer]:not([data-stale=true])')].find(e => re.test(e.innerText));
+        const fresh = document.querySelectorAll('[data-testid=stElementContainer]:not([data-stale=true])');
+        const hit = [...fresh].find(e => re.test(e.innerText));
         return hit ? hit.innerText : ''; }""", pattern)
     found = re.search(pattern, text)
     return int(found.group(1)), int(found.group(2))
@@ -372,7 +374,7 @@ def section(result: dict) -> str:
 
 
 def review_name(setting: str, name: str) -> str:
-    """"<page> <key>" of a review row: the demo's (and the smoke run's) as they are, another setting's page with its name ("Mislabels (full) M")."""
+    """"<page> <key>" of a review row: the demo's and the smoke run's as they are, another setting's named ("Mislabels (full) M")."""
     if setting in ("demo", "smoke"):
         return name
     page, key = name.rsplit(" ", 1)
@@ -391,7 +393,8 @@ def main() -> None:
     args = arguments.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chosen = ["smoke"] if args.smoke else [name for name in args.settings.split(",") if name in ("demo", "full")] + (["full"] if args.full else [])
+    named = [name for name in args.settings.split(",") if name in ("demo", "full")]
+    chosen = ["smoke"] if args.smoke else named + (["full"] if args.full else [])
     jobs_limit = 0 if args.smoke else args.jobs_limit  # a smoke run does not wait for the cold start's jobs
     results = []
     with workspace_root(args.workspace) as root, sync_playwright() as playwright:

@@ -12,7 +12,8 @@ preconditioned features and the scores are memory-mapped there, not held in RAM.
 0) and 600,000: featurization alone, the whole fit (features, Q, ΦᵀΦ, preconditioning in place) and
 the scores of 1,000 test queries, and the Map's layout of the training set as the app computes it
 (penultimate representations, UMAP of 4,000 landmarks, every other point placed among its nearest
-landmarks; the positions only: drawing them in the browser is not measured here), each with its seconds, µs per training example and the process's
+landmarks; the positions only: drawing them in the browser is not measured here), each with its
+seconds, µs per training example and the process's
 peak RSS and peak anonymous memory (RSS less the pages of mapped files, which the kernel writes back
 and evicts as it needs). At 60,000 the fit and the scores are also computed in RAM, and compared.
 --smoke: 256 images tiled ten times, a 32-wide MLP, k = 64, 16 queries, 64 landmarks, no RESULTS.md.
@@ -266,7 +267,8 @@ def main() -> None:
                "scaling": [{"job": job, "us_small": float(a), "us_large": float(b), "ratio": ratio}
                            for job, a, b, ratio in scaling_rows(rows, scale.sizes[0], scale.sizes[-1])],
                "in_memory_identical": identical, "umap_compile_seconds": compile_seconds}
-    body = describe(rows, scale, train, data_note, identical) + f" UMAP's first use (numba compiling it) took {compile_seconds:.0f} s before the map rows."
+    compiled = f" UMAP's first use (numba compiling it) took {compile_seconds:.0f} s before the map rows."
+    body = describe(rows, scale, train, data_note, identical) + compiled
     report("b10", "B10 · TRAK at 600,000 training examples", body, args, payload)
 
 

@@ -18,7 +18,8 @@ test images:
   over --augmentations copies drawn by the loop's own augmentation (queries un-augmented), against
   TRAK on the un-augmented examples (the field's convention, and every method's default here).
 
-    python benchmarks/b8_own_loop.py [--quick | --smoke] [--train N] [--epochs E] [--subsets M] [--queries Q] [--json PATH] [--workspace DIR]
+    python benchmarks/b8_own_loop.py [--quick | --smoke] [--train N] [--epochs E] [--subsets M] [--queries Q]
+                                     [--json PATH] [--workspace DIR]
 """
 from __future__ import annotations
 
@@ -151,11 +152,14 @@ def main() -> None:
     arguments.add_argument("--train", type=int, default=None, help="training images (default 4000; --quick 1000; --smoke 256)")
     arguments.add_argument("--epochs", type=int, default=None, help="epochs of the loop (default 6; --quick 3; --smoke 3)")
     arguments.add_argument("--subsets", type=int, default=None, help="retrainings per ground truth (default 60; --quick 12; --smoke 3)")
-    arguments.add_argument("--queries", type=int, default=None, help="test images the LDS averages over (default 100; --quick 16; --smoke 4)")
+    arguments.add_argument("--queries", type=int, default=None,
+                           help="test images the LDS averages over (default 100; --quick 16; --smoke 4)")
     arguments.add_argument("--workers", type=int, default=2, help="processes retraining the ground truths")
-    arguments.add_argument("--augmentations", type=int, default=None, help="augmented copies TRAK's features are averaged over in (d) (default 4; --smoke 2)")
+    arguments.add_argument("--augmentations", type=int, default=None,
+                           help="augmented copies TRAK's features are averaged over in (d) (default 4; --smoke 2)")
     arguments.add_argument("--replay-queries", type=int, default=None,
-                           help="test images replay scores (two to three trainings per query on this CNN; default 32; --quick 8; --smoke 2)")
+                           help="test images replay scores (two to three trainings per query on this CNN; "
+                                "default 32; --quick 8; --smoke 2)")
     args = arguments.parse_args()
     n_train = args.train or by_mode(args, full=4000, quick=1000, smoke=SMOKE_TRAIN)
     epochs = args.epochs or by_mode(args, full=6, quick=3, smoke=3)  # SOURCE needs three checkpoints (one an epoch)

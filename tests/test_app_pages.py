@@ -421,7 +421,8 @@ def test_mislabels_ticked_thumbnails_are_flagged_at_once_and_undone_as_one_actio
     chosen = shown[1:4]
     for index in chosen:
         app.checkbox(key=f"check_suspect_{index}").check().run()
-    assert app.button(key="mislabels_flag_ticked").label == "Flag 3 ticked" and "as mislabeled" in app.button(key="mislabels_flag_ticked").help
+    flag_ticked = app.button(key="mislabels_flag_ticked")
+    assert flag_ticked.label == "Flag 3 ticked" and "as mislabeled" in flag_ticked.help
     app.segmented_control(key="mislabels_bulk_kind").set_value("outlier").run()
     app.button(key="mislabels_flag_ticked").click().run()
     store = Annotations(workspace.annotations_path)

@@ -48,7 +48,9 @@ def kind_choice(*, key: str, label: str = "Flag as") -> str:
 
 def bulk_flag_button(run_id: str, train_set, indices: Sequence[int], kind: str, *, key: str, noun: str,
                      after: Callable[[], None] | None = None, ranking: MislabelRanking | None = None) -> None:
-    """One button that gives every example in `indices` the verdict `kind` at once ("Flag 12 selected"; the kind is in its icon and tooltip).
+    """One button that gives every example in `indices` the verdict `kind` at once.
+
+    Its label counts them ("Flag 12 selected"); the kind is in its icon and tooltip.
 
     `after` runs once they are saved (say, to clear a selection); the button is disabled when `indices` is empty;
     `ranking` as in flag_many.

@@ -54,7 +54,7 @@ def _example_key(key: str, index: int) -> str:
 
 
 def save_verdict(run_id: str, example_id: int, index: int, kind: str, key: str, on_saved: Callable[[str], None] | None = None) -> None:
-    """Save a verdict with the controls' suggested label and note as this tab's action, say so in a toast, then on_saved(kind) (a callback)."""
+    """Save a verdict with the controls' suggested label and note as this tab's action, toast it, then on_saved(kind) (a callback)."""
     fields = _example_key(key, index)
     suggestion = st.session_state.get(f"{fields}_suggested")
     saved = call_or_report(
@@ -131,7 +131,8 @@ def flag_controls(
     columns = [column for start in range(0, len(FLAG_KINDS), per_row) for column in st.columns(per_row)]
     for column, kind in zip(columns, FLAG_KINDS):
         pressed |= column.button(
-            kind.capitalize(), key=f"{key}_{kind}", icon=FLAG_ICONS[kind], width="stretch", shortcut=VERDICT_KEYS[kind] if shortcuts else None,
+            kind.capitalize(), key=f"{key}_{kind}", icon=FLAG_ICONS[kind], width="stretch",
+            shortcut=VERDICT_KEYS[kind] if shortcuts else None,
             type="primary" if flag is not None and flag.kind == kind else "secondary",
             on_click=save_verdict, args=(run_id, example_id, index, kind, key, on_saved))
     saved = st.session_state.pop(_saved_key(key), None)  # set by save_verdict, which ran before this run

@@ -118,7 +118,8 @@ def preset_sizes(run: Run, stored: list[LdsSettings], mode: str) -> LdsSettings:
 def lds_settings_controls(run: Run) -> LdsSettings | None:
     """The ground truth's mode and size, preset to one stored for the run; None when the mode cannot be computed for it."""
     stored = stored_groundtruth_settings(run)
-    st.markdown("**Stored ground truths of this run:** " + ("; ".join(describe(settings) for settings in stored) if stored else "none yet."))
+    listed = "; ".join(describe(settings) for settings in stored) if stored else "none yet."
+    st.markdown("**Stored ground truths of this run:** " + listed)
     preset_controls(run, stored)
     mode_column, subsets_column, alpha_column = st.columns([1.2, 1, 1], vertical_alignment="bottom")
     mode = mode_column.segmented_control(
@@ -145,7 +146,8 @@ def render_groundtruth(run: Run, settings: LdsSettings) -> GroundTruth | None:
     done, total = groundtruth_status(run, settings)
     models = ("models retrained on random subsets" if settings.mode == "reshuffled" else
               f"retrainings in the recorded batch order, each with a random {1 - settings.alpha:.0%} of the examples weighted 0")
-    st.info(f"LDS needs the ground truth: {total} {models}. {done} of {total} exist" + (" (computing resumes from there)." if done else "."))
+    resumes = " (computing resumes from there)." if done else "."
+    st.info(f"LDS needs the ground truth: {total} {models}. {done} of {total} exist" + resumes)
     capability = capabilities(run)["retrain" if settings.mode == "reshuffled" else "order_keeping"]
     if not capability.supported:  # said before the click: a button that can only fail is not offered as one that works
         st.warning(f"This run cannot {capability.label}: {capability.reason}", icon=":material/block:")

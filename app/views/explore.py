@@ -188,7 +188,8 @@ def inspector(run: Run, scores_: Scores, row: int, query: int | None) -> None:
     undo_column, keys_column = st.columns([1, 3], vertical_alignment="center")
     with undo_column:
         undo_button(run.run_id, key="inspect_undo")
-    keys_column.caption("Keys: " + verdict_keys_text() + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
+    keys_column.caption("Keys: " + verdict_keys_text()
+                        + f" (then the next example) · **{NEXT_KEY}** / **{PREVIOUS_KEY}** next / previous · "
                         + (f"**{SIMILAR_SHORTCUT}** similar · " if query is not None else "")
                         + f"**{MAP_SHORTCUT}** map · **{UNDO_KEY}** undo · **Esc** close")
 
@@ -249,8 +250,8 @@ def render_similar(run: Run, query_scores: Scores, query: int) -> None:
         flags = annotations().flags(run.run_id)
         items = [train_item(train_set, int(neighbour), f"**cos {cosine:.3f}**", flags.get(int(train_set.ids[neighbour])),
                             tooltip=meaning.explanation(int(neighbour))) for neighbour, cosine in zip(indices, cosines)]
-        image_grid(items, columns=RESULT_COLUMNS, key="similar", button_label="Open", on_click=lambda chosen: open_inspector("similar", chosen),
-                   bordered=False)
+        image_grid(items, columns=RESULT_COLUMNS, key="similar", button_label="Open",
+                   on_click=lambda chosen: open_inspector("similar", chosen), bordered=False)
     st.session_state[order_key("similar")] = [int(neighbour) for neighbour in indices]
     grid, _ = st.session_state.get(INSPECT_KEY, (None, None))
     if grid == "similar":

@@ -245,7 +245,10 @@ def fell_behind() -> None:
 
 
 def advance(key: str, position: int, length: int, shown: tuple[str, ...], kind: str) -> None:
-    """After a verdict: the next suspect (a callback). An example the verdict filters out leaves the queue: the next one moves into its place."""
+    """After a verdict: the next suspect (a callback).
+
+    An example the verdict filters out leaves the queue: the next one moves into its place.
+    """
     fell_behind()
     move_to(key, position if shown and kind not in shown else min(position + 1, length - 1))
 
@@ -295,7 +298,10 @@ def render_ranked_list(run: Run, ranking: MislabelRanking, queue: np.ndarray, ke
 
 
 def ask_top_k(run: Run, ranking: MislabelRanking, view: QueueView, k: int, kind: str) -> None:
-    """Ask to confirm a top-k flag of the queue as it is at the click (a button callback: keys may have changed it since the page was drawn)."""
+    """Ask to confirm a top-k flag of the queue as it is at the click.
+
+    A button callback: keys may have changed the queue since the page was drawn.
+    """
     st.session_state[confirm_key(run)] = ([int(index) for index in review_queue(run, ranking, view)[:k]], kind)
 
 
@@ -322,7 +328,7 @@ def render_top_k_confirmation(run: Run, ranking: MislabelRanking) -> None:
 
 
 def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray, view: QueueView) -> None:
-    """Many verdicts at once: on the ticked thumbnails, on the map's selection, or on the first k of the queue (undo: beside the review card)."""
+    """Many verdicts at once: on the ticked thumbnails, the map's selection or the queue's first k (undo: beside the review card)."""
     train_set, _ = run.datasets()
     chosen, selection = ticked(run), st.session_state.get(selection_key(run))
     with st.container(border=True, key="mislabels_bulk"):

@@ -94,8 +94,8 @@ def test_after_next_every_caption_stays_with_its_own_image(page, app_url):
 MAP_LAYOUT = """() => {
     const plot = document.querySelector('.st-key-map_chart .js-plotly-plot');
     return {dragmode: plot._fullLayout.dragmode,
-            legend: [...plot.querySelectorAll('.legend .traces')].map(entry => [entry.querySelector('.legendtext').textContent,
-                                                                              entry.querySelector('.legendpoints path').getAttribute('d')])};
+            legend: [...plot.querySelectorAll('.legend .traces')].map(
+                entry => [entry.querySelector('.legendtext').textContent, entry.querySelector('.legendpoints path').getAttribute('d')])};
 }"""
 """The map's drag mode, and each legend entry's text with the outline of its marker as drawn."""
 

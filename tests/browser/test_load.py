@@ -337,7 +337,8 @@ def test_five_contexts_flag_overlapping_examples_for_a_minute(private_app, chrom
     print(f"flags: {flag_times['count']}, seconds from the first click until the flag shows on the page: median "
           f"{flag_times['median_s']:.2f}, p95 {flag_times['p95_s']:.2f}, max {flag_times['max_s']:.2f}")
     repeated = [f"context {context.number}: {what}" for context in contexts for what in context.repeated_clicks]
-    print(f"clicks repeated after the page settled without their effect: {len(repeated)}" + (f" ({', '.join(repeated)})" if repeated else ""))
+    listed = f" ({', '.join(repeated)})" if repeated else ""
+    print(f"clicks repeated after the page settled without their effect: {len(repeated)}" + listed)
     page_errors = [f"context {context.number}: {error}" for context in contexts for error in context.page_errors]
     if page_errors:
         print("JavaScript errors in the pages:\n" + "\n".join(page_errors))

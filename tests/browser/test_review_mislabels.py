@@ -142,7 +142,8 @@ def test_bulk_flag_a_box_selection_undo_a_key_verdict_filter_to_flagged_and_expo
     assert metadata["media_type"] == "image" and metadata["info"]["classes"] == list(train_set.class_names)
     assert sorted(sample["train_index"] for sample in samples) == sorted(flagged)
     assert all(sample["tags"] == ["mislabeled"] and f"fmnist-noisy-flags/{sample['filepath']}" in archive.namelist()
-               and sample["ground_truth"] == {"_cls": "Classification", "label": train_set.class_names[int(train_set.y[sample["train_index"]])]}
+               and sample["ground_truth"] == {"_cls": "Classification",
+                                              "label": train_set.class_names[int(train_set.y[sample["train_index"]])]}
                for sample in samples)
 
 
