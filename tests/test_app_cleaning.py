@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
+from helpers_app import MAIN, TIMEOUT, table_with, texts
 from streamlit.testing.v1 import AppTest
-from test_app_pages import MAIN, TIMEOUT, table_with, texts
 from torch.nn import functional as F
 
 from attribution_core.annotations import Annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
+from page_actions import FIRST_MAP_MS, TIMEOUT_MS, cell_of, keys, open_page, screenshot, selected, settle
 
 from attribution_core.inspection import stored_map_layout
 from attribution_core.runs.run import load_run
@@ -17,53 +17,18 @@ from attribution_core.runs.run import load_run
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
 
-TIMEOUT_MS = 120_000
-FIRST_MAP_MS = 420_000
-"""The first map of a server waits for its UMAP layout job: numba compiles UMAP in the worker first (about a minute alone,
-several on a loaded machine; test_review_mislabels.py waits as long)."""
-MAX_SCREENSHOT_HEIGHT = 4000
 
 
-def settle(page) -> None:
-    """Wait until the script run has finished and every image on the page has loaded."""
-    page.wait_for_function(SCRIPT_FINISHED, timeout=TIMEOUT_MS)
-    page.wait_for_function(IMAGES_LOADED, timeout=TIMEOUT_MS)
 
 
-def screenshot(page, path: Path) -> None:
-    """The whole page as a PNG: Streamlit scrolls inside its main block, so the window grows to fit it first."""
-    size = page.viewport_size
-    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
-    page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]), MAX_SCREENSHOT_HEIGHT)})
-    settle(page)
-    page.screenshot(path=str(path))
-    page.set_viewport_size(size)
 
 
-def keys(page, prefix: str) -> list[str]:
-    """Widget keys on the page starting with prefix, in page order (Streamlit marks each keyed element st-key-<key>)."""
-    return page.evaluate(
-        """prefix => [...document.querySelectorAll(`[class*="st-key-${prefix}"]`)]
-            .map(element => [...element.classList].find(name => name.startsWith(`st-key-${prefix}`)).slice(7))""",
-        prefix,
-    )
 
 
-def selected(page, key: str) -> str:
-    """The text a selectbox shows."""
-    return page.locator(f".st-key-{key} input").input_value()
 
 
-def cell_of(page, key: str):
-    """The grid cell (image, caption, button) holding the button with this key."""
-    return page.locator(f".st-key-{key}").locator("xpath=..")
 
 
-def open_page(page, title: str) -> None:
-    """Go to another page through the sidebar navigation."""
-    page.locator("[data-testid=stSidebarNavLink]", has_text=title).click()
-    page.get_by_role("heading", name=title).wait_for(timeout=TIMEOUT_MS)
-    settle(page)
 
 
 def test_explore_flag_reload_review_and_compare(page, app_url, browser_workspace, screenshots: Path):

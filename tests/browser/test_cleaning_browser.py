@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
+from page_actions import settle
 
 from attribution_core.annotations import Annotations
 from attribution_core.cleaning.experiment import cleaned_run_id
@@ -27,10 +27,6 @@ ROW_PIXELS, ACTION_CENTRE = 35, 90 + 140 + 55
 """The plan table's row height (its header's too), and the action column's centre: app/components/cleaning.py's COLUMN_WIDTHS."""
 
 
-def settle(page) -> None:
-    """Wait until the script run has finished and every image on the page has loaded."""
-    page.wait_for_function(SCRIPT_FINISHED, timeout=TIMEOUT_MS)
-    page.wait_for_function(IMAGES_LOADED, timeout=TIMEOUT_MS)
 
 
 def plan_line(run, workspace) -> str:
@@ -52,20 +48,20 @@ def test_flag_predict_edit_retrain_compare_and_download(page, private_app, scree
     run = load_run(private_app.workspace, RUN)
     page.goto(f"{private_app.url}/mislabels?run={RUN}")
     page.get_by_role("heading", name="Mislabels").wait_for(timeout=TIMEOUT_MS)
-    settle(page)
+    settle(page, TIMEOUT_MS)
     verdict = page.locator(".st-key-review_mislabeled button:visible")  # the review card, once the ranking's job is done
     for flagged in range(1, 4):  # mislabeled, with the ranking's suggested class, and on to the next suspect
         verdict.click()
         page.get_by_text(f"{flagged} flagged of {flagged} reviewed").wait_for(timeout=TIMEOUT_MS)
-        settle(page)
+        settle(page, TIMEOUT_MS)
     # the verdicts reran the review card alone: the plan lags until the page is drawn again
     page.get_by_text("This plan was made before your last 3 flag changes").wait_for(timeout=TIMEOUT_MS)
     page.locator(".st-key-mislabels_redraw_page button:visible").click()
-    settle(page)
+    settle(page, TIMEOUT_MS)
 
     page.get_by_text(plan_line(run, private_app.workspace)).wait_for(timeout=TIMEOUT_MS)
     page.get_by_text("Predicted to flip", exact=True).wait_for(timeout=TIMEOUT_MS)  # the prediction job's result
-    settle(page)
+    settle(page, TIMEOUT_MS)
     choose_action(page, 1, "keep")  # the second flagged example: keep its label after all
     page.locator(".st-key-cleaning_drop_edits button:visible", has_text="Undo 1 edit").wait_for(timeout=TIMEOUT_MS)  # saved
     assert [action for _, action, _ in load_source(run).edits] == ["keep"]
@@ -73,11 +69,11 @@ def test_flag_predict_edit_retrain_compare_and_download(page, private_app, scree
     page.get_by_text(edited).wait_for(timeout=TIMEOUT_MS)
     assert "1 kept" in edited
     page.get_by_text("Predicted to flip", exact=True).wait_for(timeout=TIMEOUT_MS)  # the edited plan's prediction
-    settle(page)
+    settle(page, TIMEOUT_MS)
 
     page.locator(".st-key-cleaning_retrain button:visible").click()
     page.get_by_text("Retrained on 3 seeds.").wait_for(timeout=RETRAIN_MS)
-    settle(page)
+    settle(page, TIMEOUT_MS)
     _, test_set = run.datasets()
     assert page.locator(".st-key-cleaning_scatter .scatterlayer .point").count() == len(test_set)
     page.locator(".st-key-cleaning_result").screenshot(path=str(screenshots / "cleaning-before-after.png"))
@@ -93,5 +89,5 @@ def test_flag_predict_edit_retrain_compare_and_download(page, private_app, scree
     page.locator(".st-key-cleaning_open_run button:visible").click()
     page.wait_for_url(f"**run={cleaned_run_id(run, plan)}**", timeout=TIMEOUT_MS)
     page.get_by_role("heading", name="Mislabels").wait_for(timeout=TIMEOUT_MS)
-    settle(page)
+    settle(page, TIMEOUT_MS)
     page.screenshot(path=str(screenshots / "cleaning-cleaned-run.png"))

@@ -3,9 +3,7 @@ and nothing is fetched from the internet."""
 from __future__ import annotations
 
 import pytest
-from test_browser import TIMEOUT_MS, selected, settle
-from test_review_explore import grid_indices, results_shown
-from test_review_mislabels import FIRST_MAP_MS
+from page_actions import FIRST_MAP_MS, TIMEOUT_MS, grid_indices, results_shown, selected, settle
 
 pytestmark = pytest.mark.browser
 

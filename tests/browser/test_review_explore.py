@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from page_actions import TIMEOUT_MS, grid_indices, results_shown, screenshot, selected, settle
 from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
-from test_browser import TIMEOUT_MS, screenshot, selected, settle
 
 from attribution_core.annotations import Annotations
 from attribution_core.runs.run import load_run
@@ -56,22 +56,8 @@ def dialog_shows(page, index: int) -> None:
     page.wait_for_function(IMAGES_LOADED, timeout=TIMEOUT_MS)
 
 
-def results_shown(page) -> None:
-    """Wait until the query's proponents are drawn (its block of scores may first be a job) and the script run has finished."""
-    page.wait_for_function(
-        """() => document.querySelectorAll('[class*="st-key-results_proponents_"]').length > 0
-            && !document.querySelector('[class*="st-key-job_"]')""", timeout=TIMEOUT_MS)
-    settle(page)
 
 
-def grid_indices(page, grid: str) -> list[int]:
-    """Training indices a grid shows, in page order (each cell's button is keyed <grid>_<index>)."""
-    keys = page.evaluate(
-        """grid => [...document.querySelectorAll(`[class*="st-key-${grid}_"]`)]
-            .map(element => [...element.classList].find(name => name.startsWith(`st-key-${grid}_`)).slice(7 + grid.length + 1))""",
-        grid,
-    )
-    return [int(key) for key in keys if key.isdigit()]
 
 
 def overlap(first: dict, second: dict) -> bool:

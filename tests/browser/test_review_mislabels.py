@@ -13,17 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
+from page_actions import FIRST_MAP_MS, TIMEOUT_MS, open_page, settle
 
 from attribution_core.annotations import Annotations
 from attribution_core.runs.run import load_run
 
 pytestmark = pytest.mark.browser
 
-TIMEOUT_MS = 180_000
-FIRST_MAP_MS = 420_000
-"""The first map of a server waits for its UMAP layout job: numba compiles UMAP in the worker first (about a minute
-alone, several on a loaded machine)."""
 WIDTHS = (1280, 1920)
 
 OVERFLOWING = """() => [...document.querySelectorAll(['.stButton button', '.stDownloadButton button', '.stMarkdownBadge',
@@ -44,10 +40,6 @@ BOXES_OVERLAP = """key => {
 """Whether a chart's colour bar and legend overlap (null when it lacks one of them)."""
 
 
-def settle(page) -> None:
-    """Wait until the script run has finished and every image on the page has loaded."""
-    page.wait_for_function(SCRIPT_FINISHED, timeout=TIMEOUT_MS)
-    page.wait_for_function(IMAGES_LOADED, timeout=TIMEOUT_MS)
 
 
 def at_widths(page, screenshots: Path, name: str) -> None:
@@ -65,11 +57,6 @@ def at_widths(page, screenshots: Path, name: str) -> None:
     page.set_viewport_size(size)
 
 
-def open_page(page, title: str) -> None:
-    """Go to another page through the sidebar (the same session: its undo history goes along)."""
-    page.locator("[data-testid=stSidebarNavLink]", has_text=title).click()
-    page.get_by_role("heading", name=title).wait_for(timeout=TIMEOUT_MS)
-    settle(page)
 
 
 def box_select(page, chart_key: str, corner: tuple[float, float], opposite: tuple[float, float]) -> None:
