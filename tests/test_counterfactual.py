@@ -46,21 +46,26 @@ def two_stage_run(tmp_path_factory):
 
 @pytest.fixture
 def recorded_fits(monkeypatch):
-    """Every retrain the check makes, as {stage: set of train indices its batches drew}."""
+    """Every retrain the check makes, as {stage: set of train indices its batches drew}.
+
+    Retrains run one after another, each through one session: the stage count restarts with each retrain (keyed by the
+    retrain, not by the session's id(), which a later session may reuse once an earlier one is freed).
+    """
     calls: list[dict[int, set[int]]] = []
-    stages: dict[int, int] = {}
+    stages: list[int] = []  # per retrain, the index of the stage its session is in
     original_retrain, original_stage, original_step = counterfactual_module.retrain, TrainingSession.stage, TrainingSession.step
 
     def retrain(*args, **kwargs):
         calls.append({})
+        stages.append(-1)
         return original_retrain(*args, **kwargs)
 
     def stage(self, name):
-        stages[id(self)] = stages.get(id(self), -1) + 1
+        stages[-1] += 1
         return original_stage(self, name)
 
     def step(self, optimizer, batch, losses=None, margins=None):
-        calls[-1].setdefault(stages[id(self)], set()).update(batch.rows.tolist())
+        calls[-1].setdefault(stages[-1], set()).update(batch.rows.tolist())
         return original_step(self, optimizer, batch, losses, margins)
 
     monkeypatch.setattr(counterfactual_module, "retrain", retrain)
