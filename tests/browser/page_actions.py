@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from page_scripts import IMAGES_LOADED, SCRIPT_FINISHED
+from page_scripts import IMAGES_LOADED, NO_JOB_PANEL, SCRIPT_FINISHED
 
 TIMEOUT_MS = 180_000
 """How long a step may take before a test fails: a page's script run, its images, a job the page queued (loaded machine)."""
@@ -17,6 +17,12 @@ def settle(page, timeout_ms: int = TIMEOUT_MS) -> None:
     """Wait until the script run has finished and every image on the page has loaded."""
     page.wait_for_function(SCRIPT_FINISHED, timeout=timeout_ms)
     page.wait_for_function(IMAGES_LOADED, timeout=timeout_ms)
+
+
+def quiet(page, timeout_ms: int = TIMEOUT_MS) -> None:
+    """Wait until the page waits for no job (none can end and redraw the page under a click), then settle."""
+    page.wait_for_function(NO_JOB_PANEL, timeout=timeout_ms)
+    settle(page, timeout_ms)
 
 
 def screenshot(page, path: Path) -> None:

@@ -15,3 +15,7 @@ code is still loading: an image grid's cells, captions included, until the image
 IMAGES_SETTLED = """() => !document.querySelector('[data-testid=stSkeletonElement], [data-testid=stSkeleton]')
     && [...document.querySelectorAll('[data-testid=stImage] img')].every(image => image.complete)"""
 """No skeleton placeholder is left and every image on the page has loaded or failed to."""
+
+NO_JOB_PANEL = """() => !document.querySelector('[class*="st-key-job_"]')"""
+"""No job's progress panel is on the page: nothing the page waits for can end and redraw the whole page (a panel's job
+that ends reruns the app, which closes an open table cell and drops what was being typed there)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from page_actions import settle
+from page_actions import quiet, settle
 
 from attribution_core.annotations import Annotations
 from attribution_core.cleaning.experiment import cleaned_run_id
@@ -50,6 +50,8 @@ def test_flag_predict_edit_retrain_compare_and_download(page, private_app, scree
     page.get_by_role("heading", name="Mislabels").wait_for(timeout=TIMEOUT_MS)
     settle(page, TIMEOUT_MS)
     verdict = page.locator(".st-key-review_mislabeled button:visible")  # the review card, once the ranking's job is done
+    verdict.wait_for(timeout=TIMEOUT_MS)
+    quiet(page, TIMEOUT_MS)  # the page's other jobs (the data map's layout) done: no full redraw among the verdicts
     for flagged in range(1, 4):  # mislabeled, with the ranking's suggested class, and on to the next suspect
         verdict.click()
         page.get_by_text(f"{flagged} flagged of {flagged} reviewed").wait_for(timeout=TIMEOUT_MS)
@@ -61,7 +63,7 @@ def test_flag_predict_edit_retrain_compare_and_download(page, private_app, scree
 
     page.get_by_text(plan_line(run, private_app.workspace)).wait_for(timeout=TIMEOUT_MS)
     page.get_by_text("Predicted to flip", exact=True).wait_for(timeout=TIMEOUT_MS)  # the prediction job's result
-    settle(page, TIMEOUT_MS)
+    quiet(page, TIMEOUT_MS)  # a job ending while the cell's list is open would redraw the table and drop the choice
     choose_action(page, 1, "keep")  # the second flagged example: keep its label after all
     page.locator(".st-key-cleaning_drop_edits button:visible", has_text="Undo 1 edit").wait_for(timeout=TIMEOUT_MS)  # saved
     assert [action for _, action, _ in load_source(run).edits] == ["keep"]
