@@ -40,3 +40,12 @@ def button_keys(app: AppTest, prefix: str) -> list[str]:
 def table_with(app: AppTest, column: str):
     """The first dataframe on the page that has this column."""
     return next(frame.value for frame in app.dataframe if column in frame.value.columns)
+
+
+def place_of(app: AppTest, key: str) -> int:
+    """The position, among the main area's top-level elements, of the one that holds widget `key` (a fragment's id is
+    derived from its position: one that moves is another fragment to Streamlit)."""
+    def holds(node) -> bool:
+        return getattr(node, "key", None) == key or any(holds(child) for child in getattr(node, "children", {}).values())
+
+    return next(index for index, node in app.main.children.items() if holds(node))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from helpers_app import MAIN, TIMEOUT, button_keys, image_captions, open_app, table_with, texts
+from helpers_app import MAIN, TIMEOUT, button_keys, image_captions, open_app, place_of, table_with, texts
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -476,7 +476,9 @@ def test_mislabels_top_k_asks_to_confirm_with_the_count_then_flags_the_first_k(w
     app.pills(key="mislabels_show").set_value(["not yet reviewed"]).run()
     app.number_input(key="mislabels_top_k").set_value(7).run()
     app.segmented_control(key="mislabels_bulk_kind").set_value("ambiguous").run()
+    review_place = place_of(app, "mislabels_undo")
     app.button(key="mislabels_ask_top").click().run()
+    assert place_of(app, "mislabels_undo") == review_place, "the confirmation moves no review key's fragment"
     assert any("Flag the first **7** suspects of this queue, ranked by Training dynamics" in warning.value
                and "as **ambiguous**" in warning.value and "already have a verdict" not in warning.value for warning in app.warning)
     app.button(key="mislabels_cancel_top").click().run()

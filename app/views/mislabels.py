@@ -349,8 +349,12 @@ def render_bulk(run: Run, ranking: MislabelRanking, queue: np.ndarray, view: Que
         actions[3].button(f"Flag the first {k}…", key="mislabels_ask_top", icon=":material/playlist_add_check:",
                           disabled=not len(queue), on_click=ask_top_k, args=(run, ranking, view, k, kind),
                           help=f"Flag the first {k} suspects of the queue as {kind}, after a confirmation")
+    # Drawn into a placeholder that is there either way: an element that comes and goes above the review area would move it
+    # and change its fragment's id, and a key pressed while a whole run draws the other id would be dropped unseen.
+    confirmation = st.empty()
     if confirm_key(run) in st.session_state:
-        render_top_k_confirmation(run, ranking)
+        with confirmation.container():
+            render_top_k_confirmation(run, ranking)
 
 
 def map_groups(run: Run, positions: np.ndarray, current: int | None) -> list[charts.PointGroup]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from page_actions import FIRST_MAP_MS, TIMEOUT_MS, open_page, settle
+from page_actions import FIRST_MAP_MS, TIMEOUT_MS, open_page, quiet, settle
 
 from attribution_core.annotations import Annotations
 from attribution_core.runs.run import load_run
@@ -98,10 +98,13 @@ def test_bulk_flag_a_box_selection_undo_a_key_verdict_filter_to_flagged_and_expo
     open_page(page, "Mislabels")
     page.get_by_text(f"{n_selected} flagged of {n_selected} reviewed").wait_for(timeout=TIMEOUT_MS)
     undo_label(page, n_selected)
+    # The flags queued a cleaning prediction, whose end reruns the whole page: keys go to a page that waits for nothing
+    quiet(page)
     suspect = int(re.search(r"training example #(\d+)", page.get_by_text(re.compile(r"^training example #\d+$")).inner_text()).group(1))
     page.keyboard.press("o")
     undo_label(page, 1)
     assert store.flags("fmnist-noisy")[int(train_set.ids[suspect])].kind == "outlier"
+    settle(page)  # the verdict's run has drawn the whole review area: the next key acts on the page it shows
     page.keyboard.press("u")
     undo_label(page, n_selected)  # the verdict is taken back; the bulk flag before it is the last action again
     assert store.flags("fmnist-noisy") == after_bulk
