@@ -623,6 +623,25 @@ def test_map_colours_by_label_flag_and_influence():
     assert app.selectbox(key="query").value is not None and app.get("plotly_chart")
 
 
+def test_map_coloured_by_flag_shows_a_verdict_given_in_another_tab_and_its_undo(workspace):
+    store = Annotations(workspace.annotations_path)
+    example_id = int(load_run(workspace, "fmnist-mlp").datasets()[0].ids[3])
+    assert example_id not in store.flags("fmnist-mlp")
+    app = open_app("map")
+    app.segmented_control(key="map_colour").set_value("flag").run()
+
+    def outliers() -> list[tuple[str, int]]:
+        return [point for trace in chart_points(app) if trace["name"] == "outlier" for point in trace["points"]]
+
+    assert ("train", 3) not in outliers()
+    store.set_flag("fmnist-mlp", example_id, "outlier", actor="another tab")
+    app.run()
+    assert ("train", 3) in outliers(), "the figure is made anew when the verdicts change"
+    store.undo("fmnist-mlp", actor="another tab")
+    app.run()
+    assert ("train", 3) not in outliers()
+
+
 def chart_points(app: AppTest, chart: int = 0) -> list[dict]:
     """The traces of a plotly chart of the page: name, marker, and the (split, index) of each point."""
     import base64

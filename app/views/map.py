@@ -6,14 +6,16 @@ training example on the map (Explore's "show on map" link).
 """
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 
 import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
 from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
-from app.components.core_calls import annotations, call_or_report, method_label
+from app.components.core_calls import annotations, call_or_report, method_label, remembered, run_key
 from app.components.embedding import embedding
 from app.components.examples import FLAG_COLOURS, class_name, flipped_from, marks, score_legend, train_items
 from app.components.flagging import flag_controls, undo_button
@@ -121,6 +123,37 @@ def linked_group(run: Run, layout: MapLayout, index: int) -> PointGroup:
     train_set, _ = run.datasets()
     return PointGroup(f"train #{index} (linked)", "train", np.array([index]), layout.train[[index]],
                       hover_texts(train_set, "train", np.array([index])), colour="#111111", symbol="star", size=20)
+
+
+def digest(data: bytes) -> str:
+    """A short fingerprint of bytes (what a figure shows, in its cache key)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def map_figure(run: Run, layout: MapLayout, checkpoint: int, colouring: str, show_test: bool, linked: int | None,
+               values: np.ndarray | None, query: int | None) -> go.Figure:
+    """The map's figure, made once per what it shows: making one of 60,000 points takes about a second, and a key
+    (an undo, a verdict in the dialog) or a selection redraws the page without changing it."""
+    if values is not None:
+        shown = ("influence", query, digest(np.ascontiguousarray(values).tobytes()))
+    elif colouring == "flag":
+        kinds = sorted((example_id, flag.kind) for example_id, flag in annotations().flags(run.run_id).items())
+        shown = ("flag", digest(repr(kinds).encode()))
+    else:
+        shown = ("label", show_test)
+
+    def make() -> go.Figure:
+        if values is not None:
+            groups = groups_by_influence(run, layout, values, query)
+        elif colouring == "flag":
+            groups = groups_by_flag(run, layout)
+        else:
+            groups = groups_by_label(run, layout, show_test)
+        if linked is not None:
+            groups.append(linked_group(run, layout, linked))
+        return embedding_map(groups, colour_title="score")
+
+    return remembered(("map_figure", *run_key(run), checkpoint, linked, *shown), make)
 
 
 def selection_key(run: Run) -> str:
@@ -240,17 +273,10 @@ def render() -> None:
     layout = call_or_report(embedding, run, checkpoint)
     if layout is None:
         return
-    if values is not None:
-        groups = groups_by_influence(run, layout, values, query)
-    elif colouring == "flag":
-        groups = groups_by_flag(run, layout)
-    else:
-        groups = groups_by_label(run, layout, show_test)
-    if linked is not None:
-        groups.append(linked_group(run, layout, linked))
     map_column, side_column = st.columns([2.2, 1], gap="large")
     with map_column:
-        st.plotly_chart(embedding_map(groups, colour_title="score"), key=CHART_KEY, on_select=partial(take_selection, run),
+        st.plotly_chart(map_figure(run, layout, checkpoint, colouring, show_test, linked, values, query), key=CHART_KEY,
+                        on_select=partial(take_selection, run),
                         selection_mode=("points", "box", "lasso"))
     with side_column:
         undo_button(run.run_id, key="map_undo")
