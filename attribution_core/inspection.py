@@ -5,6 +5,9 @@ core are projected gradients (TRAK's φ), and a method's fitted train-side state
 """
 from __future__ import annotations
 
+import functools
+import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,12 +64,41 @@ def penultimate_representations(run: Run, *, split: str = "train", checkpoint: i
     return representations(model, task, task.representation_layer(model), batches(dataset.x, dataset.y, 512, torch.device("cpu"))).numpy()
 
 
+EXACT_NEIGHBOURS_ROWS = 4096
+"""Below this many rows umap finds neighbours exactly, from all pairwise distances (above, by NN-descent)."""
+
+
+def pairwise_euclidean(rows: np.ndarray) -> np.ndarray:
+    """Euclidean distances (n, n) between rows (n, d), in float64, exactly 0 on the diagonal."""
+    x = torch.as_tensor(rows, dtype=torch.float64)
+    squared = (x.square().sum(1, keepdim=True) - 2 * x @ x.T + x.square().sum(1)).clamp_min_(0)
+    squared.fill_diagonal_(0)
+    return squared.sqrt_().numpy()
+
+
 def umap_layout(rows: np.ndarray, *, seed: int = 0) -> np.ndarray:
     """2-D UMAP positions (n, 2) of rows (n, d) (representations), seeded so the same rows give the same map."""
     import umap  # imported on use: numba compiles it, which takes seconds
 
     n_neighbors = int(min(15, len(rows) - 1))
-    return umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(rows)
+    settings = dict(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed, n_jobs=1)
+    if len(rows) >= EXACT_NEIGHBOURS_ROWS:
+        return umap.UMAP(**settings).fit_transform(rows)
+    # For the exact neighbours umap asks scikit-learn's pairwise_distances for every pair through its numba metric called
+    # from Python, one call per pair: 25 s of a 4,000-landmark map's 32. One matrix product gives the same distances.
+    with warnings.catch_warnings():  # that a precomputed metric has no inverse_transform, which the map never uses
+        warnings.filterwarnings("ignore", message="using precomputed metric", category=UserWarning)
+        return umap.UMAP(metric="precomputed", **settings).fit_transform(pairwise_euclidean(rows))
+
+
+@functools.cache
+def umap_compiling() -> threading.Thread:
+    """A thread that compiles umap's numba code, started once per process: the first layout of a process spends about
+    18 s compiling (2 cores), and a caller that has rows to compute first overlaps the two; join() it before laying out."""
+    rows = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    thread = threading.Thread(target=umap_layout, args=(rows,), name="umap-compile", daemon=True)
+    thread.start()
+    return thread
 
 
 def landmark_layout(rows: np.ndarray, *, seed: int = 0, landmarks: int = LANDMARKS, neighbours: int = NEIGHBOURS,
@@ -126,10 +158,12 @@ def map_layout(run: Run, checkpoint: int = -1, *, progress: ProgressFn = no_prog
     """
 
     def compute(stored: Artifact) -> None:
+        compiling = umap_compiling()
         train_rows = penultimate_representations(run, split="train", checkpoint=checkpoint)
         progress(1, 3)
         test_rows = penultimate_representations(run, split="test", checkpoint=checkpoint)
         progress(2, 3)
+        compiling.join()
         positions = landmark_layout(np.concatenate([train_rows, test_rows])).astype(np.float32)
         atomic_save_npy(stored.path("train.npy"), positions[: len(train_rows)])
         atomic_save_npy(stored.path("test.npy"), positions[len(train_rows) :])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from attribution_core import inspection
@@ -33,6 +34,21 @@ def test_umap_layout_is_seeded():
     first, second = inspection.umap_layout(rows), inspection.umap_layout(rows)
     assert first.shape == (60, 2)
     np.testing.assert_allclose(first, second)
+
+
+@pytest.mark.filterwarnings("ignore:using precomputed metric")  # umap's note that such a model has no inverse_transform
+def test_umap_on_the_pairwise_distances_builds_the_graph_umap_builds_from_the_rows():
+    import umap
+    from scipy.spatial.distance import cdist
+
+    rows = np.random.default_rng(2).normal(size=(300, 6)).astype(np.float32)
+    distances = inspection.pairwise_euclidean(rows)
+    np.testing.assert_allclose(distances, cdist(rows.astype(np.float64), rows.astype(np.float64)), atol=1e-9)
+    assert (np.diag(distances) == 0).all()
+    settings = dict(n_neighbors=15, random_state=0, n_jobs=1)
+    from_rows = umap.UMAP(**settings).fit(rows).graph_.toarray()
+    from_distances = umap.UMAP(metric="precomputed", **settings).fit(distances).graph_.toarray()
+    np.testing.assert_allclose(from_distances, from_rows, atol=1e-5)
 
 
 def test_a_large_map_lays_out_landmarks_by_umap_and_places_every_other_row_among_its_nearest():

@@ -198,11 +198,13 @@ def _point_trace(group: PointGroup, colour_title: str, *, webgl: bool = False) -
         marker["color"] = group.colour
     # plotly lists no trace without points in its legend: a legend key gets one point with no position
     x, y = ([None], [None]) if group.legend_only else (group.positions[order, 0], group.positions[order, 1])
+    # numpy arrays, not lists: plotly checks a list's every element (1.9 s for a 60,000-point map), an array at once
+    customdata = np.empty((len(order), 2), dtype=object)
+    customdata[:, 0], customdata[:, 1] = group.split, group.indices[order].tolist()
     return (go.Scattergl if webgl else go.Scatter)(
         x=x, y=y, mode="markers", name=group.name, marker=marker,
         legendgroup=group.legend_group, showlegend=group.show_legend,
-        text=[group.hover[position] for position in order], hovertemplate="%{text}<extra></extra>",
-        customdata=[[group.split, int(group.indices[position])] for position in order],
+        text=np.asarray(group.hover, dtype=object)[order], hovertemplate="%{text}<extra></extra>", customdata=customdata,
     )
 
 
