@@ -36,12 +36,17 @@ def plan_line(run, workspace) -> str:
 
 
 def choose_action(page, row: int, action: str) -> None:
-    """Open the action cell of a row of the plan's table and pick an action from its list."""
+    """Open the action cell of a row of the plan's table and choose an action from its list, by keyboard as a user can: the
+    open list's search field has the focus, typing filters the list and Enter takes the match. (A click on the option
+    waits for Playwright's hit test, which once failed for 180 s on a loaded machine while the list stood open.)"""
     table = page.locator("[class*=st-key-cleaning_table_] [data-testid=stDataFrameResizable]")
     table.scroll_into_view_if_needed()
     box = table.bounding_box()
     page.mouse.dblclick(box["x"] + ACTION_CENTRE, box["y"] + ROW_PIXELS * (row + 1) + ROW_PIXELS / 2)
-    page.locator("#portal [role=option]", has_text=action).click()
+    page.locator("#portal [role=option]", has_text=action).wait_for(timeout=TIMEOUT_MS)
+    page.keyboard.type(action)
+    page.locator("#portal [role=option]").filter(has_not_text=action).first.wait_for(state="detached", timeout=TIMEOUT_MS)
+    page.keyboard.press("Enter")
 
 
 def test_flag_predict_edit_retrain_compare_and_download(page, private_app, screenshots: Path, tmp_path):
