@@ -71,7 +71,8 @@ EXACT_NEIGHBOURS_ROWS = 4096
 def pairwise_euclidean(rows: np.ndarray) -> np.ndarray:
     """Euclidean distances (n, n) between rows (n, d), in float64, exactly 0 on the diagonal."""
     x = torch.as_tensor(rows, dtype=torch.float64)
-    squared = (x.square().sum(1, keepdim=True) - 2 * x @ x.T + x.square().sum(1)).clamp_min_(0)
+    norms = x.square().sum(1)
+    squared = (norms[:, None] - 2 * x @ x.T + norms).clamp_min_(0)
     squared.fill_diagonal_(0)
     return squared.sqrt_().numpy()
 

@@ -87,10 +87,9 @@ def shape_key(split: str) -> PointGroup:
                       size=size + 2, legend_only=True)
 
 
-def groups_by_flag(run: Run, layout: MapLayout) -> list[PointGroup]:
-    """Training examples grouped by their verdict (grey when none), flipped labels outlined separately."""
+def groups_by_flag(run: Run, layout: MapLayout, flags: dict) -> list[PointGroup]:
+    """Training examples grouped by their verdict in flags ({example id: Flag}; grey when none), flipped labels outlined separately."""
     train_set, _ = run.datasets()
-    flags = annotations().flags(run.run_id)
     kinds = np.array([flags[int(i)].kind if int(i) in flags else "" for i in train_set.ids])
     groups = [PointGroup("no verdict", "train", np.flatnonzero(kinds == ""), layout.train[kinds == ""],
                          hover_texts(train_set, "train", np.flatnonzero(kinds == "")), colour="#D0D5DB", size=5)]
@@ -132,26 +131,24 @@ def digest(data: bytes) -> str:
 
 def map_figure(run: Run, layout: MapLayout, checkpoint: int, colouring: str, show_test: bool, linked: int | None,
                values: np.ndarray | None, query: int | None) -> go.Figure:
-    """The map's figure, made once per what it shows: making one of 60,000 points takes about a second, and a key
+    """The map's figure, made once per what it shows: making one of 60,000 points takes half a second, and a key
     (an undo, a verdict in the dialog) or a selection redraws the page without changing it."""
+    # what the figure shows names it in the cache, and the same snapshot of the verdicts draws it
     if values is not None:
         shown = ("influence", query, digest(np.ascontiguousarray(values).tobytes()))
+        groups = partial(groups_by_influence, run, layout, values, query)
     elif colouring == "flag":
-        kinds = sorted((example_id, flag.kind) for example_id, flag in annotations().flags(run.run_id).items())
-        shown = ("flag", digest(repr(kinds).encode()))
+        flags = annotations().flags(run.run_id)
+        kinds = sorted((example_id, flag.kind) for example_id, flag in flags.items())
+        shown, groups = ("flag", digest(repr(kinds).encode())), partial(groups_by_flag, run, layout, flags)
     else:
-        shown = ("label", show_test)
+        shown, groups = ("label", show_test), partial(groups_by_label, run, layout, show_test)
 
     def make() -> go.Figure:
-        if values is not None:
-            groups = groups_by_influence(run, layout, values, query)
-        elif colouring == "flag":
-            groups = groups_by_flag(run, layout)
-        else:
-            groups = groups_by_label(run, layout, show_test)
+        drawn = groups()
         if linked is not None:
-            groups.append(linked_group(run, layout, linked))
-        return embedding_map(groups, colour_title="score")
+            drawn.append(linked_group(run, layout, linked))
+        return embedding_map(drawn, colour_title="score")
 
     return remembered(("map_figure", *run_key(run), checkpoint, linked, *shown), make)
 

@@ -37,8 +37,8 @@ def plan_line(run, workspace) -> str:
 
 def choose_action(page, row: int, action: str) -> None:
     """Open the action cell of a row of the plan's table and choose an action from its list, by keyboard as a user can: the
-    open list's search field has the focus, typing filters the list and Enter takes the match. (A click on the option
-    waits for Playwright's hit test, which once failed for 180 s on a loaded machine while the list stood open.)"""
+    open list's search field has the focus, typing filters the list and Enter takes the match. (A click on the option once
+    returned without the list taking it: in CI at load the list still stood open on the old action 300 s later.)"""
     table = page.locator("[class*=st-key-cleaning_table_] [data-testid=stDataFrameResizable]")
     table.scroll_into_view_if_needed()
     box = table.bounding_box()
