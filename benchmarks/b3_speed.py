@@ -7,8 +7,9 @@ EK-FAC factor fit and SOURCE passes, of traker and kronfluence doing the same jo
 score 1,000 queries, and the peak memory of each job; then whole jobs (fit on the whole training
 set and score 1,000 queries: TRAK, projected EK-FAC, exact EK-FAC on a GPU). Models are randomly initialised (seeded):
 throughput does not depend on the weights. Every job uses the same batch size. Then a scaling
-series of Kronecker featurization in N, and the LDS of Kronecker against dense projection at
-equal k on B1's digits run. --smoke: 256 training images per model, narrow models (common.smoke_model), k = 64, 32 queries, B1's smoke run.
+series of Kronecker featurization in N, the LDS of Kronecker against dense projection at
+equal k on B1's digits run, and TRAK's LDS by Kronecker block size on the demo runs (what the
+default block trades). --smoke: 256 training images per model, narrow models (common.smoke_model), k = 64, 32 queries, B1's smoke run.
 
     python benchmarks/b3_speed.py [--quick | --smoke] [--json PATH] [--workspace DIR]
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from b1_digits_lds import the_run
 from common import (
@@ -50,10 +52,12 @@ from attribution_core.methods.trak import Trak, TrakSettings
 from attribution_core.models import ModelSpec, build_model
 from attribution_core.numerics.curvature import eigenbasis, fit_corrected_eigenvalues, fit_covariances
 from attribution_core.numerics.inputs import AttributionInputs, Segment
+from attribution_core.runs.demo import build_demo
+from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
 
 BATCH = 512
-JSON_KEYS = ("device", "rows", "lds_kron_vs_dense", "scaling", "whole_jobs")
+JSON_KEYS = ("device", "rows", "lds_kron_vs_dense", "lds_by_block", "scaling", "whole_jobs")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class Scale:
     lds_k: int  # projection dimension of the Kronecker against dense LDS comparison
     repeats: int  # best-of repetitions of the fast jobs
     n_queries: int = 1000  # queries scored against the whole training set
+    block_runs: tuple[str, ...] = ("fmnist-mlp", "fmnist-noisy", "fmnist-two-stage")  # demo runs of the LDS by block size
+    blocks: tuple[int, ...] = (1, 4, 9, 16, 0)  # Kronecker block sizes compared (0: one block per layer)
+    block_seeds: int = 3  # projection seeds averaged per block size
 
 
 FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_000, curvature_examples=10_000,
@@ -77,7 +84,8 @@ FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_
 QUICK = Scale(k=512, max_train=2_000, slow_examples=256, kronfluence_examples=1_000, curvature_examples=1_000,
               scaling=(1_000, 2_000, 4_000), lds_subsets=20, lds_k=1024, repeats=1)
 SMOKE = Scale(k=64, max_train=256, slow_examples=64, kronfluence_examples=128, curvature_examples=128,
-              scaling=(128, 256), lds_subsets=4, lds_k=256, repeats=1, n_queries=32)
+              scaling=(128, 256), lds_subsets=4, lds_k=256, repeats=1, n_queries=32,
+              block_runs=("fmnist-mlp",), blocks=(4, 9), block_seeds=1)
 SCORING = "score_queries"
 """The job timed per query rather than per training example."""
 
@@ -335,6 +343,26 @@ def lds_kron_vs_dense(scale: Scale, workspace: Workspace, args: argparse.Namespa
     return result
 
 
+def lds_by_block(scale: Scale, workspace: Workspace, args: argparse.Namespace) -> list[dict]:
+    """TRAK's LDS at k = lds_k per Kronecker block size on demo runs, mean and spread over projection seeds."""
+    build_demo(workspace, tiny=args.smoke)
+    rows = []
+    for run_id in scale.block_runs:
+        run = load_run(workspace, run_id)
+        truth = groundtruth(run, LdsSettings(n_subsets=scale.lds_subsets, alpha=0.5, seed=0))
+        for block in scale.blocks:
+            values = [lds(attribute(run, "trak", settings=TrakSettings(k=scale.lds_k, kronecker_block=block, seed=seed), device="cpu"),
+                          truth).mean for seed in range(scale.block_seeds)]
+            rows.append({"run": run_id, "block": block, "lds": float(np.mean(values)), "spread": float(np.std(values))})
+    return rows
+
+
+def block_table(rows: list[dict]) -> str:
+    """TRAK's LDS per run and block size."""
+    return markdown_table(["run", "block", "LDS (mean over seeds)", "spread (std)"],
+                          [(row["run"], row["block"] or "0 (one per layer)", row["lds"], row["spread"]) for row in rows])
+
+
 def main_table(rows: list[Row]) -> str:
     """Every job's throughput, ratio to the training step and peak memory."""
     def examples(row: Row) -> str:
@@ -372,6 +400,7 @@ def main() -> None:
     n_params = sum(parameter.numel() for parameter in models[1].build().parameters())
     with workspace_root(args.workspace) as root:
         quality = lds_kron_vs_dense(scale, Workspace(root), args)
+        by_block = lds_by_block(scale, Workspace(root), args)
     body = (
         f"Device: {device}. {data_note} Randomly initialised models; batch {BATCH} for every job; k = {scale.k}. "
         f"Dense projections (ours, traker's CPU projector) are timed on the first {scale.slow_examples} examples, "
@@ -394,8 +423,12 @@ def main() -> None:
         + f"\n\nLDS on B1's digits run ({scale.lds_subsets} subsets), TRAK at k = {quality['k']}: "
         f"Kronecker {quality['kron']:.3f}, dense {quality['dense']:.3f} (difference {quality['kron'] - quality['dense']:+.3f}; "
         "bar: within 0.01)."
+        + f"\n\nTRAK's LDS by Kronecker block size (k = {scale.lds_k}, {scale.lds_subsets} subsets, {scale.block_seeds} projection seeds; "
+        f"default block {TrakSettings().kronecker_block}). A block of b = k_out x k_in features shares its factors: the projection "
+        "costs about k_l (d_out / k_in + d_in / k_out) per position, so 1 / sqrt(b) of block 1's for a square block, and a dot "
+        "product's variance grows like k_out + k_in:\n\n" + block_table(by_block)
     )
-    payload = {"device": str(device), "rows": [row.as_json() for row in rows], "lds_kron_vs_dense": quality,
+    payload = {"device": str(device), "rows": [row.as_json() for row in rows], "lds_kron_vs_dense": quality, "lds_by_block": by_block,
                "scaling": [{"n": n, "seconds": seconds, "peak_mb": peak} for n, seconds, _, peak, _ in series],
                "whole_jobs": [{"model": model, "job": job, "n_train": n, "n_queries": scale.n_queries, "seconds": seconds, "peak_mb": peak}
                               for model, job, n, seconds, peak in jobs]}

@@ -38,4 +38,4 @@ def k_field(exact: str, projected: str) -> Any:
 
 def kronecker_block_field() -> Any:
     """kronecker_block: the block shape of the projection with k."""
-    return field(default=4, metadata=_help("with k: features per P_out ⊗ P_in block (as TRAK's)"))
+    return field(default=4, metadata=_help("with k: features per P_out ⊗ P_in block (TrakSettings.kronecker_block says what each costs)"))

@@ -62,9 +62,10 @@ class TrakSettings:
     projection: str = field(default="kronecker", metadata={"help": (
         "kronecker (per-layer, fast), dense (over all parameters, slow) or identity (exact, small models)")})
     projection_kind: str = field(default="rademacher", metadata={"help": "random entries: rademacher (±1) or gaussian"})
-    kronecker_block: int = field(default=4, metadata={"help": (
-        "kronecker: features per P_out ⊗ P_in block; 1 = independent rank-one features (as accurate as dense), 4 = about twice as fast (B1 "
-        "digits LDS within 0.01 of dense), 0 = one block per layer (cheapest, LoGra, least accurate)")})
+    kronecker_block: int = field(default=9, metadata={"help": (
+        "kronecker: features per P_out ⊗ P_in block; 1 = independent rank-one features (as accurate as dense), 4 = about half of 1's "
+        "projection work, 9 = a third of 1's (TRAK's LDS on three demo runs equal to 4's within the projection seed's spread: "
+        "benchmarks/RESULTS.md, B3), 0 = one block per layer (cheapest, LoGra, least accurate)")})
     seed: int = field(default=0, metadata={"help": "seed of the random projection"})
     damping_ratio: float = field(default=1.0, metadata={"help": (
         "ridge λ as a fraction of the mean diagonal of ΦᵀΦ (>= 0); the best ratio grows with k (digits MLP: 0.25 at k=256, 1 at k=1024, "

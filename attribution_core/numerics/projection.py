@@ -5,8 +5,8 @@ A projector maps the captured layers of a batch (list[LayerBatch], see gradients
 - `KroneckerProjector`: per layer, blocks P_out ⊗ P_in (small seeded factors) applied to the
   layer gradient Σ_t g_t a_tᵀ as Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ: no per-example gradient is formed
   (the idea behind LoGra, Choe et al. 2024). Block size 1 makes every feature an independent
-  rank-one projection u_jᵀ G v_j, as accurate as a dense P; TRAK's default, block 4, is about
-  twice as fast at the same LDS (benchmarks/RESULTS.md, B3).
+  rank-one projection u_jᵀ G v_j, as accurate as a dense P; TRAK's default, block 9 (3 x 3),
+  does a third of its work at the same LDS as block 4 (benchmarks/RESULTS.md, B3).
 - `DenseProjector`: a dense Rademacher/Gaussian P over the flattened gradient in the core's
   parameter layout, its rows regenerated from the seed chunk by chunk (the slow baseline, O(P k)).
 - `IdentityProjector`: no projection (k = n_params), for exact checks on small models.
@@ -171,8 +171,10 @@ class KroneckerProjector(Projector):
     block trades speed for accuracy: features of one block share their factors, so a dot product
     of projected gradients has a variance growing like k_out + k_in. block=1 (independent
     rank-one features u_jᵀ G v_j) is as accurate as a dense projection at a per-position cost of
-    k_l (d_out + d_in); block=4 (TRAK's default) costs about half of that and for a wide layer
-    (d_in >> d_out) a quarter, with LDS within 0.01 of dense at equal k (benchmarks/RESULTS.md, B3);
+    k_l (d_out + d_in); block=4 costs about half of that and for a wide layer (d_in >> d_out) a
+    quarter, with LDS within 0.01 of dense at equal k; block=9 (TRAK's default) a third, at block
+    4's LDS on the demo runs (a variance of 6 against 4 is within the projection seed's spread there;
+    block 16 lost 0.008 at k = 2048: benchmarks/RESULTS.md, B3);
     block=0 (one P_out ⊗ P_in per layer, LoGra) costs only d_out k_out + d_in k_in + k_l but needs
     a larger k for the same accuracy.
     """
