@@ -137,6 +137,32 @@ class MapLayout:
     test: np.ndarray
 
 
+def inside_box(positions: np.ndarray, x: tuple[float, float], y: tuple[float, float]) -> np.ndarray:
+    """(n,) whether each of positions (n, 2) lies in the box spanning x and y (either order, edges included)."""
+    (x0, x1), (y0, y1) = sorted(x), sorted(y)
+    return (positions[:, 0] >= x0) & (positions[:, 0] <= x1) & (positions[:, 1] >= y0) & (positions[:, 1] <= y1)
+
+
+def inside_polygon(positions: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n,) whether each of positions (n, 2) lies inside the closed polygon with vertices (x, y) (even-odd rule).
+
+    Only points in the polygon's bounding box are tested, edge by edge (a ray cast to the right crosses an edge).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    inside = np.zeros(len(positions), dtype=bool)
+    if len(x) < 3:
+        return inside
+    candidates = np.flatnonzero(inside_box(positions, (x.min(), x.max()), (y.min(), y.max())))
+    px, py = positions[candidates, 0].astype(np.float64), positions[candidates, 1].astype(np.float64)
+    crossings = np.zeros(len(candidates), dtype=bool)
+    for (x0, y0), (x1, y1) in zip(zip(x, y), zip(np.roll(x, 1), np.roll(y, 1))):
+        spans = (y0 > py) != (y1 > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossings ^= spans & (px < (x1 - x0) * (py - y0) / (y1 - y0) + x0)
+    inside[candidates] = crossings
+    return inside
+
+
 def _layout_artifact(run: Run, checkpoint: int) -> Artifact:
     index = run.checkpoint_index(checkpoint)
     return run.artifact("layouts", checkpoint=index, version=LAYOUT_VERSION)

@@ -749,6 +749,27 @@ def test_map_influence_colours_are_signed_ranks_of_the_scores_with_the_legend_un
     assert legend["orientation"] == "h" and legend["y"] < 0 and bar["x"] >= 1, "legend under the map, colour bar beside it"
 
 
+def test_a_map_of_more_points_than_it_draws_shows_a_fixed_sample_with_every_verdict_and_says_so(workspace, monkeypatch):
+    from app.components import embedding
+
+    monkeypatch.setattr(embedding, "MAX_DRAWN", 200)  # the test demo's 600 training examples stand for a large run
+    store = Annotations(workspace.annotations_path)
+    train_set, test_set = load_run(workspace, "fmnist-mlp").datasets()
+    app = open_app("map")
+
+    def drawn(split: str) -> list[int]:
+        return [index for trace in chart_points(app) for kind, index in trace["points"] if kind == split]
+
+    assert len(train_set) > 200 and len(drawn("train")) == 200 and len(set(drawn("train"))) == 200
+    assert len(test_set) <= 200 and sorted(drawn("test")) == list(range(len(test_set))), "a split within the limit is drawn whole"
+    assert "Drawn: a fixed random 200 of each split's points" in texts(app)
+    undrawn = next(index for index in range(len(train_set)) if index not in set(drawn("train")))
+    store.set_flag("fmnist-mlp", int(train_set.ids[undrawn]), "outlier", actor="another tab")
+    app.segmented_control(key="map_colour").set_value("flag").run()
+    outliers = [index for trace in chart_points(app) if trace["name"] == "outlier" for _, index in trace["points"]]
+    assert undrawn in outliers, "a verdict is drawn whether or not its point is in the sample"
+
+
 # --- Mislabels: training dynamics ----------------------------------------------------------------------------------
 
 

@@ -67,3 +67,18 @@ def test_a_large_map_lays_out_landmarks_by_umap_and_places_every_other_row_among
     cluster = np.repeat(np.arange(3), 100)  # every row lands among its own cluster's landmarks
     centroids = np.stack([positions[chosen][cluster[chosen] == c].mean(0) for c in range(3)])
     assert (np.linalg.norm(positions[:, None] - centroids[None], axis=2).argmin(1) == cluster).mean() > 0.95
+
+
+def test_a_box_holds_the_points_between_its_corners_given_in_either_order():
+    positions = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5], [0.5, -0.1]])
+    assert inspection.inside_box(positions, (1.5, -0.5), (1.0, 0.0)).tolist() == [True, True, False, False]
+
+
+def test_a_lasso_holds_the_points_inside_its_polygon_also_where_it_is_concave():
+    """An L-shaped lasso: the union of the squares [0, 2] x [0, 1] and [0, 1] x [1, 2], checked point by point on a grid."""
+    grid = np.stack(np.meshgrid(np.linspace(-0.45, 2.45, 30), np.linspace(-0.45, 2.45, 30)), axis=-1).reshape(-1, 2)
+    x, y = [0, 2, 2, 1, 1, 0], [0, 0, 1, 1, 2, 2]
+    in_lower = (grid[:, 0] > 0) & (grid[:, 0] < 2) & (grid[:, 1] > 0) & (grid[:, 1] < 1)
+    in_upper = (grid[:, 0] > 0) & (grid[:, 0] < 1) & (grid[:, 1] > 0) & (grid[:, 1] < 2)
+    assert (inspection.inside_polygon(grid, x, y) == (in_lower | in_upper)).all()
+    assert not inspection.inside_polygon(grid, [0, 1], [0, 1]).any(), "two points enclose nothing"

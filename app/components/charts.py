@@ -135,7 +135,8 @@ class PointGroup:
     """Map points drawn as one trace.
 
     split: "train" or "test"; indices: (n,) example indices in that split; positions: (n, 2);
-    colour: one colour for all, or values: (n,) scores drawn on a diverging rank scale (rank_colours).
+    colour: one colour for all, or values: (n,) scores drawn on a diverging rank scale (rank_colours), their magnitudes
+    ranked among ranked_among's (default: values; a map that draws a sample of the points passes every point's scores).
     legend_only: a legend entry without points (indices empty), such as the key of a marker shape.
     """
 
@@ -151,20 +152,27 @@ class PointGroup:
     legend_group: str | None = None
     show_legend: bool = True
     legend_only: bool = False
+    ranked_among: np.ndarray | None = None
 
 
 RANK_TICKS = (0.5, 0.9)
 """Ranks of |score| the colour bar labels with the score they stand for (besides 0 and the largest)."""
 
 
-def rank_colours(values: np.ndarray) -> np.ndarray:
+def rank_colours(values: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
     """(n,) colour positions in [-1, 1] of scores (n,): the sign of each score times the rank of its magnitude among all (0 to 1).
+
+    among: the scores whose magnitudes rank them (default: values themselves), such as every training example's when
+    only a sample of them is drawn.
 
     Scores of one query are mostly tiny with a few large ones, so a linear scale centred on 0 leaves nearly
     every point white; ranking the magnitudes (histogram equalisation) spreads the colours evenly: the tenth of
     the examples with the largest scores, proponents and opponents alike, always has the darkest tenth of the scale.
     """
     magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    if among is not None:
+        reference = np.sort(np.abs(np.asarray(among, dtype=np.float64)))
+        return np.sign(values) * np.searchsorted(reference, magnitude, side="left") / max(1, len(reference) - 1)
     ranks = np.empty(len(magnitude))
     ranks[np.argsort(magnitude, kind="stable")] = np.arange(len(magnitude)) / max(1, len(magnitude) - 1)
     return np.sign(values) * ranks
@@ -189,11 +197,11 @@ def _point_trace(group: PointGroup, colour_title: str, *, webgl: bool = False) -
     marker = dict(size=group.size, symbol=group.symbol, line=dict(width=0.5, color="white"), opacity=0.85)
     order = np.arange(len(group.indices))
     if group.values is not None:
-        colours = rank_colours(group.values)
+        colours = rank_colours(group.values, group.ranked_among)
         order = np.argsort(np.abs(colours), kind="stable")  # the strongest drawn last, on top of the faint
         # a grey rim keeps the faint points (near-white) visible on the white background
         marker |= dict(color=colours[order], colorscale="RdBu", cmin=-1.0, cmax=1.0, line=dict(width=0.5, color="#9AA0A6"),
-                       colorbar=_rank_colour_bar(group.values, colour_title))
+                       colorbar=_rank_colour_bar(group.values if group.ranked_among is None else group.ranked_among, colour_title))
     else:
         marker["color"] = group.colour
     # plotly lists no trace without points in its legend: a legend key gets one point with no position

@@ -1,7 +1,8 @@
 """Map: training and test examples laid out by what the model sees (UMAP), coloured by label, flag or influence.
 
 A box, lasso or click selects examples: they show as a grid, each can be opened (and flagged), and
-the selected training examples can be flagged all at once. ?example=<training index> marks one
+the selected training examples can be flagged all at once. A split of more than MAX_DRAWN points is
+drawn as a fixed sample of them; a box or lasso still selects every point inside it. ?example=<training index> marks one
 training example on the map (Explore's "show on map" link).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import streamlit as st
 from app.components.bulk import bulk_flag_button, kind_choice
 from app.components.charts import QUALITATIVE, PointGroup, embedding_map
 from app.components.core_calls import annotations, call_or_report, method_label, remembered, run_key
-from app.components.embedding import embedding
+from app.components.embedding import MAX_DRAWN, chosen_examples, drawn_mask, embedding
 from app.components.examples import FLAG_COLOURS, class_name, flipped_from, marks, score_legend, train_items
 from app.components.flagging import flag_controls, undo_button
 from app.components.images import enlarged, image_grid
@@ -36,6 +37,8 @@ EXAMPLE_PARAM = "example"
 CHART_KEY = "map_chart"
 OPEN_KEY = "map_open"
 """Session-state key of the training example open in the dialog."""
+STRONGEST_SHARE = 10
+"""A sampled map coloured by influence always draws the training examples with the largest |score|, MAX_DRAWN / this many."""
 
 
 def hover_texts(dataset, split: str, indices: np.ndarray) -> list[str]:
@@ -70,9 +73,9 @@ def groups_by_label(run: Run, layout: MapLayout, show_test: bool) -> list[PointG
     groups = []
     for split, dataset, positions in shown:
         _, symbol, size = SHAPES[split]
-        labels = dataset.y.numpy()
+        labels, drawn = dataset.y.numpy(), drawn_mask(len(dataset))
         for label in np.unique(labels):
-            indices = np.flatnonzero(labels == label)
+            indices = np.flatnonzero((labels == label) & drawn)
             name = class_name(dataset, int(label))
             groups.append(PointGroup(name, split, indices, positions[indices], hover_texts(dataset, split, indices),
                                      colour=QUALITATIVE[int(label) % len(QUALITATIVE)], symbol=symbol,
@@ -91,8 +94,9 @@ def groups_by_flag(run: Run, layout: MapLayout, flags: dict) -> list[PointGroup]
     """Training examples grouped by their verdict in flags ({example id: Flag}; grey when none), flipped labels outlined separately."""
     train_set, _ = run.datasets()
     kinds = np.array([flags[int(i)].kind if int(i) in flags else "" for i in train_set.ids])
-    groups = [PointGroup("no verdict", "train", np.flatnonzero(kinds == ""), layout.train[kinds == ""],
-                         hover_texts(train_set, "train", np.flatnonzero(kinds == "")), colour="#D0D5DB", size=5)]
+    unflagged = np.flatnonzero((kinds == "") & drawn_mask(len(kinds)))  # every verdict is drawn, a sample of the rest
+    groups = [PointGroup("no verdict", "train", unflagged, layout.train[unflagged], hover_texts(train_set, "train", unflagged),
+                         colour="#D0D5DB", size=5)]
     flipped = np.asarray(train_set.flipped)
     if flipped.any():
         indices = np.flatnonzero(flipped)
@@ -107,11 +111,17 @@ def groups_by_flag(run: Run, layout: MapLayout, flags: dict) -> list[PointGroup]
 
 
 def groups_by_influence(run: Run, layout: MapLayout, values: np.ndarray, query: int) -> list[PointGroup]:
-    """Training examples coloured by their score for the query (blue proponents, red opponents), the query as a black diamond."""
+    """Training examples coloured by their score for the query (blue proponents, red opponents), the query as a black diamond.
+
+    A sampled map draws the strongest scores and a sample of the rest, coloured by their rank among all of the scores.
+    """
     train_set, test_set = run.datasets()
-    indices = np.arange(len(train_set))
+    strongest = np.argpartition(-np.abs(values), min(len(values), MAX_DRAWN // STRONGEST_SHARE) - 1)[: MAX_DRAWN // STRONGEST_SHARE]
+    indices = np.flatnonzero(drawn_mask(len(values), keep=strongest))
+    ranked_among = None if len(indices) == len(values) else values
     return [
-        PointGroup("training examples", "train", indices, layout.train, hover_texts(train_set, "train", indices), values=values),
+        PointGroup("training examples", "train", indices, layout.train[indices], hover_texts(train_set, "train", indices),
+                   values=values[indices], ranked_among=ranked_among),
         PointGroup(f"test {query}", "test", np.array([query]), layout.test[[query]], hover_texts(test_set, "test", np.array([query])),
                    colour="#111111", symbol="diamond", size=14),
     ]
@@ -150,7 +160,7 @@ def map_figure(run: Run, layout: MapLayout, checkpoint: int, colouring: str, sho
             drawn.append(linked_group(run, layout, linked))
         return embedding_map(drawn, colour_title="score")
 
-    return remembered(("map_figure", *run_key(run), checkpoint, linked, *shown), make)
+    return remembered(("map_figure", *run_key(run), checkpoint, linked, MAX_DRAWN, *shown), make)
 
 
 def selection_key(run: Run) -> str:
@@ -158,12 +168,14 @@ def selection_key(run: Run) -> str:
     return f"map_selection_{run.run_id}"
 
 
-def take_selection(run: Run) -> None:
-    """The map's box, lasso or click callback: keep the chosen examples (kept while the colouring changes); none clears it."""
+def take_selection(run: Run, sampled: MapLayout | None) -> None:
+    """The map's box, lasso or click callback: keep the chosen examples (kept while the colouring changes); none clears it.
+
+    sampled: the layout when the map draws a sample of the training set: a box or lasso then chooses every training example
+    inside it, drawn or not (plotly reports only the drawn points).
+    """
     event = st.session_state.get(CHART_KEY)
-    points = event.selection.points if event is not None else []
-    chosen = {split: sorted({int(point["customdata"][1]) for point in points if point.get("customdata", [None])[0] == split})
-              for split in ("train", "test")}
+    chosen = chosen_examples(event.selection if event is not None else {}, None if sampled is None else sampled.train)
     if chosen["train"] or chosen["test"]:
         st.session_state[selection_key(run)] = chosen
     else:
@@ -273,7 +285,7 @@ def render() -> None:
     map_column, side_column = st.columns([2.2, 1], gap="large")
     with map_column:
         st.plotly_chart(map_figure(run, layout, checkpoint, colouring, show_test, linked, values, query), key=CHART_KEY,
-                        on_select=partial(take_selection, run),
+                        on_select=partial(take_selection, run, layout if len(train_set) > MAX_DRAWN else None),
                         selection_mode=("points", "box", "lasso"))
     with side_column:
         undo_button(run.run_id, key="map_undo")
@@ -286,6 +298,9 @@ def render() -> None:
         st.caption(f"UMAP of the inputs of the last linear layer at {checkpoint_label(run, checkpoint)}: "
                    f"{len(train_set)} training examples (circles) and {len(test_set)} test samples (diamonds). "
                    "Nearby points look alike to the model.")
+        if len(train_set) > MAX_DRAWN or len(test_set) > MAX_DRAWN:
+            st.caption(f"Drawn: a fixed random {MAX_DRAWN:,} of each split's points, every verdict and the strongest scores among "
+                       "them; a box or lasso selects the training examples inside it among all of them.")
     render_selection(run, values, legend, linked)
     if OPEN_KEY in st.session_state:
         example_dialog(run, st.session_state[OPEN_KEY], values, legend)
