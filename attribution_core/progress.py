@@ -44,6 +44,8 @@ class RemainingTime:
     - Two things start it over, each with a note: a new total (the job's next phase), and a job that is still
       running when the finish it was given has passed (slower than any pace seen before).
     - Once done == total the time left is 0.
+    - A pause the job takes on purpose (paused(seconds): it left the CPU to a page's job) moves the finish and the
+      pace's start later by the pause, with a note: the time left holds still while the job waits.
     """
 
     MIN_STEPS = 3
@@ -52,6 +54,7 @@ class RemainingTime:
     MARGIN = 1.2
     NEXT_PHASE = "next phase: estimated again"
     SLOWER = "slower than estimated: estimated again"
+    PAUSED = "paused while a page's job ran"
 
     def __init__(self) -> None:
         self.finish: float | None = None
@@ -85,6 +88,17 @@ class RemainingTime:
         recent = (last_time - first_time) / (last_done - first_done) if last_done > first_done else mean
         projected = now + (total - done) * max(mean, recent) * self.MARGIN
         self.finish = projected if self.finish is None else min(self.finish, projected)
+
+    def paused(self, seconds: float) -> None:
+        """The job waited `seconds` on purpose: its finish and the pace's reference times move later by that much."""
+        if seconds <= 0:
+            return
+        self.note = self.PAUSED
+        if self.finish is not None:
+            self.finish += seconds
+        if self._start is not None:
+            self._start = (self._start[0] + seconds, self._start[1])
+        self._recent = [(time + seconds, done) for time, done in self._recent]
 
     def remaining(self, now: float) -> float | None:
         """Seconds left at time now (0 once past the finish), or None before there is an estimate."""

@@ -42,7 +42,7 @@ from attribution_core.jobs.ready import (
     quick_method,
     ready_jobs,
 )
-from attribution_core.jobs.worker import lane_busy, work
+from attribution_core.jobs.worker import LANES, Courtesy, _Runs, execute, lane_busy, work
 from attribution_core.progress import RemainingTime
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
@@ -355,6 +355,69 @@ def test_a_resumable_job_yields_to_a_more_urgent_one_and_resumes_after_it(monkey
     names = [name for name, _ in log]
     assert names[:2] == ["ground truth"] * 2 and names[2:6] == ["click"] * 4 and names[6:] == ["ground truth"] * 4
     assert queue.get(long_job.key).state == DONE
+
+
+def claimed_background_job_beside_a_page_job(tmp_path, queue) -> tuple:
+    """A page's job running in the interactive lane (claimed by another worker), and a prefetch job claimed by the background lane."""
+    page_job = queue.submit(spec("page", INTERACTIVE))
+    assert queue.claim(INTERACTIVE, worker_pid=1).key == page_job.key
+    queue.submit(spec("prefetch", PREFETCH))
+    return page_job, queue.claim(PREFETCH, worker_pid=2)
+
+
+def test_a_background_job_pauses_while_a_page_job_runs_and_its_time_left_holds_still(monkeypatch, tmp_path, queue):
+    log: list = []
+    fake_kinds(monkeypatch, log)
+    page_job, background = claimed_background_job_beside_a_page_job(tmp_path, queue)
+    notes: list = []
+    original = JobQueue.report
+
+    def report(self, key, done, total, **estimate):
+        notes.append(estimate.get("note"))
+        return original(self, key, done, total, **estimate)
+
+    monkeypatch.setattr(JobQueue, "report", report)
+    threading.Timer(0.6, queue.finish, args=(page_job.key, DONE)).start()
+    started = time.monotonic()
+    assert execute(queue, background, _Runs(tmp_path), LANES["background"], courtesy=True) == DONE
+    assert time.monotonic() - started >= 0.5, "it waited for the page's job to end"
+    assert RemainingTime.PAUSED in notes and log == [("prefetch", step) for step in range(1, 5)]
+
+
+def test_a_pause_for_one_page_job_is_bounded_and_taken_once(monkeypatch, tmp_path, queue):
+    """The page's job may wait on a lock the paused job holds: the pause ends, and that job does not pause it again."""
+    monkeypatch.setattr("attribution_core.jobs.worker.COURTESY_SECONDS", 0.3)
+    page_job, background = claimed_background_job_beside_a_page_job(tmp_path, queue)
+    courtesy, waits = Courtesy(queue, background.key), []
+    first = courtesy.pause(waits.append)
+    assert 0.3 <= first < 2.0 and waits and queue.get(page_job.key).state == RUNNING
+    assert courtesy.pause(waits.append) == 0.0
+
+
+def test_a_job_pages_wait_on_and_a_job_outside_the_courtesy_do_not_pause(monkeypatch, tmp_path, queue):
+    log: list = []
+    fake_kinds(monkeypatch, log)
+    monkeypatch.setattr("attribution_core.jobs.worker.COURTESY_SECONDS", 30.0)
+    _, background = claimed_background_job_beside_a_page_job(tmp_path, queue)
+    started = time.monotonic()
+    assert execute(queue, background, _Runs(tmp_path), LANES["background"], courtesy=False) == DONE
+    assert time.monotonic() - started < 5.0
+    second_page_job = queue.submit(spec("second page", INTERACTIVE))
+    assert queue.claim(INTERACTIVE, worker_pid=2).key == second_page_job.key
+    started = time.monotonic()
+    assert execute(queue, second_page_job, _Runs(tmp_path), LANES["background"], courtesy=True) == DONE
+    assert time.monotonic() - started < 5.0, "a page's job claimed by the background lane waits for no other"
+
+
+def test_a_paused_estimate_moves_its_finish_by_the_pause_with_a_note():
+    estimate = RemainingTime()
+    for done, now in enumerate([0.0, 1.0, 2.0, 3.0, 4.0]):
+        estimate.feed(done, 10, now)
+    before = estimate.remaining(4.0)
+    estimate.paused(7.0)
+    assert estimate.remaining(11.0) == pytest.approx(before) and estimate.note == RemainingTime.PAUSED
+    estimate.feed(5, 10, 12.0)  # the pace goes on as before the pause
+    assert estimate.remaining(12.0) <= before - 1.0, "and the time left counts down from where it held"
 
 
 def test_one_worker_per_lane_and_workspace(tmp_path):

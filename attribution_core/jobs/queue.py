@@ -262,6 +262,12 @@ class JobQueue:
             connection.execute("UPDATE jobs SET state = ?, finished = ?, error = ?, retryable = ?, worker_pid = NULL WHERE key = ?",
                                (state, time.time(), error, int(retryable), key))
 
+    def running_keys(self, max_priority: int) -> set[str]:
+        """Keys of the running jobs of priority <= max_priority (INTERACTIVE: the jobs pages wait on)."""
+        with self._connect() as connection:
+            rows = connection.execute("SELECT key FROM jobs WHERE state = ? AND priority <= ?", (RUNNING, max_priority)).fetchall()
+        return {row["key"] for row in rows}
+
     def requeue(self, key: str) -> None:
         """Put a running job back in the queue (its worker stops, or yields to a more urgent job); what it stored is kept."""
         with self._connect() as connection:

@@ -4,8 +4,9 @@ Two lanes per workspace, one worker process each (a lock file keeps it to one):
 - "interactive" takes only the jobs a page waits on (a score block, the fit it needs), so that a
   click is answered while a long job runs; while idle it loads each run's data and fitted default
   method, so that the first click costs only its scores;
-- "background" takes everything, most urgent first, and yields a resumable job (a ground truth)
-  to a more urgent one between its progress reports.
+- "background" takes everything, most urgent first, yields a resumable job (a ground truth)
+  to a more urgent one between its progress reports, and pauses between them while the interactive
+  lane runs a job a page waits on (courtesy: the two lanes share the CPU cores).
 Workers run niced below the server, so pages stay quick while they work. The app's server starts
 them (ensure_workers) and they stop when it goes: a running job goes back to the queue, and the
 next worker resumes it from what its artifacts hold. `tdx jobs run` works through the queue in
@@ -22,7 +23,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from ..api import prepare
@@ -55,6 +57,10 @@ BEAT_SECONDS = 5.0
 
 clock = time.time
 """The wall clock a job's estimated finish is read on (JobQueue.report; tests drive a job on a fake one)."""
+
+COURTESY_SECONDS = 30.0
+"""The longest the background lane pauses for one job a page waits on. Bounded: that job may wait on the file lock of an
+artifact the paused job is computing (store.file_lock), and then only the paused job's going on ends the wait."""
 
 IDLE_EXIT_SECONDS = 900.0
 """A worker started by the app ends after this long without work; the app starts another when it needs one."""
@@ -124,16 +130,46 @@ class _Runs:
         return run
 
 
-def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fresh: tuple[int, float] | None = None) -> str:
+class Courtesy:
+    """Pauses a background job between its progress reports while jobs that pages wait on run, each such job at most once
+    and for at most COURTESY_SECONDS (see there why bounded)."""
+
+    def __init__(self, queue: JobQueue, key: str):
+        self.queue, self.key, self.waited_for = queue, key, set()
+
+    def pause(self, waiting: Callable[[float], None]) -> float:
+        """Wait while an interactive job not waited for before runs (waiting(seconds so far) between looks); returns the seconds waited."""
+        urgent = self.queue.running_keys(INTERACTIVE) - self.waited_for - {self.key}
+        if not urgent:
+            return 0.0
+        self.waited_for |= urgent
+        started = time.monotonic()
+        deadline = started + COURTESY_SECONDS
+        while time.monotonic() < deadline and urgent & self.queue.running_keys(INTERACTIVE):
+            job = self.queue.get(self.key)
+            if job is None or job.cancel_requested:
+                break
+            time.sleep(POLL_SECONDS)
+            waiting(time.monotonic() - started)
+        return time.monotonic() - started
+
+
+def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fresh: tuple[int, float] | None = None,
+            *, courtesy: bool = False) -> str:
     """Run one claimed job to its end; returns the state it ends in (done, failed, cancelled, or queued when it yielded).
 
     A resumable job yields to a more urgent one that this worker would claim (max_priority, leave_fresh: JobQueue.claim).
+    courtesy: a job no page waits on pauses while one that a page waits on runs in the other lane (Courtesy).
     """
     kind = find_kind(job.spec.kind)
     if kind is None:  # queued by another version of tdx: the job fails with a message, the worker goes on
         queue.finish(job.key, FAILED, f"unknown job kind {job.spec.kind!r}: this version of tdx cannot run it; kinds: {', '.join(KINDS)}")
         return FAILED
     last, estimate = {"report": -float("inf")}, RemainingTime()
+    pauses = Courtesy(queue, job.key) if courtesy and job.spec.priority > INTERACTIVE else None
+
+    def report_pause(done: int, total: int, waited: float) -> None:  # the time left holds still while the job waits
+        queue.report(job.key, done, total, finish=None if estimate.finish is None else estimate.finish + waited, note=RemainingTime.PAUSED)
 
     def progress(done: int, total: int) -> None:
         now = clock()
@@ -145,6 +181,9 @@ def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fre
             raise JobStopped(CANCELLED)
         if kind.resumable and queue.more_urgent_waiting(job.spec.priority, max_priority, leave_fresh=leave_fresh):
             raise JobStopped(QUEUED)
+        if pauses is not None and (waited := pauses.pause(partial(report_pause, done, total))) > 0:
+            estimate.paused(waited)
+            last["report"] = -float("inf")  # the next step reports at once: the page sees the job going on
 
     try:
         kind.run(runs.target(job), job.spec.params, progress)
@@ -215,7 +254,7 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
                     continue
                 current["key"] = job.key
                 try:
-                    execute(queue, job, runs, LANES[lane], leave_fresh)
+                    execute(queue, job, runs, LANES[lane], leave_fresh, courtesy=lane == "background" and not until_empty)
                 except BaseException:  # KeyboardInterrupt, SystemExit: leave the job for the next worker
                     queue.requeue(job.key)
                     raise
