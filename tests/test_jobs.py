@@ -441,6 +441,15 @@ def test_one_worker_per_lane_and_workspace(tmp_path):
     assert not lane_busy(tmp_path, "interactive")
 
 
+def test_the_interactive_lane_gets_a_run_ready_in_steps_a_page_job_can_come_between(workspace):
+    runs = _Runs(workspace.root)
+    steps = runs.warming("fmnist-mlp")
+    assert next(steps) and runs.cache["fmnist-mlp"]._datasets is None, "the run is open, its data not yet loaded"
+    assert next(steps) and runs.cache["fmnist-mlp"]._datasets is not None
+    list(steps)
+    assert list(runs.warming("no-such-run")) == [], "a run that does not open is skipped"
+
+
 def test_score_and_fit_jobs_store_what_the_front_door_then_loads(workspace):
     run = load_run(workspace, "fmnist-mlp")
     fit, block = fit_job(run, "trak"), scores_job(run, "trak", query_block(40, 100))

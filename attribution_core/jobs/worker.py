@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import os
 import subprocess
 import sys
@@ -111,14 +112,19 @@ class _Runs:
         """What the job's kind works on: its run, or the workspace for a kind that makes the run."""
         return self.workspace if job_kind(job.spec.kind).new_run else self.get(job.spec.run_id, job.spec.run_created)
 
-    def warm(self, run_id: str) -> None:
-        """Load a run, its data and its default method's fitted state (when stored), so a page's first query costs only its scores."""
+    def warming(self, run_id: str) -> Iterator[bool]:
+        """Load a run, its data and its default method's fitted state (when stored), so a page's first query costs only its
+        scores; one step per next(), so that a job a page asks for meanwhile is claimed between them (a 60,000-image run's
+        data takes seconds to load)."""
         with contextlib.suppress(TdxError, OSError):
             run = self.get(run_id, load_run(self.workspace, run_id).created)
+            yield True
             run.datasets()
+            yield True
             method = default_method(run)
             if load_result(run, fit_job(run, method)) is not None:
                 prepare(run, method)  # the state stays loaded in this process (state_cache)
+                yield True
 
     def get(self, run_id: str, created: str) -> Run:
         run = self.cache.get(run_id)
@@ -238,7 +244,8 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
         watcher = threading.Thread(target=_watch, args=(queue, current, parent_pid, stop), daemon=True)
         watcher.start()
         count, idle_since = 0, time.monotonic()
-        unwarmed = list(runs.workspace.run_ids()) if lane == "interactive" and not until_empty else []
+        run_ids = runs.workspace.run_ids() if lane == "interactive" and not until_empty else []
+        warming = itertools.chain.from_iterable(runs.warming(run_id) for run_id in run_ids)
         leave_fresh = (INTERACTIVE, HANDOFF_SECONDS) if lane == "background" and not until_empty else None
         try:
             while True:
@@ -247,9 +254,7 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
                 if job is None:
                     if until_empty or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
                         return count
-                    if unwarmed:  # idle: get one run ready for the clicks to come, then look at the queue again
-                        runs.warm(unwarmed.pop(0))
-                    else:
+                    if not next(warming, False):  # idle: a step of getting the runs ready for the clicks to come, else wait
                         time.sleep(POLL_SECONDS)
                     continue
                 current["key"] = job.key
