@@ -10,6 +10,7 @@ from helpers_app import MAIN, TIMEOUT, button_keys, image_captions, open_app, pl
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from app.components.flagging import VERDICT_KEYS
 from attribution_core.annotations import FLAG_KINDS, Annotations
 from attribution_core.api import METHODS, attribute, default_checkpoints, self_influence
 from attribution_core.evaluation.lds import LdsSettings
@@ -715,6 +716,8 @@ def test_map_link_marks_one_training_example_that_opens_and_can_be_flagged(works
     assert "**Linked example:** training example #42" in texts(app)
     app.button(key="map_selection_42").click().run()
     assert "**Training example #42**" in texts(app)
+    assert {kind: app.button(key=f"map_open_{kind}").proto.shortcut.lower() for kind in VERDICT_KEYS} == {
+        kind: key.lower() for kind, key in VERDICT_KEYS.items()}, "the dialog's verdicts have their review keys"
     app.button(key="map_open_outlier").click().run()
     example_id = int(load_run(workspace, "fmnist-mlp").datasets()[0].ids[42])
     assert Annotations(workspace.annotations_path).flags("fmnist-mlp")[example_id].kind == "outlier"

@@ -213,7 +213,7 @@ def example_dialog(run: Run, index: int, values: np.ndarray | None, legend: str 
             st.markdown(f"**Score** {values[index]:+.4g}")
             st.caption(legend)
         st.markdown(marks(train_set, index, annotations().flags(run.run_id).get(int(train_set.ids[index]))))
-    if flag_controls(run.run_id, train_set, index, key="map_open") is not None:
+    if flag_controls(run.run_id, train_set, index, key="map_open", shortcuts=True) is not None:
         close_example()
         st.rerun()
 
