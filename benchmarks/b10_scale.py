@@ -6,16 +6,18 @@ per image from a generator seeded by the copy), written once as a float32 .npy i
 workspace and memory-mapped. Model: MLP 784-512-512-10 trained for one epoch (SGD, lr 0.05, momentum
 0.9, batch 128) on 60,000 examples drawn from the tiled set: TRAK's residual weights Q and its scores
 need a model that predicts something (a random one gives p ≈ 0.1 everywhere), while the time per
-example does not depend on the weights. Kronecker TRAK (k = 2048, the default block of 4), one
+example does not depend on the weights. Kronecker TRAK (k = 2048, the default block), one
 checkpoint, on the CPU, with AttributionInputs.scratch in the workspace: the features, the
 preconditioned features and the scores are memory-mapped there, not held in RAM. For N = 60,000 (copy
 0) and 600,000: featurization alone, the whole fit (features, Q, ΦᵀΦ, preconditioning in place) and
 the scores of 1,000 test queries, and the Map's layout of the training set as the app computes it
 (penultimate representations, UMAP of 4,000 landmarks, every other point placed among its nearest
-landmarks; the positions only: drawing them in the browser is not measured here), each with its
-seconds, µs per training example and the process's
+landmarks), each with its seconds, µs per training example and the process's
 peak RSS and peak anonymous memory (RSS less the pages of mapped files, which the kernel writes back
 and evicts as it needs). At 60,000 the fit and the scores are also computed in RAM, and compared.
+Then the Map's figure of those positions as the app draws it (past app.components.embedding.MAX_DRAWN
+points a fixed sample; one trace per class with hover texts), its JSON (what the server sends the
+browser), and a box over the middle of the map chosen among all points (what a selection costs).
 --smoke: 256 images tiled ten times, a 32-wide MLP, k = 64, 16 queries, 64 landmarks, no RESULTS.md.
 
     python benchmarks/b10_scale.py [--quick | --smoke] [--json PATH] [--workspace DIR]
@@ -42,7 +44,7 @@ from attribution_core.models import mlp
 from attribution_core.numerics.inputs import AttributionInputs, batches
 from attribution_core.task import Task
 
-JSON_KEYS = ("device", "data", "k", "n_queries", "rows", "scaling", "in_memory_identical", "umap_compile_seconds")
+JSON_KEYS = ("device", "data", "k", "n_queries", "rows", "scaling", "in_memory_identical", "umap_compile_seconds", "maps_drawn")
 TILES = 10
 BATCH = 512
 SHIFT = 2  # pixels an image copy is shifted by at most, each way
@@ -186,13 +188,39 @@ def map_positions(inputs: AttributionInputs, landmarks: int) -> np.ndarray:
     return landmark_layout(rows.numpy(), landmarks=landmarks)
 
 
+def map_drawn(positions: np.ndarray, labels: np.ndarray) -> dict:
+    """The Map's figure of these positions as the app draws it, and a box selection among all of them: counts, seconds, MB."""
+    import plotly.io
+
+    from app.components.charts import QUALITATIVE, PointGroup, embedding_map
+    from app.components.embedding import chosen_examples, drawn_mask
+
+    with timed() as drawing:
+        drawn, groups = drawn_mask(len(positions)), []
+        for label in np.unique(labels):
+            indices = np.flatnonzero((labels == label) & drawn)
+            groups.append(PointGroup(f"class {label}", "train", indices, positions[indices], [f"train #{index}" for index in indices],
+                                     colour=QUALITATIVE[int(label) % len(QUALITATIVE)]))
+        sent = plotly.io.to_json(embedding_map(groups), validate=False)
+    low, high = np.quantile(positions, [0.25, 0.75], axis=0)
+    with timed() as selecting:
+        chosen = chosen_examples({"points": [], "box": [{"x": [low[0], high[0]], "y": [low[1], high[1]]}], "lasso": []}, positions)
+    row = {"n": len(positions), "drawn": int(drawn.sum()), "figure_seconds": drawing.seconds, "figure_mb": len(sent) / 2**20,
+           "selected": len(chosen["train"]), "selection_seconds": selecting.seconds}
+    print(row, flush=True)
+    return row
+
+
 def run_size(rows: list[Row], inputs: AttributionInputs, queries: tuple[torch.Tensor, torch.Tensor], scale: Scale,
-             storage: str) -> torch.Tensor:
-    """Fit and score TRAK on the inputs (with a scratch directory also featurize alone and lay out the Map); the scores (n_queries, N)."""
+             storage: str, maps: list[dict]) -> torch.Tensor:
+    """Fit and score TRAK on the inputs (with a scratch directory also featurize alone, lay out the Map and draw it: maps); the
+    scores (n_queries, N)."""
     method, n = Trak(TrakSettings(k=scale.k)), len(inputs.train_y)
     if inputs.scratch is not None:
         measured(rows, n, "featurize", storage, lambda: method.train_features(inputs.models[0], inputs, method.projector(inputs)))
-        measured(rows, n, "map layout (representations, landmark UMAP)", storage, lambda: map_positions(inputs, scale.landmarks))
+        positions = measured(rows, n, "map layout (representations, landmark UMAP)", storage,
+                             lambda: map_positions(inputs, scale.landmarks))
+        maps.append(map_drawn(positions, inputs.train_y.numpy()))
     state = measured(rows, n, "fit (features, Q, ΦᵀΦ, Ψ)", storage, lambda: method.fit(inputs))
     return measured(rows, n, f"score {len(queries[1]):,} queries", storage, lambda: method.score(state, inputs, *queries))
 
@@ -205,7 +233,7 @@ def compile_umap() -> float:
 
 
 def measure_sizes(rows: list[Row], model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], queries: tuple[torch.Tensor, torch.Tensor],
-                  scale: Scale, scratch: Path) -> bool:
+                  scale: Scale, scratch: Path, maps: list[dict]) -> bool:
     """Every size with memory-mapped arrays, then the smallest in RAM; whether the two gave identical scores.
 
     The run in RAM comes last, so that the heap it leaves does not raise the mapped runs' peaks.
@@ -213,10 +241,10 @@ def measure_sizes(rows: list[Row], model: nn.Module, data: tuple[torch.Tensor, t
     def inputs(n: int, directory: Path | None) -> AttributionInputs:
         return AttributionInputs([model], [0.1], data[0][:n], data[1][:n], device=DEVICE, batch_size=BATCH, scratch=directory)
 
-    reference = run_size(rows, inputs(scale.sizes[0], scratch), queries, scale, "memory-mapped")
+    reference = run_size(rows, inputs(scale.sizes[0], scratch), queries, scale, "memory-mapped", maps)
     for n in scale.sizes[1:]:
-        run_size(rows, inputs(n, scratch), queries, scale, "memory-mapped")
-    return bool(torch.equal(reference, run_size(rows, inputs(scale.sizes[0], None), queries, scale, "in RAM")))
+        run_size(rows, inputs(n, scratch), queries, scale, "memory-mapped", maps)
+    return bool(torch.equal(reference, run_size(rows, inputs(scale.sizes[0], None), queries, scale, "in RAM", maps)))
 
 
 def scaling_rows(rows: list[Row], small: int, large: int) -> list[tuple]:
@@ -227,7 +255,7 @@ def scaling_rows(rows: list[Row], small: int, large: int) -> list[tuple]:
              by_key[large, job].us_per_example / by_key[small, job].us_per_example) for job in jobs]
 
 
-def describe(rows: list[Row], scale: Scale, train: Dataset, data_note: str, identical: bool) -> str:
+def describe(rows: list[Row], scale: Scale, train: Dataset, data_note: str, identical: bool, maps: list[dict]) -> str:
     """The RESULTS.md section's body: the setting, the table of jobs and the per-example cost at the smallest and largest N."""
     small, large = scale.sizes[0], scale.sizes[-1]
     features_mb, scores_mb = large * scale.k * 4 / 2**20, scale.n_queries * large * 4 / 2**20
@@ -245,7 +273,11 @@ def describe(rows: list[Row], scale: Scale, train: Dataset, data_note: str, iden
         + f"\n\nCost per training example, memory-mapped, N = {small:,} against N = {large:,} (1.0: linear):\n\n"
         + markdown_table(["job", f"µs / example at {small:,}", f"µs / example at {large:,}", "ratio"], scaling_rows(rows, small, large))
         + f"\n\nAt N = {small:,}, the scores from memory-mapped arrays are {'identical to' if identical else 'NOT identical to'} "
-        "those computed in RAM."
+        "those computed in RAM.\n\nThe Map drawn as the app draws it (a fixed sample past the drawing limit; one trace per class), "
+        "and a box over the middle half of each axis chosen among all of the points:\n\n"
+        + markdown_table(["N", "points drawn", "figure and its JSON, seconds", "JSON MB", "box: examples chosen", "box, seconds"],
+                         [(f"{row['n']:,}", f"{row['drawn']:,}", f"{row['figure_seconds']:.2f}", f"{row['figure_mb']:.1f}",
+                           f"{row['selected']:,}", f"{row['selection_seconds']:.3f}") for row in maps])
     )
 
 
@@ -255,20 +287,21 @@ def main() -> None:
     train, test, data_note = fashion_mnist(scale.images)
     queries = (test.x[: scale.n_queries], test.y[: scale.n_queries])
     rows: list[Row] = []
+    maps: list[dict] = []
     with workspace_root(args.workspace) as root:
         x, y = tiled_inputs(train, root), train.y.repeat(TILES)
         model = trained_model(x, y, scale, train.n_classes)
         compile_seconds = compile_umap()
-        identical = measure_sizes(rows, model, (x, y), queries, scale, root / "scratch")
+        identical = measure_sizes(rows, model, (x, y), queries, scale, root / "scratch", maps)
     payload = {"device": str(DEVICE), "data": data_note, "k": scale.k, "n_queries": scale.n_queries,
                "rows": [{"n": row.n, "job": row.job, "storage": row.storage, "seconds": row.seconds,
                          "us_per_example": row.us_per_example, "peak_rss_mb": row.peak_rss_mb,
                          "peak_anonymous_mb": row.peak_anonymous_mb} for row in rows],
                "scaling": [{"job": job, "us_small": float(a), "us_large": float(b), "ratio": ratio}
                            for job, a, b, ratio in scaling_rows(rows, scale.sizes[0], scale.sizes[-1])],
-               "in_memory_identical": identical, "umap_compile_seconds": compile_seconds}
-    compiled = f" UMAP's first use (numba compiling it) took {compile_seconds:.0f} s before the map rows."
-    body = describe(rows, scale, train, data_note, identical) + compiled
+               "in_memory_identical": identical, "umap_compile_seconds": compile_seconds, "maps_drawn": maps}
+    compiled = f"\n\nUMAP's first use (numba compiling it) took {compile_seconds:.0f} s before the map rows."
+    body = describe(rows, scale, train, data_note, identical, maps) + compiled
     report("b10", "B10 · TRAK at 600,000 training examples", body, args, payload)
 
 
