@@ -209,12 +209,26 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+lock_wait_listeners: list[Callable[[bool], None]] = []
+"""Called with True before this process waits for a lock another process holds, with False once it holds it: the job
+workers listen (a background job paused for a page's job must not keep it waiting on the lock the paused job holds)."""
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock: a second process computing the same artifact waits here."""
+    """An exclusive advisory lock: a second process computing the same artifact waits here (lock_wait_listeners told)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            for listener in lock_wait_listeners:
+                listener(True)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            finally:
+                for listener in lock_wait_listeners:
+                    listener(False)
         try:
             yield
         finally:

@@ -42,7 +42,7 @@ from attribution_core.jobs.ready import (
     quick_method,
     ready_jobs,
 )
-from attribution_core.jobs.worker import LANES, Courtesy, _Runs, execute, lane_busy, work
+from attribution_core.jobs.worker import LANES, Courtesy, _Runs, execute, lane_busy, waiting_marker, work
 from attribution_core.progress import RemainingTime
 from attribution_core.runs.run import load_run
 from attribution_core.store import Workspace
@@ -388,10 +388,38 @@ def test_a_pause_for_one_page_job_is_bounded_and_taken_once(monkeypatch, tmp_pat
     """The page's job may wait on a lock the paused job holds: the pause ends, and that job does not pause it again."""
     monkeypatch.setattr("attribution_core.jobs.worker.COURTESY_SECONDS", 0.3)
     page_job, background = claimed_background_job_beside_a_page_job(tmp_path, queue)
-    courtesy, waits = Courtesy(queue, background.key), []
+    courtesy, waits = Courtesy(queue, background.key, waiting_marker(tmp_path)), []
     first = courtesy.pause(waits.append)
     assert 0.3 <= first < 2.0 and waits and queue.get(page_job.key).state == RUNNING
     assert courtesy.pause(waits.append) == 0.0
+
+
+def test_a_pause_ends_when_the_page_job_waits_for_a_lock_the_paused_job_may_hold(monkeypatch, tmp_path, queue):
+    """The interactive lane's worker marks its waits for a lock (store.lock_wait_listeners): no pause then, and one ends."""
+    _, background = claimed_background_job_beside_a_page_job(tmp_path, queue)
+    marker = waiting_marker(tmp_path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    threading.Timer(0.3, marker.touch).start()
+    assert 0.2 < Courtesy(queue, background.key, marker).pause(lambda waited: None) < 5.0
+    assert Courtesy(queue, background.key, marker).pause(lambda waited: None) == 0.0, "none while the marker is there"
+
+
+def test_a_wait_for_an_artifact_lock_is_told_to_the_listeners(monkeypatch, tmp_path):
+    import fcntl
+
+    from attribution_core import store
+
+    heard: list[bool] = []
+    monkeypatch.setattr(store, "lock_wait_listeners", [heard.append])
+    path = tmp_path / ".artifact.lock"
+    with store.file_lock(path):
+        pass
+    assert heard == [], "a free lock is taken without a wait"
+    with open(path, "a+") as holder:  # another open file description holds it, as another process would
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        threading.Timer(0.3, fcntl.flock, args=(holder.fileno(), fcntl.LOCK_UN)).start()
+        with store.file_lock(path):
+            assert heard == [True, False]
 
 
 def test_a_job_pages_wait_on_and_a_job_outside_the_courtesy_do_not_pause(monkeypatch, tmp_path, queue):

@@ -32,7 +32,7 @@ from ..api import prepare
 from ..errors import TdxError
 from ..progress import RemainingTime
 from ..runs.run import Run, load_run
-from ..store import Workspace
+from ..store import Workspace, lock_wait_listeners
 from .kinds import KINDS, find_kind, fit_job, job_kind, load_result
 from .queue import CANCELLED, DONE, FAILED, INTERACTIVE, PREFETCH, QUEUED, Job, JobQueue
 from .ready import default_method, queue_ready_jobs
@@ -60,8 +60,8 @@ clock = time.time
 """The wall clock a job's estimated finish is read on (JobQueue.report; tests drive a job on a fake one)."""
 
 COURTESY_SECONDS = 30.0
-"""The longest the background lane pauses for one job a page waits on. Bounded: that job may wait on the file lock of an
-artifact the paused job is computing (store.file_lock), and then only the paused job's going on ends the wait."""
+"""The longest the background lane pauses for one job a page waits on: a bound in case that job waits for something the
+paused job holds other than an artifact's lock (for which the pause ends at once: waiting_marker)."""
 
 IDLE_EXIT_SECONDS = 900.0
 """A worker started by the app ends after this long without work; the app starts another when it needs one."""
@@ -136,22 +136,34 @@ class _Runs:
         return run
 
 
+def waiting_marker(root: Path) -> Path:
+    """The file that exists while the interactive lane's job waits for an artifact's lock (store.lock_wait_listeners)."""
+    return root / "jobs" / "interactive.waiting"
+
+
+def _mark_waiting(marker: Path, waiting: bool) -> None:
+    if waiting:
+        marker.touch()
+    else:
+        marker.unlink(missing_ok=True)
+
+
 class Courtesy:
     """Pauses a background job between its progress reports while jobs that pages wait on run, each such job at most once
-    and for at most COURTESY_SECONDS (see there why bounded)."""
+    and for at most COURTESY_SECONDS; never while the interactive lane waits for a lock (the paused job may hold it)."""
 
-    def __init__(self, queue: JobQueue, key: str):
-        self.queue, self.key, self.waited_for = queue, key, set()
+    def __init__(self, queue: JobQueue, key: str, marker: Path):
+        self.queue, self.key, self.marker, self.waited_for = queue, key, marker, set()
 
     def pause(self, waiting: Callable[[float], None]) -> float:
         """Wait while an interactive job not waited for before runs (waiting(seconds so far) between looks); returns the seconds waited."""
         urgent = self.queue.running_keys(INTERACTIVE) - self.waited_for - {self.key}
-        if not urgent:
+        if not urgent or self.marker.exists():
             return 0.0
         self.waited_for |= urgent
         started = time.monotonic()
         deadline = started + COURTESY_SECONDS
-        while time.monotonic() < deadline and urgent & self.queue.running_keys(INTERACTIVE):
+        while time.monotonic() < deadline and urgent & self.queue.running_keys(INTERACTIVE) and not self.marker.exists():
             job = self.queue.get(self.key)
             if job is None or job.cancel_requested:
                 break
@@ -172,7 +184,7 @@ def execute(queue: JobQueue, job: Job, runs: _Runs, max_priority: int, leave_fre
         queue.finish(job.key, FAILED, f"unknown job kind {job.spec.kind!r}: this version of tdx cannot run it; kinds: {', '.join(KINDS)}")
         return FAILED
     last, estimate = {"report": -float("inf")}, RemainingTime()
-    pauses = Courtesy(queue, job.key) if courtesy and job.spec.priority > INTERACTIVE else None
+    pauses = Courtesy(queue, job.key, waiting_marker(runs.workspace.root)) if courtesy and job.spec.priority > INTERACTIVE else None
 
     def report_pause(done: int, total: int, waited: float) -> None:  # the time left holds still while the job waits
         queue.report(job.key, done, total, finish=None if estimate.finish is None else estimate.finish + waited, note=RemainingTime.PAUSED)
@@ -247,6 +259,10 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
         run_ids = runs.workspace.run_ids() if lane == "interactive" and not until_empty else []
         warming = itertools.chain.from_iterable(runs.warming(run_id) for run_id in run_ids)
         leave_fresh = (INTERACTIVE, HANDOFF_SECONDS) if lane == "background" and not until_empty else None
+        listener = partial(_mark_waiting, waiting_marker(root_path))
+        if lane == "interactive":
+            listener(False)  # a marker left by a killed worker
+            lock_wait_listeners.append(listener)
         try:
             while True:
                 queue.requeue_stale()
@@ -268,6 +284,8 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
                 count, idle_since = count + 1, time.monotonic()
         finally:
             stop.set()
+            if listener in lock_wait_listeners:
+                lock_wait_listeners.remove(listener)
 
 
 JOBS_ENV = "TDX_JOBS"
