@@ -80,7 +80,7 @@ class Scale:
 
 
 FULL = Scale(k=2048, max_train=None, slow_examples=512, kronfluence_examples=10_000, curvature_examples=10_000,
-             scaling=(5_000, 10_000, 20_000, 60_000), lds_subsets=100, lds_k=1024, repeats=2)
+             scaling=(5_000, 10_000, 20_000, 60_000), lds_subsets=100, lds_k=1024, repeats=5)
 QUICK = Scale(k=512, max_train=2_000, slow_examples=256, kronfluence_examples=1_000, curvature_examples=1_000,
               scaling=(1_000, 2_000, 4_000), lds_subsets=20, lds_k=1024, repeats=1)
 SMOKE = Scale(k=64, max_train=256, slow_examples=64, kronfluence_examples=128, curvature_examples=128,
