@@ -16,7 +16,7 @@ FLAG_ICONS = {"mislabeled": ":material/label_off:", "ambiguous": ":material/help
 """Button icon of each flag kind."""
 
 VERDICT_KEYS = {"mislabeled": "M", "ambiguous": "A", "outlier": "O", "fine": "F"}
-"""Keyboard shortcut of each verdict's button, wherever verdicts are given from the keyboard (Explore's and the Map's dialogs, Mislabels)."""
+"""Keyboard shortcut of each verdict's button wherever verdicts are given from the keyboard (Explore's and the Map's dialogs, Mislabels)."""
 
 UNDO_KEY = "U"
 """Keyboard shortcut of the undo button (a letter, like the review keys; Streamlit reserves C and R)."""
