@@ -387,6 +387,7 @@ def test_a_background_job_pauses_while_a_page_job_runs_and_its_time_left_holds_s
 def test_a_pause_for_one_page_job_is_bounded_and_taken_once(monkeypatch, tmp_path, queue):
     """The page's job may wait on a lock the paused job holds: the pause ends, and that job does not pause it again."""
     monkeypatch.setattr("attribution_core.jobs.worker.COURTESY_SECONDS", 0.3)
+    monkeypatch.setattr("attribution_core.jobs.worker.REPORT_SECONDS", 0.0)
     page_job, background = claimed_background_job_beside_a_page_job(tmp_path, queue)
     courtesy, waits = Courtesy(queue, background.key, waiting_marker(tmp_path)), []
     first = courtesy.pause(waits.append)

@@ -148,6 +148,18 @@ def _mark_waiting(marker: Path, waiting: bool) -> None:
         marker.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _lock_waits_marked(root: Path) -> Iterator[None]:
+    """While the block runs, this process's waits for an artifact's lock show as the waiting_marker (a stale one is removed)."""
+    listener = partial(_mark_waiting, waiting_marker(root))
+    listener(False)
+    lock_wait_listeners.append(listener)
+    try:
+        yield
+    finally:
+        lock_wait_listeners.remove(listener)
+
+
 class Courtesy:
     """Pauses a background job between its progress reports while jobs that pages wait on run, each such job at most once
     and for at most COURTESY_SECONDS; never while the interactive lane waits for a lock (the paused job may hold it)."""
@@ -156,19 +168,22 @@ class Courtesy:
         self.queue, self.key, self.marker, self.waited_for = queue, key, marker, set()
 
     def pause(self, waiting: Callable[[float], None]) -> float:
-        """Wait while an interactive job not waited for before runs (waiting(seconds so far) between looks); returns the seconds waited."""
+        """Wait while an interactive job not waited for before runs (waiting(seconds so far) at most every REPORT_SECONDS);
+        returns the seconds waited."""
         urgent = self.queue.running_keys(INTERACTIVE) - self.waited_for - {self.key}
         if not urgent or self.marker.exists():
             return 0.0
         self.waited_for |= urgent
-        started = time.monotonic()
+        started = told = time.monotonic()
         deadline = started + COURTESY_SECONDS
         while time.monotonic() < deadline and urgent & self.queue.running_keys(INTERACTIVE) and not self.marker.exists():
             job = self.queue.get(self.key)
             if job is None or job.cancel_requested:
                 break
             time.sleep(POLL_SECONDS)
-            waiting(time.monotonic() - started)
+            if (now := time.monotonic()) - told >= REPORT_SECONDS:  # reports are written as seldom as progress's
+                waiting(now - started)
+                told = now
         return time.monotonic() - started
 
 
@@ -259,33 +274,29 @@ def work(root: str | os.PathLike, lane: str = "background", *, parent_pid: int |
         run_ids = runs.workspace.run_ids() if lane == "interactive" and not until_empty else []
         warming = itertools.chain.from_iterable(runs.warming(run_id) for run_id in run_ids)
         leave_fresh = (INTERACTIVE, HANDOFF_SECONDS) if lane == "background" and not until_empty else None
-        listener = partial(_mark_waiting, waiting_marker(root_path))
-        if lane == "interactive":
-            listener(False)  # a marker left by a killed worker
-            lock_wait_listeners.append(listener)
+        lock_waits = _lock_waits_marked(root_path) if lane == "interactive" else contextlib.nullcontext()
         try:
-            while True:
-                queue.requeue_stale()
-                job = queue.claim(LANES[lane], os.getpid(), leave_fresh=leave_fresh)
-                if job is None:
-                    if until_empty or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
-                        return count
-                    if not next(warming, False):  # idle: a step of getting the runs ready for the clicks to come, else wait
-                        time.sleep(POLL_SECONDS)
-                    continue
-                current["key"] = job.key
-                try:
-                    execute(queue, job, runs, LANES[lane], leave_fresh, courtesy=lane == "background" and not until_empty)
-                except BaseException:  # KeyboardInterrupt, SystemExit: leave the job for the next worker
-                    queue.requeue(job.key)
-                    raise
-                finally:
-                    current.pop("key", None)
-                count, idle_since = count + 1, time.monotonic()
+            with lock_waits:
+                while True:
+                    queue.requeue_stale()
+                    job = queue.claim(LANES[lane], os.getpid(), leave_fresh=leave_fresh)
+                    if job is None:
+                        if until_empty or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                            return count
+                        if not next(warming, False):  # idle: a step of getting the runs ready for the clicks to come, else wait
+                            time.sleep(POLL_SECONDS)
+                        continue
+                    current["key"] = job.key
+                    try:
+                        execute(queue, job, runs, LANES[lane], leave_fresh, courtesy=lane == "background" and not until_empty)
+                    except BaseException:  # KeyboardInterrupt, SystemExit: leave the job for the next worker
+                        queue.requeue(job.key)
+                        raise
+                    finally:
+                        current.pop("key", None)
+                    count, idle_since = count + 1, time.monotonic()
         finally:
             stop.set()
-            if listener in lock_wait_listeners:
-                lock_wait_listeners.remove(listener)
 
 
 JOBS_ENV = "TDX_JOBS"
