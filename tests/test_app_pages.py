@@ -753,7 +753,11 @@ def test_map_influence_colours_are_signed_ranks_of_the_scores_with_the_legend_un
 
 
 def test_a_map_of_more_points_than_it_draws_shows_a_fixed_sample_with_every_verdict_and_says_so(workspace, monkeypatch):
+    import numpy as np
+
     from app.components import embedding
+    from attribution_core.api import stored_scores
+    from attribution_core.jobs.ready import query_block
 
     monkeypatch.setattr(embedding, "MAX_DRAWN", 200)  # the test demo's 600 training examples stand for a large run
     store = Annotations(workspace.annotations_path)
@@ -771,6 +775,16 @@ def test_a_map_of_more_points_than_it_draws_shows_a_fixed_sample_with_every_verd
     app.segmented_control(key="map_colour").set_value("flag").run()
     outliers = [index for trace in chart_points(app) if trace["name"] == "outlier" for _, index in trace["points"]]
     assert undrawn in outliers, "a verdict is drawn whether or not its point is in the sample"
+    app.segmented_control(key="map_colour").set_value("influence on a test sample").run()
+    query, run = app.selectbox(key="query").value, load_run(workspace, "fmnist-mlp")
+    block = query_block(query, len(test_set))
+    values = stored_scores(run, "trak", queries=block, checkpoints=default_checkpoints(run, "trak")).values[block.index(query)]
+    trace = next(trace for trace in chart_points(app) if trace["name"] == "training examples")
+    shown = [index for _, index in trace["points"]]
+    assert 200 <= len(shown) <= 220 and set(np.argsort(-np.abs(values))[:20]) <= set(shown), "the strongest tenth always drawn"
+    colour = dict(zip(shown, trace["marker"]["color"]))
+    ranks = np.searchsorted(np.sort(np.abs(values)), np.abs(values)) / (len(values) - 1)
+    assert np.allclose([colour[index] for index in shown], (np.sign(values) * ranks)[shown]), "ranked among all the scores"
 
 
 # --- Mislabels: training dynamics ----------------------------------------------------------------------------------

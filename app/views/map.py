@@ -116,8 +116,9 @@ def groups_by_influence(run: Run, layout: MapLayout, values: np.ndarray, query: 
     A sampled map draws the strongest scores and a sample of the rest, coloured by their rank among all of the scores.
     """
     train_set, test_set = run.datasets()
-    strongest = np.argpartition(-np.abs(values), min(len(values), MAX_DRAWN // STRONGEST_SHARE) - 1)[: MAX_DRAWN // STRONGEST_SHARE]
-    indices = np.flatnonzero(drawn_mask(len(values), keep=strongest))
+    strongest = MAX_DRAWN // STRONGEST_SHARE
+    keep = np.argpartition(-np.abs(values), strongest)[:strongest] if len(values) > MAX_DRAWN else None  # only a sample needs it
+    indices = np.flatnonzero(drawn_mask(len(values), keep=keep))
     ranked_among = None if len(indices) == len(values) else values
     return [
         PointGroup("training examples", "train", indices, layout.train[indices], hover_texts(train_set, "train", indices),
@@ -299,8 +300,9 @@ def render() -> None:
                    f"{len(train_set)} training examples (circles) and {len(test_set)} test samples (diamonds). "
                    "Nearby points look alike to the model.")
         if len(train_set) > MAX_DRAWN or len(test_set) > MAX_DRAWN:
-            st.caption(f"Drawn: a fixed random {MAX_DRAWN:,} of each split's points, every verdict and the strongest scores among "
-                       "them; a box or lasso selects the training examples inside it among all of them.")
+            st.caption(f"Drawn: a fixed random {MAX_DRAWN:,} of each split's points, with every verdict when coloured by flag and "
+                       "the strongest scores when coloured by influence; a box or lasso selects the training examples inside it "
+                       "among all of them.")
     render_selection(run, values, legend, linked)
     if OPEN_KEY in st.session_state:
         example_dialog(run, st.session_state[OPEN_KEY], values, legend)
