@@ -3,10 +3,11 @@
 Cold: `tdx app` on an empty workspace (as the README's first command ends): it builds the demo,
 queues the jobs the first pages need and starts its workers. We record the seconds since the
 command started until the server answers, until each page's main content shows in Chromium
-(Explore's proponents, the Runs table, the Mislabels review, Compare's LDS scatter, the Map), and
-until each queued job is done. Warm: the same workspace served again (everything stored): the
-seconds until each page shows, and until a new query (a block of test samples never scored) shows
-its TRAK proponents. `--full` does the same for `tdx demo --full` (the CNN on 60,000 images).
+(Explore's proponents, the Runs table, the Mislabels review, Compare's first method's proponents
+and then its two-method agreement and LDS scatter, the Map), and until each queued job is done.
+Warm: the same workspace served again (everything stored): the seconds until each page shows, and until
+a new query (a block of test samples never scored) shows its TRAK proponents. `--full` does the same for
+`tdx demo --full` (the CNN on 60,000 images).
 Review keys (issue 29): on the warm start, each verdict key (M, F, A), undo (U) and next / previous (N, P) of Mislabels
 and of Explore's example dialog, and the Map's undo (U, its one key), is pressed PRESSES times in Chromium; a row is the
 median seconds from the key press until the page shows its answer (the next suspect or example; for U, the undo's toast,
@@ -52,9 +53,12 @@ PAGES = [  # (page path, title, the selector or text that means its main content
     ("", "Explore", "text=Proponents: training examples"),
     ("runs", "Runs", "[data-testid=stDataFrame]"),
     ("mislabels", "Mislabels", "text=/Suspect 1 of/"),
-    ("compare", "Compare", "text=/agree on/"),
+    ("compare", "Compare", '[class*="st-key-grid_compare_"] img'),  # a method's proponents
     ("map", "Map", ".st-key-map_chart .scatterlayer .point, .st-key-map_chart canvas.gl-canvas-context"),  # SVG, or WebGL when large
 ]
+AGREEMENT = ("compare", "Compare's two-method agreement", "text=/agree on/")
+"""Compare shows a method's proponents as soon as one method has scored (a large run: representation similarity at once);
+the agreement of two needs the second's fit too, so it is its own row."""
 LDS_SCATTER = ("compare", "Compare's LDS scatter", ".st-key-lds_scatter .scatterlayer .point")
 """Where a ground truth was queued with the run (the demo), Compare's LDS scatter must show without a button press too."""
 JSON_KEYS = ("results", "review_keys", "cold_full")
@@ -80,8 +84,8 @@ REVIEWS = (("Mislabels", ("M", "F", "A", "P", "N", "U")), ("Explore dialog", ("M
 """Every review key of each page, verdicts first (so that P, N and U have something to do)."""
 
 SETTINGS = {
-    "demo": Setting("fmnist-mlp", 7 * QUERY_BLOCK + 3, (), (*PAGES, LDS_SCATTER), REVIEWS),
-    "full": Setting("fmnist-cnn-full", 200 * QUERY_BLOCK + 3, ("demo", "--full"), tuple(PAGES), REVIEWS),
+    "demo": Setting("fmnist-mlp", 7 * QUERY_BLOCK + 3, (), (*PAGES, AGREEMENT, LDS_SCATTER), REVIEWS),
+    "full": Setting("fmnist-cnn-full", 200 * QUERY_BLOCK + 3, ("demo", "--full"), (*PAGES, AGREEMENT), REVIEWS),
     "smoke": Setting("smoke-mlp", QUERY_BLOCK + 3, ("train", "smoke-mlp", "--data", "sample", "--max-train", str(SMOKE_TRAIN),
                                                    "--max-test", str(2 * QUERY_BLOCK), "--hidden", str(SMOKE_WIDTH), "--epochs", "3",
                                                    "--checkpoints", "3"), tuple(PAGES[:1]), (("Explore dialog", ("M", "U")),)),
@@ -415,7 +419,8 @@ def main() -> None:
         browser.close()
     body = ("Seconds a user waits, measured in Chromium against `tdx app` (targets, issue 19: a page opens in ≤ 5 s, a click "
             "answers in ≤ 2 s, the Map and the LDS plot without a button press). A page shows when its main content is drawn: "
-            "Explore's proponents, the runs table, the first suspect, Compare's LDS scatter, the map's points.\n\n"
+            "Explore's proponents, the runs table, the first suspect, Compare's first method's proponents, the map's points; "
+            "Compare's agreement of two methods and its LDS scatter have rows of their own.\n\n"
             + "\n\n".join(section(result) for result in results))
     review_keys = {review_name(result["setting"], name): statistics.median(times)
                    for result in results for name, times in result.get("review_keys", {}).items() if times}
