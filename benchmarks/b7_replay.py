@@ -40,7 +40,7 @@ from common import (
     workers,
     workspace_root,
 )
-from replay_checks import rounding_sensitivity
+from replay_checks import float64_check
 
 from attribution_core.api import attribute
 from attribution_core.evaluation.lds import LdsSettings, groundtruth, lds
@@ -99,7 +99,7 @@ def main() -> None:
             with timed() as clock:
                 fit_model(run.datasets()[0], run.model, run.recipe, keep_checkpoints=False)
             train_seconds = clock.seconds
-            sensitivity = rounding_sensitivity(run, ground["order_keeping"], queries, ROUNDING_SUBSETS)
+            sensitivity = float64_check(run, ground["order_keeping"], queries, ROUNDING_SUBSETS).rounding_sensitivity
             print(f"{run_id}: rounding sensitivity {sensitivity:.3g}", flush=True)
             rows, methods = [], {}
             for method, settings in METHODS.items():

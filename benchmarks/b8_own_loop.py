@@ -11,7 +11,9 @@ test images:
   on the same checkpoints;
 - (b) replay's LDS against the order-keeping ground truth (the loop given its recorded batches with
   5 % of the examples weighted 0 in their slots), and the largest relative difference of the
-  replayed weights and running statistics from the recorded checkpoints;
+  replayed weights and running statistics from the recorded checkpoints; then the same question
+  without rounding (replay_checks.float64_check): the ground truth's first 10 subsets retrained by
+  replay in float64, against replay's float64 derivative for the first --float64-queries images;
 - (c) seconds per query of each method (its train-side fit excluded, done once and stored),
   divided by one training of the loop timed in the same process;
 - (d) whether scoring augmented examples helps: TRAK with each training example's features averaged
@@ -41,7 +43,7 @@ from common import (
     timed,
     workspace_root,
 )
-from replay_checks import rounding_sensitivity
+from replay_checks import float64_check
 from torch import nn
 
 from attribution_core.api import QueryBatch, attribute, prepare
@@ -160,12 +162,16 @@ def main() -> None:
     arguments.add_argument("--replay-queries", type=int, default=None,
                            help="test images replay scores (two to three trainings per query on this CNN; "
                                 "default 32; --quick 8; --smoke 2)")
+    arguments.add_argument("--float64-queries", type=int, default=None,
+                           help="test images replay scores in float64 against float64 retrains of the order-keeping ground truth's "
+                                "first 10 subsets (default 8; --quick 4; --smoke 2)")
     args = arguments.parse_args()
     n_train = args.train or by_mode(args, full=4000, quick=1000, smoke=SMOKE_TRAIN)
     epochs = args.epochs or by_mode(args, full=6, quick=3, smoke=3)  # SOURCE needs three checkpoints (one an epoch)
     n_subsets = args.subsets or by_mode(args, full=60, quick=12, smoke=3)
     n_queries = args.queries or by_mode(args, full=100, quick=16, smoke=4)
     args.replay_queries = args.replay_queries or by_mode(args, full=32, quick=8, smoke=2)
+    args.float64_queries = args.float64_queries or by_mode(args, full=8, quick=4, smoke=2)
     args.augmentations = args.augmentations or by_mode(args, full=4, quick=4, smoke=2)
     n_test = by_mode(args, full=1000, quick=1000, smoke=SMOKE_TEST)  # room for the timed block after the LDS queries
     with workspace_root(args.workspace) as root:
@@ -202,14 +208,16 @@ def main() -> None:
         rows.append((f"trak, features averaged over {args.augmentations} augmentations", augmented_lds, "", "", ""))
         print(f"trak averaged over {args.augmentations} augmentations: LDS {augmented_lds:.3f}", flush=True)
         difference = replay_difference(run)
-        sensitivity = rounding_sensitivity(run, truths["order_keeping"], queries[: args.replay_queries])
-        print(f"rounding sensitivity of the order-keeping ground truth: {sensitivity:.3g}", flush=True)
+        check = float64_check(run, truths["order_keeping"], queries[: args.replay_queries], lds_queries=args.float64_queries)
+        print(f"rounding sensitivity of the order-keeping ground truth: {check.rounding_sensitivity:.3g}; "
+              f"replay's LDS, all in float64: {check.lds:.3f}", flush=True)
     payload = {"train_seconds": train_seconds, "methods": {name: {"lds_reshuffled": entry["lds_reshuffled"],
                                                                    "seconds_per_query": entry["seconds_per_query"]}
                                                             for name, entry in methods.items()},
                "anchors": anchors,
                "replay": {"lds_order_keeping": methods.get("replay", {}).get("lds_order_keeping", float("nan")),
-                          "checkpoint_relative_difference": difference, "rounding_sensitivity": sensitivity},
+                          "checkpoint_relative_difference": difference, "rounding_sensitivity": check.rounding_sensitivity,
+                          "float64_lds_order_keeping": check.lds},
                "details": methods, "trak_augmentation_averaged": {"augmentations": args.augmentations, "lds_reshuffled": augmented_lds}}
     body = (f"examples/own_training_loop.py's loop (BatchNorm CNN with dropout, random crops and flips, Nesterov SGD, warm-up then "
             f"cosine) recorded as a training function on {n_train} Fashion-MNIST images for {epochs} epochs ({run.record.n_steps} "
@@ -219,7 +227,10 @@ def main() -> None:
             f"k = 1024, λ = 100; kronfluence EK-FAC: the last). Replay's weights after replaying every step differ from the "
             f"recorded last checkpoint by {difference:.1e} (relative); replay scores the first {args.replay_queries} test images (two to "
             f"three trainings each). Rounding sensitivity of the order-keeping ground truth (float64 against float32 replays of "
-            f"its subsets, rms over the spread across subsets; B7 explains it): {sensitivity:.2g}. Seconds per query exclude the fit.\n\n"
+            f"its subsets, rms over the spread across subsets; B7 explains it): {check.rounding_sensitivity:.2g}. The same question "
+            f"without rounding, everything in float64 (the first {check.n_subsets} order-keeping subsets retrained by replay in float64, "
+            f"replay's float64 derivative for the first {check.n_lds_queries} test images): LDS {check.lds:.3f}. Seconds per query "
+            f"exclude the fit.\n\n"
             + markdown_table(["method", "LDS reshuffled", "LDS order-keeping (5 % removed)", "s / query", "÷ one training"], rows))
     report("b8", "B8 · Your own loop as a training function", body, args, payload)
 
