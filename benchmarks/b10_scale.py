@@ -207,7 +207,8 @@ def map_drawn(positions: np.ndarray, labels: np.ndarray) -> dict:
         chosen = chosen_examples({"points": [], "box": [{"x": [low[0], high[0]], "y": [low[1], high[1]]}], "lasso": []}, positions)
     row = {"n": len(positions), "drawn": int(drawn.sum()), "figure_seconds": drawing.seconds, "figure_mb": len(sent) / 2**20,
            "selected": len(chosen["train"]), "selection_seconds": selecting.seconds}
-    print(row, flush=True)
+    print(f"map of {row['n']:,}: {row['drawn']:,} points drawn, {row['figure_seconds']:.2f} s, {row['figure_mb']:.1f} MB of JSON; "
+          f"a box chose {row['selected']:,} in {row['selection_seconds']:.3f} s", flush=True)
     return row
 
 
